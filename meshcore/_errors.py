@@ -1,0 +1,160 @@
+"""The exception hierarchy.
+
+Errors raised to an application are httpx exception subclasses, so `except httpx.HTTPError`
+keeps working, with meshcore types that say what went wrong in mesh terms. Following trio's
+`open_tcp_stream`, an error that summarizes several attempts keeps every one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from ._endpoints import Endpoint
+
+__all__ = [
+    "Attempt",
+    "CircuitOpen",
+    "ConfigError",
+    "DeadlineExceeded",
+    "EndpointConnectError",
+    "EndpointError",
+    "EndpointProtocolError",
+    "EndpointReadError",
+    "EndpointTimeout",
+    "IdentityRejected",
+    "MeshError",
+    "MeshNotRunning",
+    "NoEndpoints",
+    "PluginError",
+    "RetriesExhausted",
+]
+
+
+class MeshError(httpx.TransportError):
+    """Base of every error the mesh raises on the request path.
+
+    `service` names the mesh service the request was for (None for pass-through hosts).
+    """
+
+    def __init__(self, message: str, *, service: str | None = None) -> None:
+        super().__init__(message)
+        self.service = service
+
+
+class MeshNotRunning(MeshError):
+    """A request reached a mesh that has not started yet or has already closed."""
+
+
+class NoEndpoints(MeshError):
+    """The service has no endpoint to send to (none discovered, or discovery never answered)."""
+
+
+class DeadlineExceeded(MeshError, httpx.TimeoutException):
+    """The request's overall deadline passed (it includes every retry and backoff)."""
+
+
+class CircuitOpen(MeshError):
+    """The service's circuit breaker is open; calls fail at once until it probes again.
+
+    `retry_at` is the anyio clock time at which the breaker lets probes through.
+    """
+
+    def __init__(self, message: str, *, service: str | None = None, retry_at: float) -> None:
+        super().__init__(message, service=service)
+        self.retry_at = retry_at
+
+
+class IdentityRejected(MeshError):
+    """The peer's identity is not the one expected (client side) or not allowed (server side)."""
+
+    def __init__(
+        self, message: str, *, service: str | None = None, expected: str = "", actual: str = ""
+    ) -> None:
+        super().__init__(message, service=service)
+        self.expected = expected
+        self.actual = actual
+
+
+class EndpointError(MeshError):
+    """Sending to one endpoint failed.
+
+    `replayable` is True only when the request provably never reached the server (a connect
+    failure, or a reused keep-alive connection that closed before any response byte), so even
+    a non-idempotent request may be sent again.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str | None = None,
+        endpoint: Endpoint | None = None,
+        replayable: bool = False,
+    ) -> None:
+        super().__init__(message, service=service)
+        self.endpoint = endpoint
+        self.replayable = replayable
+
+
+class EndpointConnectError(EndpointError, httpx.ConnectError):
+    """The connection to the endpoint could not be made (always replayable)."""
+
+    def __init__(self, message: str, **kwargs: object) -> None:
+        kwargs.setdefault("replayable", True)
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class EndpointReadError(EndpointError, httpx.ReadError):
+    """The connection broke (reset, closed) while the request was in flight."""
+
+
+class EndpointTimeout(EndpointError, httpx.TimeoutException):
+    """Connecting to, writing to or reading from the endpoint took too long."""
+
+
+class EndpointProtocolError(EndpointError, httpx.RemoteProtocolError):
+    """The endpoint answered something that is not valid HTTP/1.1."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of a request: where it went, how it ended, how long it took."""
+
+    endpoint: Endpoint | None
+    cause: str
+    elapsed: float
+    status_code: int | None = None
+
+
+class RetriesExhausted(MeshError):
+    """Every attempt failed; `attempts` lists each one with its endpoint, cause and time."""
+
+    def __init__(
+        self, message: str, *, service: str | None = None, attempts: list[Attempt]
+    ) -> None:
+        lines = [message] + [
+            f"  attempt {i}: {a.endpoint.id if a.endpoint else '-'}: {a.cause} "
+            f"({a.elapsed * 1000:.1f} ms)"
+            for i, a in enumerate(attempts, 1)
+        ]
+        super().__init__("\n".join(lines), service=service)
+        self.attempts = attempts
+
+
+class ConfigError(Exception):
+    """A config file or plugin setting is wrong; the message names file, key path, expectation."""
+
+    def __init__(self, message: str, *, source: str = "", path: str = "") -> None:
+        prefix = ": ".join(p for p in (source, path) if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.source = source
+        self.path = path
+        self.reason = message
+
+
+class PluginError(Exception):
+    """A plugin in the plugin list is unknown, fails to import, or is not a valid plugin."""
