@@ -1,0 +1,78 @@
+"""meshcore: a service mesh for Python, as a small async core plus plugins.
+
+Everything public is importable from here; modules starting with `_` are private.
+"""
+
+from ._config import MeshConfig, ServiceConfig
+from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
+from ._errors import (
+    Attempt,
+    CircuitOpen,
+    ConfigError,
+    DeadlineExceeded,
+    EndpointConnectError,
+    EndpointError,
+    EndpointProtocolError,
+    EndpointReadError,
+    EndpointTimeout,
+    IdentityRejected,
+    MeshError,
+    MeshNotRunning,
+    NoEndpoints,
+    PluginError,
+    RetriesExhausted,
+)
+from ._mesh import Mesh
+from ._models import URL, Headers, Request, Response
+from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
+from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compose
+from ._settings import Setting, Settings, parse_duration
+from ._transport import MeshTransport
+from ._upstream import Upstream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attempt",
+    "Balancer",
+    "CircuitOpen",
+    "ConfigError",
+    "DeadlineExceeded",
+    "Discovery",
+    "DiscoverySink",
+    "Endpoint",
+    "EndpointConnectError",
+    "EndpointError",
+    "EndpointProtocolError",
+    "EndpointReadError",
+    "EndpointStats",
+    "EndpointTimeout",
+    "Headers",
+    "IdentityRejected",
+    "Kind",
+    "Layer",
+    "Mesh",
+    "MeshConfig",
+    "MeshError",
+    "MeshNotRunning",
+    "MeshTransport",
+    "NoEndpoints",
+    "Outcome",
+    "PluginError",
+    "PluginInfo",
+    "Plugins",
+    "Request",
+    "Response",
+    "RetriesExhausted",
+    "Service",
+    "ServiceConfig",
+    "Setting",
+    "Settings",
+    "Snapshot",
+    "URL",
+    "Upstream",
+    "compose",
+    "hookimpl",
+    "installed_plugins",
+    "parse_duration",
+]

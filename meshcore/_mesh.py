@@ -1,0 +1,204 @@
+"""The Mesh: plugins, one Upstream per service, and their tasks, as one async context manager.
+
+Start order: load the plugin list -> validate the config against the plugins' declared
+settings -> build every service's balancer and layers (so a bad plugin or setting fails before
+anything runs) -> open a task group -> enter plugin lifespans -> start one discovery watcher
+per service. Shutdown runs it backwards and leaves no task behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+
+from ._config import MeshConfig
+from ._errors import MeshNotRunning, PluginError
+from ._models import Request, Response
+from ._plugins import Plugins, installed_plugins, resolve_plugin_list
+from ._upstream import Upstream
+
+__all__ = ["Mesh"]
+
+
+class Mesh:
+    """A running service mesh. Use as `async with Mesh(config) as mesh:`.
+
+    `config` is a `MeshConfig`, a dict in the shape of mesh.toml, or None for an empty mesh.
+    `plugins` overrides the plugin list (like `--plugin`); `extra_plugins` registers plugin
+    objects already in hand as `(name, object)` pairs, which is how tests add inline plugins.
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig | Mapping[str, Any] | None = None,
+        plugins: Sequence[str] | None = None,
+        *,
+        extra_plugins: Iterable[tuple[str, Any]] = (),
+        connector_factory: Any = None,
+    ) -> None:
+        if config is None:
+            config = MeshConfig()
+        elif not isinstance(config, MeshConfig):
+            config = MeshConfig.from_dict(config, source="<dict>")
+        self.config = config
+        self._plugin_names = resolve_plugin_list(plugins, config.plugins)
+        self._extra = list(extra_plugins)
+        self._connector_factory = connector_factory
+        self.plugins: Plugins = Plugins(self._plugin_names, extra=self._extra)
+        self.config = config.resolve(self.plugins)
+        self.upstreams: dict[str, Upstream] = {}
+        self.task_group: anyio.abc.TaskGroup | None = None
+        self.running = False
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._passthrough: httpx.AsyncHTTPTransport | None = None
+        self._check_balancers()
+
+    @classmethod
+    def from_config(
+        cls, path: str | Path, plugins: Sequence[str] | None = None, **kwargs: Any
+    ) -> Mesh:
+        """A mesh from a mesh.toml file (errors name the file and key path)."""
+        return cls(MeshConfig.load(path), plugins, **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Mesh:
+        if self.running:
+            raise RuntimeError("this mesh is already running")
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            for name, svc in self.config.services.items():
+                upstream = Upstream(self, svc)
+                upstream.build()
+                self.upstreams[name] = upstream
+            self.task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self.task_group.cancel_scope.cancel)
+            for lifespan in self.plugins.lifespans(self):
+                await stack.enter_async_context(lifespan)
+            for name, upstream in self.upstreams.items():
+                upstream.connector = self._make_connector(name)
+                stack.push_async_callback(upstream.connector.aclose)
+            for name, upstream in self.upstreams.items():
+                svc = self.config.services[name]
+                discovery = self.plugins.discovery(
+                    svc.discovery, svc.settings_for(svc.discovery), name
+                )
+                self.task_group.start_soon(upstream.watch, discovery, name=f"discovery:{name}")
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self.running = True
+        self.plugins.events.meshcore_mesh_started(mesh=self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.plugins.events.meshcore_mesh_stopping(mesh=self)
+        self.running = False
+        stack, self._stack = self._stack, None
+        try:
+            if self._passthrough is not None:
+                await self._passthrough.aclose()
+                self._passthrough = None
+        finally:
+            if stack is not None:
+                await stack.aclose()
+
+    def _make_connector(self, service: str) -> Any:
+        ssl_context = self.plugins.client_tls(service, self)
+        if self._connector_factory is not None:
+            return self._connector_factory(self, service, ssl_context)
+        return default_connector(self, service, ssl_context)
+
+    def _check_balancers(self) -> None:
+        for name, svc in self.config.services.items():
+            if svc.balancer is not None:
+                continue
+            count = None
+            if svc.discovery == "static":
+                count = len(svc.settings_for("static").endpoints)
+                if count <= 1:
+                    continue
+            loaded = ", ".join(self.plugins.kinds_of("balancer")) or "none"
+            others = sorted(set(installed_plugins()) - set(self.plugins.names))
+            what = f"{count} endpoints" if count else f"{svc.discovery!r} discovery (any number of endpoints)"
+            raise PluginError(
+                f"service {name!r} has {what} and no balancer: set `balancer` for it or in "
+                f"[defaults]. Loaded balancer kinds: {loaded}; installed plugins not in the "
+                f"plugin list: {', '.join(others) or 'none'}"
+            )
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An `httpx.AsyncClient` whose requests to mesh services go through the mesh."""
+        from ._transport import MeshTransport
+
+        return httpx.AsyncClient(transport=MeshTransport(self), **kwargs)
+
+    def upstream(self, service: str) -> Upstream:
+        try:
+            return self.upstreams[service]
+        except KeyError:
+            raise KeyError(
+                f"no service {service!r} in this mesh (services: {', '.join(self.upstreams) or 'none'})"
+            ) from None
+
+    async def send(self, request: Request) -> Response:
+        """Send a mesh `Request` whose host names a service through that service's pipeline."""
+        if not self.running:
+            raise MeshNotRunning(
+                f"request to {request.url.host!r}: the mesh is not running "
+                "(use it inside `async with mesh:`)",
+                service=request.url.host,
+            )
+        upstream = self.upstreams.get(request.url.host)
+        if upstream is None:
+            raise KeyError(request.url.host)
+        return await upstream.send(request)
+
+    def is_service(self, host: str) -> bool:
+        return host in self.config.services
+
+    # -- security -----------------------------------------------------------------------------
+
+    def security_changed(self) -> None:
+        """Tell the mesh its TLS material rotated: new connections use fresh contexts."""
+        for name, upstream in self.upstreams.items():
+            update = getattr(upstream.connector, "set_ssl_context", None)
+            if update is not None:
+                update(self.plugins.client_tls(name, self))
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-ready view: plugins, and per service discovery, endpoints and plugin state."""
+        return {
+            "running": self.running,
+            "plugins": list(self.plugins.names),
+            "services": {name: up.state() for name, up in self.upstreams.items()},
+        }
+
+
+def default_connector(mesh: Mesh, service: str, ssl_context: Any) -> Any:
+    """meshcore's own HTTP/1.1 engine when present, else httpx's transport."""
+    from ._httpx_sender import HttpxSender
+
+    return HttpxSender(ssl_context=ssl_context)
+    from ._http import HTTPConnector
+
+    def verify_peer(endpoint: Any, peer: Any) -> None:
+        mesh.plugins.check_peer(service, endpoint, peer)
+
+    return HTTPConnector(
+        ssl_context=ssl_context,
+        server_hostname=None,
+        verify_peer=verify_peer if ssl_context is not None else None,
+    )

@@ -1,0 +1,184 @@
+"""Declared plugin settings and their validation.
+
+Following trio's habit of validating arguments before doing work, every kind declares its
+settings up front (`meshcore_kinds`), and the core checks a config table against them at load,
+so a typo fails with the file and key path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = ["Setting", "Settings", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like `"250ms"`, `"10s"`, `"5m"`, `"24h"`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 10, 2.5, \"250ms\", \"10s\"")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f'expected a duration like 10, 2.5, "250ms", "10s", got {value!r}')
+
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "duration": 'a duration (seconds, or "250ms", "10s", "5m")',
+    "list[str]": "a list of strings",
+    "list[int]": "a list of integers",
+    "table": "a table",
+    "any": "a value",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a kind: its type, default, bounds and a line of help.
+
+    `type` is one of "int", "float", "bool", "str", "duration", "list[str]", "list[int]",
+    "table", "any". `convert`, when given, runs after the type check and may raise ValueError
+    with a message saying what was expected; its result is the setting's value.
+    """
+
+    type: str
+    default: Any = None
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    required: bool = False
+    convert: Callable[[Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in _TYPE_NAMES:
+            raise ValueError(f"unknown setting type {self.type!r}; one of {sorted(_TYPE_NAMES)}")
+
+    def expected(self) -> str:
+        text = _TYPE_NAMES[self.type]
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.min is not None and self.max is not None:
+            return f"{text} between {self.min:g} and {self.max:g}"
+        if self.min is not None:
+            return f"{text} ≥ {self.min:g}"
+        if self.max is not None:
+            return f"{text} ≤ {self.max:g}"
+        return text
+
+    def check(self, value: Any) -> Any:
+        """The validated value; raises ValueError saying what was expected and what came."""
+        bad = ValueError(f"expected {self.expected()}, got {value!r}")
+        kind = self.type
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad
+            value = float(value)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise bad
+        elif kind == "str":
+            if not isinstance(value, str):
+                raise bad
+        elif kind == "duration":
+            try:
+                value = parse_duration(value)
+            except ValueError:
+                raise bad from None
+        elif kind.startswith("list["):
+            item = int if kind == "list[int]" else str
+            if not isinstance(value, list) or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value
+            ):
+                raise bad
+            value = tuple(value)
+        elif kind == "table":
+            if not isinstance(value, Mapping):
+                raise bad
+        if self.choices is not None and value not in self.choices:
+            raise bad
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (self.min is not None and value < self.min) or (
+                self.max is not None and value > self.max
+            ):
+                raise bad
+        if self.convert is not None:
+            value = self.convert(value)
+        return value
+
+
+class Settings(Mapping[str, Any]):
+    """A kind's validated settings: read them as attributes or by key. Immutable."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_values", dict(values or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Settings are read-only")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Settings({self._values!r})"
+
+
+def validate_settings(
+    spec: Mapping[str, Setting], table: Mapping[str, Any], *, source: str, path: str
+) -> Settings:
+    """Check `table` against `spec`; unknown keys and bad values raise ConfigError."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"expected a table, got {table!r}", source=source, path=path)
+    for key in table:
+        if key not in spec:
+            known = ", ".join(sorted(spec)) or "none"
+            raise ConfigError(
+                f"unknown setting {key!r} (known: {known})", source=source, path=f"{path}.{key}"
+            )
+    values: dict[str, Any] = {}
+    for name, setting in spec.items():
+        if name in table:
+            try:
+                values[name] = setting.check(table[name])
+            except ValueError as exc:
+                raise ConfigError(str(exc), source=source, path=f"{path}.{name}") from None
+        elif setting.required:
+            raise ConfigError(
+                f"missing required setting ({setting.expected()})",
+                source=source,
+                path=f"{path}.{name}",
+            )
+        else:
+            values[name] = setting.default
+    return Settings(values)

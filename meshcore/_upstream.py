@@ -1,0 +1,295 @@
+"""One Upstream per service: its endpoint snapshot, live stats, balancer and pipeline.
+
+The discovery watcher is the only writer of the snapshot; requests only read it, so a request
+never awaits discovery once the first snapshot is in. Errors from discovery keep the last good
+snapshot (stale beats empty, as Envoy and gRPC do: shared/reference/data-plane-anchors.md) and
+back off exponentially with jitter before the watcher is restarted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
+from ._errors import EndpointError, MeshError, NoEndpoints
+from ._service import compose, observer
+
+if TYPE_CHECKING:
+    from ._config import ServiceConfig
+    from ._mesh import Mesh
+    from ._models import Request, Response
+    from ._service import Service
+
+__all__ = ["DiscoveryStatus", "Upstream"]
+
+# Latency EWMA weight of the newest sample for `EndpointStats.ewma`, a plain (non-peak) moving
+# average the state page shows; balancers that need peak-EWMA keep their own.
+_EWMA_ALPHA = 0.2
+_MAX_BACKOFF = 30.0
+
+
+class DiscoveryStatus:
+    """What the watcher of one service has seen: for `mesh.state()` and the admin API."""
+
+    __slots__ = ("errors", "last_error", "last_update", "updates", "state")
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.last_error: str | None = None
+        self.last_update: float | None = None
+        self.updates = 0
+        self.state = "waiting"  # waiting -> ok <-> stale
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "updates": self.updates,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "snapshot_age": None if self.last_update is None else now - self.last_update,
+        }
+
+
+class Upstream:
+    """A service as the mesh runs it. Balancers, layers and discovery sinks talk to this."""
+
+    def __init__(self, mesh: Mesh, config: ServiceConfig) -> None:
+        self.mesh = mesh
+        self.name = config.name
+        self.config = config
+        self.snapshot = Snapshot((), 0)
+        self.stats: dict[Endpoint, EndpointStats] = {}
+        self.discovery_status = DiscoveryStatus()
+        self.panics = 0
+        self.balancer: Any = None
+        self.service: Service = self._terminal
+        self.connector: Any = None
+        self._ejected: dict[Endpoint, float] = {}
+        self._observers: list[Callable[[Outcome], None]] = []
+        self._state_providers: dict[str, Callable[[], Any]] = {}
+        self._ready = anyio.Event()
+        self._events = mesh.plugins.events
+        self._fire_finished = mesh.plugins.implements("meshcore_request_finished")
+
+    # -- building -----------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Make balancer and layers through the plugins and compose the pipeline, once."""
+        plugins, cfg = self.mesh.plugins, self.config
+        if cfg.balancer is not None:
+            self.balancer = plugins.balancer(cfg.balancer, cfg.settings_for(cfg.balancer), self)
+            observe = observer(self.balancer)
+            if observe is not None:
+                self._observers.append(observe)
+        layers = [plugins.layer(kind, cfg.settings_for(kind), self) for kind in cfg.resilience]
+        self.service = compose(layers, self._terminal)
+
+    # -- discovery ----------------------------------------------------------------------------
+
+    def publish(self, endpoints: Iterable[Endpoint]) -> None:
+        """Install a new endpoint set (the DiscoverySink side). Unchanged sets are ignored."""
+        new = tuple(dict.fromkeys(endpoints))
+        status = self.discovery_status
+        status.last_update = anyio.current_time()
+        status.state = "ok"
+        self._ready.set()
+        if new == self.snapshot.endpoints and status.updates:
+            return
+        status.updates += 1
+        self.snapshot = Snapshot(new, self.snapshot.version + 1)
+        self.stats = {ep: self.stats.get(ep) or EndpointStats() for ep in new}
+        for ep in [ep for ep in self._ejected if ep not in self.stats]:
+            del self._ejected[ep]
+        self._events.meshcore_endpoints_changed(service=self.name, snapshot=self.snapshot)
+
+    def error(self, exc: BaseException) -> None:
+        """Count a discovery failure; the last good snapshot stays in use."""
+        status = self.discovery_status
+        status.errors += 1
+        status.last_error = f"{type(exc).__name__}: {exc}"
+        if status.state == "ok":
+            status.state = "stale"
+        self._events.meshcore_discovery_error(service=self.name, error=exc)
+
+    async def watch(self, discovery: Any) -> None:
+        """Run `discovery.watch` until cancelled, restarting it with backoff when it fails."""
+        initial = self.mesh.config.mesh.discovery_backoff
+        backoff = initial
+        while True:
+            updates = self.discovery_status.updates
+            try:
+                await discovery.watch(self)
+                return  # a static source publishes once and returns
+            except Exception as exc:  # noqa: BLE001 - any discovery failure is survived
+                self.error(exc)
+            if self.discovery_status.updates != updates:
+                backoff = initial
+            # Full jitter (as Envoy's backoff does) so a fleet does not retry in step.
+            await anyio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(max(backoff, 0.01) * 2, _MAX_BACKOFF)
+
+    async def wait_ready(self, timeout: float) -> None:
+        if not self._ready.is_set():
+            with anyio.move_on_after(timeout):
+                await self._ready.wait()
+
+    # -- ejection (written by breakers, read by balancers) ---------------------------------------
+
+    def is_ejected(self, endpoint: Endpoint) -> bool:
+        if not self._ejected:
+            return False
+        until = self._ejected.get(endpoint)
+        if until is None:
+            return False
+        if until > anyio.current_time():
+            return True
+        self.restore(endpoint)
+        return False
+
+    def eject(self, endpoint: Endpoint, duration: float) -> None:
+        """Take `endpoint` out of balancing for `duration` seconds (anyio clock)."""
+        stats = self.stats.get(endpoint)
+        if stats is None:
+            return
+        until = anyio.current_time() + duration
+        stats.ejected_until = until
+        stats.times_ejected += 1
+        self._ejected[endpoint] = until
+        self._events.meshcore_state_changed(
+            service=self.name, component="ejection", subject=endpoint.id, old="active", new="ejected"
+        )
+
+    def restore(self, endpoint: Endpoint) -> None:
+        if self._ejected.pop(endpoint, None) is None:
+            return
+        stats = self.stats.get(endpoint)
+        if stats is not None:
+            stats.ejected_until = -math.inf
+        self._events.meshcore_state_changed(
+            service=self.name, component="ejection", subject=endpoint.id, old="ejected", new="active"
+        )
+
+    @property
+    def ejected(self) -> list[Endpoint]:
+        return [ep for ep in list(self._ejected) if self.is_ejected(ep)]
+
+    def count_panic(self) -> None:
+        """Balancers call this when every endpoint is ejected and they pick among all."""
+        self.panics += 1
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def add_observer(self, callback: Callable[[Outcome], None]) -> None:
+        """Call `callback(outcome)` after every request to an endpoint of this service."""
+        self._observers.append(callback)
+
+    def add_state(self, name: str, provider: Callable[[], Any]) -> None:
+        """Expose a plugin's state (breaker states, budget use) in `mesh.state()`."""
+        self._state_providers[name] = provider
+
+    def record(self, outcome: Outcome) -> None:
+        stats = self.stats.get(outcome.endpoint)
+        if stats is not None:
+            stats.requests += 1
+            failed = outcome.error is not None or (outcome.status_code or 0) >= 500
+            if failed:
+                stats.failures += 1
+                stats.consecutive_failures += 1
+            else:
+                stats.consecutive_failures = 0
+            stats.ewma += _EWMA_ALPHA * (outcome.elapsed - stats.ewma)
+            stats.last_update = anyio.current_time()
+        for callback in self._observers:
+            callback(outcome)
+        if self._fire_finished:
+            self._events.meshcore_request_finished(outcome=outcome)
+
+    # -- the request path ---------------------------------------------------------------------
+
+    async def send(self, request: Request) -> Response:
+        if not self._ready.is_set():
+            await self.wait_ready(self.mesh.config.mesh.discovery_timeout)
+        return await self.service(request)
+
+    async def _terminal(self, request: Request) -> Response:
+        snapshot = self.snapshot
+        if not snapshot.endpoints:
+            status = self.discovery_status
+            why = (
+                f"discovery has not answered yet (last error: {status.last_error})"
+                if status.state == "waiting"
+                else "discovery reports no endpoints"
+            )
+            raise NoEndpoints(f"service {self.name!r} has no endpoints: {why}", service=self.name)
+        exclude = request.extensions.get("meshcore.exclude", ())
+        if self.balancer is not None:
+            endpoint = self.balancer.pick(snapshot, request, exclude)
+        else:
+            endpoint = snapshot.endpoints[0]
+        stats = self.stats.get(endpoint)
+        if stats is not None:
+            stats.in_flight += 1
+        start = anyio.current_time()
+        try:
+            response = await self.connector.send(endpoint, request)
+        except Exception as exc:
+            if isinstance(exc, MeshError):
+                exc.service = self.name
+            if isinstance(exc, EndpointError):
+                exc.endpoint = exc.endpoint or endpoint
+            self.record(
+                Outcome(self.name, endpoint, request.method, None, exc, anyio.current_time() - start)
+            )
+            raise
+        finally:
+            if stats is not None:
+                stats.in_flight -= 1
+        response.extensions["meshcore.endpoint"] = endpoint
+        self.record(
+            Outcome(
+                self.name,
+                endpoint,
+                request.method,
+                response.status_code,
+                None,
+                anyio.current_time() - start,
+            )
+        )
+        return response
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        now = anyio.current_time()
+        return {
+            "discovery": {"kind": self.config.discovery, **self.discovery_status.as_dict(now)},
+            "balancer": self.config.balancer,
+            "resilience": list(self.config.resilience),
+            "panics": self.panics,
+            "snapshot_version": self.snapshot.version,
+            "endpoints": [
+                {
+                    "id": ep.id,
+                    "address": ep.address,
+                    "port": ep.port,
+                    "weight": ep.weight,
+                    "zone": ep.zone,
+                    "tags": list(ep.tags),
+                    "metadata": ep.meta,
+                    "in_flight": st.in_flight,
+                    "requests": st.requests,
+                    "failures": st.failures,
+                    "consecutive_failures": st.consecutive_failures,
+                    "latency_ewma_ms": round(st.ewma * 1000, 3),
+                    "ejected": st.ejected(now),
+                    "times_ejected": st.times_ejected,
+                }
+                for ep, st in self.stats.items()
+            ],
+            **{name: provider() for name, provider in self._state_providers.items()},
+        }

@@ -1,0 +1,227 @@
+"""Every hook a meshcore plugin can implement. These docstrings are the plugin reference.
+
+A plugin is a module (or object) registered under the entry-point group ``meshcore``; it
+implements any of the hooks below with functions decorated ``@meshcore.hookimpl`` and named
+exactly as here. A misspelled hook name fails at startup.
+
+Rules that hold for every hook:
+
+- pluggy calls are synchronous. Hooks are **factories** called once per service when the mesh
+  starts (or reloads); the per-request path is plain method calls on what they returned. No
+  hook may block (no sockets, no sleeping, no file I/O beyond reading a small config file).
+- **Async in hooks**: a hook never returns a coroutine. Where async work is needed it returns an
+  object whose methods are async (a Discovery's ``watch``, a lifespan's ``__aenter__``), and the
+  core awaits those inside the mesh's task group. One helper, ``meshcore._plugins.
+  ensure_not_awaitable``, enforces this on every result.
+- **Kinds**: a kind is a name a user writes in the config (``discovery = "dns"``,
+  ``balancer = "round-robin"``, ``resilience = ["retry"]``). A plugin declares its kinds in
+  ``meshcore_kinds`` and answers factory hooks only for its own kind names; for any other name
+  it returns None (never raises).
+- Hooks marked *firstresult* stop at the first non-None answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Sequence
+
+    import click
+
+    from ._endpoints import Endpoint, Outcome, Snapshot
+    from ._mesh import Mesh
+    from ._models import Request
+    from ._plugins import Kind
+    from ._service import Balancer, Discovery, Layer
+    from ._settings import Settings
+    from ._upstream import Upstream
+
+hookspec = pluggy.HookspecMarker("meshcore")
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+@hookspec
+def meshcore_kinds() -> Sequence[Kind]:
+    """Declare the kinds this plugin provides and the settings each accepts.
+
+    Called once when the plugin list is loaded, before the config is validated. Return a list
+    of ``meshcore.Kind(name, family, settings)``, where ``family`` is one of ``"discovery"``,
+    ``"balancer"``, ``"layer"``, and ``settings`` maps each setting name to a
+    ``meshcore.Setting`` (type, default, bounds, help). The core validates the table named
+    after the kind (``[services.orders.retry]``, ``[defaults.retry]``) against it, so unknown
+    keys and bad values fail at load with the file and key path, and factories receive a
+    validated ``meshcore.Settings``.
+
+    Two plugins declaring the same kind name is a startup error. Must not import heavy
+    modules or do I/O.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# discovery
+
+
+@hookspec(firstresult=True)
+def meshcore_discovery(kind: str, settings: Settings, service: str) -> Discovery | None:
+    """Make the Discovery for one service whose ``discovery`` is ``kind``.
+
+    Called once per service when the mesh starts (and on reload), *firstresult*. Return a
+    ``meshcore.Discovery`` (an object with ``async def watch(self, sink)``) when ``kind`` is one
+    of your kinds, else None. The core runs ``watch`` in one task per service: it calls
+    ``sink.publish(endpoints)`` each time the set changes (push where the source can push,
+    TTL-driven refresh otherwise) and ``sink.error(exc)`` for a failure it survives itself.
+    If ``watch`` raises, the core keeps the last good snapshot, counts the error and calls
+    ``watch`` again after a backoff. ``watch`` must never resolve on the request path and
+    must not return while the mesh runs unless its source is static (then publish once and
+    return).
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# balancing
+
+
+@hookspec(firstresult=True)
+def meshcore_balancer(kind: str, settings: Settings, upstream: Upstream) -> Balancer | None:
+    """Make the Balancer for one service whose ``balancer`` is ``kind``.
+
+    Called once per service at start, *firstresult*; answer only for your own kinds. The
+    returned ``meshcore.Balancer`` has a synchronous ``pick(snapshot, request, exclude)``
+    (O(1) or O(log n): precompute when ``snapshot.version`` changes, never per pick) and may
+    have ``observe(outcome)`` to learn from results. It must skip endpoints for which
+    ``upstream.is_ejected(endpoint)`` is true unless every endpoint is ejected (panic mode:
+    call ``upstream.count_panic()``), and avoid ``exclude`` when another endpoint exists.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# resilience
+
+
+@hookspec(firstresult=True)
+def meshcore_layer(kind: str, settings: Settings, upstream: Upstream) -> Layer | None:
+    """Make one resilience Layer for a service that lists ``kind`` in ``resilience``.
+
+    Called once per service per listed kind at start, *firstresult*; answer only for your own
+    kinds. A ``meshcore.Layer`` is a callable taking the inner Service (``async (Request) ->
+    Response``) and returning the wrapped Service. The core composes
+    ``layers[0](layers[1](...(terminal)))`` in config order, outermost first, once. A layer
+    must not hold a lock across the inner call, and must release a response it discards
+    (``await response.aclose()``).
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# security
+
+
+@hookspec(firstresult=True)
+def meshcore_client_tls(service: str, mesh: Mesh) -> ssl.SSLContext | None:
+    """The TLS context for connections to the endpoints of ``service``, or None for plain TCP.
+
+    Called at start for each service and again after ``mesh.security_changed()`` (rotation),
+    *firstresult*. New connections use the newest context; open ones are kept.
+    """
+
+
+@hookspec(firstresult=True)
+def meshcore_server_tls(mesh: Mesh) -> ssl.SSLContext | None:
+    """The TLS context for inbound listeners (the sidecar), or None for plain TCP.
+
+    Called when a listener starts and after ``mesh.security_changed()``, *firstresult*.
+    """
+
+
+@hookspec
+def meshcore_check_peer(service: str, endpoint: Endpoint, peer: Any) -> None:
+    """Verify the server on a new outbound TLS connection is the one meant for ``service``.
+
+    Called after each handshake with ``peer`` being the connection's ``ssl.SSLObject``. Raise
+    ``meshcore.IdentityRejected`` naming expected and actual identity to refuse it. Every
+    implementation is called; return None to accept.
+    """
+
+
+@hookspec(firstresult=True)
+def meshcore_authorize(request: Request, peer: Any) -> str | None:
+    """Decide whether an inbound request may reach the local app.
+
+    Called per inbound request in the sidecar, *firstresult*. ``peer`` is the client's
+    ``ssl.SSLObject`` (None for plain connections). Return None to allow or a short reason
+    string to deny (answered with 403). Must be fast: precompute policies at start.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# lifecycle
+
+
+@hookspec
+def meshcore_lifespan(mesh: Mesh) -> Any:
+    """Async work that lives as long as the mesh: registration, heartbeats, rotation.
+
+    Called once when the mesh starts, after plugins load and before discovery starts. Return
+    an async context manager (or None): the core enters each one in plugin order inside its
+    task group and exits them in reverse order on shutdown. Start background tasks on
+    ``mesh.task_group``. Must not block in the hook itself.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# events (all must be cheap: they run inline on the mesh's tasks)
+
+
+@hookspec
+def meshcore_mesh_started(mesh: Mesh) -> None:
+    """The mesh has started: plugins loaded, lifespans entered, discovery watchers running."""
+
+
+@hookspec
+def meshcore_mesh_stopping(mesh: Mesh) -> None:
+    """The mesh is about to shut down; requests still in flight may finish."""
+
+
+@hookspec
+def meshcore_endpoints_changed(service: str, snapshot: Snapshot) -> None:
+    """Discovery published a new snapshot for ``service``."""
+
+
+@hookspec
+def meshcore_discovery_error(service: str, error: BaseException) -> None:
+    """Discovery for ``service`` failed; the last good snapshot stays in use."""
+
+
+@hookspec
+def meshcore_request_finished(outcome: Outcome) -> None:
+    """One request to one endpoint finished (a response head arrived or it failed).
+
+    Only called when at least one plugin implements it, so it costs nothing otherwise.
+    """
+
+
+@hookspec
+def meshcore_state_changed(service: str, component: str, subject: str, old: str, new: str) -> None:
+    """A stateful component changed state: a breaker opened, an endpoint was ejected, ...
+
+    ``component`` names what changed (``"breaker"``, ``"ejection"``), ``subject`` the service
+    or endpoint id, ``old``/``new`` the states.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# cli
+
+
+@hookspec
+def meshcore_cli(cli: click.Group) -> None:
+    """Add subcommands to the ``meshcore`` command (``cli.add_command(...)``).
+
+    Called when the command line starts, for plugins in the plugin list. Must not do work
+    beyond defining commands.
+    """

@@ -1,0 +1,67 @@
+"""Helpers for tests that need real components."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from .._endpoints import Endpoint
+
+__all__ = ["free_port", "require_binary", "static_service", "strict_integration"]
+
+_SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+def strict_integration() -> bool:
+    """True when CI asks that a missing real component fails instead of skipping."""
+    return os.environ.get("MESHCORE_REQUIRE_INTEGRATION", "") not in ("", "0")
+
+
+def require_binary(name: str) -> str:
+    """The path of program `name`; skips the test when it is missing (fails under CI)."""
+    path = shutil.which(name) or next(
+        (p for d in _SBIN if os.access(p := os.path.join(d, name), os.X_OK)), None
+    )
+    if path is None:
+        message = f"{name} is not installed (install the Debian package that provides it)"
+        if strict_integration():
+            pytest.fail(f"MESHCORE_REQUIRE_INTEGRATION=1: {message}")
+        pytest.skip(message)
+    return path
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def static_service(
+    endpoints: Sequence[Any],
+    *,
+    balancer: str | None = None,
+    resilience: Sequence[str] = (),
+    **tables: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A `[services.X]` table for static discovery over servers, endpoints or "host:port"."""
+    entries = []
+    for ep in endpoints:
+        if isinstance(ep, Endpoint):
+            entries.append({"address": f"{ep.address}:{ep.port}", "weight": ep.weight})
+        elif hasattr(ep, "address") and isinstance(ep.address, str):
+            entries.append(ep.address)
+        else:
+            entries.append(str(ep))
+    table: dict[str, Any] = {"discovery": "static", "static": {"endpoints": entries}}
+    if balancer is not None:
+        table["balancer"] = balancer
+    if resilience:
+        table["resilience"] = list(resilience)
+    for kind, settings in tables.items():
+        table[kind.replace("_", "-")] = dict(settings)
+    return table
