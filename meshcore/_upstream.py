@@ -160,9 +160,7 @@ class Upstream:
         stats.ejected_until = until
         stats.times_ejected += 1
         self._ejected[endpoint] = until
-        self._events.meshcore_state_changed(
-            service=self.name, component="ejection", subject=endpoint.id, old="active", new="ejected"
-        )
+        self.emit_state("ejection", endpoint.id, "active", "ejected")
 
     def restore(self, endpoint: Endpoint) -> None:
         if self._ejected.pop(endpoint, None) is None:
@@ -170,9 +168,7 @@ class Upstream:
         stats = self.stats.get(endpoint)
         if stats is not None:
             stats.ejected_until = -math.inf
-        self._events.meshcore_state_changed(
-            service=self.name, component="ejection", subject=endpoint.id, old="ejected", new="active"
-        )
+        self.emit_state("ejection", endpoint.id, "ejected", "active")
 
     @property
     def ejected(self) -> list[Endpoint]:
@@ -187,6 +183,12 @@ class Upstream:
     def add_observer(self, callback: Callable[[Outcome], None]) -> None:
         """Call `callback(outcome)` after every request to an endpoint of this service."""
         self._observers.append(callback)
+
+    def emit_state(self, component: str, subject: str, old: str, new: str) -> None:
+        """Fire the `meshcore_state_changed` event (a breaker opening, an ejection, ...)."""
+        self._events.meshcore_state_changed(
+            service=self.name, component=component, subject=subject, old=old, new=new
+        )
 
     def add_state(self, name: str, provider: Callable[[], Any]) -> None:
         """Expose a plugin's state (breaker states, budget use) in `mesh.state()`."""
