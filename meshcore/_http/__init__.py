@@ -1,0 +1,19 @@
+"""meshcore's own HTTP/1.1 engine on anyio streams, parsed with httptools.
+
+The client side (`HTTPConnector`) is the terminal's sender: one keep-alive pool per endpoint.
+The server side (`serve_http`, `serve_connection`) is what the sidecar's listeners speak.
+See docs/data-path.md for why this exists and what it supports.
+"""
+
+from ._client import HTTPConnector, PoolLimits, Timeouts
+from ._server import ConnectionInfo, ServerLimits, serve_connection, serve_http
+
+__all__ = [
+    "ConnectionInfo",
+    "HTTPConnector",
+    "PoolLimits",
+    "ServerLimits",
+    "Timeouts",
+    "serve_connection",
+    "serve_http",
+]

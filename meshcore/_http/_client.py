@@ -1,0 +1,703 @@
+"""The client side: per-endpoint keep-alive pools speaking HTTP/1.1 over anyio streams.
+
+Why our own: httpx + httpcore cost about 570 µs per request on this project's machines and get
+slower with concurrency (httpcore 1.0.9 rescans every connection per queued request); anyio
+streams with the httptools parser proxy 13-24 k requests/s on one core
+(`shared/reference/performance-baselines.md`). So the terminal sends here.
+
+Shape of one exchange: take a connection (the most recently used idle one, or a new one while
+under `max_connections`, or wait in FIFO order), write the request, read until the response
+head is parsed, return. The body is an async iterator over the same connection; reading it to
+the end gives the connection back to the pool, closing it early closes the connection.
+
+Every pool operation is O(1): idle connections sit in a deque (LIFO, so the warmest is reused
+and the coldest expire from the left), waiters in a FIFO deque and a freed connection or
+connection slot is handed straight to the first waiter, so nobody scans anything per request.
+
+The stale keep-alive race (RFC 9112 §9.3.1): a server may close an idle connection just as we
+send on it. When a *reused* connection fails before any byte of the response arrived, the
+request did not get an answer and is safe to resend: idempotent requests with a body held in
+full are resent once, on a fresh connection, right here; anything else raises with
+`replayable=True` so the retry layer decides. A POST is never resent by the connector.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httptools
+from anyio.abc import ByteStream
+from anyio.streams.tls import TLSAttribute
+
+from .._endpoints import Endpoint
+from .._errors import (
+    EndpointConnectError,
+    EndpointProtocolError,
+    EndpointReadError,
+    EndpointTimeout,
+)
+from .._models import Headers, Request, Response
+
+__all__ = ["HTTPConnector", "PoolLimits", "Timeouts"]
+
+_new_headers = Headers.__new__
+_current_time = anyio.current_time
+
+# RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods that carry no body by default: no `Content-Length: 0` for them when the body is empty.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+# Errors that mean the connection broke (reset, closed, TLS failure).
+_BROKEN = (
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+    ssl.SSLError,
+)
+_READ_SIZE = 65536
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+# Bodies up to this size are written in the same send as the head (one syscall).
+_GLUE_BODY = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds per phase of one exchange; None means no limit.
+
+    connect: 5 s, Envoy's default `connect_timeout`. read (between two reads of the response,
+    so a slow stream is fine as long as it keeps moving) and write: 60 s, nginx's
+    `proxy_read_timeout` / `proxy_send_timeout`. pool (waiting for a free connection): 10 s.
+    A request may override any of them with an httpx-style `extensions["timeout"]` dict.
+    """
+
+    connect: float | None = 5.0
+    read: float | None = 60.0
+    write: float | None = 60.0
+    pool: float | None = 10.0
+
+    def override(self, ext: dict[str, Any] | None) -> Timeouts:
+        if not ext:
+            return self
+        return Timeouts(
+            ext.get("connect", self.connect),
+            ext.get("read", self.read),
+            ext.get("write", self.write),
+            ext.get("pool", self.pool),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    """Bounds of one endpoint's pool.
+
+    max_connections 100 (Envoy's default cluster `max_connections` is 1024 for a whole
+    cluster; 100 per endpoint keeps one client from exhausting a small upstream's workers),
+    max_idle 20 connections kept for reuse, idle_expiry 60 s (below nginx's 75 s
+    `keepalive_timeout`, so we drop a connection before the server does).
+    """
+
+    max_connections: int = 100
+    max_idle: int = 20
+    idle_expiry: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections: expected an integer >= 1, got {self.max_connections}")
+        if self.max_idle < 0:
+            raise ValueError(f"max_idle: expected an integer >= 0, got {self.max_idle}")
+
+
+class _Stale(Exception):
+    """A reused connection closed before any byte of the response: the request may be resent."""
+
+
+class _Connection:
+    """One HTTP/1.1 connection, and the httptools callbacks that parse its responses."""
+
+    __slots__ = (
+        "stream", "receive", "send", "sock", "parser", "endpoint", "idle_since",
+        "status", "reason", "headers", "chunks", "headers_done", "complete", "interim",
+        "framed", "close_delimited", "keep_alive", "head", "got_bytes",
+    )
+
+    def __init__(self, stream: ByteStream, endpoint: Endpoint) -> None:
+        self.stream = stream
+        self.receive = stream.receive
+        self.send = stream.send
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        # asyncio hands out a TransportSocket wrapper without recv(); peek on the real one.
+        sock = getattr(sock, "_sock", sock)
+        self.sock = sock if hasattr(sock, "recv") else None
+        self.parser = httptools.HttpResponseParser(self)
+        self.endpoint = endpoint
+        self.idle_since = 0.0
+        self.chunks: list[bytes] = []
+
+    def start(self, head: bool) -> None:
+        self.head = head
+        self.status = 0
+        self.reason = b""
+        self.headers = _new_headers(Headers)
+        self.chunks = []
+        self.headers_done = self.complete = self.interim = False
+        self.framed = self.close_delimited = False
+        self.keep_alive = True
+        self.got_bytes = False
+
+    # httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.headers = _new_headers(Headers)
+        self.framed = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        n = len(name)
+        if n == 14 or n == 17:
+            low = name.lower()
+            if low == b"content-length" or low == b"transfer-encoding":
+                self.framed = True
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise EndpointProtocolError(
+                    "101 Switching Protocols is not supported", endpoint=self.endpoint
+                )
+            self.interim = True  # 1xx: llhttp completes it as a bodiless message; skip it
+            return
+        self.status = status
+        self.headers_done = True
+        if self.head:
+            # llhttp does not know the request was HEAD and would wait for Content-Length bytes.
+            self.complete = True
+            self.keep_alive = self.parser.should_keep_alive()
+        elif not self.framed and status != 204 and status != 304:
+            self.close_delimited = True  # body ends when the server closes (RFC 9112 §6.3)
+            self.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self.head:
+            self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if not self.complete:
+            self.complete = True
+            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+
+    # ----------------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, EndpointProtocolError):
+                raise exc.__context__ from None
+            raise EndpointProtocolError(
+                f"invalid HTTP response from {self.endpoint.id}: {exc}", endpoint=self.endpoint
+            ) from exc
+        except httptools.HttpParserError as exc:
+            raise EndpointProtocolError(
+                f"invalid HTTP response from {self.endpoint.id}: {exc}", endpoint=self.endpoint
+            ) from exc
+
+    def peer_closed(self) -> bool:
+        """True when the idle connection has data or EOF pending: the server gave up on it."""
+        sock = self.sock
+        if sock is None:
+            return False
+        try:
+            sock.recv(1, _PEEK_FLAGS)  # b"" (EOF) or stray bytes: either way, unusable
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+
+async def _close_stream(stream: ByteStream) -> None:
+    # Bounded and shielded: a TLS close_notify to a dead peer must not hang or be cancelled
+    # half-way, and closing happens on paths that are already unwinding.
+    with anyio.CancelScope(shield=True) as scope:
+        scope.deadline = _current_time() + 1.0
+        try:
+            await stream.aclose()
+        except Exception:
+            pass
+
+
+class _Waiter:
+    __slots__ = ("event", "conn", "slot")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.conn: _Connection | None = None
+        self.slot = False
+
+
+class _Pool:
+    """The keep-alive pool of one endpoint. `open` counts idle, busy and connecting ones."""
+
+    __slots__ = ("endpoint", "limits", "connector", "idle", "waiters", "open", "closed")
+
+    def __init__(self, endpoint: Endpoint, limits: PoolLimits, connector: HTTPConnector) -> None:
+        self.endpoint = endpoint
+        self.limits = limits
+        self.connector = connector
+        self.idle: deque[_Connection] = deque()
+        self.waiters: deque[_Waiter] = deque()
+        self.open = 0
+        self.closed = False
+
+    async def acquire(self, timeouts: Timeouts, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused from the idle set."""
+        idle = self.idle
+        if idle and not fresh:
+            expiry = self.limits.idle_expiry
+            while idle:
+                conn = idle.pop()
+                if expiry is not None and _current_time() - conn.idle_since > expiry:
+                    # The warmest idle connection expired, so every colder one did too.
+                    idle.append(conn)
+                    await self._close_idle(len(idle))
+                    break
+                if conn.peer_closed():
+                    await self.discard(conn)
+                    continue
+                return conn, True
+        if self.open < self.limits.max_connections:
+            self.open += 1
+            return await self._connect(timeouts), False
+        if fresh and idle:
+            # At the limit and asked for a fresh connection: trade the coldest idle one in,
+            # keeping its slot.
+            await _close_stream(idle.popleft().stream)
+            return await self._connect(timeouts), False
+        waiter = _Waiter()
+        self.waiters.append(waiter)
+        try:
+            if timeouts.pool is None:
+                await waiter.event.wait()
+            else:
+                with anyio.fail_after(timeouts.pool):
+                    await waiter.event.wait()
+        except BaseException as exc:
+            if waiter.conn is not None:
+                await self.release(waiter.conn)
+            elif waiter.slot:
+                self._slot_freed()
+            else:
+                self.waiters.remove(waiter)  # O(n), but only when a waiter gives up
+            if isinstance(exc, TimeoutError):
+                raise EndpointTimeout(
+                    f"no free connection to {self.endpoint.id} within {timeouts.pool} s "
+                    f"({self.open} open, {len(self.waiters)} waiting)",
+                    endpoint=self.endpoint,
+                    replayable=True,
+                ) from None
+            raise
+        if waiter.conn is not None:
+            return waiter.conn, True
+        return await self._connect(timeouts), False
+
+    async def _connect(self, timeouts: Timeouts) -> _Connection:
+        """Open a connection for a slot already counted in `open`."""
+        endpoint = self.endpoint
+        connector = self.connector
+        try:
+            try:
+                with anyio.fail_after(timeouts.connect):
+                    if connector.ssl_context is None:
+                        stream: ByteStream = await anyio.connect_tcp(endpoint.address, endpoint.port)
+                    else:
+                        stream = await anyio.connect_tcp(
+                            endpoint.address,
+                            endpoint.port,
+                            ssl_context=connector.ssl_context,
+                            tls_hostname=connector.server_hostname or endpoint.address,
+                            tls_standard_compatible=False,
+                        )
+            except TimeoutError:
+                raise EndpointTimeout(
+                    f"connecting to {endpoint.id} took longer than {timeouts.connect} s",
+                    endpoint=endpoint,
+                    replayable=True,
+                ) from None
+            except (OSError, anyio.BrokenResourceError, ssl.SSLError) as exc:
+                raise EndpointConnectError(
+                    f"cannot connect to {endpoint.id}: {exc}", endpoint=endpoint
+                ) from exc
+            if connector.verify_peer is not None:
+                try:
+                    connector.verify_peer(endpoint, stream.extra(TLSAttribute.ssl_object, None))
+                except BaseException:
+                    await _close_stream(stream)
+                    raise
+        except BaseException:
+            self._slot_freed()
+            raise
+        return _Connection(stream, endpoint)
+
+    async def release(self, conn: _Connection) -> None:
+        """Give a connection whose exchange ended cleanly back (to a waiter, or the idle set)."""
+        waiters = self.waiters
+        if waiters:
+            waiter = waiters.popleft()
+            waiter.conn = conn
+            waiter.event.set()
+            return
+        conn.idle_since = _current_time()
+        self.idle.append(conn)
+        if len(self.idle) > self.limits.max_idle or self.closed:
+            await self.discard(self.idle.popleft())
+
+    async def discard(self, conn: _Connection) -> None:
+        """Close a connection that must not be reused, and free its slot."""
+        self._slot_freed()
+        await _close_stream(conn.stream)
+
+    def _slot_freed(self) -> None:
+        waiters = self.waiters
+        if waiters and not self.closed:
+            waiter = waiters.popleft()
+            waiter.slot = True
+            waiter.event.set()
+        else:
+            self.open -= 1
+
+    async def _close_idle(self, count: int) -> None:
+        for _ in range(count):
+            conn = self.idle.popleft()
+            await self.discard(conn)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        while self.idle:
+            conn = self.idle.popleft()
+            self.open -= 1
+            await _close_stream(conn.stream)
+
+    def stats(self) -> dict[str, int]:
+        idle = len(self.idle)
+        return {
+            "open": self.open,
+            "idle": idle,
+            "in_use": self.open - idle,
+            "waiting": len(self.waiters),
+        }
+
+
+class _ResponseBody:
+    """The streamed body of one response; owns the connection until the end or `aclose()`."""
+
+    __slots__ = ("_conn", "_pool", "_read_timeout")
+
+    def __init__(self, conn: _Connection, pool: _Pool, read_timeout: float | None) -> None:
+        self._conn: _Connection | None = conn
+        self._pool = pool
+        self._read_timeout = read_timeout
+
+    def __aiter__(self) -> _ResponseBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            raise StopAsyncIteration
+        while True:
+            chunks = conn.chunks
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                if conn.complete:
+                    await self._finish()  # give the connection back before the last chunk
+                return data
+            if conn.complete:
+                await self._finish()
+                raise StopAsyncIteration
+            await self._read_more(conn)
+
+    async def _read_more(self, conn: _Connection) -> None:
+        endpoint = conn.endpoint
+        try:
+            try:
+                if self._read_timeout is None:
+                    data = await conn.receive(_READ_SIZE)
+                else:
+                    with anyio.fail_after(self._read_timeout):
+                        data = await conn.receive(_READ_SIZE)
+            except anyio.EndOfStream:
+                if conn.close_delimited:
+                    conn.complete = True
+                    return
+                raise EndpointReadError(
+                    f"{endpoint.id} closed the connection in the middle of the response body",
+                    endpoint=endpoint,
+                ) from None
+            except TimeoutError:
+                raise EndpointTimeout(
+                    f"no response data from {endpoint.id} for {self._read_timeout} s",
+                    endpoint=endpoint,
+                ) from None
+            except _BROKEN as exc:
+                raise EndpointReadError(
+                    f"connection to {endpoint.id} broke while reading the response body: {exc!r}",
+                    endpoint=endpoint,
+                ) from exc
+            conn.feed(data)
+        except BaseException:
+            self._conn = None
+            await self._pool.discard(conn)
+            raise
+
+    async def _finish(self) -> None:
+        conn = self._conn
+        self._conn = None
+        if conn is None:
+            return
+        if conn.keep_alive and not self._pool.closed:
+            if conn.head:
+                conn.parser = httptools.HttpResponseParser(conn)
+            await self._pool.release(conn)
+        else:
+            await self._pool.discard(conn)
+
+    async def aclose(self) -> None:
+        """Stop reading: a finished body returns the connection, an unfinished one closes it."""
+        conn = self._conn
+        if conn is None:
+            return
+        if conn.complete:
+            await self._finish()
+            return
+        self._conn = None
+        await self._pool.discard(conn)
+
+
+class HTTPConnector:
+    """Sends mesh requests to endpoints over per-endpoint HTTP/1.1 keep-alive pools.
+
+    `ssl_context` turns on TLS for every connection (SNI `server_hostname`, default the
+    endpoint address); `verify_peer(endpoint, ssl_object)` runs after each new handshake and
+    raises to reject the peer (the connection is closed and the error propagates).
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: PoolLimits = PoolLimits(),
+        timeouts: Timeouts = Timeouts(),
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        verify_peer: Callable[[Endpoint, Any], None] | None = None,
+    ) -> None:
+        self.limits = limits
+        self.timeouts = timeouts
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.verify_peer = verify_peer
+        self._pools: dict[Endpoint, _Pool] = {}
+        self._closed = False
+
+    async def send(self, endpoint: Endpoint, request: Request) -> Response:
+        """Send `request` to `endpoint`; returns once the response head is parsed."""
+        if self._closed:
+            raise RuntimeError("HTTPConnector is closed")
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            pool = self._pools[endpoint] = _Pool(endpoint, self.limits, self)
+        ext = request.extensions.get("timeout")
+        timeouts = self.timeouts.override(ext) if ext else self.timeouts
+        head, body, chunked = _serialize_head(request)
+        conn, reused = await pool.acquire(timeouts)
+        try:
+            return await self._exchange(pool, conn, reused, request, head, body, chunked, timeouts)
+        except _Stale as stale:
+            cause = stale.__cause__
+            if request.method in _IDEMPOTENT and isinstance(body, bytes):
+                conn, _ = await pool.acquire(timeouts, fresh=True)
+                return await self._exchange(
+                    pool, conn, False, request, head, body, chunked, timeouts
+                )
+            raise EndpointReadError(
+                f"{endpoint.id} closed a reused keep-alive connection before answering "
+                f"({cause!r}); the request was not resent",
+                endpoint=endpoint,
+                replayable=True,
+            ) from cause
+
+    async def _exchange(
+        self,
+        pool: _Pool,
+        conn: _Connection,
+        reused: bool,
+        request: Request,
+        head: bytes,
+        body: Any,
+        chunked: bool,
+        timeouts: Timeouts,
+    ) -> Response:
+        endpoint = conn.endpoint
+        conn.start(request.method == "HEAD")
+        phase = "write"
+        read_timeout = timeouts.read
+        try:
+            with anyio.CancelScope() as scope:
+                if timeouts.write is not None:
+                    scope.deadline = _current_time() + timeouts.write
+                try:
+                    if isinstance(body, bytes):
+                        if len(body) <= _GLUE_BODY:
+                            await conn.send(head + body if body else head)
+                        else:
+                            await conn.send(head)
+                            await conn.send(body)
+                    else:
+                        await conn.send(head)
+                        await _send_streamed(conn, body, chunked, request)
+                    phase = "read"
+                    scope.deadline = (
+                        math.inf if read_timeout is None else _current_time() + read_timeout
+                    )
+                    receive = conn.receive
+                    while not conn.headers_done:
+                        data = await receive(_READ_SIZE)
+                        conn.feed(data)
+                        if read_timeout is not None and not conn.headers_done:
+                            scope.deadline = _current_time() + read_timeout
+                except _BROKEN as exc:
+                    if reused and not conn.got_bytes:
+                        raise _Stale() from exc
+                    if isinstance(exc, anyio.EndOfStream):
+                        raise EndpointReadError(
+                            f"{endpoint.id} closed the connection before a complete response head",
+                            endpoint=endpoint,
+                        ) from None
+                    raise EndpointReadError(
+                        f"connection to {endpoint.id} broke while "
+                        f"{'sending the request' if phase == 'write' else 'reading the response'}"
+                        f": {exc!r}",
+                        endpoint=endpoint,
+                    ) from exc
+            if scope.cancelled_caught:
+                limit = timeouts.write if phase == "write" else read_timeout
+                raise EndpointTimeout(
+                    f"{phase} timeout ({limit} s) talking to {endpoint.id}", endpoint=endpoint
+                )
+        except BaseException:
+            await pool.discard(conn)
+            raise
+        if request.headers and not conn.close_delimited:
+            # `Connection: close` from our side ends reuse too.
+            for k, v in request.headers:
+                if len(k) == 10 and k.lower() == b"connection" and b"close" in v.lower():
+                    conn.keep_alive = False
+        return Response(
+            conn.status,
+            conn.headers,
+            _ResponseBody(conn, pool, read_timeout),
+            {
+                "http_version": b"HTTP/1.1"
+                if conn.parser.get_http_version() == "1.1"
+                else b"HTTP/1.0",
+                "reason_phrase": conn.reason,
+            },
+        )
+
+    async def aclose(self) -> None:
+        """Close every idle connection; busy ones close when their response ends."""
+        self._closed = True
+        for pool in self._pools.values():
+            await pool.aclose()
+
+    async def __aenter__(self) -> HTTPConnector:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per endpoint id: `open`, `idle`, `in_use` and `waiting` counts."""
+        return {ep.id: pool.stats() for ep, pool in self._pools.items()}
+
+
+async def _send_streamed(conn: _Connection, body: Any, chunked: bool, request: Request) -> None:
+    send = conn.send
+    if chunked:
+        async for chunk in body:
+            if chunk:
+                await send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        await send(b"0\r\n\r\n")
+        return
+    declared = int(request.headers.get("content-length") or 0)
+    sent = 0
+    async for chunk in body:
+        if chunk:
+            sent += len(chunk)
+            if sent > declared:
+                break
+            await send(chunk)
+    if sent != declared:
+        raise EndpointProtocolError(
+            f"request body is {'longer' if sent > declared else 'shorter'} than its "
+            f"Content-Length ({declared})",
+            endpoint=conn.endpoint,
+        )
+
+
+def _serialize_head(request: Request) -> tuple[bytes, Any, bool]:
+    """The request head as bytes, the body to send and whether it goes chunked."""
+    method = request.method
+    url = request.url
+    body = request.stream
+    has_host = has_length = has_te = False
+    lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), url.target.encode("latin-1"))]
+    append = lines.append
+    for name, value in request.headers:
+        n = len(name)
+        if n == 4 or n == 14 or n == 17:
+            low = name.lower()
+            if low == b"host":
+                has_host = True
+            elif low == b"content-length":
+                has_length = True
+            elif low == b"transfer-encoding":
+                has_te = True
+        append(name + b": " + value)
+    if not has_host:
+        append(b"Host: " + url.authority.encode("idna" if not url.host.isascii() else "ascii"))
+    chunked = False
+    if isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    if isinstance(body, bytes):
+        if has_te:
+            # The caller asked for chunked framing of a body we hold in full: one chunk.
+            body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
+        elif not has_length and (body or method not in _NO_BODY_METHODS):
+            append(b"Content-Length: %d" % len(body))
+    elif not has_length:
+        chunked = True
+        if not has_te:
+            append(b"Transfer-Encoding: chunked")
+    else:
+        pass
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    # One C-level scan instead of one per header: a CR or LF inside a name or value would
+    # let a caller smuggle a header or a second request (RFC 9110 §5.5).
+    if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
+        raise EndpointProtocolError("CR or LF inside a request header or target")
+    return head, body, chunked

@@ -1,0 +1,507 @@
+"""The server side: HTTP/1.1 on anyio listeners, for the sidecar's inbound and outbound ports.
+
+One task per connection reads requests with httptools and answers them strictly in order, so
+pipelined requests need no bookkeeping beyond a queue of parsed heads. Bodies stream both ways:
+the handler gets `request.stream` as an async iterator that reads the connection on demand
+(sending `100 Continue` first when the client asked for it), and the response body is written
+as the handler's iterator yields it.
+
+Bad input ends the connection with an answer (RFC 9112 §2.2 lets a server close after an
+error): 400 for unparseable requests, 414 for an oversized request line, 431 for too many or too
+large headers, 413 for an oversized body, 408 when the head does not arrive in time. Defaults
+follow nginx (`large_client_header_buffers 4 8k`, `client_header_timeout 60s`,
+`keepalive_timeout 75s`, `client_body_timeout 60s`, `send_timeout 60s`) and Envoy
+(`max_headers_count` 100, `max_request_headers_kb` 60).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import anyio
+import anyio.abc
+import httptools
+from anyio.abc import ByteStream, SocketAttribute
+from anyio.streams.tls import TLSAttribute
+
+from .._models import URL, Headers, Request, Response, _close_body
+
+__all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
+
+log = logging.getLogger("meshcore.http")
+
+_new_headers = Headers.__new__
+_current_time = anyio.current_time
+_READ_SIZE = 65536
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+_BROKEN = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+# Unread request body a keep-alive connection will read and drop after the response; more
+# than this and closing is cheaper (nginx discards bodies the same way, `lingering_close`).
+_MAX_DRAIN = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one connection may send. None means unlimited / no timeout."""
+
+    max_request_line: int = 8192
+    max_header_count: int = 100
+    max_header_bytes: int = 61440
+    max_body: int | None = None
+    header_timeout: float | None = 60.0
+    idle_timeout: float | None = 75.0
+    body_timeout: float | None = 60.0
+    write_timeout: float | None = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Who is on the other end: addresses and, over TLS, the `ssl.SSLObject` (peer cert)."""
+
+    client: Any = None
+    local: Any = None
+    ssl_object: Any = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_object is not None
+
+    @classmethod
+    def from_stream(cls, stream: ByteStream) -> ConnectionInfo:
+        return cls(
+            stream.extra(SocketAttribute.remote_address, None),
+            stream.extra(SocketAttribute.local_address, None),
+            stream.extra(TLSAttribute.ssl_object, None),
+        )
+
+
+Handler = Callable[[Request, ConnectionInfo], Awaitable[Response]]
+
+
+class RequestRejected(Exception):
+    """The request broke a limit or the protocol; the connection answers `status` and closes.
+
+    Raised out of `request.stream` when the body is bad (chunk syntax, too large) or the client
+    went away; a handler that lets it propagate gets the right answer sent for it.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Incoming:
+    """One request as it is parsed."""
+
+    __slots__ = (
+        "method", "url", "headers", "host", "chunks", "headers_done", "complete",
+        "keep_alive", "expect", "version", "body_size", "header_bytes",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers = _new_headers(Headers)
+        self.host: bytes | None = None
+        self.chunks: list[bytes] = []
+        self.headers_done = self.complete = self.expect = False
+        self.keep_alive = True
+        self.body_size = 0
+        self.header_bytes = 0
+
+
+class _ServerConnection:
+    __slots__ = (
+        "stream", "limits", "info", "parser", "cur", "ready", "receive", "send",
+        "scheme", "continue_sent", "upgraded", "in_head",
+    )
+
+    def __init__(self, stream: ByteStream, limits: ServerLimits, info: ConnectionInfo) -> None:
+        self.stream = stream
+        self.receive = stream.receive
+        self.send = stream.send
+        self.limits = limits
+        self.info = info
+        self.scheme = "https" if info.ssl_object is not None else "http"
+        self.parser = httptools.HttpRequestParser(self)
+        self.cur: _Incoming | None = None
+        self.ready: deque[_Incoming] = deque()
+        self.continue_sent = False
+        self.upgraded = False
+        self.in_head = False
+
+    # httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.cur = _Incoming()
+        self.in_head = True
+
+    def on_url(self, part: bytes) -> None:
+        cur = self.cur
+        cur.url += part  # type: ignore[union-attr]
+        if len(cur.url) > self.limits.max_request_line:  # type: ignore[union-attr]
+            raise RequestRejected(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        cur = self.cur
+        headers = cur.headers  # type: ignore[union-attr]
+        headers.append((name, value))
+        cur.header_bytes += len(name) + len(value) + 4  # type: ignore[union-attr]
+        limits = self.limits
+        if len(headers) > limits.max_header_count:
+            raise RequestRejected(431, f"more than {limits.max_header_count} header fields")
+        if cur.header_bytes > limits.max_header_bytes:  # type: ignore[union-attr]
+            raise RequestRejected(431, f"header fields larger than {limits.max_header_bytes} bytes")
+        n = len(name)
+        if n == 4 or n == 6:
+            low = name.lower()
+            if low == b"host":
+                if cur.host is not None:  # type: ignore[union-attr]
+                    raise RequestRejected(400, "more than one Host header")  # RFC 9112 §3.2
+                cur.host = value  # type: ignore[union-attr]
+            elif low == b"expect" and value.lower() == b"100-continue":
+                cur.expect = True  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        cur = self.cur
+        parser = self.parser
+        cur.method = parser.get_method().decode("ascii")  # type: ignore[union-attr]
+        cur.version = parser.get_http_version()  # type: ignore[union-attr]
+        cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        cur.headers_done = True  # type: ignore[union-attr]
+        self.in_head = False
+        max_body = self.limits.max_body
+        if max_body is not None:
+            length = cur.headers.get("content-length")  # type: ignore[union-attr]
+            if length is not None and length.isdigit() and int(length) > max_body:
+                raise RequestRejected(413, f"request body larger than {max_body} bytes")
+        self.ready.append(cur)  # type: ignore[arg-type]
+
+    def on_body(self, body: bytes) -> None:
+        cur = self.cur
+        cur.chunks.append(body)  # type: ignore[union-attr]
+        max_body = self.limits.max_body
+        if max_body is not None:
+            cur.body_size += len(body)  # type: ignore[union-attr]
+            if cur.body_size > max_body:  # type: ignore[union-attr]
+                raise RequestRejected(413, f"request body larger than {max_body} bytes")
+
+    def on_message_complete(self) -> None:
+        self.cur.complete = True  # type: ignore[union-attr]
+
+    # ----------------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self.upgraded:
+            return  # after an Upgrade/CONNECT request nothing more is HTTP/1.1 to us
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.upgraded = True
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, RequestRejected):
+                raise exc.__context__ from None
+            raise RequestRejected(400, f"bad request: {exc}") from exc
+        except httptools.HttpParserError as exc:
+            raise RequestRejected(400, f"bad request: {exc}") from exc
+
+    async def read_head(self) -> bool:
+        """Read until a request head is parsed; False when the connection should just end."""
+        limits = self.limits
+        with anyio.CancelScope() as scope:
+            timeout = limits.header_timeout if self.in_head else limits.idle_timeout
+            if timeout is not None:
+                scope.deadline = _current_time() + timeout
+            while not self.ready:
+                if self.upgraded:
+                    return False
+                try:
+                    data = await self.receive(_READ_SIZE)
+                except _BROKEN:
+                    return False
+                if not self.in_head and limits.header_timeout is not None:
+                    scope.deadline = _current_time() + limits.header_timeout
+                self.feed(data)
+        if scope.cancelled_caught:
+            if self.in_head:
+                await self.send_error(408, "request head not received in time")
+            return False
+        return True
+
+    async def read_body(self, msg: _Incoming) -> None:
+        """Read more of the current request's body into `msg.chunks`."""
+        if msg.expect and not self.continue_sent:
+            self.continue_sent = True
+            await self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        timeout = self.limits.body_timeout
+        try:
+            if timeout is None:
+                data = await self.receive(_READ_SIZE)
+            else:
+                with anyio.fail_after(timeout):
+                    data = await self.receive(_READ_SIZE)
+        except TimeoutError:
+            raise RequestRejected(408, f"no request body data for {timeout} s") from None
+        except _BROKEN as exc:
+            raise RequestRejected(400, f"client went away during the request body: {exc!r}") from None
+        self.feed(data)
+        if self.upgraded and not msg.complete:
+            msg.complete = True
+
+    async def send_error(self, status: int, message: str) -> None:
+        body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
+        head = (
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status, _REASONS.get(status, b""), len(body))
+        )
+        try:
+            with anyio.move_on_after(self.limits.write_timeout or 5.0):
+                await self.send(head + body)
+        except _BROKEN:
+            pass
+
+    def build_request(self, msg: _Incoming) -> Request:
+        target = msg.url.decode("latin-1")
+        if target.startswith("/") or target == "*":
+            host, port = _split_host(msg.host, self.info, self.scheme)
+            url = URL(self.scheme, host, port, target)
+        elif "://" in target:  # absolute-form (RFC 9112 §3.2.2): it wins over Host
+            url = URL.parse(target)
+        else:  # authority-form (CONNECT)
+            host, port = _split_host(msg.url, self.info, self.scheme)
+            url = URL(self.scheme, host, port, "/")
+        if msg.complete and not msg.chunks:
+            body: Any = b""
+        else:
+            body = _RequestBody(self, msg)
+        return Request(
+            msg.method,
+            url,
+            msg.headers,
+            body,
+            {"http_version": b"HTTP/1.1" if msg.version == "1.1" else b"HTTP/1.0"},
+        )
+
+    async def run(self, handler: Handler) -> None:
+        while True:
+            if not self.ready:
+                try:
+                    if not await self.read_head():
+                        return
+                except RequestRejected as exc:
+                    await self.send_error(exc.status, str(exc))
+                    return
+            msg = self.ready.popleft()
+            if msg.host is None and msg.version == "1.1":
+                await self.send_error(400, "HTTP/1.1 request without Host")
+                return
+            self.continue_sent = False
+            try:
+                request = self.build_request(msg)
+            except ValueError as exc:
+                await self.send_error(400, str(exc))
+                return
+            try:
+                response = await handler(request, self.info)
+            except RequestRejected as exc:
+                await self.send_error(exc.status, str(exc))
+                return
+            except Exception:
+                log.exception("handler failed for %s %s", msg.method, request.url)
+                await self.send_error(500, "the handler failed")
+                return
+            keep_alive = msg.keep_alive and not self.upgraded
+            if keep_alive and not msg.complete and msg.expect and not self.continue_sent:
+                keep_alive = False  # the client may or may not send the body now: close
+            try:
+                keep_alive = await self.write_response(msg, response, keep_alive)
+            except RequestRejected:
+                return
+            if not keep_alive:
+                return
+            if not msg.complete and not await self.drain(msg):
+                return
+
+    async def drain(self, msg: _Incoming) -> bool:
+        """Read and drop the rest of a body the handler left, within a budget."""
+        budget = _MAX_DRAIN
+        try:
+            while not msg.complete:
+                budget -= sum(map(len, msg.chunks))
+                msg.chunks.clear()
+                if budget < 0:
+                    return False
+                await self.read_body(msg)
+        except RequestRejected:
+            return False
+        msg.chunks.clear()
+        return True
+
+    async def write_response(self, msg: _Incoming, response: Response, keep_alive: bool) -> bool:
+        """Write the response; returns whether the connection may carry another request."""
+        status = response.status_code
+        body = response.stream
+        reason = response.extensions.get("reason_phrase") or _REASONS.get(status, b"")
+        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+        append = lines.append
+        has_length = has_te = False
+        for name, value in response.headers:
+            n = len(name)
+            if n == 10 or n == 14 or n == 17:
+                low = name.lower()
+                if low == b"content-length":
+                    has_length = True
+                elif low == b"transfer-encoding":
+                    has_te = True
+                    continue  # we decide the framing ourselves
+                elif low == b"connection":
+                    if b"close" in value.lower():
+                        keep_alive = False
+                    continue
+            append(name + b": " + value)
+        no_body = msg.method == "HEAD" or status < 200 or status == 204 or status == 304
+        chunked = False
+        if isinstance(body, (bytearray, memoryview)):
+            body = bytes(body)
+        if isinstance(body, bytes):
+            if not has_length and not (status < 200 or status == 204 or status == 304):
+                if not (msg.method == "HEAD" and not body):
+                    append(b"Content-Length: %d" % len(body))
+        elif not has_length and not no_body:
+            if msg.version == "1.1":
+                chunked = True
+                append(b"Transfer-Encoding: chunked")
+            else:
+                keep_alive = False  # HTTP/1.0 without a length: the body ends at close
+        del has_te
+        if not keep_alive:
+            append(b"Connection: close")
+        elif msg.version != "1.1":
+            append(b"Connection: keep-alive")
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
+            await _close_body(body)
+            log.error("response header contains CR or LF; answering 502 instead")
+            await self.send_error(502, "invalid response header from the handler")
+            return False
+        send = self.send
+        timeout = self.limits.write_timeout
+        try:
+            with anyio.CancelScope() as scope:
+                if timeout is not None:
+                    scope.deadline = _current_time() + timeout
+                if isinstance(body, bytes):
+                    await send(head + body if body and not no_body else head)
+                elif no_body:
+                    await send(head)
+                else:
+                    await send(head)
+                    async for chunk in body:
+                        if not chunk:
+                            continue
+                        if timeout is not None:
+                            scope.deadline = _current_time() + timeout
+                        await send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    if chunked:
+                        await send(b"0\r\n\r\n")
+            if scope.cancelled_caught:
+                raise RequestRejected(408, "client did not read the response in time")
+        except _BROKEN as exc:
+            raise RequestRejected(400, f"client went away: {exc!r}") from None
+        except RequestRejected:
+            raise
+        except Exception:
+            log.exception("response body failed for %s", msg.method)
+            raise RequestRejected(500, "response body failed") from None
+        finally:
+            if not isinstance(body, bytes):
+                await _close_body(body)
+        return keep_alive
+
+
+class _RequestBody:
+    """`request.stream` on the server: reads the connection as the handler iterates."""
+
+    __slots__ = ("_conn", "_msg")
+
+    def __init__(self, conn: _ServerConnection, msg: _Incoming) -> None:
+        self._conn = conn
+        self._msg = msg
+
+    def __aiter__(self) -> _RequestBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        msg = self._msg
+        while True:
+            chunks = msg.chunks
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                return data
+            if msg.complete:
+                raise StopAsyncIteration
+            await self._conn.read_body(msg)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the connection drains or closes after the response."""
+
+
+def _split_host(value: bytes | None, info: ConnectionInfo, scheme: str) -> tuple[str, int | None]:
+    if not value:
+        local = info.local
+        if isinstance(local, tuple):
+            return str(local[0]), int(local[1])
+        return "localhost", None
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not host or (port_text and not port_text.isdigit()) or any(c in host for c in "/ @?#"):
+        raise ValueError(f"bad Host header: {text!r}")
+    return host, int(port_text) if port_text else None
+
+
+async def serve_connection(
+    stream: ByteStream,
+    handler: Handler,
+    *,
+    limits: ServerLimits = ServerLimits(),
+    info: ConnectionInfo | None = None,
+) -> None:
+    """Serve HTTP/1.1 requests on one connection until it ends; closes the stream."""
+    if info is None:
+        info = ConnectionInfo.from_stream(stream)
+    try:
+        await _ServerConnection(stream, limits, info).run(handler)
+    finally:
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = _current_time() + 1.0
+            try:
+                await stream.aclose()
+            except Exception:
+                pass
+
+
+async def serve_http(
+    listener: anyio.abc.Listener[Any],
+    handler: Handler,
+    *,
+    limits: ServerLimits = ServerLimits(),
+    task_group: anyio.abc.TaskGroup | None = None,
+) -> None:
+    """Accept connections from `listener` forever, each served by `serve_connection`."""
+
+    async def on_connection(stream: ByteStream) -> None:
+        try:
+            await serve_connection(stream, handler, limits=limits)
+        except Exception:
+            # One broken connection must never take the listener down.
+            log.exception("HTTP connection failed")
+
+    await listener.serve(on_connection, task_group)

@@ -1,0 +1,296 @@
+"""HTTPConnector against independent servers: nginx, Python's http.server, raw sockets."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from meshcore._endpoints import Endpoint
+from meshcore._errors import (
+    EndpointConnectError,
+    EndpointProtocolError,
+    EndpointReadError,
+    EndpointTimeout,
+)
+from meshcore._http import HTTPConnector, PoolLimits, Timeouts
+from meshcore._models import Request
+
+pytestmark = pytest.mark.anyio
+
+
+def ep(server) -> Endpoint:  # type: ignore[no-untyped-def]
+    return Endpoint("127.0.0.1", server.port)
+
+
+async def get(connector: HTTPConnector, server, path: str, method: str = "GET", **kw):  # type: ignore[no-untyped-def]
+    request = Request(method, f"{server.base}{path}", **kw)
+    response = await connector.send(ep(server), request)
+    body = await response.aread()
+    return response, body
+
+
+# nginx ----------------------------------------------------------------------------------------
+
+async def test_nginx_get_and_keepalive_limit(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        for _ in range(7):
+            response, body = await get(connector, nginx, "/")
+            assert response.status_code == 200
+            assert body == b"hello from nginx\n"
+            assert response.extensions["http_version"] == b"HTTP/1.1"
+            assert response.extensions["reason_phrase"] == b"OK"
+        # keepalive_requests 3: nginx closes every third request with `Connection: close`,
+        # so seven sequential requests took three connections and one is left idle.
+        stats = connector.stats()[ep(nginx).id]
+        assert stats == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0}
+
+
+async def test_nginx_chunked_response(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response, body = await get(connector, nginx, "/chunked/text.txt")
+        assert response.headers.get("transfer-encoding") == "chunked"
+        assert body == b"yoyo " * 20000
+
+
+async def test_nginx_large_body_streamed(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response = await connector.send(ep(nginx), Request("GET", f"{nginx.base}/files/big.bin"))
+        assert int(response.headers.get("content-length")) == len(nginx.big)
+        pieces = [chunk async for chunk in response.stream]
+        assert len(pieces) > 1  # streamed, not buffered whole
+        assert b"".join(pieces) == nginx.big
+        assert connector.stats()[ep(nginx).id]["idle"] == 1
+
+
+async def test_nginx_head_and_204(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response, body = await get(connector, nginx, "/files/big.bin", "HEAD")
+        assert response.status_code == 200 and body == b""
+        assert int(response.headers.get("content-length")) == len(nginx.big)
+        response, body = await get(connector, nginx, "/204")
+        assert response.status_code == 204 and body == b""
+        # the connection survived both (nginx's third request closes it)
+        response, body = await get(connector, nginx, "/files/small.txt")
+        assert body == b"small file\n"
+        assert connector.stats()[ep(nginx).id]["open"] == 0
+
+
+async def test_nginx_connection_close(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response, body = await get(connector, nginx, "/close")
+        assert body == b"bye\n"
+        assert connector.stats()[ep(nginx).id]["open"] == 0
+        response, body = await get(
+            connector, nginx, "/", headers=[("Connection", "close")]
+        )
+        assert body == b"hello from nginx\n"
+        assert connector.stats()[ep(nginx).id]["open"] == 0
+
+
+async def test_nginx_concurrent_bounded_pool(nginx) -> None:  # type: ignore[no-untyped-def]
+    results: list[bytes] = []
+    async with HTTPConnector(limits=PoolLimits(max_connections=4, max_idle=2)) as connector:
+
+        async def one() -> None:
+            _, body = await get(connector, nginx, "/files/small.txt")
+            results.append(body)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(one)
+        stats = connector.stats()[ep(nginx).id]
+        assert stats["open"] <= 2 and stats["in_use"] == 0 and stats["waiting"] == 0
+    assert results == [b"small file\n"] * 40
+
+
+async def test_early_aclose_closes_connection(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response = await connector.send(ep(nginx), Request("GET", f"{nginx.base}/files/big.bin"))
+        await response.stream.__anext__()
+        await response.aclose()
+        assert connector.stats()[ep(nginx).id] == {"open": 0, "idle": 0, "in_use": 0, "waiting": 0}
+        _, body = await get(connector, nginx, "/")
+        assert body == b"hello from nginx\n"
+
+
+# http.server ------------------------------------------------------------------------------
+
+async def test_pyserver_host_header_and_custom_headers(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        _, body = await get(connector, pyserver, "/headers", headers=[("X-Test", "1")])
+        assert f"host: 127.0.0.1:{pyserver.port}".encode() in body
+        assert b"x-test: 1" in body
+
+
+async def test_pyserver_post_content_length_and_chunked(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response, body = await get(connector, pyserver, "/echo", "POST", stream=b"payload" * 5000)
+        assert body == b"payload" * 5000 and response.headers.get("x-te") == "-"
+
+        async def parts():  # type: ignore[no-untyped-def]
+            for i in range(5):
+                yield b"part%d;" % i
+
+        response, body = await get(connector, pyserver, "/echo", "POST", stream=parts())
+        assert body == b"part0;part1;part2;part3;part4;"
+        assert response.headers.get("x-te") == "chunked"
+
+        response, body = await get(connector, pyserver, "/echo", "POST", stream=b"")
+        assert body == b""
+
+
+async def test_pyserver_chunked_with_trailer(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        _, body = await get(connector, pyserver, "/chunked")
+        assert body == b"one two three"
+        _, body = await get(connector, pyserver, "/x")  # connection reused after the trailer
+        assert body == b"GET /x"
+        assert connector.stats()[ep(pyserver).id]["open"] == 1
+
+
+async def test_pyserver_interim_responses_skipped(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response, body = await get(connector, pyserver, "/interim")
+        assert response.status_code == 200 and body == b"after interim"
+
+
+async def test_pyserver_body_until_close(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        _, body = await get(connector, pyserver, "/no-length")
+        assert body == b"until-close " * 1000
+        assert connector.stats()[ep(pyserver).id]["open"] == 0
+
+
+async def test_pyserver_truncated_body_is_read_error(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/truncated"))
+        with pytest.raises(EndpointReadError) as info:
+            await response.aread()
+        assert info.value.endpoint == ep(pyserver) and not info.value.replayable
+        assert connector.stats()[ep(pyserver).id]["open"] == 0
+
+
+async def test_pyserver_garbage_is_protocol_error(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        with pytest.raises(EndpointProtocolError) as info:
+            await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/garbage"))
+        assert info.value.endpoint == ep(pyserver) and not info.value.replayable
+
+
+async def test_read_timeout(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector(timeouts=Timeouts(read=0.2)) as connector:
+        with pytest.raises(EndpointTimeout) as info:
+            await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/hang"))
+        assert not info.value.replayable
+        # a per-request override, httpx-style
+        with pytest.raises(EndpointTimeout):
+            await connector.send(
+                ep(pyserver),
+                Request("GET", f"{pyserver.base}/hang", extensions={
+                    "timeout": {"connect": 1, "read": 0.1, "write": 1, "pool": 1}}),
+            )
+        assert connector.stats()[ep(pyserver).id]["open"] == 0
+
+
+async def test_pool_timeout(pyserver) -> None:  # type: ignore[no-untyped-def]
+    limits = PoolLimits(max_connections=1)
+    async with HTTPConnector(limits=limits, timeouts=Timeouts(pool=0.1)) as connector:
+        response = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/a"))
+        with pytest.raises(EndpointTimeout) as info:
+            await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/b"))
+        assert info.value.replayable
+        assert connector.stats()[ep(pyserver).id]["waiting"] == 0
+        await response.aread()
+        _, body = await get(connector, pyserver, "/c")
+        assert body == b"GET /c"
+
+
+async def test_waiters_are_served_in_order(pyserver) -> None:  # type: ignore[no-untyped-def]
+    order: list[int] = []
+    async with HTTPConnector(limits=PoolLimits(max_connections=1)) as connector:
+        first = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/first"))
+
+        async def one(i: int) -> None:
+            _, body = await get(connector, pyserver, f"/{i}")
+            order.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(one, i)
+                await anyio.wait_all_tasks_blocked()
+            assert connector.stats()[ep(pyserver).id]["waiting"] == 5
+            await first.aread()
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_connect_error_names_endpoint() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connection refused
+        endpoint = Endpoint("127.0.0.1", port)
+        async with HTTPConnector() as connector:
+            with pytest.raises(EndpointConnectError) as info:
+                await connector.send(endpoint, Request("GET", f"http://127.0.0.1:{port}/"))
+            assert info.value.endpoint == endpoint and info.value.replayable
+            assert endpoint.id in str(info.value)
+            assert connector.stats()[endpoint.id]["open"] == 0
+
+
+async def test_header_injection_refused(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        with pytest.raises(EndpointProtocolError):
+            await connector.send(
+                ep(pyserver),
+                Request("GET", f"{pyserver.base}/", headers=[("X-A", "1\r\nX-Evil: 1")]),
+            )
+
+
+# the stale keep-alive race ----------------------------------------------------------------
+
+async def test_stale_keepalive_get_resent_transparently(stale_server) -> None:  # type: ignore[no-untyped-def]
+    endpoint = Endpoint("127.0.0.1", stale_server.port)
+    url = f"http://127.0.0.1:{stale_server.port}"
+    async with HTTPConnector() as connector:
+        for path in ("/one", "/two"):
+            response = await connector.send(endpoint, Request("GET", url + path))
+            assert await response.aread() == b"ok"
+    # /two went out on the reused connection 1, which closed; then once more on connection 2
+    assert stale_server.seen == [(1, "GET /one HTTP/1.1"), (1, "GET /two HTTP/1.1"),
+                                 (2, "GET /two HTTP/1.1")]
+
+
+async def test_stale_keepalive_post_not_resent(stale_server) -> None:  # type: ignore[no-untyped-def]
+    endpoint = Endpoint("127.0.0.1", stale_server.port)
+    url = f"http://127.0.0.1:{stale_server.port}"
+    async with HTTPConnector() as connector:
+        response = await connector.send(endpoint, Request("GET", url + "/one"))
+        await response.aread()
+        with pytest.raises(EndpointReadError) as info:
+            await connector.send(endpoint, Request("POST", url + "/pay", stream=b"{}"))
+        assert info.value.replayable and info.value.endpoint == endpoint
+    assert stale_server.seen == [(1, "GET /one HTTP/1.1"), (1, "POST /pay HTTP/1.1")]
+
+
+async def test_fresh_connection_failure_is_not_replayable(stale_server) -> None:  # type: ignore[no-untyped-def]
+    # A GET that fails on a *new* connection is not the stale race: no resend, not replayable.
+    endpoint = Endpoint("127.0.0.1", stale_server.port)
+    url = f"http://127.0.0.1:{stale_server.port}"
+    async with HTTPConnector() as connector:
+        await (await connector.send(endpoint, Request("GET", url + "/one"))).aread()
+        with pytest.raises(EndpointReadError) as info:
+            async def body():  # type: ignore[no-untyped-def]
+                yield b"x"
+            await connector.send(endpoint, Request("PUT", url + "/streamed", stream=body()))
+        assert info.value.replayable  # reused connection, no answer: the retry layer decides
+    assert [line for _, line in stale_server.seen].count("PUT /streamed HTTP/1.1") == 1
+
+
+async def test_idle_connection_closed_by_peer_is_not_reused(pyserver) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        await get(connector, pyserver, "/close")  # the server closes: nothing pooled
+        assert connector.stats()[ep(pyserver).id]["open"] == 0
+        before = len(pyserver.log)
+        _, body = await get(connector, pyserver, "/after")
+        assert body == b"GET /after" and len(pyserver.log) == before + 1
