@@ -227,6 +227,9 @@ class _Connection:
             return False
         except OSError:
             return True
+        except TypeError:  # uvloop's pseudo-socket refuses recv(): no peeking there
+            self.sock = None
+            return False
 
 
 async def _close_stream(stream: ByteStream) -> None:

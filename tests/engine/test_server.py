@@ -1,0 +1,259 @@
+"""The server side driven by independent clients: curl and raw blocking sockets in a thread."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from meshcore._endpoints import Endpoint
+from meshcore._http import ConnectionInfo, HTTPConnector, ServerLimits, serve_http
+from meshcore._models import Request, Response
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = ServerLimits(
+    max_request_line=1024,
+    max_header_count=20,
+    max_header_bytes=4096,
+    max_body=100_000,
+    header_timeout=0.5,
+    idle_timeout=5.0,
+    body_timeout=0.5,
+)
+
+
+async def app(request: Request, conn: ConnectionInfo) -> Response:
+    path = request.url.path
+    if path == "/echo":
+        body = await request.aread()
+        return Response(200, [("X-Len", str(len(body)))], body)
+    if path == "/info":
+        text = (
+            f"{request.method} {request.url} client={conn.client[0]} tls={conn.tls} "
+            f"version={request.extensions['http_version'].decode()}"
+        )
+        return Response(200, [("Content-Type", "text/plain")], text.encode())
+    if path == "/stream":
+        async def gen() -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield b"chunk%d\n" % i
+                await anyio.sleep(0)
+        return Response(200, [], gen())
+    if path == "/upper":  # streams the request body back, transformed, without buffering
+        async def upper() -> AsyncIterator[bytes]:
+            async for chunk in request.stream:  # type: ignore[union-attr]
+                yield chunk.upper()
+        return Response(200, [], upper())
+    if path == "/ignore-body":
+        return Response(200, [], b"ignored")
+    if path == "/boom":
+        raise RuntimeError("handler bug")
+    if path == "/204":
+        return Response(204)
+    return Response(200, [], f"{request.method} {request.url.target}".encode())
+
+
+@pytest.fixture
+async def server(anyio_backend: str) -> AsyncIterator[int]:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: serve_http(listener, app, limits=LIMITS))
+        yield port
+        tg.cancel_scope.cancel()
+
+
+def raw_exchange(port: int, data: bytes | list[bytes], pause: float = 0.0) -> bytes:
+    """Send `data` (a list is sent piece by piece), then read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for piece in data if isinstance(data, list) else [data]:
+            try:
+                s.sendall(piece)
+            except OSError:  # the server answered and closed early: read what it said
+                break
+            if pause:
+                time.sleep(pause)
+        s.shutdown(socket.SHUT_WR) if not isinstance(data, list) else None
+        out = b""
+        while True:
+            try:
+                got = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not got:
+                break
+            out += got
+        return out
+
+
+async def raw(port: int, data: bytes | list[bytes], pause: float = 0.0) -> bytes:
+    return await anyio.to_thread.run_sync(raw_exchange, port, data, pause)
+
+
+async def still_up(port: int) -> None:
+    out = await raw(port, b"GET /alive HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"GET /alive")
+
+
+# curl ---------------------------------------------------------------------------------------
+
+CURL = shutil.which("curl")
+needs_curl = pytest.mark.skipif(CURL is None, reason="curl not installed")
+
+
+async def curl(*args: str) -> tuple[str, str]:
+    result = await anyio.run_process([CURL, "-sS", "--max-time", "5", *args], check=False)  # type: ignore[list-item]
+    return result.stdout.decode(), result.stderr.decode()
+
+
+@needs_curl
+async def test_curl_get_keepalive_and_info(server: int) -> None:
+    base = f"http://127.0.0.1:{server}"
+    out, err = await curl("-v", f"{base}/info?q=1", f"{base}/a", f"{base}/stream")
+    assert f"GET http://127.0.0.1:{server}/info?q=1 client=127.0.0.1 tls=False version=HTTP/1.1" in out
+    assert "GET /a" in out and "chunk0\nchunk1\nchunk2\n" in out
+    assert "Re-using existing connection" in err or "Reusing existing connection" in err
+
+
+@needs_curl
+async def test_curl_post_bodies(server: int) -> None:
+    base = f"http://127.0.0.1:{server}"
+    out, _ = await curl("--data-binary", "x" * 5000, f"{base}/echo")
+    assert out == "x" * 5000
+    out, _ = await curl("-H", "Transfer-Encoding: chunked", "--data-binary", "abc" * 100, f"{base}/upper")
+    assert out == "ABC" * 100
+    out, err = await curl("-v", "-H", "Expect: 100-continue", "--data-binary", "y" * 2000, f"{base}/echo")
+    assert out == "y" * 2000 and "100 Continue" in err
+
+
+@needs_curl
+async def test_curl_head_and_204(server: int) -> None:
+    base = f"http://127.0.0.1:{server}"
+    out, _ = await curl("-I", f"{base}/x")
+    assert out.startswith("HTTP/1.1 200 OK") and "Content-Length: 7" in out  # len("HEAD /x")
+    out, _ = await curl("-i", f"{base}/204")
+    assert out.startswith("HTTP/1.1 204 No Content") and "Content-Length" not in out
+
+
+@needs_curl
+async def test_curl_body_too_large(server: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "big").write_bytes(b"z" * 200_000)
+    out, _ = await curl("-i", "--data-binary", f"@{tmp_path / 'big'}", f"http://127.0.0.1:{server}/echo")
+    assert out.startswith("HTTP/1.1 413 ")
+    await still_up(server)
+
+
+# raw sockets: bad input ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+        (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(30)) + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n", 413),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+        (b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n", 500),
+    ],
+    ids=["garbage", "version", "long-target", "header-count", "header-size", "no-host",
+         "two-hosts", "bad-chunk-size", "content-length-too-large", "conflicting-length", "handler-error"],
+)
+async def test_bad_input_answered_and_closed(server: int, request_bytes: bytes, status: int) -> None:
+    out = await raw(server, request_bytes)
+    assert out.startswith(b"HTTP/1.1 %d " % status), out[:200]
+    assert b"Connection: close\r\n" in out
+    await still_up(server)
+
+
+async def test_slow_byte_by_byte_client(server: int) -> None:
+    request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    out = await raw(server, [bytes([b]) for b in request], pause=0.001)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nhello")
+
+
+async def test_header_timeout_answers_408(server: int) -> None:
+    start = time.monotonic()
+    out = await raw(server, [b"GET / HTTP/1.1\r\nHost: x\r\n"])  # never finishes the head
+    assert out.startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - start < 3
+    await still_up(server)
+
+
+async def test_slowloris_trickle_still_times_out(server: int) -> None:
+    # A byte every 0.1 s keeps the connection busy but the head must be complete within 0.5 s.
+    pieces = [b"GET / HTTP/1.1\r\n"] + [b"X" for _ in range(30)]
+    out = await raw(server, pieces, pause=0.1)
+    assert out.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_pipelined_requests_answered_in_order(server: int) -> None:
+    reqs = (
+        b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    out = await raw(server, [reqs])
+    assert out.count(b"HTTP/1.1 200 OK") == 4
+    i1, i2, i3, i4 = (out.index(x) for x in (b"GET /one", b"abc", b"chunk2", b"GET /three"))
+    assert i1 < i2 < i3 < i4
+    assert b"Transfer-Encoding: chunked\r\n\r\n7\r\nchunk0\n\r\n" in out
+
+
+async def test_unread_body_is_drained_for_keepalive(server: int) -> None:
+    reqs = (
+        b"POST /ignore-body HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
+        b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    out = await raw(server, [reqs])
+    assert out.count(b"HTTP/1.1 200 OK") == 2 and out.endswith(b"GET /next")
+
+
+async def test_http10_request(server: int) -> None:
+    out = await raw(server, b"GET /old HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in out
+    out = await raw(server, [b"GET /stream HTTP/1.0\r\n\r\n"])
+    assert b"chunk0\nchunk1\nchunk2\n" in out and b"chunked" not in out
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [b"GET / HT", b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-some",
+     b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"],
+    ids=["mid-request-line", "mid-body", "mid-chunk"],
+)
+async def test_early_disconnect(server: int, partial: bytes) -> None:
+    def go() -> None:
+        with socket.create_connection(("127.0.0.1", server), timeout=5) as s:
+            s.sendall(partial)
+    await anyio.to_thread.run_sync(go)
+    await still_up(server)
+
+
+# our own client against our own server ------------------------------------------------------
+
+async def test_connector_round_trip_streaming(server: int) -> None:
+    endpoint = Endpoint("127.0.0.1", server)
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(100):
+            yield b"piece %d " % i
+
+    async with HTTPConnector() as connector:
+        response = await connector.send(endpoint, Request("POST", f"http://127.0.0.1:{server}/upper", stream=body()))
+        assert response.headers.get("transfer-encoding") == "chunked"
+        assert await response.aread() == b"".join(b"PIECE %d " % i for i in range(100))
+        for _ in range(3):
+            response = await connector.send(endpoint, Request("GET", f"http://127.0.0.1:{server}/k"))
+            assert await response.aread() == b"GET /k"
+        assert connector.stats()[endpoint.id]["open"] == 1
