@@ -6,7 +6,7 @@ project that installs meshcore: `anyio_backend` (asyncio and trio), `upstream`,
 `meshcore.testing.conformance`.
 """
 
-from ._helpers import free_port, require_binary, static_service, strict_integration
+from ._helpers import free_port, require_binary, static_service, strict_integration, virtual_trio
 from ._server import Behaviour, UpstreamServer
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "require_binary",
     "static_service",
     "strict_integration",
+    "virtual_trio",
 ]

@@ -12,7 +12,20 @@ import pytest
 
 from .._endpoints import Endpoint
 
-__all__ = ["free_port", "require_binary", "static_service", "strict_integration"]
+__all__ = ["free_port", "require_binary", "static_service", "strict_integration", "virtual_trio"]
+
+
+def virtual_trio(autojump_threshold: float = 0) -> Any:
+    """A parameter for `anyio_backend`: trio with a fresh MockClock, so sleeps and timeouts
+    pass in virtual time (instantly once every task is blocked)::
+
+        @pytest.mark.parametrize("anyio_backend", [virtual_trio()])
+        async def test_backoff(anyio_backend): ...
+    """
+    import trio.testing
+
+    clock = trio.testing.MockClock(autojump_threshold=autojump_threshold)
+    return pytest.param(("trio", {"clock": clock}), id="trio-virtual")
 
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 

@@ -1,6 +1,8 @@
 """The pytest plugin (entry point `pytest11`): fixtures for meshcore and plugin authors.
 
-- `anyio_backend`: every `@pytest.mark.anyio` test runs on asyncio and on trio.
+- `anyio_backend`: every `@pytest.mark.anyio` test runs on asyncio and on trio;
+  a test about virtual time uses
+  `@pytest.mark.parametrize("anyio_backend", [meshcore.testing.virtual_trio()])`.
 - `upstream`: a factory of real loopback `UpstreamServer`s, stopped after the test.
 - `mesh_factory`: builds a `Mesh` from a dict config, plugin list and inline plugins.
 - `require_binary`: the path of an external program, or a skip (a failure when
@@ -19,7 +21,8 @@ from ._server import UpstreamServer
 
 
 @pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """asyncio and trio; a test about virtual time uses `meshcore.testing.virtual_trio()`."""
     return request.param
 
 
