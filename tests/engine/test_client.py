@@ -294,3 +294,28 @@ async def test_idle_connection_closed_by_peer_is_not_reused(pyserver) -> None:  
         before = len(pyserver.log)
         _, body = await get(connector, pyserver, "/after")
         assert body == b"GET /after" and len(pyserver.log) == before + 1
+
+
+# virtual time ---------------------------------------------------------------------------------
+
+def _mock_clock():  # type: ignore[no-untyped-def]
+    from trio.testing import MockClock
+
+    return MockClock(autojump_threshold=0)
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("trio", {"clock": _mock_clock()}), id="trio-mockclock")])
+async def test_pool_timeout_in_virtual_time(pyserver) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    limits = PoolLimits(max_connections=1)
+    # connect/read unbounded: autojump would otherwise fire them while real sockets work
+    timeouts = Timeouts(connect=None, read=None, write=None, pool=30.0)
+    async with HTTPConnector(limits=limits, timeouts=timeouts) as connector:
+        held = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/held"))
+        wall, virtual = time.monotonic(), anyio.current_time()
+        with pytest.raises(EndpointTimeout):
+            await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/b"))
+        assert anyio.current_time() - virtual >= 30.0
+        assert time.monotonic() - wall < 5.0
+        await held.aread()

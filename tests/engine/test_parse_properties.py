@@ -1,0 +1,152 @@
+"""Property tests of the httptools glue: however the bytes are split across reads, the engine
+sees the same heads and bodies (chunked and content-length framing, both directions).
+
+These exercise the parser callbacks directly (no I/O), so they are plain synchronous tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshcore._endpoints import Endpoint
+from meshcore._errors import EndpointProtocolError
+from meshcore._http._client import _Connection
+from meshcore._http._server import ConnectionInfo, RequestRejected, ServerLimits, _ServerConnection
+
+
+class _NoStream:
+    """Enough of a ByteStream for the parser glue, which never touches I/O."""
+
+    def extra(self, attribute: Any, default: Any = None) -> Any:
+        return default
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:  # pragma: no cover
+        raise AssertionError("no I/O here")
+
+    async def send(self, data: bytes) -> None:  # pragma: no cover
+        raise AssertionError("no I/O here")
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points + [len(data)]:
+        pieces.append(data[last:p])
+        last = p
+    return [p for p in pieces if p]
+
+
+def chunked(body: bytes, sizes: list[int]) -> bytes:
+    out, i = b"", 0
+    for size in sizes:
+        if i >= len(body):
+            break
+        piece = body[i : i + size]
+        i += len(piece)
+        out += b"%x\r\n%s\r\n" % (len(piece), piece)
+    if i < len(body):
+        out += b"%X;ext=1\r\n%s\r\n" % (len(body) - i, body[i:])
+    return out + b"0\r\n\r\n"
+
+
+header_names = st.from_regex(rb"\AX-[A-Za-z0-9-]{1,20}\Z", fullmatch=True)
+header_values = st.from_regex(rb"\A[!-~]([ !-~]{0,40}[!-~])?\Z", fullmatch=True)
+headers_st = st.lists(st.tuples(header_names, header_values), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.binary(max_size=3000),
+    sizes=st.lists(st.integers(1, 700), max_size=10),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+    headers=headers_st,
+    use_chunked=st.booleans(),
+)
+def test_response_glue_any_split(
+    body: bytes, sizes: list[int], cuts: list[int], headers: list[tuple[bytes, bytes]], use_chunked: bool
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    if use_chunked:
+        wire = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes)
+    else:
+        wire = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    conn = _Connection(_NoStream(), Endpoint("127.0.0.1", 1))  # type: ignore[arg-type]
+    for _ in range(2):  # the same connection parses a second response after the first
+        conn.start(False)
+        for piece in split(wire, cuts):
+            assert not conn.complete
+            conn.feed(piece)
+        assert conn.headers_done and conn.complete and conn.keep_alive
+        assert conn.status == 200
+        assert list(conn.headers)[: len(headers)] == headers
+        assert b"".join(conn.chunks) == body
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size_text=st.from_regex(rb"\A[0-9a-fA-F]{0,3}[g-zG-Z;\-\x00 ]?[0-9a-fA-F]{0,2}\Z", fullmatch=True),
+)
+def test_bad_chunk_sizes_are_protocol_errors(size_text: bytes) -> None:
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size_text + b"\r\nabc\r\n0\r\n\r\n"
+    conn = _Connection(_NoStream(), Endpoint("127.0.0.1", 1))  # type: ignore[arg-type]
+    conn.start(False)
+    try:
+        conn.feed(wire)
+    except EndpointProtocolError:
+        return
+    # accepted: then it was a valid size and the body is what the size said
+    if conn.complete:
+        assert all(len(c) <= 0xFFFFF for c in conn.chunks)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bodies=st.lists(st.binary(max_size=500), min_size=1, max_size=4),
+    sizes=st.lists(st.integers(1, 200), max_size=5),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+    headers=headers_st,
+    chunked_flags=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_pipelined_requests_glue_any_split(
+    bodies: list[bytes], sizes: list[int], cuts: list[int], headers: list[tuple[bytes, bytes]],
+    chunked_flags: list[bool],
+) -> None:
+    wire = b""
+    for i, body in enumerate(bodies):
+        head = b"POST /r%d HTTP/1.1\r\nHost: h\r\n" % i + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+        if chunked_flags[i]:
+            wire += head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes)
+        else:
+            wire += head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    conn = _ServerConnection(_NoStream(), ServerLimits(), ConnectionInfo())  # type: ignore[arg-type]
+    for piece in split(wire, cuts):
+        conn.feed(piece)
+    assert len(conn.ready) == len(bodies)
+    for i, (msg, body) in enumerate(zip(conn.ready, bodies)):
+        assert msg.method == "POST" and msg.url == b"/r%d" % i and msg.host == b"h"
+        assert list(msg.headers)[1 : 1 + len(headers)] == headers
+        assert msg.complete and b"".join(msg.chunks) == body
+
+
+@settings(max_examples=100, deadline=None)
+@given(count=st.integers(0, 40), value_size=st.integers(0, 300))
+def test_header_limits(count: int, value_size: int) -> None:
+    limits = ServerLimits(max_header_count=20, max_header_bytes=2000)
+    conn = _ServerConnection(_NoStream(), limits, ConnectionInfo())  # type: ignore[arg-type]
+    wire = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (i, b"v" * value_size) for i in range(count)
+    ) + b"\r\n"
+    total = sum(len(b"X-%d" % i) + value_size + 4 for i in range(count)) + len(b"Host") + 1 + 4
+    too_many = count + 1 > 20
+    too_big = total > 2000
+    if too_many or too_big:
+        with pytest.raises(RequestRejected) as info:
+            conn.feed(wire)
+        assert info.value.status == 431
+    else:
+        conn.feed(wire)
+        assert len(conn.ready) == 1
