@@ -56,7 +56,6 @@ class Mesh:
         self.task_group: anyio.abc.TaskGroup | None = None
         self.running = False
         self._stack: contextlib.AsyncExitStack | None = None
-        self._passthrough: httpx.AsyncHTTPTransport | None = None
         self._check_balancers()
 
     @classmethod
@@ -103,13 +102,8 @@ class Mesh:
         self.plugins.events.meshcore_mesh_stopping(mesh=self)
         self.running = False
         stack, self._stack = self._stack, None
-        try:
-            if self._passthrough is not None:
-                await self._passthrough.aclose()
-                self._passthrough = None
-        finally:
-            if stack is not None:
-                await stack.aclose()
+        if stack is not None:
+            await stack.aclose()
 
     def _make_connector(self, service: str) -> Any:
         ssl_context = self.plugins.client_tls(service, self)
@@ -118,21 +112,23 @@ class Mesh:
         return default_connector(self, service, ssl_context)
 
     def _check_balancers(self) -> None:
+        """A static service with several endpoints needs a balancer; say which exist.
+
+        For dynamic discovery the count is unknown at start: without a balancer the first
+        endpoint is used and a snapshot with more is reported as a discovery error.
+        """
         for name, svc in self.config.services.items():
-            if svc.balancer is not None:
+            if svc.balancer is not None or svc.discovery != "static":
                 continue
-            count = None
-            if svc.discovery == "static":
-                count = len(svc.settings_for("static").endpoints)
-                if count <= 1:
-                    continue
+            count = len(svc.settings_for("static").endpoints)
+            if count <= 1:
+                continue
             loaded = ", ".join(self.plugins.kinds_of("balancer")) or "none"
             others = sorted(set(installed_plugins()) - set(self.plugins.names))
-            what = f"{count} endpoints" if count else f"{svc.discovery!r} discovery (any number of endpoints)"
             raise PluginError(
-                f"service {name!r} has {what} and no balancer: set `balancer` for it or in "
-                f"[defaults]. Loaded balancer kinds: {loaded}; installed plugins not in the "
-                f"plugin list: {', '.join(others) or 'none'}"
+                f"service {name!r} has {count} endpoints and no balancer: set `balancer` for it "
+                f"or in [defaults]. Loaded balancer kinds: {loaded}; installed plugins not in "
+                f"the plugin list: {', '.join(others) or 'none'}"
             )
 
     # -- requests -----------------------------------------------------------------------------
@@ -188,10 +184,7 @@ class Mesh:
 
 
 def default_connector(mesh: Mesh, service: str, ssl_context: Any) -> Any:
-    """meshcore's own HTTP/1.1 engine when present, else httpx's transport."""
-    from ._httpx_sender import HttpxSender
-
-    return HttpxSender(ssl_context=ssl_context)
+    """meshcore's own HTTP/1.1 engine (meshcore._http), with peer checks through the hooks."""
     from ._http import HTTPConnector
 
     def verify_peer(endpoint: Any, peer: Any) -> None:

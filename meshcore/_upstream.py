@@ -101,6 +101,13 @@ class Upstream:
         if new == self.snapshot.endpoints and status.updates:
             return
         status.updates += 1
+        if self.balancer is None and len(new) > 1:
+            self.error(
+                ValueError(
+                    f"{len(new)} endpoints and no balancer: only {new[0].id} is used "
+                    "(set `balancer` for this service)"
+                )
+            )
         self.snapshot = Snapshot(new, self.snapshot.version + 1)
         self.stats = {ep: self.stats.get(ep) or EndpointStats() for ep in new}
         for ep in [ep for ep in self._ejected if ep not in self.stats]:

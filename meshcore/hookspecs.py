@@ -52,11 +52,12 @@ def meshcore_kinds() -> Sequence[Kind]:
 
     Called once when the plugin list is loaded, before the config is validated. Return a list
     of ``meshcore.Kind(name, family, settings)``, where ``family`` is one of ``"discovery"``,
-    ``"balancer"``, ``"layer"``, and ``settings`` maps each setting name to a
+    ``"balancer"``, ``"layer"`` or ``"section"``, and ``settings`` maps each setting name to a
     ``meshcore.Setting`` (type, default, bounds, help). The core validates the table named
     after the kind (``[services.orders.retry]``, ``[defaults.retry]``) against it, so unknown
     keys and bad values fail at load with the file and key path, and factories receive a
-    validated ``meshcore.Settings``.
+    validated ``meshcore.Settings``. A ``"section"`` kind is a top-level table (``[tls]``)
+    for settings that are not per service; read it with ``mesh.config.section(name)``.
 
     Two plugins declaring the same kind name is a startup error. Must not import heavy
     modules or do I/O.

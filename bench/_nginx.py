@@ -1,0 +1,78 @@
+"""Start nginx on a loopback port for benchmarks (a real, fast upstream in its own process)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+CONF = """
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    {servers}
+}}
+"""
+SERVER = 'server {{ listen 127.0.0.1:{port}; location / {{ add_header x-upstream "{name}"; return 200 "ok"; }} }}'
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def nginx(count: int = 1) -> Iterator[list[int]]:
+    """`count` nginx servers (one worker process) on free loopback ports; yields the ports."""
+    binary = nginx_binary()
+    if binary is None:
+        raise SystemExit("nginx is not installed (Debian package nginx)")
+    ports = [free_port() for _ in range(count)]
+    with tempfile.TemporaryDirectory() as prefix:
+        servers = "\n    ".join(SERVER.format(port=p, name=f"n{i + 1}") for i, p in enumerate(ports))
+        conf = os.path.join(prefix, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(CONF.format(prefix=prefix, servers=servers))
+        proc = subprocess.Popen([binary, "-c", conf, "-p", prefix], stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            for port in ports:
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), 0.2).close()
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline or proc.poll() is not None:
+                            raise SystemExit("nginx did not start")
+                        time.sleep(0.02)
+            yield ports
+        finally:
+            proc.send_signal(signal.SIGQUIT)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,55 @@
+"""Docs and tests keep the hooks honest (after datasette's tests/test_docs.py)."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+import meshcore
+from meshcore import hookspecs
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("meshcore_"))
+
+
+def test_hooks_md_is_generated_from_hookspecs():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        rendered = runpy.run_path(str(ROOT / "docs" / "gen_hooks.py"))["render"]()
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    assert (ROOT / "docs" / "hooks.md").read_text() == rendered, (
+        "docs/hooks.md is stale: run `python docs/gen_hooks.py > docs/hooks.md`"
+    )
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented(hook):
+    assert f"### `{hook}`" in (ROOT / "docs" / "hooks.md").read_text()
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_has_a_test(hook):
+    files = [*ROOT.glob("tests/**/test_*.py"), *ROOT.glob("plugins/*/tests/**/test_*.py")]
+    users = [f for f in files if f.name != "test_docs.py" and hook in f.read_text()]
+    assert users, f"no test mentions {hook}"
+
+
+def test_public_api_all_is_complete():
+    public = {
+        name
+        for name, value in vars(meshcore).items()
+        if not name.startswith("_") and not isinstance(value, type(sys)) and name != "annotations"
+    }
+    assert public - {"__version__"} <= set(meshcore.__all__)
+    assert all(hasattr(meshcore, name) for name in meshcore.__all__)
+
+
+def test_docs_link_to_existing_files():
+    for doc in [ROOT / "README.md", *ROOT.glob("docs/*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+\.md)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
