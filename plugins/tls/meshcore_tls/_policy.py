@@ -1,0 +1,145 @@
+"""Authorization policy: which peer identities may call this service, per method and path.
+
+Semantics follow Istio's AuthorizationPolicy and Consul's intentions
+(shared/reference/data-plane-anchors.md): with no rule at all every authenticated peer is
+allowed; as soon as one rule exists, a request is allowed only when some rule matches it and
+everything else is denied. Rules only ever allow, so their order does not matter.
+
+    [[tls.allow]]
+    identities = ["spiffe://example.org/ns/shop/sa/web"]    # exact, or a glob: ".../ns/ops/*"
+    methods = ["GET", "HEAD"]                               # optional, default any method
+    paths = ["/orders"]                                      # optional prefixes, default any
+
+Paths are matched on whole segments (`/orders` matches `/orders` and `/orders/7`, not
+`/ordersx`) after percent-decoding and removing dot segments, so `/orders/../admin` is judged
+as `/admin`: an allow rule cannot be bypassed by spelling a path differently than the
+application will resolve it.
+
+Everything is precomputed at load: exact identities go into a set, so a check is a few set
+and prefix tests per rule.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+__all__ = ["Policy", "Rule", "normalize_path", "parse_rules"]
+
+_RULE_KEYS = {"identities", "methods", "paths"}
+_METHOD = re.compile(r"^[A-Z]+$")
+_EXAMPLE = '{ identities = ["spiffe://example.org/ns/shop/sa/web"], methods = ["GET"], paths = ["/orders"] }'
+
+
+def normalize_path(path: str) -> str:
+    """The path as an application will resolve it: decoded, dot segments and `//` removed."""
+    decoded = unquote(path)
+    if "\\" in decoded:
+        decoded = decoded.replace("\\", "/")
+    normal = posixpath.normpath("/" + decoded.lstrip("/"))
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if decoded.endswith("/") and normal != "/":
+        normal += "/"
+    return normal
+
+
+@dataclass(frozen=True)
+class Rule:
+    exact: frozenset[str]
+    patterns: tuple[str, ...]
+    methods: frozenset[str] | None
+    paths: tuple[str, ...] | None
+
+    def allows_identity(self, identity: str) -> bool:
+        if identity in self.exact:
+            return True
+        return any(fnmatch.fnmatchcase(identity, p) for p in self.patterns)
+
+    def matches(self, identity: str, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.paths is not None and not any(
+            p == "/" or path == p or path.startswith(p + "/") for p in self.paths
+        ):
+            return False
+        return self.allows_identity(identity)
+
+
+class Policy:
+    """The allow rules of `[tls]`; `check` returns None to allow or a short reason to deny."""
+
+    def __init__(self, rules: Sequence[Rule] = ()) -> None:
+        self.rules = tuple(rules)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def check(self, identity: str, method: str, path: str) -> str | None:
+        if not self.rules:
+            return None
+        normal = normalize_path(path)
+        for rule in self.rules:
+            if rule.matches(identity, method, normal):
+                return None
+        shown = normal if len(normal) <= 64 else normal[:61] + "..."
+        return f"{identity} is not allowed to {method} {shown}"
+
+
+def _strings(value: Any, where: str, key: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{where}: {key}: expected a non-empty list of strings, got {value!r}")
+    return value
+
+
+def parse_rules(value: Any) -> Policy:
+    """`allow = [ {identities, methods?, paths?}, ... ]` -> Policy (ValueError names the rule)."""
+    if isinstance(value, Policy):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of rules like {_EXAMPLE}, got {value!r}")
+    rules = []
+    for i, item in enumerate(value):
+        where = f"rule {i}"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where}: expected a table like {_EXAMPLE}, got {item!r}")
+        unknown = set(item) - _RULE_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}")
+        if "identities" not in item:
+            raise ValueError(f"{where}: identities is required (use [\"*\"] for any authenticated peer)")
+        identities = _strings(item["identities"], where, "identities")
+        for ident in identities:
+            if ident != "*" and not ident.startswith("spiffe://"):
+                raise ValueError(f"{where}: identities: {ident!r} is not a SPIFFE ID or pattern (spiffe://...)")
+        methods = None
+        if "methods" in item:
+            methods = [m.upper() for m in _strings(item["methods"], where, "methods")]
+            for m in methods:
+                if not _METHOD.match(m):
+                    raise ValueError(f"{where}: methods: {m!r} is not an HTTP method")
+        paths = None
+        if "paths" in item:
+            paths = _strings(item["paths"], where, "paths")
+            for p in paths:
+                if not p.startswith("/"):
+                    raise ValueError(f"{where}: paths: {p!r} must start with '/'")
+            paths = [normalize_path(p).rstrip("/") or "/" for p in paths]
+        rules.append(
+            Rule(
+                exact=frozenset(i for i in identities if not _is_glob(i)),
+                patterns=tuple(i for i in identities if _is_glob(i)),
+                methods=frozenset(methods) if methods is not None else None,
+                paths=tuple(paths) if paths is not None else None,
+            )
+        )
+    return Policy(rules)
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
