@@ -1,4 +1,4 @@
-"""Fixtures for the tls plugin: throwaway CAs, a real mTLS HTTP server, and mesh connectors.
+"""Fixtures for the tls plugin: throwaway CAs and a real mTLS HTTP server.
 
 `MTLSServer` is the inbound side as the sidecar will run it: an anyio TLS listener on
 127.0.0.1 using the server context from `meshcore_server_tls`, the `authorize` hook per
@@ -49,17 +49,6 @@ def write_leaf(ca_dir: Path, out: Path, service: str, namespace: str = "default"
     return cert, key
 
 
-def engine_connector(mesh: Any, service: str, ssl_context: Any) -> Any:
-    """meshcore's HTTP/1.1 engine with `check_peer` wired, as `default_connector` does once
-    the core switches to the engine."""
-    from meshcore._http import HTTPConnector
-
-    def verify_peer(endpoint: Any, peer: Any) -> None:
-        mesh.plugins.check_peer(service, endpoint, peer)
-
-    return HTTPConnector(ssl_context=ssl_context, verify_peer=verify_peer if ssl_context is not None else None)
-
-
 class MTLSServer:
     def __init__(self, mesh: meshcore.Mesh, close_every: int = 0) -> None:
         self.mesh = mesh
@@ -106,7 +95,9 @@ class MTLSServer:
                 identity, serial = (ids[0] if ids else ""), f"{cert.serial_number:x}"
                 self.seen.append((identity, serial, method, request.url.path))
                 served += 1
-                close = self.close_every and served >= self.close_every
+                close = (self.close_every and served >= self.close_every) or any(
+                    k.lower() == "connection" and v.lower() == "close" for k, v in headers
+                )
                 if reason is None:
                     status, body = "200 OK", identity.encode()
                 else:
@@ -148,10 +139,11 @@ def client_config(tls: dict[str, Any], server: MTLSServer, service: str = "order
 
 @pytest.fixture
 def tls_mesh() -> Callable[..., meshcore.Mesh]:
-    """`tls_mesh(config, engine=True)`: a Mesh with the tls plugin (by entry point)."""
+    """`tls_mesh(config)`: a Mesh with the tls plugin loaded by entry point, sending through
+    the core's default connector (the HTTP/1.1 engine, `check_peer` wired to verify_peer)."""
 
-    def make(config: dict[str, Any], engine: bool = True) -> meshcore.Mesh:
-        return meshcore.Mesh(config, ["tls"], connector_factory=engine_connector if engine else None)
+    def make(config: dict[str, Any], **kwargs: Any) -> meshcore.Mesh:
+        return meshcore.Mesh(config, ["tls"], **kwargs)
 
     return make
 
@@ -166,5 +158,4 @@ def kit() -> Any:
         mtls_server=mtls_server,
         server_config=server_config,
         client_config=client_config,
-        engine_connector=engine_connector,
     )
