@@ -1,0 +1,213 @@
+"""Discovery kind `consul`: push through Consul blocking queries on /v1/health/service/<name>.
+
+The loop follows Consul's client rules for blocking queries (api-docs/features/blocking.mdx):
+
+- send `?index=<last X-Consul-Index>&wait=<wait>`; the agent answers when the service's index
+  moves past it or when `wait` (plus up to wait/16 jitter) runs out;
+- if the index goes backwards (registry restarted without its data, raft snapshot restore),
+  reset it to 0 so the next query returns at once instead of blocking on a future index;
+- never keep an index below 1 (an index of 0 would turn every query non-blocking);
+- rate-limit the loop with a token bucket of burst 2 rather than sleeping every iteration, so
+  a churning registry costs a bounded number of requests while a lone change is seen at once.
+
+Failures (unreachable agent, 5xx, 403, 429, non-JSON, wrong shape, huge answers) keep the last
+good endpoints: the error goes to `sink.error` (counted, shown in `mesh.state()`), and the
+loop backs off with full jitter: 250 ms doubling to 60 s, consul-template's retry defaults
+(hashicorp/consul-template config/retry.go: DefaultRetryBackoff 250ms, DefaultRetryMaxBackoff 1m).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import httpx
+
+import meshcore
+
+from ._agent import AgentConfig, ConsulAnswerError, error_text, read_json
+
+__all__ = ["ConsulDiscovery", "TokenBucket", "next_index", "parse_health"]
+
+STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
+
+
+def next_index(previous: int, returned: int) -> int:
+    """The index for the next blocking query, by Consul's rules."""
+    if returned < previous:
+        return 0  # went backwards: start over with a non-blocking query
+    return max(returned, 1)
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` banked. `take()` waits for one (anyio clock)."""
+
+    def __init__(self, rate: float, burst: int = 2) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp: float | None = None
+
+    async def take(self) -> None:
+        now = anyio.current_time()
+        if self.stamp is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            delay = (1 - self.tokens) / self.rate
+            await anyio.sleep(delay)
+            self.stamp = anyio.current_time()
+            self.tokens = 1.0
+        self.tokens -= 1
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+           default: Any = None) -> Any:
+    value = obj.get(key, default)
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ConsulAnswerError(f"{where}.{key}: expected {names}, got {value!r:.60}")
+    return value
+
+
+def parse_health(entries: Any, *, include_warning: bool = False) -> list[meshcore.Endpoint]:
+    """Endpoints from a /v1/health/service answer; ConsulAnswerError for a wrong shape.
+
+    Address: `Service.Address`, else `Node.Address`. Weight: `Weights.Warning` when any check
+    is warning, else `Weights.Passing` (Consul DNS's findWeight; default 1). Entries with a
+    critical check are dropped (with `?passing` the agent already dropped them, and warning
+    too unless `include_warning`). Zone: `Service.Meta["zone"]` when present. A wrong shape
+    anywhere rejects the whole answer: stale beats wrong.
+    """
+    if not isinstance(entries, list):
+        raise ConsulAnswerError(f"expected a JSON array of health entries, got {type(entries).__name__}")
+    endpoints = []
+    for i, entry in enumerate(entries):
+        where = f"entry {i}"
+        if not isinstance(entry, Mapping):
+            raise ConsulAnswerError(f"{where}: expected an object, got {entry!r:.60}")
+        service = _field(entry, "Service", Mapping, where)
+        node = _field(entry, "Node", Mapping, where, {})
+        checks = _field(entry, "Checks", list, where, [])
+        where_s = f"{where}.Service"
+        port = _field(service, "Port", int, where_s)
+        if not 0 < port < 65536:
+            raise ConsulAnswerError(f"{where_s}.Port: expected 1..65535, got {port}")
+        address = _field(service, "Address", str, where_s, "") or _field(node, "Address", str, f"{where}.Node", "")
+        if not address:
+            raise ConsulAnswerError(f"{where}: neither Service.Address nor Node.Address is set")
+        tags = _field(service, "Tags", list, where_s, [])
+        if not all(isinstance(t, str) for t in tags):
+            raise ConsulAnswerError(f"{where_s}.Tags: expected strings")
+        meta = _field(service, "Meta", Mapping, where_s, {})
+        if not all(isinstance(v, str) for v in meta.values()):
+            raise ConsulAnswerError(f"{where_s}.Meta: expected string values")
+        weights = _field(service, "Weights", Mapping, where_s, {})
+        worst = 0
+        for j, check in enumerate(checks):
+            if not isinstance(check, Mapping):
+                raise ConsulAnswerError(f"{where}.Checks[{j}]: expected an object")
+            status = _field(check, "Status", str, f"{where}.Checks[{j}]")
+            worst = max(worst, STATUS_RANK.get(status, 2))
+        if worst >= 2 or (worst == 1 and not include_warning):
+            continue
+        key = "Warning" if worst == 1 else "Passing"
+        weight = weights.get(key, 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ConsulAnswerError(f"{where_s}.Weights.{key}: expected an integer >= 0, got {weight!r}")
+        endpoints.append(
+            meshcore.Endpoint(
+                address, port, weight=weight, zone=meta.get("zone"), tags=tuple(tags),
+                metadata=tuple(sorted(meta.items())),
+            )
+        )
+    return endpoints
+
+
+class ConsulDiscovery:
+    """Watches one service in Consul (or the embedded registry) and publishes its endpoints."""
+
+    def __init__(
+        self,
+        agent: AgentConfig,
+        service: str,
+        *,
+        tags: tuple[str, ...] = (),
+        include_warning: bool = False,
+        wait: float = 60.0,
+        backoff: float = 0.25,
+        max_backoff: float = 60.0,
+        churn_limit: float = 20.0,
+        max_answer_size: int = 32 << 20,
+    ) -> None:
+        self.agent = agent
+        self.service = service
+        self.tags = tags
+        self.include_warning = include_warning
+        self.wait = wait
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.churn_limit = churn_limit
+        self.max_answer_size = max_answer_size
+        self.index = 0
+        self.requests = 0
+        self.errors = 0
+
+    def _params(self) -> list[tuple[str, str]]:
+        params: list[tuple[str, str]] = []
+        if not self.include_warning:
+            params.append(("passing", "1"))
+        params.extend(("tag", t) for t in self.tags)
+        if self.agent.datacenter:
+            params.append(("dc", self.agent.datacenter))
+        if self.index > 0:
+            params.append(("index", str(self.index)))
+            params.append(("wait", f"{self.wait:g}s"))
+        return params
+
+    async def query(self, client: httpx.AsyncClient) -> tuple[int, list[meshcore.Endpoint]]:
+        """One (blocking) query. Returns (X-Consul-Index, endpoints); raises on any failure."""
+        timeout = self.agent.timeout
+        read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
+        self.requests += 1
+        async with client.stream(
+            "GET",
+            f"/v1/health/service/{self.service}",
+            params=self._params(),
+            timeout=httpx.Timeout(timeout, read=read),
+        ) as response:
+            if response.status_code != 200:
+                body = b""
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > 200:
+                        break
+                raise ConsulAnswerError(error_text(response, body))
+            data = await read_json(response, self.max_answer_size)
+            raw_index = response.headers.get("x-consul-index", "")
+        if not raw_index.isdigit():
+            raise ConsulAnswerError(f"missing or invalid X-Consul-Index header {raw_index!r}")
+        return int(raw_index), parse_health(data, include_warning=self.include_warning)
+
+    async def watch(self, sink: meshcore.DiscoverySink) -> None:
+        bucket = TokenBucket(self.churn_limit, burst=2)
+        backoff = self.backoff
+        async with self.agent.client() as client:
+            while True:
+                await bucket.take()
+                try:
+                    index, endpoints = await self.query(client)
+                except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
+                    self.errors += 1
+                    sink.error(exc)
+                    # Full jitter, so a fleet of watchers does not hammer a recovering agent in step.
+                    await anyio.sleep(backoff * random.random())
+                    backoff = min(backoff * 2, self.max_backoff)
+                    continue
+                backoff = self.backoff
+                sink.publish(endpoints)
+                self.index = next_index(self.index, index)
