@@ -1,0 +1,328 @@
+"""The `retry` layer: attempts, backoff with full jitter, a budget, and body replay.
+
+Why each rule (defaults from shared/reference/data-plane-anchors.md):
+
+- **What is retried.** Connect failures, a connection reset before any response, and a per-try
+  timeout (Envoy's `connect-failure`, `reset`, `per_try_timeout`), plus the statuses 502, 503
+  and 504 (Envoy's `retriable-status-codes`, gateway errors). A response-based retry, and any
+  failure after the request may have reached the server, is only safe for an idempotent method
+  (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, PUT, DELETE). Anything else is sent again only when the
+  error says it provably never reached the server (`EndpointError.replayable`).
+- **Where a retry goes.** To a different endpoint when one exists: the endpoints already tried
+  go in `request.extensions["meshcore.exclude"]` (Envoy's `previous_hosts` predicate, on by
+  default in Istio as `retry_ignore_previous_hosts`).
+- **When.** Exponential backoff with full jitter, retry n waiting U(0, (2^n - 1) x 25 ms),
+  capped at 250 ms: Envoy's documented algorithm and defaults (so a fleet does not retry in
+  step). A `Retry-After` header (seconds or an HTTP date) on a retried response is waited for
+  instead when it is longer, unless it would pass the request's deadline: then the response is
+  returned at once, since waiting could only end in `DeadlineExceeded`.
+- **How many.** 3 attempts in total (the issue's default; Envoy's own is 1 retry, gRPC caps at 5)
+  and never beyond the per-service budget (see `_budget.py`).
+- **Bodies.** A body held in memory is replayed; a streamed body is buffered up to 64 KiB
+  (Linkerd's limit) and replayed; a larger one is sent once, streamed, and never read twice.
+- **When it is over.** The last error is raised as is after one attempt; after several,
+  `meshcore.RetriesExhausted` lists every attempt (endpoint, cause, elapsed), after trio's
+  `open_tcp_stream`. When the last attempt ended in a retryable *status*, that response is
+  returned instead of an error: the caller gets the server's own answer (body, headers,
+  Retry-After) as Envoy and Linkerd pass it on.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+import meshcore
+
+from ._budget import RetryBudget
+
+__all__ = ["RetryLayer", "RetryPolicy", "ERROR_KINDS", "IDEMPOTENT"]
+
+IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+ERROR_KINDS = ("connect-failure", "reset", "timeout", "protocol-error")
+
+
+def error_kind(exc: BaseException) -> str | None:
+    """The `retry_on` name of an endpoint failure, or None for an error retry cannot help."""
+    if isinstance(exc, meshcore.EndpointConnectError):
+        return "connect-failure"
+    if isinstance(exc, meshcore.EndpointTimeout):
+        # A connect timeout never reached the server: Envoy counts it as connect-failure.
+        return "connect-failure" if exc.replayable else "timeout"
+    if isinstance(exc, meshcore.EndpointReadError):
+        return "reset"
+    if isinstance(exc, meshcore.EndpointProtocolError):
+        return "protocol-error"
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 3
+    per_try_timeout: float = 0.0
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    retry_on: frozenset[str] = frozenset(("connect-failure", "reset", "timeout"))
+    statuses: frozenset[int] = frozenset((502, 503, 504))
+    methods: frozenset[str] = frozenset(IDEMPOTENT)
+    retry_after: bool = True
+    budget: bool = True
+    buffer_limit: int = 64 * 1024
+
+    @classmethod
+    def from_settings(cls, s: Mapping[str, Any]) -> RetryPolicy:
+        return cls(
+            attempts=s["attempts"],
+            per_try_timeout=s["per_try_timeout"],
+            backoff_base=s["backoff_base"],
+            backoff_max=s["backoff_max"],
+            retry_on=frozenset(s["retry_on"]),
+            statuses=frozenset(s["statuses"]),
+            methods=frozenset(m.upper() for m in s["methods"]),
+            retry_after=s["retry_after"],
+            budget=s["budget"],
+            buffer_limit=s["buffer_limit"],
+        )
+
+    def backoff(self, retry: int) -> float:
+        """Full jitter: retry n (1-based) waits U(0, min(max, (2^n - 1) x base))."""
+        ceiling = min(self.backoff_max, (2**retry - 1) * self.backoff_base)
+        return random.uniform(0, ceiling)
+
+
+# Which settings a request may override through extensions["meshcore.retry"] (a dict), and the
+# policy field each one sets. Values are checked with the same Setting the config uses.
+OVERRIDABLE = ("attempts", "per_try_timeout", "retry_on", "statuses", "methods", "budget")
+
+
+def parse_retry_after(value: str | None, now_wall: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None.
+
+    An HTTP date is the one place wall-clock time is needed: it is turned into a delay here,
+    and every wait still goes through anyio's clock.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    now_wall = time.time() if now_wall is None else now_wall
+    return max(0.0, when.timestamp() - now_wall)
+
+
+async def buffer_body(stream: Any, limit: int) -> tuple[Any, bool]:
+    """Read a streamed body up to `limit` bytes: (bytes, True) when it fit, else a stream that
+    yields what was read and then the rest, and False (the body is sent once, never re-read)."""
+    iterator = stream.__aiter__()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return _chain(chunks, iterator, stream), False
+
+
+async def _chain(head: list[bytes], iterator: Any, original: Any) -> AsyncIterator[bytes]:
+    try:
+        for chunk in head:
+            yield chunk
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        aclose = getattr(original, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class RetryLayer:
+    """One per service. `__call__(inner)` returns the retrying Service."""
+
+    def __init__(self, policy: RetryPolicy, upstream: Any, settings_spec: Mapping[str, Any],
+                 budget: RetryBudget) -> None:
+        self.policy = policy
+        self.upstream = upstream
+        self.service_name = upstream.name
+        self.budget = budget
+        self._spec = settings_spec
+        self.exhausted = 0
+        self.gave_up_deadline = 0
+        self.not_replayable = 0
+        upstream.add_state("retry", self.state)
+
+    def state(self) -> dict[str, Any]:
+        p = self.policy
+        return {
+            "attempts": p.attempts,
+            "per_try_timeout": p.per_try_timeout,
+            "statuses": sorted(p.statuses),
+            "retry_on": sorted(p.retry_on),
+            "budget": self.budget.state(anyio.current_time()) if p.budget else None,
+            "exhausted": self.exhausted,
+            "gave_up_at_deadline": self.gave_up_deadline,
+            "body_too_large_or_streamed": self.not_replayable,
+        }
+
+    def override(self, value: Any) -> RetryPolicy:
+        """The policy for one request from `extensions["meshcore.retry"]`; bad input raises."""
+        where = "request.extensions['meshcore.retry']"
+        if value is False:
+            return replace(self.policy, attempts=1)
+        if value is True or value is None:
+            return self.policy
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected False, True or a dict, got {value!r}")
+        changes: dict[str, Any] = {}
+        for key, raw in value.items():
+            if key not in OVERRIDABLE:
+                raise ValueError(
+                    f"{where}: unknown key {key!r} (may override: {', '.join(OVERRIDABLE)})"
+                )
+            if isinstance(raw, tuple):
+                raw = list(raw)
+            try:
+                checked = self._spec[key].check(raw)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {key}: {exc}") from None
+            if key in ("retry_on", "statuses"):
+                checked = frozenset(checked)
+            elif key == "methods":
+                checked = frozenset(m.upper() for m in checked)
+            changes[key] = checked
+        return replace(self.policy, **changes)
+
+    def __call__(self, inner: meshcore.Service) -> meshcore.Service:
+        layer = self
+
+        async def retry_service(request: meshcore.Request) -> meshcore.Response:
+            override = request.extensions.get("meshcore.retry")
+            policy = layer.policy if override is None else layer.override(override)
+            if policy.attempts <= 1 and not policy.per_try_timeout:
+                return await inner(request)
+            return await layer.run(inner, request, policy)
+
+        return retry_service
+
+    async def run(
+        self, inner: meshcore.Service, request: meshcore.Request, policy: RetryPolicy
+    ) -> meshcore.Response:
+        start = anyio.current_time()
+        budget = self.budget if policy.budget else None
+        if budget is not None:
+            budget.deposit(start)
+        attempts_allowed = policy.attempts
+        if attempts_allowed > 1:
+            if not isinstance(request.stream, bytes):
+                request.stream, fits = await buffer_body(request.stream, policy.buffer_limit)
+            else:
+                fits = len(request.stream) <= policy.buffer_limit
+            if not fits:
+                attempts_allowed = 1
+                self.not_replayable += 1
+        idempotent = request.method in policy.methods
+        deadline = request.extensions.get("meshcore.deadline")
+        log = request.extensions.get("meshcore.attempts")
+        if log is None:
+            log = request.extensions["meshcore.attempts"] = []
+        tried: list[meshcore.Endpoint] = []
+        timeout_ext = _per_try_timeouts(request.extensions.get("timeout"), policy.per_try_timeout)
+        n = 0
+        while True:
+            n += 1
+            attempt = request.copy()
+            if tried:
+                attempt.extensions["meshcore.exclude"] = tuple(tried)
+            if timeout_ext is not None:
+                attempt.extensions["timeout"] = timeout_ext
+            began = anyio.current_time()
+            try:
+                response = await inner(attempt)
+            except meshcore.EndpointError as exc:
+                now = anyio.current_time()
+                endpoint = exc.endpoint
+                if endpoint is not None:
+                    tried.append(endpoint)
+                log.append(meshcore.Attempt(endpoint, _cause(exc), now - began))
+                kind = error_kind(exc)
+                retryable = kind in policy.retry_on and (idempotent or exc.replayable)
+                if not retryable or n >= attempts_allowed:
+                    self._raise(exc, log, n, "attempts exhausted" if retryable else None)
+                delay = policy.backoff(n)
+                if deadline is not None and now + delay >= deadline:
+                    self.gave_up_deadline += 1
+                    self._raise(exc, log, n, "the next retry would pass the deadline")
+                if budget is not None and not budget.withdraw(now):
+                    self._raise(exc, log, n, "retry budget spent")
+                await anyio.sleep(delay)
+                continue
+            now = anyio.current_time()
+            status = response.status_code
+            endpoint = response.extensions.get("meshcore.endpoint")
+            if endpoint is not None:
+                tried.append(endpoint)
+            if status not in policy.statuses:
+                return response
+            log.append(meshcore.Attempt(endpoint, f"status {status}", now - began, status))
+            if not idempotent or n >= attempts_allowed:
+                if idempotent:
+                    self.exhausted += 1
+                return response
+            delay = policy.backoff(n)
+            if policy.retry_after:
+                after = parse_retry_after(response.headers.get("retry-after"))
+                if after is not None and after > delay:
+                    delay = after
+            if deadline is not None and now + delay >= deadline:
+                self.gave_up_deadline += 1
+                return response
+            if budget is not None and not budget.withdraw(now):
+                return response
+            await response.aclose()
+            await anyio.sleep(delay)
+
+    def _raise(self, exc: BaseException, log: list[meshcore.Attempt], n: int,
+               why: str | None) -> None:
+        if n <= 1 or why is None:
+            raise exc
+        self.exhausted += 1
+        raise meshcore.RetriesExhausted(
+            f"service {self.service_name!r}: {n} attempts failed ({why})",
+            service=self.service_name,
+            attempts=list(log[-n:]),
+        ) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _per_try_timeouts(current: Any, per_try: float) -> dict[str, float] | None:
+    """The httpx-style `timeout` extension with every phase capped at the per-try timeout, so
+    the sender itself raises `EndpointTimeout` (and the breaker and balancer learn of it)."""
+    if not per_try:
+        return None
+    out = {"connect": per_try, "read": per_try, "write": per_try, "pool": per_try}
+    if isinstance(current, Mapping):
+        for key, value in current.items():
+            if key in out and value is not None:
+                out[key] = min(out[key], value)
+    return out
