@@ -53,3 +53,22 @@ def test_docs_link_to_existing_files():
     for doc in [ROOT / "README.md", *ROOT.glob("docs/*.md")]:
         for target in re.findall(r"\]\(([^)#:]+\.md)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
+@pytest.mark.anyio
+async def test_the_writing_a_plugin_example_runs(upstream, mesh_factory, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "docs" / "examples" / "meshcore-stamp"))
+    import meshcore_stamp
+    from meshcore.testing import static_service
+
+    server = upstream("one")
+    config = {
+        "services": {
+            "orders": static_service([server], resilience=["stamp"], stamp={"value": "checkout"})
+        }
+    }
+    async with mesh_factory(config, extra_plugins=[("stamp", meshcore_stamp)]) as mesh:
+        async with mesh.client() as client:
+            assert (await client.get("http://orders/")).status_code == 200
+        assert mesh.state()["services"]["orders"]["stamp"] == {"2xx": 1}
+    assert server.seen[-1][2]["x-mesh-stamp"] == "checkout"
