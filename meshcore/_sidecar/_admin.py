@@ -1,0 +1,66 @@
+"""The admin listener: /live, /ready, /metrics (Prometheus text), /state (JSON), / (index).
+
+Envoy's admin interface is the model (`/ready`, `/stats/prometheus`, `/clusters`,
+`/config_dump`); like Envoy's it is unauthenticated, so it binds to loopback unless the config
+says `admin_bind_any = true`. Only GET and HEAD are answered.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .._models import Request, Response
+from ._metrics import render
+
+if TYPE_CHECKING:
+    from ._runtime import Sidecar
+
+__all__ = ["admin_handler"]
+
+_INDEX = b"""<!doctype html><title>meshcore sidecar</title>
+<h1>meshcore sidecar</h1><ul>
+<li><a href="/live">/live</a> process is up</li>
+<li><a href="/ready">/ready</a> every service has its first snapshot, not draining</li>
+<li><a href="/metrics">/metrics</a> Prometheus text format</li>
+<li><a href="/state">/state</a> services, endpoints, breakers, discovery, plugins (JSON)</li>
+</ul>
+"""
+
+
+def _text(status: int, body: str | bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
+    data = body.encode() if isinstance(body, str) else body
+    return Response(
+        status,
+        [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")],
+        data,
+    )
+
+
+def admin_handler(sidecar: Sidecar) -> Any:
+    async def handle(request: Request, info: Any) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            response = _text(405, "method not allowed\n")
+            response.headers.append((b"allow", b"GET, HEAD"))
+            return response
+        path = request.url.path
+        if path == "/live":
+            return _text(200, "live\n")
+        if path == "/ready":
+            if sidecar.ready:
+                return _text(200, "ready\n")
+            why = "draining" if sidecar.draining else "waiting for the first discovery snapshot"
+            return _text(503, f"not ready: {why}\n")
+        if path in ("/metrics", "/stats/prometheus"):
+            gen = sidecar.generation
+            state = gen.mesh.state() if gen is not None else {}
+            body = render(sidecar.telemetry, state, sidecar.stats())
+            return _text(200, body, "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/state":
+            body = json.dumps(sidecar.state(), indent=2, default=str, sort_keys=True) + "\n"
+            return _text(200, body, "application/json")
+        if path == "/":
+            return _text(200, _INDEX, "text/html; charset=utf-8")
+        return _text(404, f"not found: {path} (try /live, /ready, /metrics, /state)\n")
+
+    return handle

@@ -1,0 +1,358 @@
+"""Counters the sidecar keeps and their Prometheus text rendering.
+
+Names follow Linkerd's proxy metrics (`request_total`, `response_total`,
+`response_latency_ms`, `identity_cert_expiration_timestamp_seconds`) and Envoy's cluster
+stats (retries, ejections, breaker state), prefixed `meshcore_` and in base units (seconds)
+as Prometheus recommends. docs/sidecar.md lists every metric.
+
+Per-attempt outcomes, breaker and ejection changes and discovery errors arrive through the
+mesh's event hooks (`meshcore_request_finished`, `meshcore_state_changed`,
+`meshcore_discovery_error`), implemented by `Telemetry`, which the runtime registers as an
+extra plugin of the meshes it runs (so library-mode meshes, which never run a sidecar, do not
+pay a hook call per request). Plugin state that is not an event (retry budget use, certificate
+expiry) is read from `mesh.state()` when /metrics is scraped, never on the request path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import resource
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .._plugins import hookimpl
+
+__all__ = ["Telemetry", "render"]
+
+# Latency buckets in seconds: Linkerd's response_latency_ms buckets (1, 2, 3, 4, 5, 10, 20, 30,
+# 40, 50, 100, ... 50000 ms), thinned to the boundaries that separate proxy overhead
+# (sub-millisecond on loopback) from application time.
+BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0
+)
+_CLASSES = {i: f"{i}xx" for i in range(1, 6)}
+
+
+def status_class(status: int | None) -> str:
+    if status is None:
+        return "error"
+    return _CLASSES.get(status // 100, "other")
+
+
+class Histogram:
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class Telemetry:
+    """Everything the sidecar counts. One instance lives as long as the process, across
+    reloads, so counters never go backwards."""
+
+    def __init__(self) -> None:
+        # (direction, service, status class) -> count of client requests the sidecar answered
+        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        # (service, endpoint id, status class) -> attempts that ended that way
+        self.responses: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.attempts: dict[str, int] = defaultdict(int)
+        self.pipeline_requests: dict[str, int] = defaultdict(int)
+        # (direction, service, reason) -> requests the sidecar answered itself
+        self.local_errors: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.state_changes: dict[tuple[str, str, str], int] = defaultdict(int)
+        # (service, component, subject) -> current state as the last event told it
+        self.states: dict[tuple[str, str, str], str] = {}
+        self.discovery_errors: dict[str, int] = defaultdict(int)
+        self.denied = 0
+        self.connections_total: dict[str, int] = defaultdict(int)
+        self.connections_rejected: dict[str, int] = defaultdict(int)
+        self.reloads: dict[str, int] = defaultdict(int)
+        self.started = time.time()
+
+    # -- event hooks (registered on each mesh the sidecar runs) --------------------------------
+
+    @hookimpl
+    def meshcore_request_finished(self, outcome: Any) -> None:
+        self.responses[(outcome.service, outcome.endpoint.id, status_class(outcome.status_code))] += 1
+        self.attempts[outcome.service] += 1
+
+    @hookimpl
+    def meshcore_state_changed(
+        self, service: str, component: str, subject: str, old: str, new: str
+    ) -> None:
+        self.state_changes[(service, component, new)] += 1
+        self.states[(service, component, subject)] = new
+
+    @hookimpl
+    def meshcore_discovery_error(self, service: str, error: BaseException) -> None:
+        self.discovery_errors[service] += 1
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def observe(self, direction: str, service: str, status: int, elapsed: float) -> None:
+        self.requests[(direction, service, _CLASSES.get(status // 100, "other"))] += 1
+        key = (direction, service)
+        hist = self.latency.get(key)
+        if hist is None:
+            hist = self.latency[key] = Histogram()
+        hist.observe(elapsed)
+
+    def local_error(self, direction: str, service: str, reason: str) -> None:
+        self.local_errors[(direction, service, reason)] += 1
+
+    # -- state --------------------------------------------------------------------------------
+
+    def as_dict(self) -> dict[str, Any]:
+        def by(d: dict[tuple[str, ...], int]) -> list[dict[str, Any]]:
+            return [{"labels": list(k), "value": v} for k, v in sorted(d.items())]
+
+        return {
+            "requests": by(self.requests),
+            "local_errors": by(self.local_errors),
+            "attempts": dict(self.attempts),
+            "retries": self.retries(),
+            "denied": self.denied,
+            "connections_total": dict(self.connections_total),
+            "connections_rejected": dict(self.connections_rejected),
+            "reloads": dict(self.reloads),
+        }
+
+    def retries(self) -> dict[str, int]:
+        """Attempts beyond the first, per service: what the retry layer added."""
+        return {
+            svc: max(0, n - self.pipeline_requests.get(svc, 0)) for svc, n in self.attempts.items()
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus text exposition format 0.0.4
+
+
+def _escape(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Iterable[str], values: Iterable[Any]) -> str:
+    inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values))
+    return "{" + inner + "}" if inner else ""
+
+
+def _num(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help: str) -> None:
+        self.lines.append(f"# HELP {name} {help}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, names: Iterable[str] = (), values: Iterable[Any] = ()) -> None:
+        self.lines.append(f"{name}{_labels(names, values)} {_num(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: peak RSS instead
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _find_expiry(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, float]]:
+    """Certificate expiry times anywhere in a plugin's state: keys named like `not_after`,
+    `expires`, `expiry` holding a Unix timestamp, with the nearest `identity` beside them."""
+    if isinstance(tree, dict):
+        identity = tree.get("identity") or tree.get("spiffe_id") or "/".join(path) or "-"
+        for key, value in tree.items():
+            low = str(key).lower()
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and ("not_after" in low or "expir" in low)
+                and value > 1e9  # a wall-clock timestamp, not a duration
+            ):
+                yield str(identity), float(value)
+            elif isinstance(value, (dict, list)):
+                yield from _find_expiry(value, (*path, str(key)))
+    elif isinstance(tree, list):
+        for i, item in enumerate(tree):
+            yield from _find_expiry(item, (*path, str(i)))
+
+
+_CORE_SERVICE_KEYS = {
+    "discovery", "balancer", "resilience", "panics", "snapshot_version", "endpoints",
+}
+
+
+def _plugin_numbers(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, float]]:
+    """Numeric leaves of a plugin's state (`retry.budget_denied`, `breaker.opened`)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _plugin_numbers(value, (*path, str(key)))
+    elif isinstance(tree, bool):
+        yield ".".join(path), 1.0 if tree else 0.0
+    elif isinstance(tree, (int, float)) and math.isfinite(tree):
+        yield ".".join(path), float(tree)
+
+
+def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any]) -> str:
+    """The whole /metrics page from the counters, `mesh.state()` and sidecar stats."""
+    w = _Writer()
+    t = telemetry
+
+    w.family("meshcore_request_total", "counter",
+             "Requests the sidecar answered, by direction, service and status class.")
+    for (direction, svc, cls), n in sorted(t.requests.items()):
+        w.sample("meshcore_request_total", n, ("direction", "service", "status_class"), (direction, svc, cls))
+
+    w.family("meshcore_response_latency_seconds", "histogram",
+             "Time from request head received to response head sent, by direction and service.")
+    for (direction, svc), hist in sorted(t.latency.items()):
+        cumulative = 0
+        for bound, count in zip((*BUCKETS, math.inf), hist.counts):
+            cumulative += count
+            w.sample("meshcore_response_latency_seconds_bucket", cumulative,
+                     ("direction", "service", "le"), (direction, svc, _num(bound)))
+        w.sample("meshcore_response_latency_seconds_sum", hist.sum, ("direction", "service"), (direction, svc))
+        w.sample("meshcore_response_latency_seconds_count", hist.count, ("direction", "service"), (direction, svc))
+
+    w.family("meshcore_response_total", "counter",
+             "Attempts sent to endpoints, by service, endpoint and status class (error = no response).")
+    for (svc, ep, cls), n in sorted(t.responses.items()):
+        w.sample("meshcore_response_total", n, ("service", "endpoint", "status_class"), (svc, ep, cls))
+
+    w.family("meshcore_retries_total", "counter",
+             "Attempts beyond the first one per request (what retry layers added), by service.")
+    for svc, n in sorted(t.retries().items()):
+        w.sample("meshcore_retries_total", n, ("service",), (svc,))
+
+    w.family("meshcore_local_response_total", "counter",
+             "Requests the sidecar answered itself (no route, no endpoints, breaker open, ...).")
+    for (direction, svc, reason), n in sorted(t.local_errors.items()):
+        w.sample("meshcore_local_response_total", n, ("direction", "service", "reason"), (direction, svc, reason))
+
+    w.family("meshcore_inbound_denied_total", "counter",
+             "Inbound requests refused by authorization (403).")
+    w.sample("meshcore_inbound_denied_total", t.denied)
+
+    w.family("meshcore_state_changes_total", "counter",
+             "State changes reported by plugins (breaker, ejection), by the new state.")
+    for (svc, component, new), n in sorted(t.state_changes.items()):
+        w.sample("meshcore_state_changes_total", n, ("service", "component", "state"), (svc, component, new))
+
+    services = state.get("services", {})
+    w.family("meshcore_breaker_open", "gauge",
+             "1 when a breaker reported itself open (or half-open = 0.5), by service and subject.")
+    for (svc, component, subject), new in sorted(t.states.items()):
+        if component == "breaker":
+            value = 1.0 if new == "open" else 0.5 if new.replace("-", "_") == "half_open" else 0.0
+            w.sample("meshcore_breaker_open", value, ("service", "subject"), (svc, subject))
+
+    w.family("meshcore_endpoints", "gauge", "Endpoints in the current snapshot, by service.")
+    for svc, s in sorted(services.items()):
+        w.sample("meshcore_endpoints", len(s.get("endpoints", ())), ("service",), (svc,))
+    w.family("meshcore_endpoints_ejected", "gauge", "Endpoints ejected right now, by service.")
+    for svc, s in sorted(services.items()):
+        ejected = sum(1 for ep in s.get("endpoints", ()) if ep.get("ejected"))
+        w.sample("meshcore_endpoints_ejected", ejected, ("service",), (svc,))
+    w.family("meshcore_endpoint_in_flight", "gauge", "Requests in flight, by service and endpoint.")
+    for svc, s in sorted(services.items()):
+        for ep in s.get("endpoints", ()):
+            w.sample("meshcore_endpoint_in_flight", ep.get("in_flight", 0), ("service", "endpoint"), (svc, ep["id"]))
+    w.family("meshcore_balancer_panics_total", "counter",
+             "Picks made among ejected endpoints because every endpoint was ejected.")
+    for svc, s in sorted(services.items()):
+        w.sample("meshcore_balancer_panics_total", s.get("panics", 0), ("service",), (svc,))
+
+    w.family("meshcore_discovery_errors_total", "counter", "Discovery failures, by service.")
+    for svc, s in sorted(services.items()):
+        errors = max(s.get("discovery", {}).get("errors", 0), t.discovery_errors.get(svc, 0))
+        w.sample("meshcore_discovery_errors_total", errors, ("service",), (svc,))
+    w.family("meshcore_discovery_updates_total", "counter", "Endpoint snapshots published, by service.")
+    for svc, s in sorted(services.items()):
+        w.sample("meshcore_discovery_updates_total", s.get("discovery", {}).get("updates", 0), ("service",), (svc,))
+    w.family("meshcore_discovery_snapshot_age_seconds", "gauge",
+             "Seconds since discovery last confirmed the endpoints (absent until the first snapshot).")
+    for svc, s in sorted(services.items()):
+        age = s.get("discovery", {}).get("snapshot_age")
+        if age is not None:
+            w.sample("meshcore_discovery_snapshot_age_seconds", age, ("service",), (svc,))
+    w.family("meshcore_discovery_stale", "gauge", "1 while a service runs on a stale snapshot.")
+    for svc, s in sorted(services.items()):
+        w.sample("meshcore_discovery_stale", s.get("discovery", {}).get("state") == "stale", ("service",), (svc,))
+
+    w.family("meshcore_plugin_state", "gauge",
+             "Numeric state plugins expose per service (retry budget use and denials, breaker counters).")
+    for svc, s in sorted(services.items()):
+        for plugin, tree in sorted(s.items()):
+            if plugin in _CORE_SERVICE_KEYS:
+                continue
+            for key, value in _plugin_numbers(tree):
+                w.sample("meshcore_plugin_state", value, ("service", "plugin", "key"), (svc, plugin, key))
+
+    w.family("meshcore_identity_cert_expiration_timestamp_seconds", "gauge",
+             "Unix time at which the workload certificate expires (from the security plugin's state).")
+    seen: set[tuple[str, float]] = set()
+    for identity, expiry in _find_expiry({k: v for k, v in state.items() if k != "services"}):
+        seen.add((identity, expiry))
+    for svc, s in services.items():
+        for plugin, tree in s.items():
+            if plugin not in _CORE_SERVICE_KEYS:
+                seen.update(_find_expiry(tree))
+    for identity, expiry in sorted(seen):
+        w.sample("meshcore_identity_cert_expiration_timestamp_seconds", expiry, ("identity",), (identity,))
+
+    w.family("meshcore_sidecar_connections_open", "gauge", "Open client connections, by listener.")
+    for name, n in sorted(sidecar.get("connections_open", {}).items()):
+        w.sample("meshcore_sidecar_connections_open", n, ("listener",), (name,))
+    w.family("meshcore_sidecar_connections_total", "counter", "Accepted connections, by listener.")
+    for name, n in sorted(t.connections_total.items()):
+        w.sample("meshcore_sidecar_connections_total", n, ("listener",), (name,))
+    w.family("meshcore_sidecar_connections_rejected_total", "counter",
+             "Connections closed at once because the listener was at max_connections.")
+    for name, n in sorted(t.connections_rejected.items()):
+        w.sample("meshcore_sidecar_connections_rejected_total", n, ("listener",), (name,))
+    w.family("meshcore_sidecar_requests_in_flight", "gauge", "Requests being answered right now.")
+    w.sample("meshcore_sidecar_requests_in_flight", sidecar.get("in_flight", 0))
+    w.family("meshcore_sidecar_draining", "gauge", "1 while the sidecar drains after SIGTERM.")
+    w.sample("meshcore_sidecar_draining", bool(sidecar.get("draining")))
+    w.family("meshcore_sidecar_config_generation", "gauge", "Config generation (1 + successful reloads).")
+    w.sample("meshcore_sidecar_config_generation", sidecar.get("generation", 1))
+    w.family("meshcore_sidecar_reloads_total", "counter", "SIGHUP reloads, by result (ok, refused).")
+    for result in ("ok", "refused"):
+        w.sample("meshcore_sidecar_reloads_total", t.reloads.get(result, 0), ("result",), (result,))
+
+    w.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+    w.sample("process_resident_memory_bytes", _rss_bytes())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    w.family("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.")
+    w.sample("process_cpu_seconds_total", usage.ru_utime + usage.ru_stime)
+    w.family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.")
+    w.sample("process_start_time_seconds", t.started)
+    return w.text()

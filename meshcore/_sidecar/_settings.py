@@ -1,0 +1,133 @@
+"""The `[sidecar]` section: listener addresses, the local app, limits, timeouts and drain.
+
+Default numbers and where they come from:
+
+- ports 15001 (outbound), 15006 (inbound), 15000 (admin): Istio's sidecar uses the same three
+  (Envoy's outbound capture port, inbound capture port, admin port), so operators recognise them.
+- limits: nginx `large_client_header_buffers 4 8k` (request line 8 KiB), Envoy
+  `max_headers_count` 100 and `max_request_headers_kb` 60; timeouts nginx
+  `client_header_timeout 60s`, `keepalive_timeout 75s`, `client_body_timeout 60s`,
+  `send_timeout 60s` (the engine's `ServerLimits`).
+- max_connections 1024 per listener: Envoy's default circuit-breaker `max_connections`.
+- retry_buffer 64 KiB: Linkerd never retries requests whose body is larger than 64 KiB, so the
+  sidecar holds a body in memory (making it replayable) only up to that size and streams larger
+  ones.
+- drain 20 s: below Kubernetes' default 30 s termination grace period, so a drain that uses its
+  whole deadline still ends with exit 0 rather than a SIGKILL (Istio's own
+  `terminationDrainDuration` is 5 s; ours waits for in-flight requests, not a fixed time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .._http import ServerLimits
+from .._settings import Setting
+
+__all__ = ["SETTINGS", "Address", "parse_address", "server_limits"]
+
+
+@dataclass(frozen=True)
+class Address:
+    """A listener or app address: host and port (port 0 = any free port, for tests)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+
+
+def parse_address(text: Any) -> Address:
+    """`"host:port"`, `"[v6]:port"` or `":port"` (all interfaces) to an Address."""
+    if not isinstance(text, str):
+        raise ValueError(f'expected "host:port", got {text!r}')
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        host = host or "0.0.0.0"
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f'expected "host:port" (port 0-65535), got {text!r}')
+    return Address(host, int(port_text))
+
+
+def _optional_address(text: Any) -> Address | None:
+    return None if text == "" else parse_address(text)
+
+
+def _address(default: str, help: str) -> Setting:
+    return Setting("str", parse_address(default), help, convert=parse_address)
+
+
+SETTINGS: dict[str, Setting] = {
+    "service": Setting(
+        "str", "", "name of the local service: registered with discovery, used in metrics"
+    ),
+    "app": _address("127.0.0.1:8080", "the local application the inbound listener forwards to"),
+    "outbound": _address("127.0.0.1:15001", "listener the local app sends mesh requests to"),
+    "inbound": _address("0.0.0.0:15006", "listener other sidecars reach this service on"),
+    "advertise": Setting(
+        "str",
+        None,
+        'address registered for this instance ("host:port"; default: the inbound address, '
+        "with 127.0.0.1 for an all-interfaces host)",
+        convert=_optional_address,
+    ),
+    "admin": _address("127.0.0.1:15000", "health, metrics and state listener"),
+    "admin_bind_any": Setting(
+        "bool", False, "allow the admin listener on a non-loopback address (it is unauthenticated)"
+    ),
+    "drain": Setting(
+        "duration", 20.0, "on SIGTERM, how long in-flight requests may take to finish", min=0
+    ),
+    "max_connections": Setting("int", 1024, "open connections per listener", min=1),
+    "max_request_line": Setting("int", 8192, "longest request target, bytes", min=64),
+    "max_header_count": Setting("int", 100, "most header fields in one request", min=1),
+    "max_header_bytes": Setting("int", 61440, "largest request head, bytes", min=256),
+    "max_body": Setting("int", 0, "largest request body, bytes (0 = unlimited)", min=0),
+    "header_timeout": Setting(
+        "duration", 60.0, "time to receive a whole request head (slowloris guard)", min=0.001
+    ),
+    "idle_timeout": Setting("duration", 75.0, "keep-alive connection idle time", min=0.001),
+    "body_timeout": Setting("duration", 60.0, "longest pause inside a request body", min=0.001),
+    "write_timeout": Setting("duration", 60.0, "longest stall writing a response", min=0.001),
+    "app_connect_timeout": Setting("duration", 5.0, "connect timeout to the local app", min=0.001),
+    "app_read_timeout": Setting(
+        "duration", 60.0, "longest pause while reading the local app's response", min=0.001
+    ),
+    "retry_buffer": Setting(
+        "int", 65536, "request bodies up to this size are held so a retry can resend them", min=0
+    ),
+}
+
+
+def server_limits(settings: Any) -> ServerLimits:
+    return ServerLimits(
+        max_request_line=settings.max_request_line,
+        max_header_count=settings.max_header_count,
+        max_header_bytes=settings.max_header_bytes,
+        max_body=settings.max_body or None,
+        header_timeout=settings.header_timeout,
+        idle_timeout=settings.idle_timeout,
+        body_timeout=settings.body_timeout,
+        write_timeout=settings.write_timeout,
+    )
+
+
+def advertised(settings: Any, inbound: Address) -> Address:
+    """Where other instances reach this one: `advertise`, else the bound inbound address."""
+    if settings.advertise is not None:
+        return settings.advertise
+    host = inbound.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return Address(host, inbound.port)
