@@ -116,13 +116,14 @@ def test_hook_returning_awaitable_is_rejected():
 
 
 def test_plugin_list_precedence(monkeypatch):
-    from meshcore._plugins import resolve_plugin_list
+    from meshcore._plugins import BUILTIN, resolve_plugin_list
 
+    assert BUILTIN == ("static", "sidecar")
     monkeypatch.setenv("MESHCORE_PLUGINS", "env-a, env-b")
-    assert resolve_plugin_list(["cli"], ["cfg"]) == ["static", "cli"]
-    assert resolve_plugin_list(None, ["cfg"]) == ["static", "env-a", "env-b"]
+    assert resolve_plugin_list(["cli"], ["cfg"]) == [*BUILTIN, "cli"]
+    assert resolve_plugin_list(None, ["cfg"]) == [*BUILTIN, "env-a", "env-b"]
     monkeypatch.delenv("MESHCORE_PLUGINS")
-    assert resolve_plugin_list(None, ["cfg", "cfg"]) == ["static", "cfg"]
+    assert resolve_plugin_list(None, ["cfg", "cfg"]) == [*BUILTIN, "cfg"]
 
 
 def test_service_with_many_endpoints_and_no_balancer_names_installed_plugins():
