@@ -64,9 +64,10 @@ _TARGET_LOOKUP_LIMIT = 16  # concurrent SRV target lookups (a headless service m
 class DnsError(Exception):
     """A DNS failure the discovery survives; `kind` is one of FAILURE_KINDS."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, warnings: Sequence[DnsError] = ()) -> None:
         super().__init__(message)
         self.kind = kind
+        self.warnings = tuple(warnings)  # failed SRV targets behind an "empty" failure
 
 
 @dataclass
@@ -257,6 +258,7 @@ class DnsDiscovery:
                 "empty",
                 f"empty answer: no SRV target of {self.name} resolved to an address "
                 f"({'; '.join(str(w) for w in warnings) or 'no A/AAAA records'})",
+                warnings,
             )
         return Resolution(endpoints, ttl, warnings)
 
@@ -314,6 +316,8 @@ class DnsDiscovery:
                 resolver = resolver or self.make_resolver()
                 result = await self.resolve(resolver)
             except DnsError as exc:
+                for warning in exc.warnings:
+                    self._failed(warning, sink, whole=False)
                 self._failed(exc, sink)
                 delay = self._backoff()
             else:
