@@ -12,7 +12,7 @@ service with little traffic can still retry, both over a 10 s window (`ttl`).
 Implementation: one slot per second of the window, each counting the requests (deposits) and
 retries (withdrawals) made in it. A retry is allowed while
 
-    retries_in_window < ratio * requests_in_window + min_per_second * ttl
+    retries_in_window + 1 <= ratio * requests_in_window + min_per_second * ttl
 
 which is tower's/Finagle's token arithmetic without their floating-point bucket. O(1) per
 request: a slot is reset lazily when the clock moves past it.
@@ -71,7 +71,7 @@ class RetryBudget:
 
     def can_retry(self, now: float) -> bool:
         deposits, withdrawals = self._window(now)
-        return withdrawals < self.ratio * deposits + self.min_per_second * self.ttl
+        return withdrawals + 1 <= self.ratio * deposits + self.min_per_second * self.ttl + 1e-9
 
     def withdraw(self, now: float) -> bool:
         """Take one retry from the budget; False (and counted as denied) when it is spent."""
