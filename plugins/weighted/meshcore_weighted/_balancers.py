@@ -185,18 +185,21 @@ class RandomBalancer(_Balancer):
 
 
 class _TwoChoices:
-    """Power of two choices (Mitzenmacher): two weighted random candidates, the less loaded
-    wins. Load is (in-flight + 1) / weight, Envoy's least-request with active_request_bias 1.0.
+    """Power of two choices (Mitzenmacher; Envoy's least-request, choice_count 2): two random
+    candidates, the one with fewer requests in flight wins, the first on a tie.
+
+    Weights decide how often an endpoint is a *candidate* (a weighted draw); load decides
+    between the two. Dividing load by weight as well would count the weight twice: with
+    nothing in flight a 1:2 pair would then split about 1:26 instead of 1:2.
     """
 
-    __slots__ = ("endpoints", "_n", "_prob", "_alias", "_stats", "_inv")
+    __slots__ = ("endpoints", "_n", "_prob", "_alias", "_stats")
 
     def __init__(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float], stats: list) -> None:
         table = Alias(endpoints, weights)
         self.endpoints = table.endpoints
         self._n, self._prob, self._alias = table.n, table.prob, table.alias
         self._stats = stats
-        self._inv = [1.0 / w for w in weights]
 
     def _draw(self) -> tuple[int, int]:
         n, prob, alias, rnd = self._n, self._prob, self._alias, random.random
@@ -208,23 +211,30 @@ class _TwoChoices:
         b = int(u)
         if u - b >= prob[b]:
             b = alias[b]
-        if a == b and n > 1:  # one redraw: two distinct candidates compare better
-            u = rnd() * n
-            b = int(u)
-            if u - b >= prob[b]:
-                b = alias[b]
+        if a == b and n > 1:
+            # Two *distinct* candidates (as Finagle's P2C): otherwise the worst endpoint still
+            # wins whenever it is drawn twice. A few redraws, then its neighbour.
+            for _ in range(4):
+                u = rnd() * n
+                b = int(u)
+                if u - b >= prob[b]:
+                    b = alias[b]
+                if b != a:
+                    break
+            else:
+                b = (a + 1) % n
         return a, b
 
     def next(self) -> meshcore.Endpoint:
         a, b = self._draw()
-        stats, inv = self._stats, self._inv
-        if (stats[b].in_flight + 1) * inv[b] < (stats[a].in_flight + 1) * inv[a]:
+        stats = self._stats
+        if stats[b].in_flight < stats[a].in_flight:
             a = b
         return self.endpoints[a]
 
 
 class _PeakEwmaChoices(_TwoChoices):
-    """Two choices on peak-EWMA cost x (in-flight + 1) / weight (Finagle, Linkerd)."""
+    """Two choices on peak-EWMA cost x (in-flight + 1) (Finagle, Linkerd)."""
 
     __slots__ = ("_costs", "_tau")
 
@@ -245,7 +255,7 @@ class _PeakEwmaChoices(_TwoChoices):
             # was slow once is tried again after a while instead of being starved forever.
             cost *= math.exp(-elapsed / self._tau)
             state[0], state[1] = cost, now
-        return cost * (in_flight + 1) * self._inv[i]
+        return cost * (in_flight + 1)
 
     def next(self) -> meshcore.Endpoint:
         a, b = self._draw()
@@ -306,7 +316,13 @@ class PeakEwma(LeastRequest):
     def observe(self, outcome: meshcore.Outcome) -> None:
         state = self._costs.get(outcome.endpoint)
         if state is None:
-            return
+            snapshot = self._upstream.snapshot
+            if snapshot is self._snapshot:
+                return  # not (or no longer) one of ours
+            self._install(snapshot)  # an outcome before the first pick of a new snapshot
+            state = self._costs.get(outcome.endpoint)
+            if state is None:
+                return
         now = anyio.current_time()
         cost, stamp = state
         rtt = max(outcome.elapsed, 0.0)
