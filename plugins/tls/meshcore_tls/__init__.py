@@ -66,7 +66,7 @@ def status(mesh: meshcore.Mesh) -> dict[str, Any] | None:
 
 def _identities(value: Any) -> dict[str, str]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"expected a table of service = \"spiffe://...\", got {value!r}")
+        raise ValueError(f'expected a table of service = "spiffe://...", got {value!r}')
     out = {}
     for service, identity in value.items():
         if not isinstance(identity, str):
@@ -103,18 +103,67 @@ def meshcore_kinds() -> list[meshcore.Kind]:
             "tls",
             "section",
             {
-                "ca_dir": S("str", "", "CA directory from `meshcore ca init` (ca.crt; with ca.key the workload issues its own certificate)"),
+                "ca_dir": S(
+                    "str",
+                    "",
+                    "CA directory from `meshcore ca init` (ca.crt; with ca.key the workload issues its own certificate)",
+                ),
                 "ca": S("str", "", "trusted root bundle (PEM); default <ca_dir>/ca.crt"),
-                "cert": S("str", "", "workload certificate file (PEM, leaf first); reloaded when it changes"),
+                "cert": S(
+                    "str",
+                    "",
+                    "workload certificate file (PEM, leaf first); reloaded when it changes",
+                ),
                 "key": S("str", "", "workload private key file (PEM)"),
-                "service": S("str", "", "this workload's service name (issue mode)", convert=_segment("service")),
-                "namespace": S("str", "default", "namespace of this workload and, by default, of the services it calls", convert=_segment("namespace")),
-                "trust_domain": S("str", "", "trust domain; default from the root or the workload certificate", convert=_domain),
-                "ttl": S("duration", 24 * 3600.0, "lifetime of self-issued certificates (Linkerd and Istio: 24 h)", min=1.0),
-                "renew_at": S("float", 2 / 3, "renew when this fraction of the lifetime has passed", min=0.1, max=0.95),
-                "reload_interval": S("duration", 10.0, "how often cert/key/ca files are checked for changes", min=0.01),
-                "identities": S("table", {}, "expected server identity per service (exact or glob)", convert=_identities),
-                "allow": S("any", [], "authorization rules: [{identities, methods?, paths?}]", convert=parse_rules),
+                "service": S(
+                    "str",
+                    "",
+                    "this workload's service name (issue mode)",
+                    convert=_segment("service"),
+                ),
+                "namespace": S(
+                    "str",
+                    "default",
+                    "namespace of this workload and, by default, of the services it calls",
+                    convert=_segment("namespace"),
+                ),
+                "trust_domain": S(
+                    "str",
+                    "",
+                    "trust domain; default from the root or the workload certificate",
+                    convert=_domain,
+                ),
+                "ttl": S(
+                    "duration",
+                    24 * 3600.0,
+                    "lifetime of self-issued certificates (Linkerd and Istio: 24 h)",
+                    min=1.0,
+                ),
+                "renew_at": S(
+                    "float",
+                    2 / 3,
+                    "renew when this fraction of the lifetime has passed",
+                    min=0.1,
+                    max=0.95,
+                ),
+                "reload_interval": S(
+                    "duration",
+                    10.0,
+                    "how often cert/key/ca files are checked for changes",
+                    min=0.01,
+                ),
+                "identities": S(
+                    "table",
+                    {},
+                    "expected server identity per service (exact or glob)",
+                    convert=_identities,
+                ),
+                "allow": S(
+                    "any",
+                    [],
+                    "authorization rules: [{identities, methods?, paths?}]",
+                    convert=parse_rules,
+                ),
             },
             help="mutual TLS with SPIFFE identities, authorization policy, certificate rotation",
         )

@@ -77,7 +77,7 @@ def parse_spiffe_id(value: str) -> tuple[str, str]:
     """(trust domain, path) of a SPIFFE ID; ValueError when it is not one."""
     if not value.startswith("spiffe://"):
         raise ValueError(f"{value!r} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)")
-    domain, _, path = value[len("spiffe://"):].partition("/")
+    domain, _, path = value[len("spiffe://") :].partition("/")
     check_trust_domain(domain)
     return domain, "/" + path if path else ""
 
@@ -88,11 +88,15 @@ def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    return [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith("spiffe://")
+    ]
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
@@ -157,7 +161,9 @@ class Issued:
 class CA:
     """A root certificate and (when this process may sign) its private key."""
 
-    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> None:
+    def __init__(
+        self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None
+    ) -> None:
         self.cert = cert
         self.key = key
         ids = spiffe_ids_of(cert)
@@ -167,7 +173,9 @@ class CA:
         return f"CA(trust_domain={self.trust_domain!r}, signing={self.key is not None})"
 
     @classmethod
-    def create(cls, trust_domain: str, *, ttl: float = ROOT_TTL, now: dt.datetime | None = None) -> CA:
+    def create(
+        cls, trust_domain: str, *, ttl: float = ROOT_TTL, now: dt.datetime | None = None
+    ) -> CA:
         check_trust_domain(trust_domain)
         now = now or _now()
         key = ec.generate_private_key(ec.SECP256R1())
@@ -188,17 +196,27 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+                ),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .sign(key, hashes.SHA256())
         )
         return cls(cert, key)
@@ -211,7 +229,9 @@ class CA:
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except FileNotFoundError:
-            raise ValueError(f"{cert_path}: no CA certificate (create one with `meshcore -p tls ca init`)") from None
+            raise ValueError(
+                f"{cert_path}: no CA certificate (create one with `meshcore -p tls ca init`)"
+            ) from None
         except ValueError:
             raise ValueError(f"{cert_path}: not a PEM certificate") from None
         key_path = directory / CA_KEY
@@ -273,20 +293,31 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=False
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+                critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),  # type: ignore[arg-type]
                 critical=False,

@@ -41,7 +41,13 @@ def ca() -> None:
 
 @ca.command("init")
 @click.option("--trust-domain", required=True, help="Trust domain, e.g. example.org.")
-@click.option("--ttl", default=f"{ROOT_TTL / 3600:.0f}h", callback=_duration, show_default=True, help="Root lifetime.")
+@click.option(
+    "--ttl",
+    default=f"{ROOT_TTL / 3600:.0f}h",
+    callback=_duration,
+    show_default=True,
+    help="Root lifetime.",
+)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def init(trust_domain: str, ttl: float, directory: Path) -> None:
     """Create a root key (0600) and self-signed root certificate in DIRECTORY."""
@@ -62,12 +68,35 @@ def init(trust_domain: str, ttl: float, directory: Path) -> None:
 @ca.command("issue")
 @click.argument("service")
 @click.option("--namespace", "-n", default="default", show_default=True)
-@click.option("--ttl", default=f"{LEAF_TTL / 3600:.0f}h", callback=_duration, show_default=True, help="Certificate lifetime.")
-@click.option("--ca", "ca_dir", default=".", envvar="MESHCORE_CA_DIR", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="CA directory (ca.crt, ca.key).")
-@click.option("--out", "out", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where to write SERVICE.crt and SERVICE.key.")
-@click.option("--force", is_flag=True, help="Replace existing files (atomically: a running workload reloads them).")
+@click.option(
+    "--ttl",
+    default=f"{LEAF_TTL / 3600:.0f}h",
+    callback=_duration,
+    show_default=True,
+    help="Certificate lifetime.",
+)
+@click.option(
+    "--ca",
+    "ca_dir",
+    default=".",
+    envvar="MESHCORE_CA_DIR",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="CA directory (ca.crt, ca.key).",
+)
+@click.option(
+    "--out",
+    "out",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write SERVICE.crt and SERVICE.key.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace existing files (atomically: a running workload reloads them).",
+)
 def issue(service: str, namespace: str, ttl: float, ca_dir: Path, out: Path, force: bool) -> None:
     """Issue a certificate for spiffe://<trust-domain>/ns/NAMESPACE/sa/SERVICE."""
     try:
@@ -88,7 +117,9 @@ def issue(service: str, namespace: str, ttl: float, ca_dir: Path, out: Path, for
     write_private(cert_path, issued.cert_pem, overwrite=True)
     cert_path.chmod(0o644)
     click.echo(f"{issued.identity}")
-    click.echo(f"  certificate {cert_path}, key {key_path} (0600), valid until {describe(issued.cert)['not after']}")
+    click.echo(
+        f"  certificate {cert_path}, key {key_path} (0600), valid until {describe(issued.cert)['not after']}"
+    )
 
 
 @ca.command("inspect")

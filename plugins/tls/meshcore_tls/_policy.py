@@ -110,13 +110,19 @@ def parse_rules(value: Any) -> Policy:
             raise ValueError(f"{where}: expected a table like {_EXAMPLE}, got {item!r}")
         unknown = set(item) - _RULE_KEYS
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}")
+            raise ValueError(
+                f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_RULE_KEYS)}"
+            )
         if "identities" not in item:
-            raise ValueError(f"{where}: identities is required (use [\"*\"] for any authenticated peer)")
+            raise ValueError(
+                f'{where}: identities is required (use ["*"] for any authenticated peer)'
+            )
         identities = _strings(item["identities"], where, "identities")
         for ident in identities:
             if ident != "*" and not ident.startswith("spiffe://"):
-                raise ValueError(f"{where}: identities: {ident!r} is not a SPIFFE ID or pattern (spiffe://...)")
+                raise ValueError(
+                    f"{where}: identities: {ident!r} is not a SPIFFE ID or pattern (spiffe://...)"
+                )
         methods = None
         if "methods" in item:
             methods = [m.upper() for m in _strings(item["methods"], where, "methods")]

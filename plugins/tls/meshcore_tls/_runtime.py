@@ -84,7 +84,7 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             ctx.load_cert_chain(f"/proc/self/fd/{fd}")
             return
         except FileNotFoundError:
@@ -161,17 +161,23 @@ class Workload:
         if roots_path is None:
             raise _fail("set `ca_dir` (a directory from `meshcore ca init`) or `ca` (root bundle)")
         if bool(s.cert) != bool(s.key):
-            raise _fail("`cert` and `key` go together: set both or neither", "cert" if s.key else "key")
+            raise _fail(
+                "`cert` and `key` go together: set both or neither", "cert" if s.key else "key"
+            )
         if s.cert:
             self.mode = "files"
         elif ca_dir is not None and (ca_dir / "ca.key").exists():
             self.mode = "issue"
             if not s.service:
-                raise _fail("issue mode (ca_dir with ca.key) needs `service`: this workload's name", "service")
+                raise _fail(
+                    "issue mode (ca_dir with ca.key) needs `service`: this workload's name",
+                    "service",
+                )
         else:
             raise _fail(
                 "no certificate: set `cert` and `key`, or `ca_dir` pointing at a CA that holds "
-                "ca.key so the workload can issue its own", "cert"
+                "ca.key so the workload can issue its own",
+                "cert",
             )
         try:
             if self.mode == "issue":
@@ -224,7 +230,9 @@ class Workload:
             self.rotations += 1
             log.info(
                 "tls: rotated %s: serial %x -> %x, valid until %s",
-                self.identity, old.serial_number, cert.serial_number,
+                self.identity,
+                old.serial_number,
+                cert.serial_number,
                 f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}",
             )
 
@@ -233,7 +241,7 @@ class Workload:
         s = self.settings
         issued: Issued = self.ca.issue(s.service, s.namespace, ttl=s.ttl)
         self._install(issued.cert, issued.cert_pem, issued.key_pem)
-        lifetime = (issued.not_after - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        lifetime = (issued.not_after - dt.datetime.now(dt.UTC)).total_seconds()
         self._renew_at = anyio.current_time() + s.renew_at * lifetime
 
     def _read_files(self) -> tuple[tuple[Any, ...], tuple[bytes, bytes, bytes]]:
@@ -259,9 +267,12 @@ class Workload:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError(f"{key_path} does not belong to the certificate in {cert_path}")
-        if not spiffe_ids_of(leaf):
-            raise ValueError(f"{cert_path}: the certificate has no SPIFFE ID (URI SAN)")
-        now = dt.datetime.now(dt.timezone.utc)
+        if not _workload_ids(leaf):
+            raise ValueError(
+                f"{cert_path}: the certificate has no SPIFFE ID of a workload "
+                "(a URI SAN spiffe://<trust-domain>/<path> on a non-CA certificate)"
+            )
+        now = dt.datetime.now(dt.UTC)
         if leaf.not_valid_after_utc <= now:
             raise ValueError(
                 f"{cert_path}: the certificate expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
@@ -313,7 +324,9 @@ class Workload:
                     warned = True
                     log.warning(
                         "tls: %s expires in %.0f s and %s has not been replaced",
-                        self.identity, self.seconds_left(), self._file_paths[0],
+                        self.identity,
+                        self.seconds_left(),
+                        self._file_paths[0],
                     )
                 continue
             before = self.rotations
@@ -391,7 +404,7 @@ class Workload:
 
     def seconds_left(self) -> float:
         end = self.not_after()
-        return (end - dt.datetime.now(dt.timezone.utc)).total_seconds() if end else 0.0
+        return (end - dt.datetime.now(dt.UTC)).total_seconds() if end else 0.0
 
     def status(self) -> dict[str, Any]:
         """Identity, expiry (`expires_at`: Unix seconds, Linkerd's
@@ -416,8 +429,17 @@ class Workload:
         return {**self.status(), "expected_server": self._expected.get(service, "")}
 
 
+def _workload_ids(cert: x509.Certificate) -> list[str]:
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return []
+    except x509.ExtensionNotFound:
+        pass
+    return [i for i in spiffe_ids_of(cert) if "/" in i[len("spiffe://") :]]
+
+
 def meshcore_tls_td(identity: str) -> str:
-    return identity[len("spiffe://"):].partition("/")[0]
+    return identity[len("spiffe://") :].partition("/")[0]
 
 
 def _is_glob(text: str) -> bool:
@@ -430,4 +452,3 @@ def running(mesh: Any) -> Workload | None:
 
 def any_running() -> bool:
     return len(_WORKLOADS) > 0
-

@@ -38,7 +38,9 @@ def other_ca_dir(tmp_path: Path) -> Path:
     return d
 
 
-def write_leaf(ca_dir: Path, out: Path, service: str, namespace: str = "default", **kw: Any) -> tuple[Path, Path]:
+def write_leaf(
+    ca_dir: Path, out: Path, service: str, namespace: str = "default", **kw: Any
+) -> tuple[Path, Path]:
     issued = CA.load(ca_dir, need_key=True).issue(service, namespace, **kw)
     out.mkdir(parents=True, exist_ok=True)
     cert, key = out / f"{service}.crt", out / f"{service}.key"
@@ -65,7 +67,9 @@ class MTLSServer:
     async def _serve(self, stream: Any) -> None:
         ctx = self.mesh.plugins.server_tls(self.mesh)
         try:
-            tls = await TLSStream.wrap(stream, server_side=True, ssl_context=ctx, standard_compatible=False)
+            tls = await TLSStream.wrap(
+                stream, server_side=True, ssl_context=ctx, standard_compatible=False
+            )
         except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             self.handshake_errors.append(f"{type(exc).__name__}: {exc}")
             await stream.aclose()
@@ -82,7 +86,11 @@ class MTLSServer:
                 head, _, buf = buf.partition(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = lines[0].split(" ", 2)
-                headers = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:] if ":" in line]
+                headers = [
+                    tuple(x.strip() for x in line.split(":", 1))
+                    for line in lines[1:]
+                    if ":" in line
+                ]
                 length = int(dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
                 while len(buf) < length:
                     buf += await tls.receive()
@@ -129,11 +137,18 @@ async def mtls_server(mesh: meshcore.Mesh, **kw: Any) -> AsyncIterator[MTLSServe
             tg.cancel_scope.cancel()
 
 
-def server_config(ca_dir: Path, service: str = "orders", namespace: str = "default", **tls: Any) -> dict[str, Any]:
-    return {"tls": {"ca_dir": str(ca_dir), "service": service, "namespace": namespace, **tls}, "services": {}}
+def server_config(
+    ca_dir: Path, service: str = "orders", namespace: str = "default", **tls: Any
+) -> dict[str, Any]:
+    return {
+        "tls": {"ca_dir": str(ca_dir), "service": service, "namespace": namespace, **tls},
+        "services": {},
+    }
 
 
-def client_config(tls: dict[str, Any], server: MTLSServer, service: str = "orders") -> dict[str, Any]:
+def client_config(
+    tls: dict[str, Any], server: MTLSServer, service: str = "orders"
+) -> dict[str, Any]:
     return {"tls": tls, "services": {service: static_service([server.address])}}
 
 

@@ -92,13 +92,17 @@ async def test_tls_13_is_negotiated_and_12_is_the_floor(ca_dir, kit, tls_mesh):
         async with kit.mtls_server(server_mesh) as server:
             leaf, key = kit.write_leaf(ca_dir, ca_dir.parent / "leaf", "web")
             ok12 = await anyio.to_thread.run_sync(
-                lambda: raw_request(server.port, leaf, key, ca_dir / "ca.crt", ssl.TLSVersion.TLSv1_2)
+                lambda: raw_request(
+                    server.port, leaf, key, ca_dir / "ca.crt", ssl.TLSVersion.TLSv1_2
+                )
             )
             assert ok12.startswith(b"HTTP/1.1 200")
             # what the mesh client negotiates by default
             async with await anyio.connect_tcp(
-                "127.0.0.1", server.port,
-                ssl_context=tls_client_ctx(ca_dir, leaf, key), tls_standard_compatible=False,
+                "127.0.0.1",
+                server.port,
+                ssl_context=tls_client_ctx(ca_dir, leaf, key),
+                tls_standard_compatible=False,
             ) as stream:
                 version = stream.extra(anyio.streams.tls.TLSAttribute.tls_version)
     assert version == "TLSv1.3"
@@ -142,12 +146,16 @@ async def test_identity_mapping_accepts_a_service_in_another_namespace(ca_dir, k
     assert response.status_code == 200
 
 
-async def test_server_from_another_ca_is_rejected_by_the_client(ca_dir, other_ca_dir, kit, tls_mesh):
+async def test_server_from_another_ca_is_rejected_by_the_client(
+    ca_dir, other_ca_dir, kit, tls_mesh
+):
     async with tls_mesh(kit.server_config(other_ca_dir, "orders")) as server_mesh:
         async with kit.mtls_server(server_mesh) as server:
             config = kit.client_config({"ca_dir": str(ca_dir), "service": "web"}, server)
             async with tls_mesh(config) as mesh, mesh.client() as client:
-                with pytest.raises(meshcore.EndpointConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                with pytest.raises(
+                    meshcore.EndpointConnectError, match="CERTIFICATE_VERIFY_FAILED"
+                ):
                     await client.get("http://orders/")
     assert server.seen == []
 
@@ -155,7 +163,9 @@ async def test_server_from_another_ca_is_rejected_by_the_client(ca_dir, other_ca
 # -- inbound ----------------------------------------------------------------------------------
 
 
-async def test_client_with_a_certificate_from_another_ca_is_rejected(ca_dir, other_ca_dir, kit, tls_mesh, tmp_path):
+async def test_client_with_a_certificate_from_another_ca_is_rejected(
+    ca_dir, other_ca_dir, kit, tls_mesh, tmp_path
+):
     cert, key = kit.write_leaf(other_ca_dir, tmp_path / "foreign", "web")
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         async with kit.mtls_server(server_mesh) as server:
@@ -168,10 +178,12 @@ async def test_client_with_a_certificate_from_another_ca_is_rejected(ca_dir, oth
     assert any("certificate" in e.lower() for e in server.handshake_errors), server.handshake_errors
 
 
-async def test_client_without_certificate_expired_or_plain_is_rejected(ca_dir, kit, tls_mesh, tmp_path):
+async def test_client_without_certificate_expired_or_plain_is_rejected(
+    ca_dir, kit, tls_mesh, tmp_path
+):
     ca = ca_dir / "ca.crt"
     good = kit.write_leaf(ca_dir, tmp_path / "good", "web")
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     expired = kit.write_leaf(ca_dir, tmp_path / "expired", "web", now=past, ttl=3600)
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         async with kit.mtls_server(server_mesh) as server:
@@ -185,15 +197,25 @@ async def test_client_without_certificate_expired_or_plain_is_rejected(ca_dir, k
     assert "expired" in errors.lower()
 
 
-async def test_openssl_s_client_confirms_the_inbound_side(ca_dir, other_ca_dir, kit, tls_mesh, tmp_path, require_binary):
+async def test_openssl_s_client_confirms_the_inbound_side(
+    ca_dir, other_ca_dir, kit, tls_mesh, tmp_path, require_binary
+):
     openssl = require_binary("openssl")
     good = kit.write_leaf(ca_dir, tmp_path / "good", "web")
     foreign = kit.write_leaf(other_ca_dir, tmp_path / "foreign", "web")
     request = b"GET /hello HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n"
 
     async def s_client(port: int, *extra: str) -> str:
-        cmd = [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca_dir / "ca.crt"),
-               "-ign_eof", *extra]
+        cmd = [
+            openssl,
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(ca_dir / "ca.crt"),
+            "-ign_eof",
+            *extra,
+        ]
         with anyio.fail_after(15):
             done = await anyio.run_process(cmd, input=request, check=False)
         return done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
@@ -201,7 +223,9 @@ async def test_openssl_s_client_confirms_the_inbound_side(ca_dir, other_ca_dir, 
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         async with kit.mtls_server(server_mesh) as server:
             ok = await s_client(server.port, "-cert", str(good[0]), "-key", str(good[1]))
-            foreign_out = await s_client(server.port, "-cert", str(foreign[0]), "-key", str(foreign[1]))
+            foreign_out = await s_client(
+                server.port, "-cert", str(foreign[0]), "-key", str(foreign[1])
+            )
             none_out = await s_client(server.port)
     assert "HTTP/1.1 200" in ok and WEB in ok
     assert "Verify return code: 0 (ok)" in ok  # s_client verified the server chain too
@@ -223,12 +247,28 @@ async def test_authorization_per_identity_method_and_path(ca_dir, kit, tls_mesh)
     async with tls_mesh(kit.server_config(ca_dir, "orders", allow=POLICY)) as server_mesh:
         async with kit.mtls_server(server_mesh) as server:
             results = {}
-            for service, namespace in (("web", "default"), ("admin", "ops"), ("intruder", "default")):
-                tls = {"ca_dir": str(ca_dir), "service": service, "namespace": namespace,
-                       "identities": {"orders": "spiffe://example.org/ns/default/sa/orders"}}
-                async with tls_mesh(kit.client_config(tls, server)) as mesh, mesh.client() as client:
-                    for method, path in (("GET", "/orders/7"), ("POST", "/orders/7"), ("GET", "/admin"),
-                                         ("GET", "/orders/../admin"), ("GET", "/ordersx")):
+            for service, namespace in (
+                ("web", "default"),
+                ("admin", "ops"),
+                ("intruder", "default"),
+            ):
+                tls = {
+                    "ca_dir": str(ca_dir),
+                    "service": service,
+                    "namespace": namespace,
+                    "identities": {"orders": "spiffe://example.org/ns/default/sa/orders"},
+                }
+                async with (
+                    tls_mesh(kit.client_config(tls, server)) as mesh,
+                    mesh.client() as client,
+                ):
+                    for method, path in (
+                        ("GET", "/orders/7"),
+                        ("POST", "/orders/7"),
+                        ("GET", "/admin"),
+                        ("GET", "/orders/../admin"),
+                        ("GET", "/ordersx"),
+                    ):
                         r = await client.request(method, f"http://orders{path}")
                         results[(service, method, path)] = (r.status_code, r.text)
             status = meshcore_tls.status(server_mesh)
@@ -248,10 +288,16 @@ async def test_authorization_per_identity_method_and_path(ca_dir, kit, tls_mesh)
 async def test_no_policy_allows_every_authenticated_peer_and_denies_plain(ca_dir, kit, tls_mesh):
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         async with kit.mtls_server(server_mesh) as server:
-            tls = {"ca_dir": str(ca_dir), "service": "anyone", "namespace": "elsewhere",
-                   "identities": {"orders": "spiffe://example.org/ns/default/sa/orders"}}
+            tls = {
+                "ca_dir": str(ca_dir),
+                "service": "anyone",
+                "namespace": "elsewhere",
+                "identities": {"orders": "spiffe://example.org/ns/default/sa/orders"},
+            }
             async with tls_mesh(kit.client_config(tls, server)) as mesh, mesh.client() as client:
-                assert (await client.post("http://orders/anything", content=b"x")).status_code == 200
+                assert (
+                    await client.post("http://orders/anything", content=b"x")
+                ).status_code == 200
         # a plain connection has no peer: nobody is authenticated
         plain = meshcore.Request("GET", "http://orders/")
         assert server_mesh.plugins.authorize(plain, None) == "a client certificate is required"

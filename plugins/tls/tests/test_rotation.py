@@ -72,12 +72,19 @@ async def test_renewal_under_load_has_zero_failures(ca_dir, kit, tls_mesh, caplo
     assert "PRIVATE KEY" not in logs
 
 
-async def test_file_reload_under_load_and_bad_files_keep_the_current_cert(ca_dir, kit, tls_mesh, tmp_path, caplog):
+async def test_file_reload_under_load_and_bad_files_keep_the_current_cert(
+    ca_dir, kit, tls_mesh, tmp_path, caplog
+):
     caplog.set_level(logging.INFO, logger="meshcore.tls")
     cert, key = kit.write_leaf(ca_dir, tmp_path / "certs", "web")
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         async with kit.mtls_server(server_mesh, close_every=5) as server:
-            tls = {"ca": str(ca_dir / "ca.crt"), "cert": str(cert), "key": str(key), "reload_interval": 0.02}
+            tls = {
+                "ca": str(ca_dir / "ca.crt"),
+                "cert": str(cert),
+                "key": str(key),
+                "reload_interval": 0.02,
+            }
             async with tls_mesh(kit.client_config(tls, server)) as mesh:
                 workload = meshcore_tls.workload(mesh)
                 first = workload.status()["serial"]
