@@ -71,7 +71,7 @@ def workload_of(peer: Any) -> Workload | None:
 
 
 def _fail(message: str, key: str = "") -> meshcore.ConfigError:
-    return meshcore.ConfigError(message, source="[tls]", path=f"tls.{key}" if key else "tls")
+    return meshcore.ConfigError(message, path=f"tls.{key}" if key else "tls")
 
 
 def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: bytes) -> None:
