@@ -101,8 +101,12 @@ def plugins_command(obj: Context) -> None:
 
 @cli.command("check-config")
 @click.argument("path", required=False)
+@click.option(
+    "--resolve", is_flag=True,
+    help="Also resolve each service once through its discovery (where it has resolve_once).",
+)
 @click.pass_obj
-def check_config(obj: Context, path: str | None) -> None:
+def check_config(obj: Context, path: str | None, resolve: bool) -> None:
     """Validate a config and print each service's resolved pipeline."""
     path = path or obj.config_path
     try:
@@ -115,7 +119,36 @@ def check_config(obj: Context, path: str | None) -> None:
         return
     for line in describe_pipelines(mesh):
         click.echo(line)
+    if resolve and not resolve_services(mesh):
+        sys.exit(1)
     click.echo(f"{path}: ok ({len(mesh.config.services)} services, plugins: {', '.join(mesh.plugins.names)})")
+
+
+def resolve_services(mesh: Any) -> bool:
+    """Build each service's discovery and await its optional `resolve_once()` (a convention,
+    not a hook: a Discovery may offer `async def resolve_once(self) -> list[Endpoint]`).
+    Prints the endpoints or the error per service; False when any failed."""
+    import anyio
+
+    async def run() -> bool:
+        ok = True
+        for name, svc in mesh.config.services.items():
+            try:
+                discovery = mesh.plugins.discovery(svc.discovery, svc.settings_for(svc.discovery), name)
+                resolve_once = getattr(discovery, "resolve_once", None)
+                if resolve_once is None:
+                    click.echo(f"{name}: {svc.discovery} cannot resolve ahead of time (skipped)")
+                    continue
+                endpoints = await resolve_once()
+            except Exception as exc:  # noqa: BLE001 - reported per service
+                click.echo(f"{name}: error: {exc}", err=True)
+                ok = False
+                continue
+            ids = ", ".join(ep.id for ep in endpoints) or "(none)"
+            click.echo(f"{name}: resolved {len(endpoints)} endpoint{'s' if len(endpoints) != 1 else ''}: {ids}")
+        return ok
+
+    return anyio.run(run)
 
 
 def describe_pipelines(mesh: Any) -> list[str]:

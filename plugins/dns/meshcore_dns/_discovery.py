@@ -151,6 +151,7 @@ class DnsDiscovery:
         self.failures = dict.fromkeys(FAILURE_KINDS, 0)
         self.consecutive_failures = 0
         self.last_error: str | None = None
+        self.last_error_kind: str | None = None
         self.resolved = False
         self.last_ttl: float | None = None
         self.last_success: float | None = None
@@ -346,7 +347,8 @@ class DnsDiscovery:
             self.consecutive_failures += 1
             if exc.kind == "nxdomain" and not self.resolved:
                 exc = DnsError("nxdomain", f"{exc}; the name has never resolved: check the name")
-        self.last_error = f"{exc.kind}: {exc}"
+        self.last_error = str(exc)
+        self.last_error_kind = exc.kind
         sink.error(exc)
 
     def _succeeded(self, result: Resolution) -> None:
@@ -374,4 +376,5 @@ class DnsDiscovery:
             "failures_total": sum(self.failures.values()),
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
+            "last_error_kind": self.last_error_kind,
         }

@@ -88,3 +88,22 @@ async def test_settings_that_depend_on_each_other_fail_at_start(mesh_factory, se
     with pytest.raises(meshcore.ConfigError, match=message):
         async with mesh:
             pass
+
+
+def test_refresh_follows_ttl_within_bounds() -> None:
+    from meshcore_dns import DnsDiscovery
+
+    d = DnsDiscovery("orders", name="x.test", port=80, min_refresh=5, max_refresh=300)
+    assert d.refresh_delay(0) == 5  # TTL 0 is not a busy loop
+    assert d.refresh_delay(30) == 30
+    assert d.refresh_delay(86400) == 300
+
+
+def test_failure_backoff_doubles_from_min_refresh_up_to_backoff_max() -> None:
+    from meshcore_dns import DnsDiscovery
+
+    d = DnsDiscovery("orders", name="x.test", port=80, min_refresh=1, backoff_max=8)
+    for failures, low, high in [(1, 1, 1), (2, 1, 2), (3, 2, 4), (4, 4, 8), (10, 4, 8), (100, 4, 8)]:
+        d.consecutive_failures = failures
+        delays = [d._backoff() for _ in range(200)]
+        assert low <= min(delays) and max(delays) <= high, (failures, min(delays), max(delays))
