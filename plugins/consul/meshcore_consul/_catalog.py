@@ -418,7 +418,9 @@ class Catalog:
         """Block until the index of `name` is past `index`, `timeout` passes, or close()."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while not self.closed and self._waited_index(name) <= index:
+            # An index past the registry's own can only come from before a restart that lost
+            # data: answer at once, so the client sees the index went backwards and resets.
+            while not self.closed and self._waited_index(name) <= index <= self.index:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return

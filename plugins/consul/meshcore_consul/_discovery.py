@@ -6,6 +6,8 @@ The loop follows Consul's client rules for blocking queries (api-docs/features/b
   moves past it or when `wait` (plus up to wait/16 jitter) runs out;
 - if the index goes backwards (registry restarted without its data, raft snapshot restore),
   reset it to 0 so the next query returns at once instead of blocking on a future index;
+- after an error, start over with a non-blocking query (the agent may have come back at a
+  lower index, which a blocking query would only reveal after `wait`);
 - never keep an index below 1 (an index of 0 would turn every query non-blocking);
 - rate-limit the loop with a token bucket of burst 2 rather than sleeping every iteration, so
   a churning registry costs a bounded number of requests while a lone change is seen at once.
@@ -36,7 +38,7 @@ STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
 
 def next_index(previous: int, returned: int) -> int:
     """The index for the next blocking query, by Consul's rules."""
-    if returned < previous:
+    if 0 < previous and returned < previous:
         return 0  # went backwards: start over with a non-blocking query
     return max(returned, 1)
 
@@ -204,6 +206,10 @@ class ConsulDiscovery:
                 except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
                     self.errors += 1
                     sink.error(exc)
+                    # The agent may have restarted without its data, at a lower index: a
+                    # blocking query on the old index would then sit out the whole `wait`
+                    # before the backwards index shows. Start over with a non-blocking query.
+                    self.index = 0
                     # Full jitter, so a fleet of watchers does not hammer a recovering agent in step.
                     await anyio.sleep(backoff * random.random())
                     backoff = min(backoff * 2, self.max_backoff)

@@ -148,6 +148,9 @@ class Registry:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: a burst of watchers (a mesh starting with
+    # many services) would overflow it and wait out a 1 s SYN retransmit.
+    request_queue_size = 512
 
     def __init__(self, address: Any, handler: Any, *, family: int, registry: Registry) -> None:
         self.address_family = family

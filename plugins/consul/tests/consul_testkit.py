@@ -81,12 +81,12 @@ def registry(tmp_path) -> Iterator[Registry]:
 
 @pytest.fixture
 def consul_mesh(mesh_factory, watcher):
-    """`consul_mesh(registry_url, service="api", **consul_settings)` -> Mesh (not started)."""
+    """`consul_mesh(registry_url, mesh_service="api", **consul_settings)` -> Mesh (not started)."""
 
-    def make(url: str, service: str = "api", extra: dict | None = None, **settings: Any) -> Any:
+    def make(url: str, mesh_service: str = "api", extra: dict | None = None, **settings: Any) -> Any:
         config = {
             "services": {
-                service: {
+                mesh_service: {
                     "discovery": "consul",
                     "balancer": "test-rr",
                     "consul": {"address": url, **settings},
