@@ -538,6 +538,11 @@ class Sidecar:
             deadline = self.settings.drain
         self.draining = True
         self.stop_accepting()
+        for name in ("outbound", "inbound"):
+            listener = self._listeners.get(name)
+            if listener is not None:  # closed now, not when the accept task next runs
+                with anyio.CancelScope(shield=True):
+                    await listener.aclose()
         self._quiet = anyio.Event()
         if self.in_flight <= 0:
             self._quiet.set()
