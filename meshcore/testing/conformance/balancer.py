@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -50,10 +50,10 @@ class BalancerConformance:
 
     pytestmark = pytest.mark.anyio
 
-    plugins: Sequence[str] = ()
-    kind: str = ""
-    settings: Mapping[str, Any] = {}
-    extra_plugins: Sequence[tuple[str, Any]] = ()
+    plugins: ClassVar[Sequence[str]] = ()
+    kind: ClassVar[str] = ""
+    settings: ClassVar[Mapping[str, Any]] = {}
+    extra_plugins: ClassVar[Sequence[tuple[str, Any]]] = ()
     #: picks per check; enough that a fair balancer reaches every one of a handful of endpoints
     picks: int = 400
 
@@ -186,11 +186,10 @@ class BalancerConformance:
         mesh = mesh_factory(
             self.config(servers), plugins=list(self.plugins), extra_plugins=self.extra_plugins
         )
-        async with mesh:
-            async with mesh.client() as client:
-                for _ in range(60):
-                    response = await client.get(f"http://{_SERVICE}/")
-                    assert response.status_code == 200
+        async with mesh, mesh.client() as client:
+            for _ in range(60):
+                response = await client.get(f"http://{_SERVICE}/")
+                assert response.status_code == 200
         assert all(server.seen for server in servers), [len(s.seen) for s in servers]
 
     async def test_unknown_setting_is_a_config_error_naming_the_key(self, mesh_factory: Any) -> None:

@@ -13,7 +13,7 @@ from meshcore.testing.conformance.balancer import BalancerConformance, endpoints
 
 pytestmark = pytest.mark.anyio
 
-PLUGINS = ["round-robin"]
+PLUGINS = ("round-robin",)
 KIND = "round-robin"
 
 
@@ -108,7 +108,7 @@ def test_start_offset_differs_between_balancers():
     snapshot = meshcore.Snapshot(eps, 1)
 
     class Bare:  # the least an upstream offers to a balancer when nothing is ejected
-        ejected: list = []
+        ejected = ()
 
         @staticmethod
         def is_ejected(ep):
@@ -129,15 +129,14 @@ async def test_weights_are_ignored(mesh_factory):
 
 async def test_real_upstreams_share_requests_evenly(upstream, mesh_factory):
     servers = [upstream(f"rr{i}") for i in range(3)]
-    async with mesh_factory(SUITE.config(servers), plugins=PLUGINS) as mesh:
-        async with mesh.client() as client:
-            names = Counter()
-            for _ in range(30):
-                names[(await client.get("http://svc/")).headers["x-upstream"]] += 1
+    names: Counter = Counter()
+    async with mesh_factory(SUITE.config(servers), plugins=list(PLUGINS)) as mesh, mesh.client() as client:
+        for _ in range(30):
+            names[(await client.get("http://svc/")).headers["x-upstream"]] += 1
     assert names == {"rr0": 10, "rr1": 10, "rr2": 10}
 
 
 async def test_round_robin_takes_no_settings(mesh_factory):
     config = SUITE.config(endpoints(2), **{KIND: {"weights": True}})
     with pytest.raises(meshcore.ConfigError, match=r"services\.svc\.round-robin\.weights"):
-        mesh_factory(config, plugins=PLUGINS)
+        mesh_factory(config, plugins=list(PLUGINS))

@@ -193,7 +193,7 @@ class _TwoChoices:
     nothing in flight a 1:2 pair would then split about 1:26 instead of 1:2.
     """
 
-    __slots__ = ("endpoints", "_n", "_prob", "_alias", "_stats")
+    __slots__ = ("_alias", "_n", "_prob", "_stats", "endpoints")
 
     def __init__(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float], stats: list) -> None:
         table = Alias(endpoints, weights)

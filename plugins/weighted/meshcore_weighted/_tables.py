@@ -27,7 +27,7 @@ _random = random.random
 
 
 class Schedule:
-    __slots__ = ("endpoints", "_heap", "_inv", "_members", "_cursor")
+    __slots__ = ("_cursor", "_heap", "_inv", "_members", "endpoints")
 
     def __init__(self, endpoints: Sequence[Endpoint], weights: Sequence[float]) -> None:
         self.endpoints = tuple(endpoints)
@@ -52,7 +52,7 @@ class Schedule:
 
 
 class Alias:
-    __slots__ = ("endpoints", "n", "prob", "alias")
+    __slots__ = ("alias", "endpoints", "n", "prob")
 
     def __init__(self, endpoints: Sequence[Endpoint], weights: Sequence[float]) -> None:
         self.endpoints = tuple(endpoints)

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from meshcore.testing.conformance.balancer import BalancerConformance
 
 
 class TestWeightedConformance(BalancerConformance):
-    plugins = ["weighted"]
+    plugins = ("weighted",)
     kind = "weighted"
 
 
 class TestRandomConformance(BalancerConformance):
-    plugins = ["weighted"]
+    plugins = ("weighted",)
     kind = "random"
 
 
 class TestLeastRequestConformance(BalancerConformance):
-    plugins = ["weighted"]
+    plugins = ("weighted",)
     kind = "least-request"
 
 
 class TestPeakEwmaConformance(BalancerConformance):
-    plugins = ["weighted"]
+    plugins = ("weighted",)
     kind = "least-request"
-    settings = {"mode": "peak-ewma", "decay": "5s"}
+    settings: ClassVar = {"mode": "peak-ewma", "decay": "5s"}
 
 
 class TestSlowStartConformance(BalancerConformance):
-    plugins = ["weighted"]
+    plugins = ("weighted",)
     kind = "weighted"
-    settings = {"slow-start-window": "30s"}
+    settings: ClassVar = {"slow-start-window": "30s"}
