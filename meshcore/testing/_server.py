@@ -193,6 +193,10 @@ class UpstreamServer:
             self._server.close()
             for transport in list(self._connections):
                 transport.abort()
+            # abort() closes the socket in a callback scheduled for the next loop iteration;
+            # let it run before the loop stops, or the client keeps a half-dead connection.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # and the answer tasks that connection_lost cancelled
             await self._server.wait_closed()
             loop.stop()
 

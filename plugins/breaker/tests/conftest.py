@@ -1,0 +1,9 @@
+"""Makes `breaker_testkit` importable (tests run with --import-mode=importlib) and its
+fixtures available."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from breaker_testkit import scripted_mesh, virtual_backend  # noqa: E402, F401
