@@ -36,6 +36,16 @@ __all__ = ["ConsulDiscovery", "TokenBucket", "next_index", "parse_health"]
 STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
 
 
+class ConsulUnreachable(Exception):
+    """The agent could not be asked: connect, TLS, timeout. Names the agent and the cause."""
+
+    def __init__(self, agent: AgentConfig, exc: BaseException) -> None:
+        detail, cause = str(exc), exc
+        while not detail and (cause := cause.__cause__ or cause.__context__) is not None:
+            detail = f"{type(cause).__name__}: {cause}" if str(cause) else ""
+        super().__init__(f"{agent.address.url}: {type(exc).__name__}" + (f": {detail}" if detail else ""))
+
+
 def next_index(previous: int, returned: int) -> int:
     """The index for the next blocking query, by Consul's rules."""
     if 0 < previous and returned < previous:
@@ -205,7 +215,7 @@ class ConsulDiscovery:
                     index, endpoints = await self.query(client)
                 except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
                     self.errors += 1
-                    sink.error(exc)
+                    sink.error(exc if isinstance(exc, ConsulAnswerError) else ConsulUnreachable(self.agent, exc))
                     # The agent may have restarted without its data, at a lower index: a
                     # blocking query on the old index would then sit out the whole `wait`
                     # before the backwards index shows. Start over with a non-blocking query.

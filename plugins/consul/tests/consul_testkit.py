@@ -120,7 +120,7 @@ class RawServer:
     `(request_head: bytes) -> bytes`. The last item repeats. `requests` keeps request heads.
     """
 
-    def __init__(self, script: list[Any]) -> None:
+    def __init__(self, script: list[Any], ssl_context: Any = None) -> None:
         self.script = list(script)
         self.requests: list[bytes] = []
         self.sock = socket.socket()
@@ -129,6 +129,9 @@ class RawServer:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_side=True)
+            self.url = f"https://127.0.0.1:{self.port}"
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -137,8 +140,10 @@ class RawServer:
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return
+            except OSError:  # ssl.SSLError included: a client refusing our certificate
+                if self._stop:
+                    return
+                continue
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
@@ -180,8 +185,8 @@ def response(body: bytes | str, *, status: str = "200 OK", index: int | None = 1
 def raw_server() -> Iterator[Callable[[list[Any]], RawServer]]:
     made: list[RawServer] = []
 
-    def make(script: list[Any]) -> RawServer:
-        server = RawServer(script)
+    def make(script: list[Any], ssl_context: Any = None) -> RawServer:
+        server = RawServer(script, ssl_context)
         made.append(server)
         return server
 
