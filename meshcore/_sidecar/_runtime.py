@@ -20,6 +20,7 @@ bad input leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -51,6 +52,8 @@ _now = anyio.current_time
 # (nginx `ssl_handshake_timeout` is 60 s; a mesh peer on a LAN needs far less).
 _HANDSHAKE_TIMEOUT = 10.0
 # Settings that need new sockets: a reload that changes them is refused.
+# Sections of discovery plugins that register the local instance (name, port, address, id).
+_REGISTRATION_SECTIONS = ("consul-registration",)
 _LISTENER_KEYS = ("outbound", "inbound", "admin", "admin_bind_any", "max_connections")
 
 
@@ -174,6 +177,7 @@ class Sidecar:
         self.config_path = config_path
         self.extra_plugins = list(extra_plugins)
         self._number = 0
+        self.registration: dict[str, Any] | None = None
         self._pending = self._build(config)  # validate now: bad config fails before any I/O
         self.settings = self._pending.config.section("sidecar")
         self.limits: ServerLimits = server_limits(self.settings)
@@ -192,9 +196,51 @@ class Sidecar:
 
     # -- config -------------------------------------------------------------------------------
 
-    def _build(self, config: MeshConfig | dict[str, Any]) -> Mesh:
+    def _build(self, config: MeshConfig | dict[str, Any], inbound: Address | None = None) -> Mesh:
+        """A mesh for `config`; with the bound `inbound` address, registration filled in."""
+        if not isinstance(config, MeshConfig):
+            config = MeshConfig.from_dict(config, source="<dict>")
+        self._raw = config
         extra = [("sidecar-telemetry", self.telemetry), *self.extra_plugins]
-        return Mesh(config, self.plugins, extra_plugins=extra, connector_factory=sidecar_connector)
+        mesh = Mesh(config, self.plugins, extra_plugins=extra, connector_factory=sidecar_connector)
+        if inbound is None:
+            return mesh
+        registered = self._registration(config, mesh, inbound)
+        if registered is None:
+            return mesh
+        return Mesh(registered, self.plugins, extra_plugins=extra, connector_factory=sidecar_connector)
+
+    def _registration(self, config: MeshConfig, mesh: Mesh, inbound: Address) -> MeshConfig | None:
+        """Tell a registering discovery plugin who this instance is.
+
+        A plugin that registers the local instance declares a section with `name`, `port`,
+        `address` and `id` settings (consul's `[consul-registration]`). When `[sidecar] service`
+        is set and that section leaves `name` empty, the sidecar fills it in: the service name,
+        and the advertised inbound address, because that is where other sidecars must connect.
+        The instance id carries the config generation: a reload registers the new generation
+        before the old one deregisters itself, so the instance is never missing in between.
+        """
+        settings = mesh.config.section("sidecar")
+        if not settings.service:
+            return None
+        address = advertised(settings, inbound)
+        sections = dict(config.sections)
+        changed = False
+        for name in _REGISTRATION_SECTIONS:
+            kind = mesh.plugins.kinds.get(name)
+            if kind is None or kind.family != "section":
+                continue
+            table = dict(sections.get(name, {}))
+            if table.get("name"):
+                continue  # the user registers explicitly
+            table["name"] = settings.service
+            table.setdefault("port", address.port)
+            table.setdefault("address", address.host)
+            table.setdefault("id", f"{settings.service}-{address.host}-{address.port}-g{self._number + 1}")
+            sections[name] = table
+            self.registration = {"section": name, **{k: table[k] for k in ("name", "address", "port", "id")}}
+            changed = True
+        return dataclasses.replace(config, sections=sections) if changed else None
 
     @staticmethod
     def _check_admin(settings: Any, source: str) -> None:
@@ -234,6 +280,7 @@ class Sidecar:
                 port = listener.listeners[0].extra(SocketAttribute.local_port)
                 self.addresses[name] = Address(address.host, port)
             mesh, self._pending = self._pending, None
+            mesh = self._build(self._raw, self.addresses["inbound"])
             self._number += 1
             self.generation = Generation(self._number, mesh)
             await self._tg.start(self.generation.run, name="generation:1")
@@ -583,7 +630,7 @@ class Sidecar:
                 if self.config_path is None:
                     raise ConfigError("no config file to reload (started from a config object)")
                 config = MeshConfig.load(self.config_path)
-            mesh = self._build(config)
+            mesh = self._build(config, self.addresses.get("inbound"))
             settings = mesh.config.section("sidecar")
             for key in _LISTENER_KEYS:
                 if settings[key] != self.settings[key]:
@@ -629,6 +676,7 @@ class Sidecar:
             "service": self.settings.service,
             "app": str(self.settings.app),
             "advertise": str(self.advertise),
+            "registration": self.registration,
             "listeners": {name: str(a) for name, a in self.addresses.items()},
             "connections_open": {name: len(c) for name, c in self.connections.items()},
         }
