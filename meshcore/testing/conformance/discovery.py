@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from meshcore import Endpoint
@@ -195,10 +196,10 @@ class DiscoveryConformance:
                     if when == "after-publish":
                         count = len(sink.published)
                         await sink.wait_for(
-                            lambda: len(sink.published) > count, self.publish_within, "a publish"
+                            lambda count=count: len(sink.published) > count, self.publish_within, "a publish"
                         )
                     else:
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
                     cancelled_at = anyio.current_time()
                     tg.cancel_scope.cancel()
                 elapsed = anyio.current_time() - cancelled_at

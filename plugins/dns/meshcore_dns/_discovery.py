@@ -43,7 +43,7 @@ import meshcore
 
 from ._records import SrvRecord, address_endpoints, is_unavailable, srv_endpoints
 
-__all__ = ["DnsDiscovery", "DnsError", "FAILURE_KINDS"]
+__all__ = ["FAILURE_KINDS", "DnsDiscovery", "DnsError"]
 
 # The failure kinds counted in the state, in the order the docs describe them.
 FAILURE_KINDS = (
@@ -191,7 +191,7 @@ class DnsDiscovery:
         question = f"{name} {rdtype}"
         try:
             return await resolver.resolve(name, rdtype, backend=current_backend())
-        except Exception as exc:  # noqa: BLE001 - classified; anything unknown is re-raised
+        except Exception as exc:
             raise _classify(exc, question, self.where) from exc
 
     async def resolve(self, resolver: dns.asyncresolver.Resolver | None = None) -> Resolution:

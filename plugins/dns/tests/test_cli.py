@@ -43,7 +43,7 @@ endpoints = ["127.0.0.1:9"]
     command = Path(sys.executable).with_name("meshcore")  # the installed console script
     return subprocess.run(
         [str(command), "-c", str(config), "check-config", "--resolve"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False,
     )
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from meshcore_dns import DnsDiscovery
 
 from meshcore.testing.conformance.discovery import DiscoveryConformance, SourceControl
-from meshcore_dns import DnsDiscovery
 
 pytestmark = pytest.mark.integration
 

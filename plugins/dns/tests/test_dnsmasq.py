@@ -34,7 +34,7 @@ async def hits(client, service: str, count: int) -> Counter:
 
 
 async def test_a_records_route_requests_to_every_address(dnsmasq, servers, mesh_for, table):
-    s21, s22 = servers(2)
+    s21, _s22 = servers(2)
     dnsmasq.set_hosts({"orders.mesh.test": ["127.0.0.21", "127.0.0.22"]})
     mesh = mesh_for({"orders": table(dnsmasq.nameserver, "orders.mesh.test", port=s21.port)})
     async with mesh, mesh.client() as client:
@@ -47,7 +47,7 @@ async def test_a_records_route_requests_to_every_address(dnsmasq, servers, mesh_
 
 
 async def test_records_change_while_running_and_the_mesh_follows(dnsmasq, servers, mesh_for, table, wait_until):
-    s21, s22, s23 = servers(3)
+    s21, _s22, _s23 = servers(3)
     dnsmasq.set_hosts({"orders.mesh.test": ["127.0.0.21"]})
     mesh = mesh_for({"orders": table(dnsmasq.nameserver, "orders.mesh.test", port=s21.port)})
     async with mesh, mesh.client() as client:
@@ -65,7 +65,7 @@ async def test_records_change_while_running_and_the_mesh_follows(dnsmasq, server
 
 
 async def test_dns_down_keeps_requests_flowing_and_updates_resume(dnsmasq, servers, mesh_for, table, wait_until):
-    s21, s22 = servers(2)
+    s21, _s22 = servers(2)
     dnsmasq.set_hosts({"orders.mesh.test": ["127.0.0.21"]})
     mesh = mesh_for({"orders": table(dnsmasq.nameserver, "orders.mesh.test", port=s21.port)})
     async with mesh, mesh.client() as client:

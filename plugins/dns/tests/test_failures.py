@@ -27,7 +27,7 @@ def failures(up, kind: str) -> int:
     ],
 )
 async def test_failure_keeps_last_good_set_and_is_counted(fake_dns, servers, mesh_for, table, wait_until, mode, kind):
-    s21, s22 = servers(2)
+    s21, _s22 = servers(2)
     fake_dns.addresses = ["127.0.0.21"]
     mesh = mesh_for({"orders": table(fake_dns.nameserver, "orders.mesh.test", port=s21.port)})
     async with mesh, mesh.client() as client:
@@ -71,7 +71,7 @@ async def test_srv_malformed_records_are_counted(fake_dns, mesh_for, table, wait
 
 
 async def test_srv_targets_without_glue_are_looked_up(fake_dns, servers, mesh_for, table):
-    s21, s22 = servers(2)
+    s21, _s22 = servers(2)
     fake_dns.mode = "srv-noglue"
     fake_dns.srv_port = s21.port
     fake_dns.addresses = ["127.0.0.21", "127.0.0.22"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from meshcore_dns import SrvRecord, srv_endpoints
 
 import meshcore
-from meshcore_dns import SrvRecord, srv_endpoints
 
 
 def rec(priority: int, weight: int, port: int, target: str) -> SrvRecord:
