@@ -27,7 +27,7 @@ __all__ = ["Kind", "PluginInfo", "Plugins", "hookimpl", "installed_plugins", "re
 
 GROUP = "meshcore"
 FAMILIES = ("discovery", "balancer", "layer", "section")
-BUILTIN = ("static", "sidecar")
+BUILTIN = ("static", "sidecar", "demo")
 
 hookimpl = pluggy.HookimplMarker("meshcore")
 

@@ -59,8 +59,10 @@ def admin_handler(sidecar: Sidecar) -> Any:
         if path == "/state":
             body = json.dumps(sidecar.state(), indent=2, default=str, sort_keys=True) + "\n"
             return _text(200, body, "application/json")
-        if path == "/":
-            return _text(200, _INDEX, "text/html; charset=utf-8")
+        if path == "/":  # the live dashboard (meshcore/_demo/dashboard.html), reading /state
+            from .._demo._dashboard import page
+
+            return _text(200, page(), "text/html; charset=utf-8")
         return _text(404, f"not found: {path} (try /live, /ready, /metrics, /state)\n")
 
     return handle
