@@ -1,0 +1,127 @@
+"""`[consul-registration]`: register on start with a TTL check, heartbeat, re-register when
+the registry lost it, deregister on clean shutdown; a crashed instance is reaped."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import meshcore
+import meshcore_consul
+from meshcore_consul import Registry
+
+pytestmark = pytest.mark.anyio
+
+
+def section(url: str, **extra):
+    return {"consul-registration": {"agent": url, "name": "orders", "address": "127.0.0.1",
+                                    "port": 8123, **extra}}
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+async def test_registers_heartbeats_and_deregisters(registry, mesh_factory):
+    config = section(registry.url, ttl="0.6s", tags=["v1"], meta={"zone": "a"},
+                     deregister_critical_after="2m")
+    async with mesh_factory(config, plugins=["consul"]) as mesh:
+        reg = meshcore_consul.registration_of(mesh)
+        assert reg.status == "registered" and reg.id == "orders-127.0.0.1-8123"
+        [entry] = registry.catalog.health_service("orders", passing=True)
+        assert entry["Service"]["Tags"] == ["v1"] and entry["Service"]["Meta"] == {"zone": "a"}
+        check = registry.catalog.checks[reg.check_id]
+        assert (check.ttl, check.deregister_after) == (0.6, 120.0)
+        assert reg.interval == pytest.approx(0.2)
+        # three TTLs pass: heartbeats keep it passing
+        await anyio.sleep(1.8)
+        assert registry.catalog.health_service("orders", passing=True)
+        assert reg.heartbeats >= 5 and reg.errors == 0
+    assert reg.status == "deregistered"
+    assert registry.catalog.services == {}
+
+
+async def test_reregisters_when_the_registry_lost_it(mesh_factory):
+    first = Registry(port=0).start()  # in memory: a restart loses everything
+    port = first.port
+    try:
+        async with mesh_factory(section(first.url, ttl="0.3s"), plugins=["consul"]) as mesh:
+            reg = meshcore_consul.registration_of(mesh)
+            await anyio.to_thread.run_sync(first.stop)
+            await until(lambda: reg.status == "unreachable")
+            first = Registry(port=port).start()
+            assert first.catalog.services == {}
+            await until(lambda: reg.registrations == 2)
+            assert reg.status == "registered" and "registering again" in reg.last_error
+            assert first.catalog.health_service("orders", passing=True)
+    finally:
+        first.stop()
+
+
+async def test_registry_down_at_start_is_not_fatal(mesh_factory):
+    from meshcore.testing import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    async with mesh_factory(section(url, ttl="0.3s", timeout="1s"), plugins=["consul"]) as mesh:
+        reg = meshcore_consul.registration_of(mesh)
+        assert reg.status == "unreachable" and reg.errors >= 1
+        with Registry(port=port) as registry:
+            await until(lambda: reg.status == "registered")
+            assert reg.id in registry.catalog.services
+
+
+async def test_crashed_instance_goes_critical_then_is_reaped(mesh_factory):
+    with Registry(port=0, min_deregister_after=0.3) as registry:
+        mesh = mesh_factory(section(registry.url, ttl="0.2s", deregister_critical_after="1s",
+                                    heartbeat_ratio=0.3), plugins=["consul"])
+        async with mesh:
+            reg = meshcore_consul.registration_of(mesh)
+            reg._scope.cancel()  # the "crash": heartbeats stop, no deregistration below
+            reg.registrations = 0
+            reg._client, client = None, reg._client
+            await client.aclose()
+        assert reg.id in registry.catalog.services
+        await until(lambda: not registry.catalog.health_service("orders", passing=True), timeout=2)
+        await until(lambda: reg.id not in registry.catalog.services, timeout=3)
+
+
+async def test_acl_token_used_for_registration(mesh_factory):
+    with Registry(port=0, token="w-token") as registry:
+        async with mesh_factory(section(registry.url, token="w-token"), plugins=["consul"]) as mesh:
+            assert meshcore_consul.registration_of(mesh).status == "registered"
+        async with mesh_factory(section(registry.url, token="bad"), plugins=["consul"]) as mesh:
+            reg = meshcore_consul.registration_of(mesh)
+            assert reg.status == "unreachable" and "ACL not found" in reg.last_error
+
+
+async def test_no_name_means_no_registration_and_name_needs_port(registry, mesh_factory):
+    async with mesh_factory({}, plugins=["consul"]) as mesh:
+        assert meshcore_consul.registration_of(mesh) is None
+    mesh = mesh_factory({"consul-registration": {"name": "orders"}}, plugins=["consul"])
+    with pytest.raises(meshcore.ConfigError, match="consul-registration.port"):
+        async with mesh:
+            pass
+
+
+@pytest.mark.parametrize(
+    ("table", "path"),
+    [
+        ({"ttl": "soon"}, "consul-registration.ttl"),
+        ({"agent": "ftp://x"}, "consul-registration.agent"),
+        ({"meta": {"a": 1}}, "consul-registration.meta"),
+        ({"heartbeat_ratio": 2.0}, "consul-registration.heartbeat_ratio"),
+        ({"colour": "red"}, "consul-registration.colour"),
+    ],
+)
+def test_bad_settings_fail_at_load_with_the_key_path(mesh_factory, table, path):
+    with pytest.raises(meshcore.ConfigError, match=path.replace(".", r"\.")):
+        mesh_factory({"consul-registration": {"name": "o", "port": 1, **table}}, plugins=["consul"])
+
+
+def test_bad_discovery_settings_fail_at_load(mesh_factory):
+    config = {"services": {"api": {"discovery": "consul", "consul": {"wait": "20m"}}}}
+    with pytest.raises(meshcore.ConfigError, match=r"services\.api\.consul\.wait"):
+        mesh_factory(config, plugins=["consul"])
