@@ -67,6 +67,8 @@ class AgentConfig:
     key_file: str = ""
     tls_skip_verify: bool = False
     timeout: float = 10.0
+    # An httpx transport to use instead of TCP (tests in virtual time, embedders).
+    transport: Any = None
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], address_key: str = "address") -> AgentConfig:
@@ -107,6 +109,7 @@ class AgentConfig:
             verify=self.ssl_context() if self.address.scheme == "https" else True,
             timeout=self.timeout,
             trust_env=False,
+            transport=self.transport,
             # Blocking queries hold a connection each; a few spares for writes.
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
         )
