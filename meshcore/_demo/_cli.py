@@ -78,6 +78,7 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     """
     import anyio
 
+    from .._errors import ConfigError, PluginError
     from ._scenario import Demo, make_plan
 
     plain = no_tty or not sys.stdout.isatty()
@@ -134,7 +135,9 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     except Exception as exc:  # noqa: BLE001 - a demo that cannot start says why, briefly
         if ctx.find_root().params.get("debug"):
             raise
-        click.echo(f"meshcore demo: error: {type(exc).__name__}: {exc}", err=True)
+        exc = _leaf(exc)
+        what = "" if isinstance(exc, (ConfigError, PluginError)) else f"{type(exc).__name__}: "
+        click.echo(f"meshcore demo: error: {what}{exc}", err=True)
         _print_logs(handler)
         sys.exit(2)
     finally:
@@ -146,6 +149,13 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     if demo.client_errors:
         click.echo(f"meshcore demo: the client saw {demo.client_errors} errors", err=True)
         sys.exit(1)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The error inside the exception groups that task groups wrap it in on its way out."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _print_logs(handler: _Collect) -> None:

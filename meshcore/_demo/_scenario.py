@@ -588,8 +588,11 @@ class Demo:
                          f"{len(seen)} endpoints, {discovery.get('errors', 0)} errors"
         retry = svc.get("retry") or {}
         self.budget = retry.get("budget") or {}
-        telemetry = state.get("sidecar", {}).get("telemetry", {})
-        self.retries = int(telemetry.get("retries", {}).get(SERVICE, 0))
+        if "retries" in self.budget:  # the retry layer's own count, exact at any moment
+            self.retries = int(self.budget["retries"])
+        else:  # attempts minus requests, from the sidecar's telemetry
+            telemetry = state.get("sidecar", {}).get("telemetry", {})
+            self.retries = int(telemetry.get("retries", {}).get(SERVICE, 0))
         breaker = svc.get("breaker") or {}
         self.ejections = int(breaker.get("ejections", 0))
         circuit = breaker.get("circuit")
