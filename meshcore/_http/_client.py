@@ -44,6 +44,7 @@ from .._errors import (
     EndpointTimeout,
 )
 from .._models import Headers, Request, Response
+from ._parse import backend_clock
 
 __all__ = ["HTTPConnector", "PoolLimits", "Timeouts"]
 
@@ -255,7 +256,7 @@ class _Waiter:
 class _Pool:
     """The keep-alive pool of one endpoint. `open` counts idle, busy and connecting ones."""
 
-    __slots__ = ("endpoint", "limits", "connector", "idle", "waiters", "open", "closed")
+    __slots__ = ("endpoint", "limits", "connector", "idle", "waiters", "open", "closed", "now")
 
     def __init__(self, endpoint: Endpoint, limits: PoolLimits, connector: HTTPConnector) -> None:
         self.endpoint = endpoint
@@ -265,6 +266,7 @@ class _Pool:
         self.waiters: deque[_Waiter] = deque()
         self.open = 0
         self.closed = False
+        self.now = backend_clock()
 
     async def acquire(self, timeouts: Timeouts, fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection and whether it was reused from the idle set."""
@@ -273,7 +275,7 @@ class _Pool:
             expiry = self.limits.idle_expiry
             while idle:
                 conn = idle.pop()
-                if expiry is not None and _current_time() - conn.idle_since > expiry:
+                if expiry is not None and self.now() - conn.idle_since > expiry:
                     # The warmest idle connection expired, so every colder one did too.
                     idle.append(conn)
                     await self._close_idle(len(idle))
@@ -363,7 +365,7 @@ class _Pool:
             waiter.conn = conn
             waiter.event.set()
             return
-        conn.idle_since = _current_time()
+        conn.idle_since = self.now()
         self.idle.append(conn)
         if len(self.idle) > self.limits.max_idle or self.closed:
             await self.discard(self.idle.popleft())
@@ -558,10 +560,11 @@ class HTTPConnector:
         conn.start(request.method == "HEAD")
         phase = "write"
         read_timeout = timeouts.read
+        now = pool.now
         try:
             with anyio.CancelScope() as scope:
                 if timeouts.write is not None:
-                    scope.deadline = _current_time() + timeouts.write
+                    scope.deadline = now() + timeouts.write
                 try:
                     if isinstance(body, bytes):
                         if len(body) <= _GLUE_BODY:
@@ -574,14 +577,14 @@ class HTTPConnector:
                         await _send_streamed(conn, body, chunked, request)
                     phase = "read"
                     scope.deadline = (
-                        math.inf if read_timeout is None else _current_time() + read_timeout
+                        math.inf if read_timeout is None else now() + read_timeout
                     )
                     receive = conn.receive
                     while not conn.headers_done:
                         data = await receive(_READ_SIZE)
                         conn.feed(data)
                         if read_timeout is not None and not conn.headers_done:
-                            scope.deadline = _current_time() + read_timeout
+                            scope.deadline = now() + read_timeout
                 except _BROKEN as exc:
                     if reused and not conn.got_bytes:
                         raise _Stale() from exc

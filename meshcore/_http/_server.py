@@ -17,6 +17,7 @@ follow nginx (`large_client_header_buffers 4 8k`, `client_header_timeout 60s`,
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
+from ._parse import backend_clock
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
 
@@ -117,7 +119,7 @@ class _Incoming:
 class _ServerConnection:
     __slots__ = (
         "stream", "limits", "info", "parser", "cur", "ready", "receive", "send",
-        "scheme", "continue_sent", "upgraded", "in_head",
+        "scheme", "continue_sent", "upgraded", "in_head", "scope", "now",
     )
 
     def __init__(self, stream: ByteStream, limits: ServerLimits, info: ConnectionInfo) -> None:
@@ -133,6 +135,11 @@ class _ServerConnection:
         self.continue_sent = False
         self.upgraded = False
         self.in_head = False
+        # One cancel scope for the connection's life; each phase (waiting for a head, writing
+        # a response) moves its deadline. Cheaper than a scope per phase, and any timeout
+        # ends the connection anyway.
+        self.scope: anyio.CancelScope = None  # type: ignore[assignment]  # made in run()
+        self.now = anyio.current_time
 
     # httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -210,24 +217,21 @@ class _ServerConnection:
     async def read_head(self) -> bool:
         """Read until a request head is parsed; False when the connection should just end."""
         limits = self.limits
-        with anyio.CancelScope() as scope:
-            timeout = limits.header_timeout if self.in_head else limits.idle_timeout
-            if timeout is not None:
-                scope.deadline = _current_time() + timeout
-            while not self.ready:
-                if self.upgraded:
-                    return False
-                try:
-                    data = await self.receive(_READ_SIZE)
-                except _BROKEN:
-                    return False
-                if not self.in_head and limits.header_timeout is not None:
-                    scope.deadline = _current_time() + limits.header_timeout
-                self.feed(data)
-        if scope.cancelled_caught:
-            if self.in_head:
-                await self.send_error(408, "request head not received in time")
-            return False
+        scope = self.scope
+        timeout = limits.header_timeout if self.in_head else limits.idle_timeout
+        scope.deadline = math.inf if timeout is None else self.now() + timeout
+        while not self.ready:
+            if self.upgraded:
+                return False
+            try:
+                data = await self.receive(_READ_SIZE)
+            except _BROKEN:
+                return False
+            was_in_head = self.in_head
+            self.feed(data)
+            if not was_in_head and self.in_head and limits.header_timeout is not None:
+                # a head started and is not complete yet: it has header_timeout to arrive
+                scope.deadline = self.now() + limits.header_timeout
         return True
 
     async def read_body(self, msg: _Incoming) -> None:
@@ -286,6 +290,15 @@ class _ServerConnection:
         )
 
     async def run(self, handler: Handler) -> None:
+        self.scope = anyio.CancelScope()
+        self.now = backend_clock()
+        with self.scope:
+            await self._run(handler)
+        if self.scope.cancelled_caught and self.in_head:
+            await self.send_error(408, "request head not received in time")
+
+    async def _run(self, handler: Handler) -> None:
+        scope = self.scope
         while True:
             if not self.ready:
                 try:
@@ -304,6 +317,7 @@ class _ServerConnection:
             except ValueError as exc:
                 await self.send_error(400, str(exc))
                 return
+            scope.deadline = math.inf
             try:
                 response = await handler(request, self.info)
             except RequestRejected as exc:
@@ -389,26 +403,36 @@ class _ServerConnection:
             return False
         send = self.send
         timeout = self.limits.write_timeout
+        scope = self.scope
+        now = self.now
         try:
-            with anyio.CancelScope() as scope:
-                if timeout is not None:
-                    scope.deadline = _current_time() + timeout
-                if isinstance(body, bytes):
-                    await send(head + body if body and not no_body else head)
-                elif no_body:
-                    await send(head)
+            if timeout is not None:
+                scope.deadline = now() + timeout
+            if isinstance(body, bytes):
+                await send(head + body if body and not no_body else head)
+            elif no_body:
+                await send(head)
+            else:
+                # Glue the head to the first chunk: one send for a typical small response.
+                iterator = body.__aiter__()
+                chunk = b""
+                while not chunk:
+                    try:
+                        chunk = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if chunk and chunked:
+                    await send(head + b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 else:
-                    await send(head)
-                    async for chunk in body:
-                        if not chunk:
-                            continue
-                        if timeout is not None:
-                            scope.deadline = _current_time() + timeout
-                        await send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                    if chunked:
-                        await send(b"0\r\n\r\n")
-            if scope.cancelled_caught:
-                raise RequestRejected(408, "client did not read the response in time")
+                    await send(head + chunk)
+                async for chunk in iterator:
+                    if not chunk:
+                        continue
+                    if timeout is not None:
+                        scope.deadline = now() + timeout
+                    await send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if chunked:
+                    await send(b"0\r\n\r\n")
         except _BROKEN as exc:
             raise RequestRejected(400, f"client went away: {exc!r}") from None
         except RequestRejected:
