@@ -225,6 +225,9 @@ class RetryLayer:
     async def run(
         self, inner: meshcore.Service, request: meshcore.Request, policy: RetryPolicy
     ) -> meshcore.Response:
+        # The success path is kept to one clock read and two shallow copies: the first attempt
+        # sends `request` itself, and later attempts are rebuilt from the headers and extensions
+        # as they were before the first one (inner layers may have changed them since).
         start = anyio.current_time()
         budget = self.budget if policy.budget else None
         if budget is not None:
@@ -238,26 +241,35 @@ class RetryLayer:
             if not fits:
                 attempts_allowed = 1
                 self.not_replayable += 1
+        headers0 = list(request.headers)
+        extensions0 = dict(request.extensions)
+        timeout_ext = _per_try_timeouts(extensions0.get("timeout"), policy.per_try_timeout)
+        if timeout_ext is not None:
+            request.extensions["timeout"] = timeout_ext
         idempotent = request.method in policy.methods
-        deadline = request.extensions.get("meshcore.deadline")
-        log = request.extensions.get("meshcore.attempts")
-        if log is None:
-            log = request.extensions["meshcore.attempts"] = []
+        deadline = extensions0.get("meshcore.deadline")
+        log: list[meshcore.Attempt] | None = None
         tried: list[meshcore.Endpoint] = []
-        timeout_ext = _per_try_timeouts(request.extensions.get("timeout"), policy.per_try_timeout)
+        attempt = request
+        began = start
         n = 0
         while True:
             n += 1
-            attempt = request.copy()
-            if tried:
+            if n > 1:
+                attempt = meshcore.Request(
+                    request.method, request.url, meshcore.Headers(headers0), request.stream,
+                    dict(extensions0),
+                )
                 attempt.extensions["meshcore.exclude"] = tuple(tried)
-            if timeout_ext is not None:
-                attempt.extensions["timeout"] = timeout_ext
-            began = anyio.current_time()
+                if timeout_ext is not None:
+                    attempt.extensions["timeout"] = timeout_ext
+                began = anyio.current_time()
             try:
                 response = await inner(attempt)
             except meshcore.EndpointError as exc:
                 now = anyio.current_time()
+                if log is None:
+                    log = self._log(request)
                 endpoint = exc.endpoint
                 if endpoint is not None:
                     tried.append(endpoint)
@@ -274,13 +286,15 @@ class RetryLayer:
                     self._raise(exc, log, n, "retry budget spent")
                 await anyio.sleep(delay)
                 continue
-            now = anyio.current_time()
             status = response.status_code
+            if status not in policy.statuses:
+                return response
+            now = anyio.current_time()
+            if log is None:
+                log = self._log(request)
             endpoint = response.extensions.get("meshcore.endpoint")
             if endpoint is not None:
                 tried.append(endpoint)
-            if status not in policy.statuses:
-                return response
             log.append(meshcore.Attempt(endpoint, f"status {status}", now - began, status))
             if not idempotent or n >= attempts_allowed:
                 if idempotent:
@@ -298,6 +312,14 @@ class RetryLayer:
                 return response
             await response.aclose()
             await anyio.sleep(delay)
+
+    @staticmethod
+    def _log(request: meshcore.Request) -> list[meshcore.Attempt]:
+        """The attempt list shared with an outer `timeout` layer (same request object)."""
+        log = request.extensions.get("meshcore.attempts")
+        if log is None:
+            log = request.extensions["meshcore.attempts"] = []
+        return log
 
     def _raise(self, exc: BaseException, log: list[meshcore.Attempt], n: int,
                why: str | None) -> None:
