@@ -188,6 +188,9 @@ def _flag(query: dict[str, list[str]], name: str, error: str) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK of the headers: +40 ms on every answer (measured on Linux loopback).
+    disable_nagle_algorithm = True
     server_version = "meshcore-registry"
     sys_version = ""
     server: _Server
