@@ -68,9 +68,10 @@ async def admin_json(sidecar: Sidecar, path: str = "/state") -> Any:
 
 
 class CutUpstream:
-    """A raw upstream that sends a response head promising 1000 bytes, 10 bytes, then closes."""
+    """A raw upstream that sends a response head promising `length` bytes, 10 bytes, then closes."""
 
-    def __init__(self) -> None:
+    def __init__(self, length: int = 1000) -> None:
+        self.length = length
         self.port = 0
         self.address = ""
 
@@ -85,11 +86,13 @@ class CutUpstream:
                 data = b""
                 while b"\r\n\r\n" not in data:
                     data += await stream.receive()
-                await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                await stream.send(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n0123456789" % self.length
+                )
 
         await listener.serve(answer)
 
 
-@pytest.fixture
-def cut_upstream() -> CutUpstream:
-    return CutUpstream()
+@pytest.fixture(params=[1000, 100_000], ids=["small", "large"])
+def cut_upstream(request: pytest.FixtureRequest) -> CutUpstream:
+    return CutUpstream(request.param)
