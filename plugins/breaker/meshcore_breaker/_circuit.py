@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["Circuit", "CountWindow", "TimeWindow", "CLOSED", "OPEN", "HALF_OPEN"]
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Circuit", "CountWindow", "TimeWindow"]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
@@ -28,7 +28,7 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 class CountWindow:
     """The outcomes of the last `size` calls, with running sums (O(1) per call)."""
 
-    __slots__ = ("size", "_ring", "_i", "calls", "failures", "slow")
+    __slots__ = ("_i", "_ring", "calls", "failures", "size", "slow")
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -59,7 +59,7 @@ class CountWindow:
 class TimeWindow:
     """The outcomes of the calls of the last `size` seconds, in one-second buckets."""
 
-    __slots__ = ("size", "_stamps", "_calls", "_failures", "_slow")
+    __slots__ = ("_calls", "_failures", "_slow", "_stamps", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size

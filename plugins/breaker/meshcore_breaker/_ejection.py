@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 import anyio
+
 import meshcore
 
 from ._failures import FailureClassifier
@@ -34,8 +35,13 @@ __all__ = ["Ejector"]
 
 
 class _Record:
-    __slots__ = ("consecutive", "multiplier", "released_at", "interval_requests",
-                 "interval_failures")
+    __slots__ = (
+        "consecutive",
+        "interval_failures",
+        "interval_requests",
+        "multiplier",
+        "released_at",
+    )
 
     def __init__(self) -> None:
         self.consecutive = 0
@@ -82,6 +88,7 @@ class Ejector:
         record = self.records.get(endpoint)
         if record is None:
             record = self.records[endpoint] = _Record()
+            self._prune()
         if outcome.error is not None:
             failed = self.classifier.error_failed(outcome.error)
         else:
@@ -97,6 +104,13 @@ class Ejector:
         if self.consecutive_failures and record.consecutive >= self.consecutive_failures:
             if not self.upstream.is_ejected(endpoint):
                 self.eject(endpoint, record, f"{record.consecutive} consecutive failures")
+
+    def _prune(self) -> None:
+        """Forget endpoints discovery dropped, so churn does not grow the table forever."""
+        live = self.upstream.snapshot.endpoints
+        if len(self.records) > 2 * len(live) + 16:
+            keep = set(live)
+            self.records = {ep: r for ep, r in self.records.items() if ep in keep}
 
     def eject(self, endpoint: meshcore.Endpoint, record: _Record, why: str) -> bool:
         upstream = self.upstream

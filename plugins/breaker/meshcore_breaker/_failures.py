@@ -45,7 +45,7 @@ def parse_statuses(values: Iterable[str]) -> frozenset[int]:
 
 
 class FailureClassifier:
-    __slots__ = ("statuses", "errors")
+    __slots__ = ("errors", "statuses")
 
     def __init__(self, statuses: frozenset[int], errors: frozenset[str]) -> None:
         self.statuses = statuses

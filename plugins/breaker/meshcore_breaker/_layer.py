@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+
 import meshcore
 
 from ._circuit import OPEN, Circuit

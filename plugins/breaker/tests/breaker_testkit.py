@@ -53,7 +53,7 @@ class Events:
         self.changes: list[tuple[str, str, str, str, str]] = []
 
     @meshcore.hookimpl
-    def meshcore_state_changed(self, service, component, subject, old, new):  # noqa: ANN001
+    def meshcore_state_changed(self, service, component, subject, old, new):
         self.changes.append((service, component, subject, old, new))
 
 
@@ -64,7 +64,7 @@ class TrackedBody:
         self.data = data
         self.closed = False
 
-    async def __aiter__(self):  # noqa: ANN204
+    async def __aiter__(self):
         yield self.data
 
     async def aclose(self) -> None:

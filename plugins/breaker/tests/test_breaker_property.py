@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from meshcore_breaker import CLOSED, HALF_OPEN, OPEN, Circuit
 
 operation = st.one_of(

@@ -44,7 +44,7 @@ def with_retry() -> None:
         pytest.skip(message)
 
 
-def mesh_for(mesh_factory, servers, resilience, events=None, **tables):  # noqa: ANN001, ANN003, ANN201
+def mesh_for(mesh_factory, servers, resilience, events=None, **tables):
     config = {
         "services": {
             "svc": static_service(servers, balancer="test-rr", resilience=resilience, **tables)

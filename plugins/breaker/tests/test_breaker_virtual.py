@@ -19,7 +19,7 @@ EP = {p: f"127.0.0.1:{p}" for p in PORTS}
 
 
 @pytest.fixture(params=["trio-virtual", "asyncio"])
-def anyio_backend(request):  # noqa: ANN001, ANN201
+def anyio_backend(request):
     if request.param == "asyncio":
         return "asyncio"
     import trio.testing
@@ -27,7 +27,7 @@ def anyio_backend(request):  # noqa: ANN001, ANN201
     return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
 
 
-def trio_only(backend) -> None:  # noqa: ANN001
+def trio_only(backend) -> None:
     if not isinstance(backend, tuple):
         pytest.skip("long virtual waits: trio MockClock only")
 
@@ -39,13 +39,13 @@ def get(target: str = "/x") -> meshcore.Request:
 NO_CIRCUIT = {"circuit": False}
 
 
-async def endpoint_of(mesh, port: int) -> meshcore.Endpoint:  # noqa: ANN001
+async def endpoint_of(mesh, port: int) -> meshcore.Endpoint:
     up = mesh.upstream("svc")
     await up.wait_ready(5)
     return next(ep for ep in up.snapshot.endpoints if ep.port == port)
 
 
-async def send_all(mesh, n: int) -> list:  # noqa: ANN001
+async def send_all(mesh, n: int) -> list:
     out = []
     for _ in range(n):
         try:
@@ -97,7 +97,7 @@ async def test_five_consecutive_failures_eject_for_30s_then_60s(scripted_mesh, a
 async def test_ejection_is_capped_and_the_multiplier_decays(scripted_mesh, anyio_backend):
     trio_only(anyio_backend)
     bad = PORTS[0]
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         lambda port, req, n: 503 if port == bad else 200,
         breaker={"circuit": False, "base_ejection_time": "100s", "max_ejection_time": "250s"},
     )
@@ -119,7 +119,7 @@ async def test_ejection_is_capped_and_the_multiplier_decays(scripted_mesh, anyio
 
 
 async def test_at_most_ten_percent_but_at_least_one_is_ejected(scripted_mesh, anyio_backend):
-    mesh, conn = scripted_mesh(lambda port, req, n: 503, breaker=NO_CIRCUIT)
+    mesh, _conn = scripted_mesh(lambda port, req, n: 503, breaker=NO_CIRCUIT)
     async with mesh:
         await send_all(mesh, 60)
         up = mesh.upstream("svc")
@@ -128,12 +128,12 @@ async def test_at_most_ten_percent_but_at_least_one_is_ejected(scripted_mesh, an
 
 
 async def test_4xx_are_not_failures_but_errors_are(scripted_mesh, anyio_backend):
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         if port == PORTS[1]:
             raise connect_error(port)
         return 404
 
-    mesh, conn = scripted_mesh(script, breaker=NO_CIRCUIT)
+    mesh, _conn = scripted_mesh(script, breaker=NO_CIRCUIT)
     async with mesh:
         await send_all(mesh, 30)
         up = mesh.upstream("svc")
@@ -141,7 +141,7 @@ async def test_4xx_are_not_failures_but_errors_are(scripted_mesh, anyio_backend)
 
 
 async def test_failure_statuses_setting(scripted_mesh, anyio_backend):
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         lambda port, req, n: 429 if port == PORTS[2] else 503,
         breaker={"circuit": False, "failure_statuses": ["429"], "max_ejection_percent": 100},
     )
@@ -188,7 +188,7 @@ async def test_circuit_opens_fails_fast_then_probes_and_closes(scripted_mesh, an
 
 async def test_failed_probes_open_the_circuit_again(scripted_mesh, anyio_backend):
     trio_only(anyio_backend)
-    mesh, conn = scripted_mesh(lambda port, req, n: 503, breaker=CIRCUIT)
+    mesh, _conn = scripted_mesh(lambda port, req, n: 503, breaker=CIRCUIT)
     async with mesh:
         await send_all(mesh, 4)
         await anyio.sleep(10)
@@ -219,7 +219,7 @@ async def test_half_open_admits_only_the_probes_under_concurrency(scripted_mesh,
 async def test_cancelled_probe_counts_as_a_failure(scripted_mesh, anyio_backend):
     trio_only(anyio_backend)
     slow = False
-    mesh, conn = scripted_mesh(lambda port, req, n: 5.0 if slow else 503, breaker=CIRCUIT)
+    mesh, _conn = scripted_mesh(lambda port, req, n: 5.0 if slow else 503, breaker=CIRCUIT)
     async with mesh:
         await send_all(mesh, 4)
         await anyio.sleep(10)
@@ -234,7 +234,7 @@ async def test_cancelled_probe_counts_as_a_failure(scripted_mesh, anyio_backend)
 
 async def test_slow_calls_open_the_circuit(scripted_mesh, anyio_backend):
     trio_only(anyio_backend)
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         lambda port, req, n: 2.0,
         breaker={**CIRCUIT, "slow_call_duration": "1s", "slow_call_rate": 75},
     )
@@ -245,7 +245,7 @@ async def test_slow_calls_open_the_circuit(scripted_mesh, anyio_backend):
 async def test_time_window_forgets_old_failures(scripted_mesh, anyio_backend):
     trio_only(anyio_backend)
     failing = True
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         lambda port, req, n: 503 if failing else 200,
         breaker={**CIRCUIT, "window": "time", "window_size": 5},
     )

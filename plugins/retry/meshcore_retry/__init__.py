@@ -27,20 +27,20 @@ from ._retry import ERROR_KINDS, IDEMPOTENT, RetryLayer, RetryPolicy, error_kind
 from ._timeout import TimeoutLayer
 
 __all__ = [
+    "RETRY_SETTINGS",
+    "TIMEOUT_SETTINGS",
     "RetryBudget",
     "RetryLayer",
     "RetryPolicy",
     "TimeoutLayer",
     "error_kind",
     "parse_retry_after",
-    "RETRY_SETTINGS",
-    "TIMEOUT_SETTINGS",
 ]
 
 _METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "TRACE", "CONNECT")
 
 
-def _check_subset(allowed: tuple[str, ...], upper: bool = False):  # noqa: ANN202
+def _check_subset(allowed: tuple[str, ...], upper: bool = False):
     def convert(values: tuple[str, ...]) -> tuple[str, ...]:
         for v in values:
             if (v.upper() if upper else v) not in allowed:

@@ -29,8 +29,18 @@ __all__ = ["RetryBudget"]
 class RetryBudget:
     """Per-service retry budget over a sliding window of one-second slots."""
 
-    __slots__ = ("ratio", "min_per_second", "ttl", "_slots", "_deposits", "_withdrawals",
-                 "_stamps", "requests", "retries", "denied")
+    __slots__ = (
+        "_deposits",
+        "_slots",
+        "_stamps",
+        "_withdrawals",
+        "denied",
+        "min_per_second",
+        "ratio",
+        "requests",
+        "retries",
+        "ttl",
+    )
 
     def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, ttl: float = 10.0) -> None:
         if ratio < 0 or min_per_second < 0 or ttl <= 0:

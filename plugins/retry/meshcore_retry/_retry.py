@@ -37,11 +37,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
+
 import meshcore
 
 from ._budget import RetryBudget
 
-__all__ = ["RetryLayer", "RetryPolicy", "ERROR_KINDS", "IDEMPOTENT"]
+__all__ = ["ERROR_KINDS", "IDEMPOTENT", "RetryLayer", "RetryPolicy"]
 
 IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 ERROR_KINDS = ("connect-failure", "reset", "timeout", "protocol-error")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+
 import meshcore
 
 __all__ = ["TimeoutLayer"]
@@ -56,14 +57,16 @@ class TimeoutLayer:
             if outer is not None and outer < deadline:
                 deadline = outer
             request.extensions["meshcore.deadline"] = deadline
-            with anyio.CancelScope(deadline=deadline) as scope:
+            with anyio.CancelScope(deadline=deadline):
                 return await inner(request)
             # Only reached when the scope cancelled the inner call.
             layer.exceeded += 1
             attempts = list(request.extensions.get("meshcore.attempts") or ())
             lines = [
-                f"service {layer.service_name!r}: deadline of {seconds:g} s exceeded "
-                f"after {len(attempts) + 1} attempt(s)"
+                (
+                    f"service {layer.service_name!r}: deadline of {seconds:g} s exceeded "
+                    f"after {len(attempts) + 1} attempt(s)"
+                )
             ] + [
                 f"  attempt {i}: {a.endpoint.id if a.endpoint else '-'}: {a.cause} "
                 f"({a.elapsed * 1000:.1f} ms)"

@@ -36,14 +36,27 @@ class RoundRobinBalancer:
         return fresh[self.i % len(fresh)]
 
 
+class FirstBalancer(RoundRobinBalancer):
+    """Always the first usable endpoint: only `exclude` can move a retry elsewhere."""
+
+    def pick(self, snapshot: Any, request: Any, exclude: Any) -> Any:
+        endpoints = snapshot.endpoints
+        healthy = [ep for ep in endpoints if not self.upstream.is_ejected(ep)] or list(endpoints)
+        return next((ep for ep in healthy if ep not in exclude), healthy[0])
+
+
 class RoundRobin:
     @meshcore.hookimpl
     def meshcore_kinds(self) -> list[meshcore.Kind]:
-        return [meshcore.Kind("test-rr", "balancer", {})]
+        return [meshcore.Kind("test-rr", "balancer", {}), meshcore.Kind("test-first", "balancer", {})]
 
     @meshcore.hookimpl
     def meshcore_balancer(self, kind: str, settings: Any, upstream: Any) -> Any:
-        return RoundRobinBalancer(upstream) if kind == "test-rr" else None
+        if kind == "test-rr":
+            return RoundRobinBalancer(upstream)
+        if kind == "test-first":
+            return FirstBalancer(upstream)
+        return None
 
 
 class Events:
@@ -53,7 +66,7 @@ class Events:
         self.changes: list[tuple[str, str, str, str, str]] = []
 
     @meshcore.hookimpl
-    def meshcore_state_changed(self, service, component, subject, old, new):  # noqa: ANN001
+    def meshcore_state_changed(self, service, component, subject, old, new):
         self.changes.append((service, component, subject, old, new))
 
 
@@ -64,7 +77,7 @@ class TrackedBody:
         self.data = data
         self.closed = False
 
-    async def __aiter__(self):  # noqa: ANN204
+    async def __aiter__(self):
         yield self.data
 
     async def aclose(self) -> None:
@@ -123,13 +136,13 @@ def read_error(port: int) -> meshcore.EndpointReadError:
 PORTS = (9001, 9002, 9003)
 
 
-def scripted_config(resilience: list[str], **tables: Any) -> dict[str, Any]:
+def scripted_config(resilience: list[str], balancer: str = "test-rr", **tables: Any) -> dict[str, Any]:
     return {
         "services": {
             "svc": {
                 "discovery": "static",
                 "static": {"endpoints": [f"127.0.0.1:{p}" for p in PORTS]},
-                "balancer": "test-rr",
+                "balancer": balancer,
                 "resilience": resilience,
                 **tables,
             }

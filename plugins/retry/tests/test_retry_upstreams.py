@@ -40,7 +40,7 @@ class TestStackConformance(LayerConformance):
     other_layers = ["timeout"]
 
 
-def mesh_for(mesh_factory, servers, **tables):  # noqa: ANN001, ANN003, ANN201
+def mesh_for(mesh_factory, servers, **tables):
     resilience = tables.pop("resilience", ["retry"])
     config = {
         "services": {

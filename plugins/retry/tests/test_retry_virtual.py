@@ -17,7 +17,7 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(params=["trio-virtual", "asyncio"])
-def anyio_backend(request):  # noqa: ANN001, ANN201
+def anyio_backend(request):
     if request.param == "asyncio":
         return "asyncio"
     import trio.testing
@@ -25,21 +25,21 @@ def anyio_backend(request):  # noqa: ANN001, ANN201
     return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
 
 
-def virtual(backend) -> bool:  # noqa: ANN001
+def virtual(backend) -> bool:
     return isinstance(backend, tuple)
 
 
-def trio_only(backend) -> None:  # noqa: ANN001
+def trio_only(backend) -> None:
     if not virtual(backend):
         pytest.skip("long virtual waits: trio MockClock only")
 
 
-def request(method: str = "GET", body: bytes | object = b"", **ext) -> meshcore.Request:  # noqa: ANN003
+def request(method: str = "GET", body: bytes | object = b"", **ext) -> meshcore.Request:
     return meshcore.Request(method, "http://svc/x", stream=body, extensions=ext)
 
 
 async def test_connect_failures_go_to_other_endpoints_then_exhaust(scripted_mesh, anyio_backend):
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         raise connect_error(port)
 
     mesh, conn = scripted_mesh(script)
@@ -95,7 +95,7 @@ async def test_final_retryable_status_is_returned_not_raised(scripted_mesh, anyi
 
 
 async def test_post_503_is_not_retried_but_connect_failure_is(scripted_mesh, anyio_backend):
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         if req.url.target == "/refused" and port == PORTS[1]:
             raise connect_error(port)
         if req.url.target == "/reset":
@@ -124,11 +124,11 @@ async def test_post_503_is_not_retried_but_connect_failure_is(scripted_mesh, any
 async def test_non_endpoint_errors_are_not_retried(scripted_mesh, anyio_backend):
     calls = []
 
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         calls.append(port)
         raise meshcore.CircuitOpen("open", service="svc", retry_at=0.0)
 
-    mesh, conn = scripted_mesh(script)
+    mesh, _conn = scripted_mesh(script)
     async with mesh:
         with pytest.raises(meshcore.CircuitOpen):
             await mesh.send(request())
@@ -195,7 +195,7 @@ async def test_deadline_covers_every_retry_and_lists_attempts(scripted_mesh, any
 
 async def test_per_try_timeout_moves_on_to_a_healthy_endpoint(scripted_mesh, anyio_backend):
     slow = PORTS[0]
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         lambda port, req, n: 10.0 if port == slow else 200,
         retry={"per_try_timeout": "50ms"},
     )
@@ -209,7 +209,7 @@ async def test_per_try_timeout_moves_on_to_a_healthy_endpoint(scripted_mesh, any
 
 async def test_timeout_layer_alone_and_per_request_override(scripted_mesh, anyio_backend):
     trio_only(anyio_backend)
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         lambda port, req, n: 3.0, resilience=["timeout"], timeout={"deadline": "1s"}
     )
     async with mesh:
@@ -226,7 +226,7 @@ async def test_timeout_layer_alone_and_per_request_override(scripted_mesh, anyio
 
 
 async def test_per_request_override(scripted_mesh, anyio_backend):
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         raise connect_error(port)
 
     mesh, conn = scripted_mesh(script)
@@ -253,15 +253,15 @@ async def test_per_request_override(scripted_mesh, anyio_backend):
 
 
 async def test_streamed_body_is_buffered_and_replayed_up_to_the_limit(scripted_mesh, anyio_backend):
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         if len(conn.log) == 1:
             raise connect_error(port)
         return 200
 
     mesh, conn = scripted_mesh(script, retry={"buffer_limit": 1000})
 
-    def stream(size: int, chunk: int = 100):  # noqa: ANN202
-        async def gen():  # noqa: ANN202
+    def stream(size: int, chunk: int = 100):
+        async def gen():
             for i in range(0, size, chunk):
                 yield b"z" * min(chunk, size - i)
 
@@ -282,10 +282,10 @@ async def test_streamed_body_is_buffered_and_replayed_up_to_the_limit(scripted_m
 
 
 async def test_budget_denies_retries_and_counts_them(scripted_mesh, anyio_backend):
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         raise connect_error(port)
 
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         script, retry={"budget_ratio": 0.0, "budget_min_per_second": 0.2, "budget_ttl": "10s"}
     )
     async with mesh:
@@ -302,10 +302,10 @@ async def test_budget_denies_retries_and_counts_them(scripted_mesh, anyio_backen
 async def test_budget_recovers_after_its_window(scripted_mesh, anyio_backend):
     trio_only(anyio_backend)
 
-    def script(port, req, n):  # noqa: ANN001, ANN202
+    def script(port, req, n):
         raise connect_error(port)
 
-    mesh, conn = scripted_mesh(
+    mesh, _conn = scripted_mesh(
         script, retry={"budget_ratio": 0.0, "budget_min_per_second": 0.1, "budget_ttl": "10s"}
     )
     async with mesh:
@@ -316,3 +316,17 @@ async def test_budget_recovers_after_its_window(scripted_mesh, anyio_backend):
         await anyio.sleep(11)
         with pytest.raises(meshcore.RetriesExhausted):
             await mesh.send(request(**{"meshcore.retry": {"attempts": 2}}))
+
+
+async def test_each_retry_excludes_the_endpoints_already_tried(scripted_mesh, anyio_backend):
+    # A balancer that always picks the first endpoint: only the exclusion moves a retry.
+    def script(port, req, n):
+        if port != PORTS[2]:
+            raise connect_error(port)
+        return 200
+
+    mesh, conn = scripted_mesh(script, balancer="test-first")
+    async with mesh:
+        response = await mesh.send(request())
+    assert response.status_code == 200
+    assert [port for _, port, _, _ in conn.log] == list(PORTS)
