@@ -16,9 +16,9 @@ import threading
 import time
 
 import anyio
+from meshcore_consul import Registry
 
 import meshcore
-from meshcore_consul import Registry
 
 
 class RoundRobin:

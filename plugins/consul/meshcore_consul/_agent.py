@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["AgentAddress", "AgentConfig", "ConsulAnswerError", "read_json", "parse_agent_address"]
+__all__ = ["AgentAddress", "AgentConfig", "ConsulAnswerError", "parse_agent_address", "read_json"]
 
 DEFAULT_AGENT = "http://127.0.0.1:8500"
 

@@ -181,8 +181,8 @@ class Registration:
                         self.status = "deregistered"
                     else:
                         self._failed(f"deregister: {error_text(response, response.content)}")
-            except httpx.HTTPError as exc:
-                self._failed(f"deregister: {type(exc).__name__}: {exc}")
+            except httpx.HTTPError as err:
+                self._failed(f"deregister: {type(err).__name__}: {err}")
             finally:
                 self._client = None
                 await client.aclose()

@@ -303,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(exc.status, exc.message.encode())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except Exception as exc:  # noqa: BLE001 - a registry bug must not kill the connection thread silently
+        except Exception as exc:
             log.exception("internal error on %s %s", method, self.path)
             self._send(500, f"internal error: {type(exc).__name__}: {exc}".encode())
 

@@ -6,4 +6,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from consul_testkit import consul_mesh, raw_server, registry, watcher  # noqa: E402, F401
+from consul_testkit import consul_mesh, raw_server, registry, watcher  # noqa: F401

@@ -12,9 +12,9 @@ from typing import Any
 
 import anyio
 import pytest
+from meshcore_consul import Registry
 
 import meshcore
-from meshcore_consul import Registry
 
 
 class InlineRoundRobin:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from meshcore_consul import Catalog, RegistryError
 
 

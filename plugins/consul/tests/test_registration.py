@@ -4,11 +4,11 @@ the registry lost it, deregister on clean shutdown; a crashed instance is reaped
 from __future__ import annotations
 
 import anyio
+import meshcore_consul
 import pytest
+from meshcore_consul import Registry
 
 import meshcore
-import meshcore_consul
-from meshcore_consul import Registry
 
 pytestmark = pytest.mark.anyio
 

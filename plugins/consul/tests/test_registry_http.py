@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-
 from meshcore_consul import Registry
 
 
@@ -223,7 +222,7 @@ def test_cli_persists_across_restart_and_reports_corruption(tmp_path):
         assert r.status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "stopped" in err
 

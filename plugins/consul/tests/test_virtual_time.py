@@ -9,10 +9,9 @@ import json
 import anyio
 import httpx
 import pytest
-from trio.testing import MockClock
-
 from meshcore_consul import AgentConfig, ConsulDiscovery, TokenBucket
 from meshcore_consul._agent import parse_agent_address
+from trio.testing import MockClock
 
 pytestmark = pytest.mark.anyio
 
