@@ -18,7 +18,7 @@ from ._errors import ConfigError
 from ._settings import Setting, Settings, validate_settings
 
 if TYPE_CHECKING:
-    from ._plugins import Plugins
+    from ._plugins import Kind, Plugins
 
 __all__ = ["MeshConfig", "ServiceConfig", "MESH_SETTINGS"]
 
@@ -125,7 +125,9 @@ class MeshConfig:
             for i, kind in enumerate(svc.resilience):
                 _check_kind(plugins, kind, "layer", src, f"{base}.resilience[{i}]")
             settings = {}
-            for kind, table in svc.tables.items():
+            for kind in (svc.discovery, svc.balancer, *svc.resilience, *svc.tables):
+                if kind is None or kind in settings:
+                    continue
                 path = f"{base}.{kind}"
                 declared = plugins.kinds.get(kind)
                 if declared is None or declared.family == "section":
@@ -135,12 +137,7 @@ class MeshConfig:
                         source=src,
                         path=path,
                     )
-                settings[kind] = validate_settings(declared.settings, table, source=src, path=path)
-            for kind in (svc.discovery, svc.balancer, *svc.resilience):
-                if kind is not None and kind not in settings:
-                    settings[kind] = validate_settings(
-                        plugins.kinds[kind].settings, {}, source=src, path=f"{base}.{kind}"
-                    )
+                settings[kind] = _kind_settings(declared, svc.tables.get(kind, {}), src, path)
             services[name] = ServiceConfig(
                 svc.name, svc.discovery, svc.balancer, svc.resilience, svc.tables, settings
             )
@@ -155,14 +152,10 @@ class MeshConfig:
                     source=src,
                     path=name,
                 )
-            section_settings[name] = validate_settings(
-                declared.settings, table, source=src, path=name
-            )
+            section_settings[name] = _kind_settings(declared, table, src, name)
         for kind in plugins.kinds.values():
             if kind.family == "section" and kind.name not in section_settings:
-                section_settings[kind.name] = validate_settings(
-                    kind.settings, {}, source=src, path=kind.name
-                )
+                section_settings[kind.name] = _kind_settings(kind, {}, src, kind.name)
         return MeshConfig(
             services=services,
             plugins=self.plugins,
@@ -176,6 +169,17 @@ class MeshConfig:
     def section(self, name: str) -> Settings:
         """A plugin section's validated settings (`[tls]`, `[registration]`, ...)."""
         return self.section_settings.get(name, Settings())
+
+
+def _kind_settings(kind: Kind, table: Mapping[str, Any], source: str, path: str) -> Settings:
+    """Validate one kind's table, then its cross-setting check (`Kind.validate`), if any."""
+    settings = validate_settings(kind.settings, table, source=source, path=path)
+    if kind.validate is not None:
+        try:
+            kind.validate(settings)
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=source, path=path) from None
+    return settings
 
 
 def _default_mesh_settings() -> Settings:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import inspect
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,9 @@ class Kind:
     family: str
     settings: Mapping[str, Setting] = field(default_factory=dict)
     help: str = ""
+    validate: Callable[[Settings], None] | None = None
+    """Checks settings against each other (`min_refresh` <= `max_refresh`): raise ValueError
+    saying what is wrong; the core reports it with the file and the kind's key path."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

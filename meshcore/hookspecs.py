@@ -58,6 +58,8 @@ def meshcore_kinds() -> Sequence[Kind]:
     keys and bad values fail at load with the file and key path, and factories receive a
     validated ``meshcore.Settings``. A ``"section"`` kind is a top-level table (``[tls]``)
     for settings that are not per service; read it with ``mesh.config.section(name)``.
+    ``Kind(..., validate=check)`` adds a check of settings against each other: ``check``
+    raises ValueError and the core reports it with the file and the kind's key path.
 
     Two plugins declaring the same kind name is a startup error. Must not import heavy
     modules or do I/O.
@@ -74,7 +76,9 @@ def meshcore_discovery(kind: str, settings: Settings, service: str) -> Discovery
 
     Called once per service when the mesh starts (and on reload), *firstresult*. Return a
     ``meshcore.Discovery`` (an object with ``async def watch(self, sink)``) when ``kind`` is one
-    of your kinds, else None. The core runs ``watch`` in one task per service: it calls
+    of your kinds, else None. The core runs ``watch`` in one task per service, passing the
+    service's ``meshcore.Upstream`` as ``sink`` (so ``sink.add_state(name, provider)`` shows
+    the discovery's own state in ``mesh.state()``); ``watch`` calls
     ``sink.publish(endpoints)`` each time the set changes (push where the source can push,
     TTL-driven refresh otherwise) and ``sink.error(exc)`` for a failure it survives itself.
     If ``watch`` raises, the core keeps the last good snapshot, counts the error and calls

@@ -140,3 +140,25 @@ def test_settings_are_read_only():
 )
 def test_durations(text, seconds):
     assert meshcore.parse_duration(text) == seconds
+
+
+def test_kind_validate_checks_settings_against_each_other(tmp_path):
+    def ordered(settings):
+        if settings.low > settings.high:
+            raise ValueError(f"low ({settings.low:g}) must not exceed high ({settings.high:g})")
+
+    class Ranged:
+        @meshcore.hookimpl
+        def meshcore_kinds(self):
+            spec = {"low": meshcore.Setting("float", 1.0), "high": meshcore.Setting("float", 2.0)}
+            return [meshcore.Kind("ranged", "layer", spec, validate=ordered)]
+
+        @meshcore.hookimpl
+        def meshcore_layer(self, kind, settings, upstream):
+            return (lambda inner: inner) if kind == "ranged" else None
+
+    path = tmp_path / "mesh.toml"
+    path.write_text(SERVICE.replace('discovery = "static"', 'discovery = "static"\nresilience = ["ranged"]') + "[services.orders.ranged]\nlow = 5.0\n")
+    with pytest.raises(ConfigError) as info:
+        meshcore.Mesh(MeshConfig.load(path), [], extra_plugins=[("ranged", Ranged())])
+    assert str(info.value) == f"{path}: services.orders.ranged: low (5) must not exceed high (2)"
