@@ -56,6 +56,7 @@ class Mesh:
         self.task_group: anyio.abc.TaskGroup | None = None
         self.running = False
         self._stack: contextlib.AsyncExitStack | None = None
+        self._state_providers: dict[str, Any] = {}
         self._check_balancers()
 
     @classmethod
@@ -174,11 +175,18 @@ class Mesh:
 
     # -- state --------------------------------------------------------------------------------
 
+    def add_state(self, name: str, provider: Any) -> None:
+        """Show mesh-wide plugin state (registration, certificates) in `state()["state"][name]`;
+        `provider()` returns something JSON-ready. Per-service state: `Upstream.add_state`."""
+        self._state_providers[name] = provider
+
     def state(self) -> dict[str, Any]:
-        """A JSON-ready view: plugins, and per service discovery, endpoints and plugin state."""
+        """A JSON-ready view: plugins, mesh-wide plugin state, and per service discovery,
+        endpoints and plugin state."""
         return {
             "running": self.running,
             "plugins": list(self.plugins.names),
+            "state": {name: provider() for name, provider in self._state_providers.items()},
             "services": {name: up.state() for name, up in self.upstreams.items()},
         }
 

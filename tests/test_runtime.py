@@ -214,6 +214,7 @@ async def test_events_lifespans_and_clean_shutdown(upstream):
                         log.append("heartbeat cancelled")
 
                 mesh.task_group.start_soon(heartbeat)
+                mesh.add_state("observer", lambda: {"beats": 0})
                 yield
                 log.append("exit")
 
@@ -239,6 +240,7 @@ async def test_events_lifespans_and_clean_shutdown(upstream):
     async with meshcore.Mesh(config, [], extra_plugins=[("observer", Observer())]) as mesh:
         async with mesh.client() as client:
             await client.get("http://orders/")
+        assert mesh.state()["state"] == {"observer": {"beats": 0}}
     assert log == [
         "enter",
         "started",
