@@ -12,6 +12,7 @@ without it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shutil
 import sys
@@ -24,8 +25,8 @@ import anyio.to_thread
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from meshcore._demo._scenario import FAIL_AT, RECOVER_AT, Demo, make_plan  # noqa: E402
-from meshcore._demo._view import render  # noqa: E402
+from meshcore._demo._scenario import FAIL_AT, RECOVER_AT, Demo, make_plan
+from meshcore._demo._view import render
 
 WIDTH = 118  # terminal columns of the rendered view
 
@@ -63,7 +64,7 @@ class Browser:
              f"--user-data-dir={profile}", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run",
              "--hide-scrollbars", "--remote-debugging-pipe", "about:blank"],
-            preexec_fn=wire, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=wire, close_fds=False,  # noqa: PLW1509 - started before any thread stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         os.close(cmd_r)
         os.close(res_w)
@@ -110,10 +111,8 @@ class Browser:
     def close(self) -> None:
         import os
 
-        try:
+        with contextlib.suppress(Exception):  # it may already be gone
             self.call("Browser.close")
-        except Exception:  # noqa: BLE001 - it may already be gone
-            pass
         try:
             self.proc.wait(10)
         except Exception:  # noqa: BLE001
@@ -124,43 +123,46 @@ class Browser:
 
 
 async def main(out_dir: Path, duration: float) -> None:
+    import io
+
     from rich.console import Console
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    browser = chromium()
-    demo = Demo(make_plan(), duration=duration, rate=50, admin="127.0.0.1:0")
+    path = chromium()
     with tempfile.TemporaryDirectory(prefix="meshcore-shots-") as profile:
-        async with demo:
-            async with anyio.create_task_group() as tg:
+        # Started before the demo's threads exist (it is spawned with a preexec_fn).
+        browser = Browser(path, profile) if path else None
+        try:
+            demo = Demo(make_plan(), duration=duration, rate=50, admin="127.0.0.1:0")
+            async with demo, anyio.create_task_group() as tg:
                 tg.start_soon(demo.run)
                 # the moment to capture: u3 failing and ejected, some traffic history behind it
                 with anyio.fail_after(duration + 10):
-                    while not (demo.elapsed >= FAIL_AT * duration and demo.ejections >= 1
+                    while not (demo.ejections >= 1
                                and demo.elapsed >= (FAIL_AT + RECOVER_AT) / 2 * duration):
                         await anyio.sleep(0.05)
                 demo.sample()
-                console = Console(record=True, width=WIDTH, force_terminal=True, color_system="truecolor",
-                                  file=open("/dev/null", "w"))  # noqa: SIM115 - closed with the process
+                console = Console(record=True, width=WIDTH, force_terminal=True,
+                                  color_system="truecolor", file=io.StringIO())
                 console.print(render(demo))
                 svg = out_dir / "demo-terminal.svg"
                 console.save_svg(str(svg), title="meshcore demo")
                 print(f"wrote {svg}")
-                if browser:
-                    b = Browser(browser, profile)
-                    try:
-                        dash = out_dir / "dashboard.png"
-                        await anyio.to_thread.run_sync(b.screenshot, demo.dashboard, dash, 1200, 640, 2.5)
-                        print(f"wrote {dash}")
-                        term = out_dir / "demo-terminal.png"
-                        width, height = svg_size(svg)
-                        await anyio.to_thread.run_sync(b.screenshot, svg.resolve().as_uri(), term,
-                                                       width, height, 0.5)
-                        print(f"wrote {term}")
-                    finally:
-                        await anyio.to_thread.run_sync(b.close)
+                if browser is not None:
+                    dash = out_dir / "dashboard.png"
+                    await anyio.to_thread.run_sync(browser.screenshot, demo.dashboard, dash, 1200, 640, 2.5)
+                    print(f"wrote {dash}")
+                    term = out_dir / "demo-terminal.png"
+                    width, height = svg_size(svg)
+                    await anyio.to_thread.run_sync(browser.screenshot, svg.resolve().as_uri(), term,
+                                                   width, height, 0.5)
+                    print(f"wrote {term}")
                 else:
                     print("chromium not found: PNGs not written (apt-get install chromium)")
                 tg.cancel_scope.cancel()
+        finally:
+            if browser is not None:
+                browser.close()
 
 
 if __name__ == "__main__":

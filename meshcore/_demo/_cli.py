@@ -87,7 +87,7 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     root.addHandler(handler)
     try:
         plan = make_plan(without)
-    except Exception as exc:  # a plugin that fails to import
+    except Exception as exc:  # noqa: BLE001 - a plugin that fails to import
         click.echo(f"meshcore demo: error: {exc}", err=True)
         sys.exit(2)
     explicit_admin = ctx.get_parameter_source("admin") != click.core.ParameterSource.DEFAULT
@@ -132,7 +132,7 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     except KeyboardInterrupt:
         click.echo("meshcore demo: interrupted; everything it started is stopped", err=True)
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - a demo that cannot start says why, briefly
+    except Exception as exc:
         if ctx.find_root().params.get("debug"):
             raise
         exc = _leaf(exc)

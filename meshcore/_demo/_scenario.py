@@ -31,7 +31,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import anyio
 
@@ -39,7 +39,7 @@ from .._endpoints import Endpoint
 from .._errors import ConfigError
 from .._plugins import Kind, hookimpl, installed_plugins
 
-__all__ = ["Demo", "Plan", "make_plan", "OPTIONAL_PLUGINS"]
+__all__ = ["OPTIONAL_PLUGINS", "Demo", "Plan", "make_plan"]
 
 SERVICE = "api"
 INSTANCES = ("u1", "u2", "u3")
@@ -251,7 +251,7 @@ class Demo:
 
     # -- setup and teardown -----------------------------------------------------------------
 
-    async def __aenter__(self) -> Demo:
+    async def __aenter__(self) -> Self:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
@@ -264,7 +264,7 @@ class Demo:
         self._stack = stack
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> bool:
+    async def __aexit__(self, *exc_info: object) -> bool:
         stack, self._stack = self._stack, None
         if stack is None:
             return False
@@ -489,25 +489,25 @@ class Demo:
         address = self.sidecar.addresses["outbound"]
         interval = 1.0 / self.rate
         limiter = anyio.CapacityLimiter(256)
-        async with httpx.AsyncClient(
+        client = httpx.AsyncClient(
             base_url=f"http://{address}",
             headers={"host": SERVICE},
             timeout=httpx.Timeout(10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        ) as client:
-            async with anyio.create_task_group() as tg:
-                assert self.started_at is not None
-                n = 0
-                while not self._stop_load.is_set():
-                    tg.start_soon(self._one, client, limiter, n)
-                    n += 1
-                    with anyio.move_on_after(max(0.0, self.started_at + n * interval - anyio.current_time())):
-                        await self._stop_load.wait()
-                # Let the requests in flight finish (bounded), so the summary counts them all.
-                with anyio.move_on_after(SLOW_DELAY * 4 + 2):
-                    while self.in_flight:
-                        await anyio.sleep(0.01)
-                tg.cancel_scope.cancel()
+        )
+        assert self.started_at is not None
+        async with client, anyio.create_task_group() as tg:
+            n = 0
+            while not self._stop_load.is_set():
+                tg.start_soon(self._one, client, limiter, n)
+                n += 1
+                with anyio.move_on_after(max(0.0, self.started_at + n * interval - anyio.current_time())):
+                    await self._stop_load.wait()
+            # Let the requests in flight finish (bounded), so the summary counts them all.
+            with anyio.move_on_after(SLOW_DELAY * 4 + 2):
+                while self.in_flight:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
 
     async def _one(self, client: Any, limiter: anyio.CapacityLimiter, n: int) -> None:
         phase = self.phase

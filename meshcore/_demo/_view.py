@@ -16,14 +16,14 @@ from rich.text import Text
 
 from ._scenario import PHASES, Demo, Event
 
-__all__ = ["render", "setup_lines", "status_line", "summary_lines", "event_line"]
+__all__ = ["event_line", "render", "setup_lines", "status_line", "summary_lines"]
 
 _STYLE = {"script": "yellow", "bad": "red", "good": "green", "info": "cyan"}
 
 
 def setup_lines(demo: Demo) -> list[str]:
-    lines = ["meshcore demo: three instances of service 'api' behind a sidecar, a client load, "
-             f"a scripted timeline over {demo.duration:g} s"]
+    lines = [("meshcore demo: three instances of service 'api' behind a sidecar, a client load, "
+              f"a scripted timeline over {demo.duration:g} s")]
     lines += [f"  with    {text}" for text in demo.plan.included]
     lines += [f"  without {text}" for text in demo.plan.left_out]
     lines.append(f"  dashboard: {demo.dashboard}   (the sidecar's admin listener; /state, /metrics)")

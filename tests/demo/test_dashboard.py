@@ -23,7 +23,7 @@ from meshcore.testing import require_binary
 
 pytestmark = pytest.mark.anyio
 
-ROW = re.compile(r'<tr data-endpoint="([^"]+)">(.*?)</tr>', re.S)
+ROW = re.compile(r'<tr data-endpoint="([^"]+)">(.*?)</tr>', re.DOTALL)
 
 
 def config(orders: list[Any], web: Any) -> dict[str, Any]:
@@ -57,7 +57,7 @@ async def dump_dom(chromium: str, url: str, profile: Path) -> str:
 
 
 def endpoint_rows(dom: str, service: str) -> dict[str, str]:
-    section = re.search(rf'<section class="service" data-service="{service}">(.*?)</section>', dom, re.S)
+    section = re.search(rf'<section class="service" data-service="{service}">(.*?)</section>', dom, re.DOTALL)
     assert section, f"service {service} is not on the page"
     return dict(ROW.findall(section[1]))
 
@@ -71,11 +71,11 @@ def cell(row: str, name: str) -> str:
 async def test_page_is_self_contained_html(upstream, monkeypatch):
     monkeypatch.delenv("MESHCORE_PLUGINS", raising=False)
     orders = [upstream(f"o{i}") for i in range(3)]
-    async with Sidecar(config(orders, upstream("w")), [], extra_plugins=[("demo-rotation", _RotationPlugin())]) as sidecar:
-        async with httpx.AsyncClient() as client:
-            r = await client.get(f"http://{sidecar.addresses['admin']}/")
-            head = await client.head(f"http://{sidecar.addresses['admin']}/")
-            post = await client.post(f"http://{sidecar.addresses['admin']}/")
+    sidecar = Sidecar(config(orders, upstream("w")), [], extra_plugins=[("demo-rotation", _RotationPlugin())])
+    async with sidecar, httpx.AsyncClient() as client:
+        r = await client.get(f"http://{sidecar.addresses['admin']}/")
+        head = await client.head(f"http://{sidecar.addresses['admin']}/")
+        post = await client.post(f"http://{sidecar.addresses['admin']}/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert r.content == page()
     assert head.status_code == 200 and head.content == b""

@@ -38,7 +38,7 @@ def run_demo(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.Comp
     cwd.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "meshcore", "demo", *args],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
     )
     assert_cleaned_up(mark, tmp, cwd, result.stdout)
     return result
