@@ -49,6 +49,7 @@ OPTIONAL_PLUGINS = ("consul", "tls", "weighted", "round-robin", "retry", "breake
 SLOW_AT, FAIL_AT, RECOVER_AT = 0.30, 0.45, 0.75
 SLOW_DELAY = 0.25  # seconds u2 takes per answer once slow: well above the others' ~1 ms
 PHASES = ("healthy", "u2 slow", "u2 slow, u3 failing", "u3 recovered")
+CONSECUTIVE_FAILURES = 5  # ejection threshold: Envoy's consecutive_5xx default, the breaker's too
 SAMPLE_EVERY = 0.25
 WINDOW = 2.0  # seconds of history behind the per-instance rates
 
@@ -350,6 +351,7 @@ class Demo:
         if plan.breaker:
             layers.append("breaker")
             service["breaker"] = {
+                "consecutive_failures": CONSECUTIVE_FAILURES,
                 "base_ejection_time": self.ejection,
                 "max_ejection_time": self.ejection * 3,
             }
@@ -566,7 +568,7 @@ class Demo:
             if view.times_ejected > before or (view.ejected and not was):
                 until = f" for {self.ejection * ep['times_ejected']:.1f} s" if self.plan.breaker else ""
                 self.event(
-                    f"{name} ejected after {self._consecutive()} consecutive failures{until}; "
+                    f"{name} ejected after {CONSECUTIVE_FAILURES} consecutive failures{until}; "
                     f"{self._absorbed()}",
                     "bad",
                 )
@@ -614,9 +616,6 @@ class Demo:
             self.event(f"the client saw {errors - self._last_client_errors} error(s) "
                        f"({self._last_cause()}); {errors} so far", "bad")
             self._last_client_errors = errors
-
-    def _consecutive(self) -> int:
-        return 5  # the breaker's consecutive_failures (Envoy consecutive_5xx default)
 
     def _absorbed(self) -> str:
         errors = self.client_errors
