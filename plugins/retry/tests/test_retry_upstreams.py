@@ -124,3 +124,20 @@ async def test_exhausted_error_names_every_attempt(mesh_factory):
     for address in dead:
         assert address in text
     assert isinstance(info.value, meshcore.MeshError) and info.value.service == "svc"
+
+
+async def test_deadline_against_a_hanging_upstream(upstream, mesh_factory):
+    servers = [upstream("slow", delay=5.0), upstream("b", delay=5.0), upstream("c", delay=5.0)]
+    mesh = mesh_for(mesh_factory, servers, resilience=["timeout", "retry"],
+                    timeout={"deadline": "300ms"}, retry={"per_try_timeout": "100ms"})
+    async with mesh, mesh.client() as client:
+        start = anyio.current_time()
+        with pytest.raises(meshcore.DeadlineExceeded) as info:
+            await client.get("http://svc/")
+        elapsed = anyio.current_time() - start
+        for server in servers:
+            server.behave(delay=0.0)
+        assert (await client.get("http://svc/")).status_code == 200
+    assert 0.3 <= elapsed < 1.0
+    assert len(info.value.attempts) >= 2, "per-try timeouts moved on before the deadline"
+    assert "deadline of 0.3 s exceeded" in str(info.value)
