@@ -721,7 +721,7 @@ class Demo:
                        "so most requests never waited for it")
             else:
                 how = (f"{self.plan.balancer} does not look at latency and kept sending it "
-                       f"{share:.0f}% of the attempts (install weighted for least-request)")
+                       f"{share:.0f}% of the attempts (the weighted plugin's least-request steers around it)")
             stories.append(f"u2 slow ({SLOW_DELAY * 1000:.0f} ms per answer): {how}; "
                            f"worst p99 while slow {slow_p99:.0f} ms.")
         if last >= 3:  # u3 failed from mark 2 to mark 3
