@@ -125,7 +125,7 @@ class LayerConformance:
     ) -> None:
         server = upstream()
 
-        async def chunks():  # noqa: ANN202
+        async def chunks():
             for i in range(5):
                 yield bytes([65 + i]) * 1000
 
