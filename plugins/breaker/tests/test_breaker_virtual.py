@@ -12,6 +12,7 @@ import pytest
 from breaker_testkit import PORTS, Events, connect_error
 
 import meshcore
+from meshcore.testing import virtual_trio
 
 pytestmark = pytest.mark.anyio
 
@@ -27,9 +28,8 @@ def anyio_backend(request):
     return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
 
 
-def trio_only(backend) -> None:
-    if not isinstance(backend, tuple):
-        pytest.skip("long virtual waits: trio MockClock only")
+# Tests of long virtual waits run on trio's MockClock only (they are about virtual time).
+VIRTUAL_ONLY = pytest.mark.parametrize("anyio_backend", [virtual_trio()])
 
 
 def get(target: str = "/x") -> meshcore.Request:
@@ -55,8 +55,8 @@ async def send_all(mesh, n: int) -> list:
     return out
 
 
+@VIRTUAL_ONLY
 async def test_five_consecutive_failures_eject_for_30s_then_60s(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     bad = PORTS[0]
     events = Events()
     mesh, conn = scripted_mesh(
@@ -94,8 +94,8 @@ async def test_five_consecutive_failures_eject_for_30s_then_60s(scripted_mesh, a
         assert state["endpoints"][EP[bad]]["ejection_multiplier"] == 2
 
 
+@VIRTUAL_ONLY
 async def test_ejection_is_capped_and_the_multiplier_decays(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     bad = PORTS[0]
     mesh, _conn = scripted_mesh(
         lambda port, req, n: 503 if port == bad else 200,
@@ -160,8 +160,8 @@ CIRCUIT = {
 }
 
 
+@VIRTUAL_ONLY
 async def test_circuit_opens_fails_fast_then_probes_and_closes(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     healthy = False
     events = Events()
     mesh, conn = scripted_mesh(
@@ -186,8 +186,8 @@ async def test_circuit_opens_fails_fast_then_probes_and_closes(scripted_mesh, an
         assert await send_all(mesh, 5) == [200] * 5
 
 
+@VIRTUAL_ONLY
 async def test_failed_probes_open_the_circuit_again(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     mesh, _conn = scripted_mesh(lambda port, req, n: 503, breaker=CIRCUIT)
     async with mesh:
         await send_all(mesh, 4)
@@ -197,8 +197,8 @@ async def test_failed_probes_open_the_circuit_again(scripted_mesh, anyio_backend
         assert circuit["state"] == "open" and circuit["opened"] == 2
 
 
+@VIRTUAL_ONLY
 async def test_half_open_admits_only_the_probes_under_concurrency(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     mesh, conn = scripted_mesh(lambda port, req, n: 503 if len(conn.log) <= 4 else 1.0, breaker=CIRCUIT)
     results: list = []
     async with mesh:
@@ -216,8 +216,8 @@ async def test_half_open_admits_only_the_probes_under_concurrency(scripted_mesh,
         assert sorted(map(str, results)) == ["200", "200"] + ["CircuitOpen"] * 8
 
 
+@VIRTUAL_ONLY
 async def test_cancelled_probe_counts_as_a_failure(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     slow = False
     mesh, _conn = scripted_mesh(lambda port, req, n: 5.0 if slow else 503, breaker=CIRCUIT)
     async with mesh:
@@ -232,8 +232,8 @@ async def test_cancelled_probe_counts_as_a_failure(scripted_mesh, anyio_backend)
         assert circuit["state"] == "open", "1 of 2 probes failed: 50% reopens"
 
 
+@VIRTUAL_ONLY
 async def test_slow_calls_open_the_circuit(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     mesh, _conn = scripted_mesh(
         lambda port, req, n: 2.0,
         breaker={**CIRCUIT, "slow_call_duration": "1s", "slow_call_rate": 75},
@@ -242,8 +242,8 @@ async def test_slow_calls_open_the_circuit(scripted_mesh, anyio_backend):
         assert await send_all(mesh, 5) == [200] * 4 + ["CircuitOpen"]
 
 
+@VIRTUAL_ONLY
 async def test_time_window_forgets_old_failures(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     failing = True
     mesh, _conn = scripted_mesh(
         lambda port, req, n: 503 if failing else 200,

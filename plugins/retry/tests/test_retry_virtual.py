@@ -12,6 +12,7 @@ import pytest
 from retry_testkit import PORTS, connect_error, read_error
 
 import meshcore
+from meshcore.testing import virtual_trio
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +30,8 @@ def virtual(backend) -> bool:
     return isinstance(backend, tuple)
 
 
-def trio_only(backend) -> None:
-    if not virtual(backend):
-        pytest.skip("long virtual waits: trio MockClock only")
+# Tests of long virtual waits run on trio's MockClock only (they are about virtual time).
+VIRTUAL_ONLY = pytest.mark.parametrize("anyio_backend", [virtual_trio()])
 
 
 def request(method: str = "GET", body: bytes | object = b"", **ext) -> meshcore.Request:
@@ -135,8 +135,8 @@ async def test_non_endpoint_errors_are_not_retried(scripted_mesh, anyio_backend)
     assert len(calls) == 1
 
 
+@VIRTUAL_ONLY
 async def test_retry_after_seconds_is_honoured(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     mesh, conn = scripted_mesh(
         lambda port, req, n: (503, [("retry-after", "2")]) if len(conn.log) == 1 else 200
     )
@@ -146,10 +146,10 @@ async def test_retry_after_seconds_is_honoured(scripted_mesh, anyio_backend):
     assert conn.log[1][0] - conn.log[0][0] == pytest.approx(2.0)
 
 
+@VIRTUAL_ONLY
 async def test_retry_after_past_the_deadline_returns_the_response_at_once(
     scripted_mesh, anyio_backend
 ):
-    trio_only(anyio_backend)
     mesh, conn = scripted_mesh(
         lambda port, req, n: (503, [("retry-after", "30")]),
         resilience=["timeout", "retry"],
@@ -174,8 +174,8 @@ def test_parse_retry_after():
     assert parse_retry_after("Tue, 14 Nov 2023 22:13:00 GMT", now_wall=now) == 0.0
 
 
+@VIRTUAL_ONLY
 async def test_deadline_covers_every_retry_and_lists_attempts(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     mesh, conn = scripted_mesh(
         lambda port, req, n: 10.0,  # every endpoint hangs 10 s
         resilience=["timeout", "retry"],
@@ -207,8 +207,8 @@ async def test_per_try_timeout_moves_on_to_a_healthy_endpoint(scripted_mesh, any
     assert slow_stats["failures"] >= 1, "the sender's timeout is an outcome the mesh records"
 
 
+@VIRTUAL_ONLY
 async def test_timeout_layer_alone_and_per_request_override(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
     mesh, _conn = scripted_mesh(
         lambda port, req, n: 3.0, resilience=["timeout"], timeout={"deadline": "1s"}
     )
@@ -299,8 +299,8 @@ async def test_budget_denies_retries_and_counts_them(scripted_mesh, anyio_backen
     assert budget["retries"] == 2 and budget["denied"] == 1 and budget["requests"] == 2
 
 
+@VIRTUAL_ONLY
 async def test_budget_recovers_after_its_window(scripted_mesh, anyio_backend):
-    trio_only(anyio_backend)
 
     def script(port, req, n):
         raise connect_error(port)
