@@ -146,8 +146,7 @@ class _Connection:
         self.head = head
         self.status = 0
         self.reason = b""
-        self.headers = _new_headers(Headers)
-        self.chunks = []
+        self.chunks = []  # headers start fresh in on_message_begin
         self.headers_done = self.complete = self.interim = False
         self.framed = self.close_delimited = False
         self.keep_alive = True
@@ -256,7 +255,9 @@ class _Waiter:
 class _Pool:
     """The keep-alive pool of one endpoint. `open` counts idle, busy and connecting ones."""
 
-    __slots__ = ("endpoint", "limits", "connector", "idle", "waiters", "open", "closed", "now")
+    __slots__ = (
+        "endpoint", "limits", "connector", "idle", "waiters", "open", "closed", "now", "fresh_for",
+    )
 
     def __init__(self, endpoint: Endpoint, limits: PoolLimits, connector: HTTPConnector) -> None:
         self.endpoint = endpoint
@@ -267,6 +268,9 @@ class _Pool:
         self.open = 0
         self.closed = False
         self.now = backend_clock()
+        # An idle connection younger than this is reused without expiry or liveness checks.
+        expiry = limits.idle_expiry
+        self.fresh_for = 1.0 if expiry is None else min(1.0, expiry)
 
     async def acquire(self, timeouts: Timeouts, fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection and whether it was reused from the idle set."""
@@ -280,7 +284,10 @@ class _Pool:
                     idle.append(conn)
                     await self._close_idle(len(idle))
                     break
-                if conn.peer_closed():
+                # A connection reused within a second is practically never closed by a
+                # server's keep-alive timeout (those are seconds); past that, one peek syscall
+                # spares the request the stale-connection round trip.
+                if self.now() - conn.idle_since > self.fresh_for and conn.peer_closed():
                     await self.discard(conn)
                     continue
                 return conn, True
@@ -370,6 +377,15 @@ class _Pool:
         if len(self.idle) > self.limits.max_idle or self.closed:
             await self.discard(self.idle.popleft())
 
+    async def finish(self, conn: _Connection) -> None:
+        """The response on `conn` ended: reuse the connection if it may be, else close it."""
+        if conn.keep_alive and not self.closed:
+            if conn.head:
+                conn.parser = httptools.HttpResponseParser(conn)
+            await self.release(conn)
+        else:
+            await self.discard(conn)
+
     async def discard(self, conn: _Connection) -> None:
         """Close a connection that must not be reused, and free its slot."""
         self._slot_freed()
@@ -404,6 +420,32 @@ class _Pool:
             "in_use": self.open - idle,
             "waiting": len(self.waiters),
         }
+
+
+class BufferedBody:
+    """A response body that arrived whole with the head; its connection is already free.
+
+    Iterates as one chunk like any streamed body; the server side of the engine reads `data`
+    directly, so a proxied small response goes out in one send.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    def __aiter__(self) -> BufferedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = self.data
+        self.data = None
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    async def aclose(self) -> None:
+        self.data = None
 
 
 class _ResponseBody:
@@ -472,14 +514,8 @@ class _ResponseBody:
     async def _finish(self) -> None:
         conn = self._conn
         self._conn = None
-        if conn is None:
-            return
-        if conn.keep_alive and not self._pool.closed:
-            if conn.head:
-                conn.parser = httptools.HttpResponseParser(conn)
-            await self._pool.release(conn)
-        else:
-            await self._pool.discard(conn)
+        if conn is not None:
+            await self._pool.finish(conn)
 
     async def aclose(self) -> None:
         """Stop reading: a finished body returns the connection, an unfinished one closes it."""
@@ -528,7 +564,13 @@ class HTTPConnector:
         ext = request.extensions.get("timeout")
         timeouts = self.timeouts.override(ext) if ext else self.timeouts
         head, body, chunked = _serialize_head(request)
-        conn, reused = await pool.acquire(timeouts)
+        idle = pool.idle
+        if idle and pool.now() - idle[-1].idle_since <= pool.fresh_for:
+            # Fast path: the warmest idle connection was used within the second, so it is
+            # neither expired nor worth a liveness peek (see _Pool.acquire).
+            conn, reused = idle.pop(), True
+        else:
+            conn, reused = await pool.acquire(timeouts)
         try:
             return await self._exchange(pool, conn, reused, request, head, body, chunked, timeouts)
         except _Stale as stale:
@@ -563,6 +605,9 @@ class HTTPConnector:
         now = pool.now
         try:
             with anyio.CancelScope() as scope:
+                # Every deadline change costs the scheduler work: when write and read limits
+                # are equal (the default), one deadline covers the write and the first read.
+                same = timeouts.write == read_timeout
                 if timeouts.write is not None:
                     scope.deadline = now() + timeouts.write
                 try:
@@ -576,9 +621,10 @@ class HTTPConnector:
                         await conn.send(head)
                         await _send_streamed(conn, body, chunked, request)
                     phase = "read"
-                    scope.deadline = (
-                        math.inf if read_timeout is None else now() + read_timeout
-                    )
+                    if not same:
+                        scope.deadline = (
+                            math.inf if read_timeout is None else now() + read_timeout
+                        )
                     receive = conn.receive
                     while not conn.headers_done:
                         data = await receive(_READ_SIZE)
@@ -612,17 +658,19 @@ class HTTPConnector:
             for k, v in request.headers:
                 if len(k) == 10 and k.lower() == b"connection" and b"close" in v.lower():
                     conn.keep_alive = False
-        return Response(
-            conn.status,
-            conn.headers,
-            _ResponseBody(conn, pool, read_timeout),
-            {
-                "http_version": b"HTTP/1.1"
-                if conn.parser.get_http_version() == "1.1"
-                else b"HTTP/1.0",
-                "reason_phrase": conn.reason,
-            },
-        )
+        extensions = {
+            "http_version": b"HTTP/1.1" if conn.parser.get_http_version() == "1.1" else b"HTTP/1.0",
+            "reason_phrase": conn.reason,
+        }
+        if conn.complete:
+            # The whole body came with the head (most small responses): give the connection
+            # back now and hand out the bytes, so nobody pays for a streaming reader.
+            chunks = conn.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            conn.chunks = []
+            await pool.finish(conn)
+            return Response(conn.status, conn.headers, BufferedBody(data), extensions)
+        return Response(conn.status, conn.headers, _ResponseBody(conn, pool, read_timeout), extensions)
 
     async def aclose(self) -> None:
         """Close every idle connection; busy ones close when their response ends."""

@@ -31,6 +31,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
+from ._client import BufferedBody
 from ._parse import backend_clock
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
@@ -45,6 +46,7 @@ _BROKEN = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceErr
 # Unread request body a keep-alive connection will read and drop after the response; more
 # than this and closing is cheaper (nginx discards bodies the same way, `lingering_close`).
 _MAX_DRAIN = 1 << 20
+_NOT_SEEN = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,7 @@ class _Incoming:
 class _ServerConnection:
     __slots__ = (
         "stream", "limits", "info", "parser", "cur", "ready", "receive", "send",
-        "scheme", "continue_sent", "upgraded", "in_head", "scope", "now",
+        "scheme", "continue_sent", "upgraded", "in_head", "scope", "now", "last_host",
     )
 
     def __init__(self, stream: ByteStream, limits: ServerLimits, info: ConnectionInfo) -> None:
@@ -135,6 +137,7 @@ class _ServerConnection:
         self.continue_sent = False
         self.upgraded = False
         self.in_head = False
+        self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
         # One cancel scope for the connection's life; each phase (waiting for a head, writing
         # a response) moves its deadline. Cheaper than a scope per phase, and any timeout
         # ends the connection anyway.
@@ -270,7 +273,12 @@ class _ServerConnection:
     def build_request(self, msg: _Incoming) -> Request:
         target = msg.url.decode("latin-1")
         if target.startswith("/") or target == "*":
-            host, port = _split_host(msg.host, self.info, self.scheme)
+            # A keep-alive client sends the same Host every time: split it once.
+            if self.last_host[0] == msg.host:
+                host, port = self.last_host[1]
+            else:
+                host, port = _split_host(msg.host, self.info, self.scheme)
+                self.last_host = (msg.host, (host, port))
             url = URL(self.scheme, host, port, target)
         elif "://" in target:  # absolute-form (RFC 9112 §3.2.2): it wins over Host
             url = URL.parse(target)
@@ -378,7 +386,9 @@ class _ServerConnection:
             append(name + b": " + value)
         no_body = msg.method == "HEAD" or status < 200 or status == 204 or status == 304
         chunked = False
-        if isinstance(body, (bytearray, memoryview)):
+        if type(body) is BufferedBody:  # a whole upstream body: send it with the head
+            body = body.data or b""
+        elif isinstance(body, (bytearray, memoryview)):
             body = bytes(body)
         if isinstance(body, bytes):
             if not has_length and not (status < 200 or status == 204 or status == 304):

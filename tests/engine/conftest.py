@@ -199,6 +199,15 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/garbage":
             self.wfile.write(b"HTTP/1.1 2x0 What\r\n\r\n")
             self.close_connection = True
+        elif path == "/partial":
+            # The head and half the body now, the rest never: the response holds its connection.
+            self.send_response(200)
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+            self.wfile.write(b"12345")
+            self.wfile.flush()
+            self.server.hang.wait(3)  # type: ignore[attr-defined]
+            self.close_connection = True
         elif path == "/hang":
             self.server.hang.wait(10)  # type: ignore[attr-defined]
             self.close_connection = True

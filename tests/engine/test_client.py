@@ -195,12 +195,12 @@ async def test_read_timeout(pyserver) -> None:  # type: ignore[no-untyped-def]
 async def test_pool_timeout(pyserver) -> None:  # type: ignore[no-untyped-def]
     limits = PoolLimits(max_connections=1)
     async with HTTPConnector(limits=limits, timeouts=Timeouts(pool=0.1)) as connector:
-        response = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/a"))
+        response = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/partial"))
         with pytest.raises(EndpointTimeout) as info:
             await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/b"))
         assert info.value.replayable
         assert connector.stats()[ep(pyserver).id]["waiting"] == 0
-        await response.aread()
+        await response.aclose()
         _, body = await get(connector, pyserver, "/c")
         assert body == b"GET /c"
 
@@ -208,7 +208,7 @@ async def test_pool_timeout(pyserver) -> None:  # type: ignore[no-untyped-def]
 async def test_waiters_are_served_in_order(pyserver) -> None:  # type: ignore[no-untyped-def]
     order: list[int] = []
     async with HTTPConnector(limits=PoolLimits(max_connections=1)) as connector:
-        first = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/first"))
+        first = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/partial"))
 
         async def one(i: int) -> None:
             _, body = await get(connector, pyserver, f"/{i}")
@@ -219,7 +219,7 @@ async def test_waiters_are_served_in_order(pyserver) -> None:  # type: ignore[no
                 tg.start_soon(one, i)
                 await anyio.wait_all_tasks_blocked()
             assert connector.stats()[ep(pyserver).id]["waiting"] == 5
-            await first.aread()
+            await first.aclose()  # closes the connection: its slot goes to the first waiter
     assert order == [0, 1, 2, 3, 4]
 
 
@@ -312,10 +312,68 @@ async def test_pool_timeout_in_virtual_time(pyserver) -> None:  # type: ignore[n
     # connect/read unbounded: autojump would otherwise fire them while real sockets work
     timeouts = Timeouts(connect=None, read=None, write=None, pool=30.0)
     async with HTTPConnector(limits=limits, timeouts=timeouts) as connector:
-        held = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/held"))
+        held = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/partial"))
         wall, virtual = time.monotonic(), anyio.current_time()
         with pytest.raises(EndpointTimeout):
             await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/b"))
         assert anyio.current_time() - virtual >= 30.0
         assert time.monotonic() - wall < 5.0
-        await held.aread()
+        await held.aclose()
+
+
+# small bodies, idle expiry, liveness peek ----------------------------------------------------
+
+async def test_small_body_frees_connection_at_once(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        response = await connector.send(ep(nginx), Request("GET", f"{nginx.base}/"))
+        # the body came with the head: the connection is idle before anyone reads the body
+        assert connector.stats()[ep(nginx).id] == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0}
+        assert [chunk async for chunk in response.stream] == [b"hello from nginx\n"]  # type: ignore[union-attr]
+        await response.aclose()
+
+
+async def test_idle_expiry(nginx) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector(limits=PoolLimits(idle_expiry=0.05)) as connector:
+        await get(connector, nginx, "/")
+        assert connector.stats()[ep(nginx).id]["idle"] == 1
+        await anyio.sleep(0.1)  # the point is time passing: let the idle connection expire
+        await get(connector, nginx, "/")
+        # the expired one was closed, a new one served the request and is idle now
+        assert connector.stats()[ep(nginx).id] == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0}
+
+
+async def test_idle_connection_closed_by_server_is_detected() -> None:
+    """A server closes an idle keep-alive connection; after a quiet second the pool peeks at it
+    before reuse, so even a POST (never resent) goes out on a fresh connection."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    served: list[bytes] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                served.append(data.split(b"\r\n")[0])
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            # closed right after answering, without `Connection: close`: the client pooled it
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = Endpoint("127.0.0.1", port)
+    try:
+        async with HTTPConnector(limits=PoolLimits(idle_expiry=None)) as connector:
+            r = await connector.send(endpoint, Request("GET", f"http://127.0.0.1:{port}/a"))
+            assert await r.aread() == b"ok"
+            await anyio.sleep(1.1)  # past the window in which idle connections are trusted
+            r = await connector.send(endpoint, Request("POST", f"http://127.0.0.1:{port}/b", stream=b"x"))
+            assert await r.aread() == b"ok"
+    finally:
+        thread.join(5)
+        listener.close()
+    assert served == [b"GET /a HTTP/1.1", b"POST /b HTTP/1.1"]
