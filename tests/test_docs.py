@@ -72,3 +72,23 @@ async def test_the_writing_a_plugin_example_runs(upstream, mesh_factory, monkeyp
             assert (await client.get("http://orders/")).status_code == 200
         assert mesh.state()["services"]["orders"]["stamp"] == {"2xx": 1}
     assert server.seen[-1][2]["x-mesh-stamp"] == "checkout"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_library_mode_example_runs(backend):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "library_mode.py"), backend],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "{'orders-1': 3, 'orders-2': 3, 'orders-3': 3}" in result.stdout
+
+
+def test_testing_servers_import_without_pytest():
+    import subprocess
+
+    code = "import sys; sys.modules['pytest'] = None; from meshcore.testing import UpstreamServer"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -1,4 +1,8 @@
-"""Helpers for tests that need real components."""
+"""Helpers for tests that need real components.
+
+pytest is imported only inside the helpers that need it, so `meshcore.testing`'s servers work
+in a plain install (examples, the demo) without test dependencies.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import shutil
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import pytest
 
 from .._endpoints import Endpoint
 
@@ -22,6 +24,7 @@ def virtual_trio(autojump_threshold: float = 0) -> Any:
         @pytest.mark.parametrize("anyio_backend", [virtual_trio()])
         async def test_backoff(anyio_backend): ...
     """
+    import pytest
     import trio.testing
 
     clock = trio.testing.MockClock(autojump_threshold=autojump_threshold)
@@ -41,6 +44,8 @@ def require_binary(name: str) -> str:
         (p for d in _SBIN if os.access(p := os.path.join(d, name), os.X_OK)), None
     )
     if path is None:
+        import pytest
+
         message = f"{name} is not installed (install the Debian package that provides it)"
         if strict_integration():
             pytest.fail(f"MESHCORE_REQUIRE_INTEGRATION=1: {message}")
