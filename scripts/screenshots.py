@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -154,7 +155,11 @@ async def main(out_dir: Path, duration: float) -> None:
                     print(f"wrote {dash}")
                     term = out_dir / "demo-terminal.png"
                     width, height = svg_size(svg)
-                    await anyio.to_thread.run_sync(browser.screenshot, svg.resolve().as_uri(), term,
+                    # rich's SVG asks for Fira Code from a CDN; offline, chromium hides the text
+                    # while it waits for that font, so render a copy that uses local fonts only.
+                    local = Path(profile) / "terminal.svg"
+                    local.write_text(re.sub(r"@font-face \{[^}]*\}", "", svg.read_text()))
+                    await anyio.to_thread.run_sync(browser.screenshot, local.as_uri(), term,
                                                    width, height, 0.5)
                     print(f"wrote {term}")
                 else:
