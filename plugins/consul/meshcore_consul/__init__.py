@@ -159,6 +159,7 @@ def meshcore_lifespan(mesh: Any) -> Registration | None:
         task_group=_TaskGroupOf(mesh),
     )
     _registrations[mesh] = registration
+    mesh.add_state(SECTION, registration.state)  # mesh-wide: one registration per mesh
     return registration
 
 

@@ -31,7 +31,8 @@ class Registration:
     """One service instance kept registered. Use as an async context manager.
 
     `status` is "starting", "registered", "lost" (heartbeat refused, re-registering),
-    "unreachable" (agent down; retrying) or "deregistered".
+    "unreachable" (agent down; retrying) or "deregistered". `state()` is what the plugin
+    shows in `mesh.state()["state"]["consul-registration"]`.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class Registration:
         self.heartbeats = 0
         self.errors = 0
         self.last_error: str | None = None
+        self._last_passing: float | None = None  # anyio clock: last register or TTL pass
         self._task_group = task_group
         self._client: httpx.AsyncClient | None = None
         self._scope: anyio.CancelScope | None = None
@@ -93,9 +95,16 @@ class Registration:
         return body
 
     def state(self) -> dict[str, Any]:
+        """JSON-ready. `last_heartbeat_age`: seconds since the registry last accepted this
+        instance as passing (registration or TTL pass), None before it ever did;
+        `reregistrations`: registrations after the first (the registry had lost it)."""
+        last = self._last_passing
         return {
             "id": self.id, "service": self.name, "status": self.status,
-            "registrations": self.registrations, "heartbeats": self.heartbeats,
+            "registrations": self.registrations,
+            "reregistrations": max(0, self.registrations - 1),
+            "heartbeats": self.heartbeats,
+            "last_heartbeat_age": None if last is None else round(anyio.current_time() - last, 3),
             "errors": self.errors, "last_error": self.last_error,
         }
 
@@ -114,6 +123,7 @@ class Registration:
             raise RuntimeError(f"register {self.id}: {error_text(response, response.content)}")
         self.registrations += 1
         self.status = "registered"
+        self._last_passing = anyio.current_time()
 
     async def heartbeat(self) -> None:
         """One TTL pass; re-registers when the registry no longer knows the check."""
@@ -125,6 +135,7 @@ class Registration:
             return
         if response.status_code == 200:
             self.heartbeats += 1
+            self._last_passing = anyio.current_time()
             if self.status != "registered":
                 self.status = "registered"
             return

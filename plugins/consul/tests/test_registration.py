@@ -3,6 +3,8 @@ the registry lost it, deregister on clean shutdown; a crashed instance is reaped
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import meshcore_consul
 import pytest
@@ -41,6 +43,31 @@ async def test_registers_heartbeats_and_deregisters(registry, mesh_factory):
         assert reg.heartbeats >= 5 and reg.errors == 0
     assert reg.status == "deregistered"
     assert registry.catalog.services == {}
+
+
+async def test_registration_status_is_mesh_state(registry, mesh_factory):
+    async with mesh_factory(section(registry.url, ttl="0.3s"), plugins=["consul"]) as mesh:
+        reg = meshcore_consul.registration_of(mesh)
+        state = mesh.state()["state"]["consul-registration"]
+        assert state["id"] == reg.id == "orders-127.0.0.1-8123"
+        assert (state["status"], state["registrations"], state["reregistrations"]) == ("registered", 1, 0)
+        assert (state["heartbeats"], state["errors"], state["last_error"]) == (0, 0, None)
+        assert 0 <= state["last_heartbeat_age"] < 0.1  # the registration itself
+        await until(lambda: reg.heartbeats >= 2)
+        state = mesh.state()["state"]["consul-registration"]
+        assert state["heartbeats"] >= 2 and state["last_heartbeat_age"] < 0.3  # within one TTL
+        # The registry loses the instance: the next heartbeat is refused, it registers again.
+        await anyio.to_thread.run_sync(registry.catalog.deregister, reg.id)
+        await until(lambda: reg.registrations == 2)
+        state = json.loads(json.dumps(mesh.state()))["state"]["consul-registration"]
+        assert (state["status"], state["reregistrations"], state["errors"]) == ("registered", 1, 1)
+        assert "registering again" in state["last_error"]
+    assert mesh.state()["state"]["consul-registration"]["status"] == "deregistered"
+
+
+async def test_no_registration_no_mesh_state(mesh_factory):
+    async with mesh_factory({}, plugins=["consul"]) as mesh:
+        assert mesh.state()["state"] == {}
 
 
 async def test_reregisters_when_the_registry_lost_it(mesh_factory):
