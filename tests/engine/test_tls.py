@@ -1,0 +1,148 @@
+"""TLS through the engine: the connector's ssl_context and verify_peer hook, and the server's
+view of the peer (ConnectionInfo.ssl_object, https URLs). Certificates are made on the fly
+with `cryptography`: a CA, a server certificate and a client certificate (mutual TLS)."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.streams.tls import TLSListener
+
+from meshcore._endpoints import Endpoint
+from meshcore._errors import EndpointConnectError
+from meshcore._http import ConnectionInfo, HTTPConnector, serve_http
+from meshcore._models import Request, Response
+
+x509 = pytest.importorskip("cryptography.x509")
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _issue(name: str, issuer_key, issuer_name, key, *, ca: bool = False, san: list | None = None):  # type: ignore[no-untyped-def]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    import ipaddress
+
+    tmp = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("test ca", ca_key, None, ca_key, ca=True)
+    out = {}
+    for who, san in (
+        ("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.UniformResourceIdentifier("spiffe://test/ns/default/sa/orders")]),
+        ("client", [x509.UniformResourceIdentifier("spiffe://test/ns/default/sa/web")]),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(who, ca_key, ca.subject, key, san=san)
+        (tmp / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp / f"{who}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        out[who] = (tmp / f"{who}.pem", tmp / f"{who}.key")
+    (tmp / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return Pki(tmp / "ca.pem", *out["server"], *out["client"])
+
+
+def _uri_sans(ssl_object: ssl.SSLObject) -> list[str]:
+    der = ssl_object.getpeercert(binary_form=True)
+    cert = x509.load_der_x509_certificate(der)
+    return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+
+
+async def app(request: Request, conn: ConnectionInfo) -> Response:
+    peer = ",".join(_uri_sans(conn.ssl_object)) if conn.ssl_object else "-"
+    return Response(200, [], f"{request.url} tls={conn.tls} peer={peer}".encode())
+
+
+@pytest.fixture
+async def tls_server(anyio_backend: str, pki: Pki) -> AsyncIterator[int]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+    listener = TLSListener(tcp, context, standard_compatible=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: serve_http(listener, app))
+        yield port
+        tg.cancel_scope.cancel()
+
+
+def client_context(pki: Pki) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
+
+
+async def test_mutual_tls_round_trip_and_verify_peer(tls_server: int, pki: Pki) -> None:
+    seen: list[tuple[Endpoint, list[str]]] = []
+
+    def verify(endpoint: Endpoint, ssl_object: ssl.SSLObject) -> None:
+        seen.append((endpoint, _uri_sans(ssl_object)))
+
+    endpoint = Endpoint("127.0.0.1", tls_server)
+    async with HTTPConnector(ssl_context=client_context(pki), verify_peer=verify) as connector:
+        for _ in range(3):
+            response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{tls_server}/x"))
+            body = await response.aread()
+            assert body == (f"https://127.0.0.1:{tls_server}/x tls=True "
+                            f"peer=spiffe://test/ns/default/sa/web").encode()
+    # one handshake, one verification, then the connection was reused
+    assert seen == [(endpoint, ["spiffe://test/ns/default/sa/orders"])]
+
+
+async def test_verify_peer_rejection_propagates(tls_server: int, pki: Pki) -> None:
+    class WrongPeer(Exception):
+        pass
+
+    def reject(endpoint: Endpoint, ssl_object: ssl.SSLObject) -> None:
+        raise WrongPeer(f"{endpoint.id} is not payments")
+
+    endpoint = Endpoint("127.0.0.1", tls_server)
+    async with HTTPConnector(ssl_context=client_context(pki), verify_peer=reject) as connector:
+        with pytest.raises(WrongPeer):
+            await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{tls_server}/"))
+        assert connector.stats()[endpoint.id]["open"] == 0
+
+
+async def test_untrusted_server_is_connect_error(tls_server: int) -> None:
+    endpoint = Endpoint("127.0.0.1", tls_server)
+    async with HTTPConnector(ssl_context=ssl.create_default_context()) as connector:
+        with pytest.raises(EndpointConnectError) as info:
+            await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{tls_server}/"))
+        assert info.value.endpoint == endpoint and info.value.replayable
