@@ -116,6 +116,19 @@ class PoolLimits:
             raise ValueError(f"max_idle: expected an integer >= 0, got {self.max_idle}")
 
 
+class _NoScope:
+    """Stands in for a cancel scope when an exchange has no write or read limit."""
+
+    __slots__ = ("deadline",)
+    cancelled_caught = False
+
+    def __enter__(self) -> _NoScope:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
 class _Stale(Exception):
     """A reused connection closed before any byte of the response: the request may be resent."""
 
@@ -603,11 +616,16 @@ class HTTPConnector:
         phase = "write"
         read_timeout = timeouts.read
         now = pool.now
+        write_timeout = timeouts.write
         try:
-            with anyio.CancelScope() as scope:
+            with (
+                anyio.CancelScope()
+                if write_timeout is not None or read_timeout is not None
+                else _NoScope()
+            ) as scope:
                 # Every deadline change costs the scheduler work: when write and read limits
                 # are equal (the default), one deadline covers the write and the first read.
-                same = timeouts.write == read_timeout
+                same = write_timeout == read_timeout
                 if timeouts.write is not None:
                     scope.deadline = now() + timeouts.write
                 try:
@@ -619,7 +637,7 @@ class HTTPConnector:
                             await conn.send(body)
                     else:
                         await conn.send(head)
-                        await _send_streamed(conn, body, chunked, request)
+                        await _send_streamed(conn, body, chunked, request, scope, write_timeout, now)
                     phase = "read"
                     if not same:
                         scope.deadline = (
@@ -689,11 +707,22 @@ class HTTPConnector:
         return {ep.id: pool.stats() for ep, pool in self._pools.items()}
 
 
-async def _send_streamed(conn: _Connection, body: Any, chunked: bool, request: Request) -> None:
+async def _send_streamed(
+    conn: _Connection,
+    body: Any,
+    chunked: bool,
+    request: Request,
+    scope: Any,
+    write_timeout: float | None,
+    now: Callable[[], float],
+) -> None:
+    """Write a streamed body; the write timeout applies to each chunk, not the whole upload."""
     send = conn.send
     if chunked:
         async for chunk in body:
             if chunk:
+                if write_timeout is not None:
+                    scope.deadline = now() + write_timeout
                 await send(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         await send(b"0\r\n\r\n")
         return
@@ -704,6 +733,8 @@ async def _send_streamed(conn: _Connection, body: Any, chunked: bool, request: R
             sent += len(chunk)
             if sent > declared:
                 break
+            if write_timeout is not None:
+                scope.deadline = now() + write_timeout
             await send(chunk)
     if sent != declared:
         raise EndpointProtocolError(
