@@ -35,8 +35,15 @@ NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
 HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-     b"transfer-encoding", b"upgrade"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
 )
 
 
@@ -98,8 +105,17 @@ def start_haproxy(tmp: Path, port: int, upstreams: list[int]) -> subprocess.Pope
 
 def run_wrk(port: int, duration: int, connections: int = 32) -> tuple[float, int, str]:
     out = subprocess.run(
-        [WRK, "-t1", f"-c{connections}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, check=True,
+        [
+            WRK,
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -116,6 +132,7 @@ def measure(pid: int, port: int, duration: int) -> tuple[float, float, str]:
 
 
 # the proxy itself --------------------------------------------------------------------------
+
 
 def serve_proxy(backend: str, port: int, upstreams: list[int]) -> None:
     import anyio
@@ -141,8 +158,12 @@ def serve_proxy(backend: str, port: int, upstreams: list[int]) -> None:
                     endpoint,
                     Request(request.method, request.url, strip(request.headers), request.stream),
                 )
-                return Response(upstream.status_code, strip(upstream.headers), upstream.stream,
-                                upstream.extensions)
+                return Response(
+                    upstream.status_code,
+                    strip(upstream.headers),
+                    upstream.stream,
+                    upstream.extensions,
+                )
 
             listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
             await serve_http(listener, handler)
@@ -188,8 +209,10 @@ def bench_proxies(args: argparse.Namespace) -> None:
         return sorted(values)[len(values) // 2]
 
     base = median([r[0] for r in results["HAProxy (nbthread 1)"]])
-    print(f"\nwrk -t1 -c32 -d{args.duration}s, {args.reps} rep(s), medians; "
-          f"nginx direct {direct[0]:,.0f} req/s")
+    print(
+        f"\nwrk -t1 -c32 -d{args.duration}s, {args.reps} rep(s), medians; "
+        f"nginx direct {direct[0]:,.0f} req/s"
+    )
     print(f"{'path':24} {'req/s':>10} {'vs HAProxy':>11} {'CPU µs/req':>11}  errors")
     for name, runs in results.items():
         rps = median([r[0] for r in runs])
@@ -199,6 +222,7 @@ def bench_proxies(args: argparse.Namespace) -> None:
 
 
 # client microbenchmark ---------------------------------------------------------------------
+
 
 def bench_client_one(backend: str, port: int, requests: int) -> None:
     import anyio
@@ -225,11 +249,13 @@ def bench_client_one(backend: str, port: int, requests: int) -> None:
 
     async def main() -> None:
         async with HTTPConnector() as connector:
+
             async def engine() -> None:
                 response = await connector.send(endpoint, Request("GET", url))
                 await response.aread()
 
             async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as client:
+
                 async def plain() -> None:
                     await client.get(url)
 
@@ -237,8 +263,11 @@ def bench_client_one(backend: str, port: int, requests: int) -> None:
                     e = await timed(engine, tasks)
                     h = await timed(plain, tasks)
                     label = "sequential" if tasks == 1 else "32 tasks"
-                    print(f"{backend:8} {label:11} HTTPConnector {e:7.1f} µs/req   "
-                          f"httpx {h:7.1f} µs/req   ratio {e / h:.2f}", flush=True)
+                    print(
+                        f"{backend:8} {label:11} HTTPConnector {e:7.1f} µs/req   "
+                        f"httpx {h:7.1f} µs/req   ratio {e / h:.2f}",
+                        flush=True,
+                    )
 
     if backend == "uvloop":
         anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})

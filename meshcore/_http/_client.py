@@ -23,13 +23,14 @@ full are resent once, on a fresh connection, right here; anything else raises wi
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import httptools
@@ -48,6 +49,7 @@ from ._parse import backend_clock
 
 __all__ = ["HTTPConnector", "PoolLimits", "Timeouts"]
 
+log = logging.getLogger("meshcore.http")
 _new_headers = Headers.__new__
 _current_time = anyio.current_time
 
@@ -111,7 +113,9 @@ class PoolLimits:
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
-            raise ValueError(f"max_connections: expected an integer >= 1, got {self.max_connections}")
+            raise ValueError(
+                f"max_connections: expected an integer >= 1, got {self.max_connections}"
+            )
         if self.max_idle < 0:
             raise ValueError(f"max_idle: expected an integer >= 0, got {self.max_idle}")
 
@@ -122,7 +126,7 @@ class _NoScope:
     __slots__ = ("deadline",)
     cancelled_caught = False
 
-    def __enter__(self) -> _NoScope:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -137,9 +141,25 @@ class _Connection:
     """One HTTP/1.1 connection, and the httptools callbacks that parse its responses."""
 
     __slots__ = (
-        "stream", "receive", "send", "sock", "parser", "endpoint", "idle_since",
-        "status", "reason", "headers", "chunks", "headers_done", "complete", "interim",
-        "framed", "close_delimited", "keep_alive", "head", "got_bytes",
+        "chunks",
+        "close_delimited",
+        "complete",
+        "endpoint",
+        "framed",
+        "got_bytes",
+        "head",
+        "headers",
+        "headers_done",
+        "idle_since",
+        "interim",
+        "keep_alive",
+        "parser",
+        "reason",
+        "receive",
+        "send",
+        "sock",
+        "status",
+        "stream",
     )
 
     def __init__(self, stream: ByteStream, endpoint: Endpoint) -> None:
@@ -252,12 +272,12 @@ async def _close_stream(stream: ByteStream) -> None:
         scope.deadline = _current_time() + 1.0
         try:
             await stream.aclose()
-        except Exception:
-            pass
+        except _BROKEN as exc:  # closing a broken connection: nothing left to do
+            log.debug("closing a connection failed: %r", exc)
 
 
 class _Waiter:
-    __slots__ = ("event", "conn", "slot")
+    __slots__ = ("conn", "event", "slot")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
@@ -269,7 +289,15 @@ class _Pool:
     """The keep-alive pool of one endpoint. `open` counts idle, busy and connecting ones."""
 
     __slots__ = (
-        "endpoint", "limits", "connector", "idle", "waiters", "open", "closed", "now", "fresh_for",
+        "closed",
+        "connector",
+        "endpoint",
+        "fresh_for",
+        "idle",
+        "limits",
+        "now",
+        "open",
+        "waiters",
     )
 
     def __init__(self, endpoint: Endpoint, limits: PoolLimits, connector: HTTPConnector) -> None:
@@ -347,7 +375,9 @@ class _Pool:
             try:
                 with anyio.fail_after(timeouts.connect):
                     if connector.ssl_context is None:
-                        stream: ByteStream = await anyio.connect_tcp(endpoint.address, endpoint.port)
+                        stream: ByteStream = await anyio.connect_tcp(
+                            endpoint.address, endpoint.port
+                        )
                     else:
                         stream = await anyio.connect_tcp(
                             endpoint.address,
@@ -637,12 +667,12 @@ class HTTPConnector:
                             await conn.send(body)
                     else:
                         await conn.send(head)
-                        await _send_streamed(conn, body, chunked, request, scope, write_timeout, now)
+                        await _send_streamed(
+                            conn, body, chunked, request, scope, write_timeout, now
+                        )
                     phase = "read"
                     if not same:
-                        scope.deadline = (
-                            math.inf if read_timeout is None else now() + read_timeout
-                        )
+                        scope.deadline = math.inf if read_timeout is None else now() + read_timeout
                     receive = conn.receive
                     while not conn.headers_done:
                         data = await receive(_READ_SIZE)
@@ -688,7 +718,9 @@ class HTTPConnector:
             conn.chunks = []
             await pool.finish(conn)
             return Response(conn.status, conn.headers, BufferedBody(data), extensions)
-        return Response(conn.status, conn.headers, _ResponseBody(conn, pool, read_timeout), extensions)
+        return Response(
+            conn.status, conn.headers, _ResponseBody(conn, pool, read_timeout), extensions
+        )
 
     async def aclose(self) -> None:
         """Close every idle connection; busy ones close when their response ends."""
@@ -696,7 +728,7 @@ class HTTPConnector:
         for pool in self._pools.values():
             await pool.aclose()
 
-    async def __aenter__(self) -> HTTPConnector:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

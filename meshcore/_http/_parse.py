@@ -18,5 +18,9 @@ def backend_clock() -> Callable[[], float]:
         from anyio._core._eventloop import get_async_backend
 
         return get_async_backend().current_time
-    except Exception:  # a future anyio without the private helper: the public one
+    except (
+        ImportError,
+        AttributeError,
+        RuntimeError,
+    ):  # an anyio without the private helper: the public one
         return anyio.current_time

@@ -103,8 +103,18 @@ class _Incoming:
     """One request as it is parsed."""
 
     __slots__ = (
-        "method", "url", "headers", "host", "chunks", "headers_done", "complete",
-        "keep_alive", "expect", "version", "body_size", "header_bytes",
+        "body_size",
+        "chunks",
+        "complete",
+        "expect",
+        "header_bytes",
+        "headers",
+        "headers_done",
+        "host",
+        "keep_alive",
+        "method",
+        "url",
+        "version",
     )
 
     def __init__(self) -> None:
@@ -120,8 +130,21 @@ class _Incoming:
 
 class _ServerConnection:
     __slots__ = (
-        "stream", "limits", "info", "parser", "cur", "ready", "receive", "send",
-        "scheme", "continue_sent", "upgraded", "in_head", "scope", "now", "last_host",
+        "continue_sent",
+        "cur",
+        "in_head",
+        "info",
+        "last_host",
+        "limits",
+        "now",
+        "parser",
+        "ready",
+        "receive",
+        "scheme",
+        "scope",
+        "send",
+        "stream",
+        "upgraded",
     )
 
     def __init__(self, stream: ByteStream, limits: ServerLimits, info: ConnectionInfo) -> None:
@@ -252,7 +275,9 @@ class _ServerConnection:
         except TimeoutError:
             raise RequestRejected(408, f"no request body data for {timeout} s") from None
         except _BROKEN as exc:
-            raise RequestRejected(400, f"client went away during the request body: {exc!r}") from None
+            raise RequestRejected(
+                400, f"client went away during the request body: {exc!r}"
+            ) from None
         self.feed(data)
         if self.upgraded and not msg.complete:
             msg.complete = True
@@ -369,7 +394,7 @@ class _ServerConnection:
         reason = response.extensions.get("reason_phrase") or _REASONS.get(status, b"")
         lines = [b"HTTP/1.1 %d %s" % (status, reason)]
         append = lines.append
-        has_length = has_te = False
+        has_length = False
         for name, value in response.headers:
             n = len(name)
             if n == 10 or n == 14 or n == 17:
@@ -377,7 +402,6 @@ class _ServerConnection:
                 if low == b"content-length":
                     has_length = True
                 elif low == b"transfer-encoding":
-                    has_te = True
                     continue  # we decide the framing ourselves
                 elif low == b"connection":
                     if b"close" in value.lower():
@@ -391,16 +415,15 @@ class _ServerConnection:
         elif isinstance(body, (bytearray, memoryview)):
             body = bytes(body)
         if isinstance(body, bytes):
-            if not has_length and not (status < 200 or status == 204 or status == 304):
-                if not (msg.method == "HEAD" and not body):
-                    append(b"Content-Length: %d" % len(body))
+            bodiless_status = status < 200 or status == 204 or status == 304
+            if not has_length and not bodiless_status and (body or msg.method != "HEAD"):
+                append(b"Content-Length: %d" % len(body))
         elif not has_length and not no_body:
             if msg.version == "1.1":
                 chunked = True
                 append(b"Transfer-Encoding: chunked")
             else:
                 keep_alive = False  # HTTP/1.0 without a length: the body ends at close
-        del has_te
         if not keep_alive:
             append(b"Connection: close")
         elif msg.version != "1.1":
@@ -518,8 +541,8 @@ async def serve_connection(
             scope.deadline = _current_time() + 1.0
             try:
                 await stream.aclose()
-            except Exception:
-                pass
+            except _BROKEN as exc:  # closing a broken connection: nothing left to do
+                log.debug("closing a connection failed: %r", exc)
 
 
 async def serve_http(

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -111,9 +111,7 @@ def start_nginx(tmp: Path, keepalive_requests: int = 3) -> tuple[subprocess.Pope
     (tmp / "www" / "chunked" / "text.txt").write_bytes(b"xoxo " * 20000)
     port = free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(prefix=tmp, port=port, keepalive_requests=keepalive_requests)
-    )
+    conf.write_text(NGINX_CONF.format(prefix=tmp, port=port, keepalive_requests=keepalive_requests))
     proc = subprocess.Popen(
         [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
         stdout=subprocess.DEVNULL,
@@ -181,7 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"until-close " * 1000)
             self.close_connection = True
         elif path == "/interim":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+            self.wfile.write(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+            )
             self._reply(200, b"after interim")
         elif path == "/chunked":
             self.send_response(200)
@@ -220,7 +220,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.server.log.append((self.command, self.path))  # type: ignore[attr-defined]
         body = self._read_body()
-        self._reply(200, body, {"X-Method": self.command, "X-TE": self.headers.get("Transfer-Encoding", "-")})
+        self._reply(
+            200,
+            body,
+            {"X-Method": self.command, "X-TE": self.headers.get("Transfer-Encoding", "-")},
+        )
 
     do_PUT = do_POST
 

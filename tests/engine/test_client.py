@@ -31,6 +31,7 @@ async def get(connector: HTTPConnector, server, path: str, method: str = "GET", 
 
 # nginx ----------------------------------------------------------------------------------------
 
+
 async def test_nginx_get_and_keepalive_limit(nginx) -> None:  # type: ignore[no-untyped-def]
     async with HTTPConnector() as connector:
         for _ in range(7):
@@ -77,12 +78,10 @@ async def test_nginx_head_and_204(nginx) -> None:  # type: ignore[no-untyped-def
 
 async def test_nginx_connection_close(nginx) -> None:  # type: ignore[no-untyped-def]
     async with HTTPConnector() as connector:
-        response, body = await get(connector, nginx, "/close")
+        _, body = await get(connector, nginx, "/close")
         assert body == b"bye\n"
         assert connector.stats()[ep(nginx).id]["open"] == 0
-        response, body = await get(
-            connector, nginx, "/", headers=[("Connection", "close")]
-        )
+        _, body = await get(connector, nginx, "/", headers=[("Connection", "close")])
         assert body == b"hello from nginx\n"
         assert connector.stats()[ep(nginx).id]["open"] == 0
 
@@ -114,6 +113,7 @@ async def test_early_aclose_closes_connection(nginx) -> None:  # type: ignore[no
 
 
 # http.server ------------------------------------------------------------------------------
+
 
 async def test_pyserver_host_header_and_custom_headers(pyserver) -> None:  # type: ignore[no-untyped-def]
     async with HTTPConnector() as connector:
@@ -186,8 +186,11 @@ async def test_read_timeout(pyserver) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(EndpointTimeout):
             await connector.send(
                 ep(pyserver),
-                Request("GET", f"{pyserver.base}/hang", extensions={
-                    "timeout": {"connect": 1, "read": 0.1, "write": 1, "pool": 1}}),
+                Request(
+                    "GET",
+                    f"{pyserver.base}/hang",
+                    extensions={"timeout": {"connect": 1, "read": 0.1, "write": 1, "pool": 1}},
+                ),
             )
         assert connector.stats()[ep(pyserver).id]["open"] == 0
 
@@ -211,7 +214,7 @@ async def test_waiters_are_served_in_order(pyserver) -> None:  # type: ignore[no
         first = await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/partial"))
 
         async def one(i: int) -> None:
-            _, body = await get(connector, pyserver, f"/{i}")
+            await get(connector, pyserver, f"/{i}")
             order.append(i)
 
         async with anyio.create_task_group() as tg:
@@ -249,6 +252,7 @@ async def test_header_injection_refused(pyserver) -> None:  # type: ignore[no-un
 
 # the stale keep-alive race ----------------------------------------------------------------
 
+
 async def test_stale_keepalive_get_resent_transparently(stale_server) -> None:  # type: ignore[no-untyped-def]
     endpoint = Endpoint("127.0.0.1", stale_server.port)
     url = f"http://127.0.0.1:{stale_server.port}"
@@ -257,8 +261,11 @@ async def test_stale_keepalive_get_resent_transparently(stale_server) -> None:  
             response = await connector.send(endpoint, Request("GET", url + path))
             assert await response.aread() == b"ok"
     # /two went out on the reused connection 1, which closed; then once more on connection 2
-    assert stale_server.seen == [(1, "GET /one HTTP/1.1"), (1, "GET /two HTTP/1.1"),
-                                 (2, "GET /two HTTP/1.1")]
+    assert stale_server.seen == [
+        (1, "GET /one HTTP/1.1"),
+        (1, "GET /two HTTP/1.1"),
+        (2, "GET /two HTTP/1.1"),
+    ]
 
 
 async def test_stale_keepalive_post_not_resent(stale_server) -> None:  # type: ignore[no-untyped-def]
@@ -280,8 +287,10 @@ async def test_fresh_connection_failure_is_not_replayable(stale_server) -> None:
     async with HTTPConnector() as connector:
         await (await connector.send(endpoint, Request("GET", url + "/one"))).aread()
         with pytest.raises(EndpointReadError) as info:
+
             async def body():  # type: ignore[no-untyped-def]
                 yield b"x"
+
             await connector.send(endpoint, Request("PUT", url + "/streamed", stream=body()))
         assert info.value.replayable  # reused connection, no answer: the retry layer decides
     assert [line for _, line in stale_server.seen].count("PUT /streamed HTTP/1.1") == 1
@@ -298,13 +307,16 @@ async def test_idle_connection_closed_by_peer_is_not_reused(pyserver) -> None:  
 
 # virtual time ---------------------------------------------------------------------------------
 
+
 def _mock_clock():  # type: ignore[no-untyped-def]
     from trio.testing import MockClock
 
     return MockClock(autojump_threshold=0)
 
 
-@pytest.mark.parametrize("anyio_backend", [pytest.param(("trio", {"clock": _mock_clock()}), id="trio-mockclock")])
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": _mock_clock()}), id="trio-mockclock")]
+)
 async def test_pool_timeout_in_virtual_time(pyserver) -> None:  # type: ignore[no-untyped-def]
     import time
 
@@ -322,6 +334,7 @@ async def test_pool_timeout_in_virtual_time(pyserver) -> None:  # type: ignore[n
 
 
 # small bodies, idle expiry, liveness peek ----------------------------------------------------
+
 
 async def test_small_body_frees_connection_at_once(nginx) -> None:  # type: ignore[no-untyped-def]
     async with HTTPConnector() as connector:
@@ -371,7 +384,9 @@ async def test_idle_connection_closed_by_server_is_detected() -> None:
             r = await connector.send(endpoint, Request("GET", f"http://127.0.0.1:{port}/a"))
             assert await r.aread() == b"ok"
             await anyio.sleep(1.1)  # past the window in which idle connections are trusted
-            r = await connector.send(endpoint, Request("POST", f"http://127.0.0.1:{port}/b", stream=b"x"))
+            r = await connector.send(
+                endpoint, Request("POST", f"http://127.0.0.1:{port}/b", stream=b"x")
+            )
             assert await r.aread() == b"ok"
     finally:
         thread.join(5)

@@ -67,7 +67,11 @@ headers_st = st.lists(st.tuples(header_names, header_values), max_size=8)
     use_chunked=st.booleans(),
 )
 def test_response_glue_any_split(
-    body: bytes, sizes: list[int], cuts: list[int], headers: list[tuple[bytes, bytes]], use_chunked: bool
+    body: bytes,
+    sizes: list[int],
+    cuts: list[int],
+    headers: list[tuple[bytes, bytes]],
+    use_chunked: bool,
 ) -> None:
     head = b"HTTP/1.1 200 OK\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
     if use_chunked:
@@ -88,10 +92,16 @@ def test_response_glue_any_split(
 
 @settings(max_examples=200, deadline=None)
 @given(
-    size_text=st.from_regex(rb"\A[0-9a-fA-F]{0,3}[g-zG-Z;\-\x00 ]?[0-9a-fA-F]{0,2}\Z", fullmatch=True),
+    size_text=st.from_regex(
+        rb"\A[0-9a-fA-F]{0,3}[g-zG-Z;\-\x00 ]?[0-9a-fA-F]{0,2}\Z", fullmatch=True
+    ),
 )
 def test_bad_chunk_sizes_are_protocol_errors(size_text: bytes) -> None:
-    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size_text + b"\r\nabc\r\n0\r\n\r\n"
+    wire = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + size_text
+        + b"\r\nabc\r\n0\r\n\r\n"
+    )
     conn = _Connection(_NoStream(), Endpoint("127.0.0.1", 1))  # type: ignore[arg-type]
     conn.start(False)
     try:
@@ -112,12 +122,17 @@ def test_bad_chunk_sizes_are_protocol_errors(size_text: bytes) -> None:
     chunked_flags=st.lists(st.booleans(), min_size=4, max_size=4),
 )
 def test_pipelined_requests_glue_any_split(
-    bodies: list[bytes], sizes: list[int], cuts: list[int], headers: list[tuple[bytes, bytes]],
+    bodies: list[bytes],
+    sizes: list[int],
+    cuts: list[int],
+    headers: list[tuple[bytes, bytes]],
     chunked_flags: list[bool],
 ) -> None:
     wire = b""
     for i, body in enumerate(bodies):
-        head = b"POST /r%d HTTP/1.1\r\nHost: h\r\n" % i + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+        head = b"POST /r%d HTTP/1.1\r\nHost: h\r\n" % i + b"".join(
+            k + b": " + v + b"\r\n" for k, v in headers
+        )
         if chunked_flags[i]:
             wire += head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes)
         else:
@@ -137,9 +152,11 @@ def test_pipelined_requests_glue_any_split(
 def test_header_limits(count: int, value_size: int) -> None:
     limits = ServerLimits(max_header_count=20, max_header_bytes=2000)
     conn = _ServerConnection(_NoStream(), limits, ConnectionInfo())  # type: ignore[arg-type]
-    wire = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(
-        b"X-%d: %s\r\n" % (i, b"v" * value_size) for i in range(count)
-    ) + b"\r\n"
+    wire = (
+        b"GET / HTTP/1.1\r\nHost: h\r\n"
+        + b"".join(b"X-%d: %s\r\n" % (i, b"v" * value_size) for i in range(count))
+        + b"\r\n"
+    )
     total = sum(len(b"X-%d" % i) + value_size + 4 for i in range(count)) + len(b"Host") + 1 + 4
     too_many = count + 1 > 20
     too_big = total > 2000

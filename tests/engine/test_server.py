@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from meshcore._endpoints import Endpoint
@@ -39,15 +40,19 @@ async def app(request: Request, conn: ConnectionInfo) -> Response:
         )
         return Response(200, [("Content-Type", "text/plain")], text.encode())
     if path == "/stream":
+
         async def gen() -> AsyncIterator[bytes]:
             for i in range(3):
                 yield b"chunk%d\n" % i
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
+
         return Response(200, [], gen())
     if path == "/upper":  # streams the request body back, transformed, without buffering
+
         async def upper() -> AsyncIterator[bytes]:
             async for chunk in request.stream:  # type: ignore[union-attr]
                 yield chunk.upper()
+
         return Response(200, [], upper())
     if path == "/ignore-body":
         return Response(200, [], b"ignored")
@@ -115,7 +120,9 @@ async def curl(*args: str) -> tuple[str, str]:
 async def test_curl_get_keepalive_and_info(server: int) -> None:
     base = f"http://127.0.0.1:{server}"
     out, err = await curl("-v", f"{base}/info?q=1", f"{base}/a", f"{base}/stream")
-    assert f"GET http://127.0.0.1:{server}/info?q=1 client=127.0.0.1 tls=False version=HTTP/1.1" in out
+    assert (
+        f"GET http://127.0.0.1:{server}/info?q=1 client=127.0.0.1 tls=False version=HTTP/1.1" in out
+    )
     assert "GET /a" in out and "chunk0\nchunk1\nchunk2\n" in out
     assert "Re-using existing connection" in err or "Reusing existing connection" in err
 
@@ -125,9 +132,13 @@ async def test_curl_post_bodies(server: int) -> None:
     base = f"http://127.0.0.1:{server}"
     out, _ = await curl("--data-binary", "x" * 5000, f"{base}/echo")
     assert out == "x" * 5000
-    out, _ = await curl("-H", "Transfer-Encoding: chunked", "--data-binary", "abc" * 100, f"{base}/upper")
+    out, _ = await curl(
+        "-H", "Transfer-Encoding: chunked", "--data-binary", "abc" * 100, f"{base}/upper"
+    )
     assert out == "ABC" * 100
-    out, err = await curl("-v", "-H", "Expect: 100-continue", "--data-binary", "y" * 2000, f"{base}/echo")
+    out, err = await curl(
+        "-v", "-H", "Expect: 100-continue", "--data-binary", "y" * 2000, f"{base}/echo"
+    )
     assert out == "y" * 2000 and "100 Continue" in err
 
 
@@ -143,12 +154,15 @@ async def test_curl_head_and_204(server: int) -> None:
 @needs_curl
 async def test_curl_body_too_large(server: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "big").write_bytes(b"z" * 200_000)
-    out, _ = await curl("-i", "--data-binary", f"@{tmp_path / 'big'}", f"http://127.0.0.1:{server}/echo")
+    out, _ = await curl(
+        "-i", "--data-binary", f"@{tmp_path / 'big'}", f"http://127.0.0.1:{server}/echo"
+    )
     assert out.startswith("HTTP/1.1 413 ")
     await still_up(server)
 
 
 # raw sockets: bad input ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
@@ -156,19 +170,43 @@ async def test_curl_body_too_large(server: int, tmp_path) -> None:  # type: igno
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
         (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(30)) + b"\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(30))
+            + b"\r\n",
+            431,
+        ),
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-        (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+        (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+            400,
+        ),
         (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n", 413),
-        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+        (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            400,
+        ),
         (b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n", 500),
     ],
-    ids=["garbage", "version", "long-target", "header-count", "header-size", "no-host",
-         "two-hosts", "bad-chunk-size", "content-length-too-large", "conflicting-length", "handler-error"],
+    ids=[
+        "garbage",
+        "version",
+        "long-target",
+        "header-count",
+        "header-size",
+        "no-host",
+        "two-hosts",
+        "bad-chunk-size",
+        "content-length-too-large",
+        "conflicting-length",
+        "handler-error",
+    ],
 )
-async def test_bad_input_answered_and_closed(server: int, request_bytes: bytes, status: int) -> None:
+async def test_bad_input_answered_and_closed(
+    server: int, request_bytes: bytes, status: int
+) -> None:
     out = await raw(server, request_bytes)
     assert out.startswith(b"HTTP/1.1 %d " % status), out[:200]
     assert b"Connection: close\r\n" in out
@@ -176,7 +214,9 @@ async def test_bad_input_answered_and_closed(server: int, request_bytes: bytes, 
 
 
 async def test_slow_byte_by_byte_client(server: int) -> None:
-    request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    request = (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    )
     out = await raw(server, [bytes([b]) for b in request], pause=0.001)
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nhello")
 
@@ -228,19 +268,24 @@ async def test_http10_request(server: int) -> None:
 
 @pytest.mark.parametrize(
     "partial",
-    [b"GET / HT", b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-some",
-     b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"],
+    [
+        b"GET / HT",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-some",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+    ],
     ids=["mid-request-line", "mid-body", "mid-chunk"],
 )
 async def test_early_disconnect(server: int, partial: bytes) -> None:
     def go() -> None:
         with socket.create_connection(("127.0.0.1", server), timeout=5) as s:
             s.sendall(partial)
+
     await anyio.to_thread.run_sync(go)
     await still_up(server)
 
 
 # our own client against our own server ------------------------------------------------------
+
 
 async def test_connector_round_trip_streaming(server: int) -> None:
     endpoint = Endpoint("127.0.0.1", server)
@@ -250,10 +295,14 @@ async def test_connector_round_trip_streaming(server: int) -> None:
             yield b"piece %d " % i
 
     async with HTTPConnector() as connector:
-        response = await connector.send(endpoint, Request("POST", f"http://127.0.0.1:{server}/upper", stream=body()))
+        response = await connector.send(
+            endpoint, Request("POST", f"http://127.0.0.1:{server}/upper", stream=body())
+        )
         assert response.headers.get("transfer-encoding") == "chunked"
         assert await response.aread() == b"".join(b"PIECE %d " % i for i in range(100))
         for _ in range(3):
-            response = await connector.send(endpoint, Request("GET", f"http://127.0.0.1:{server}/k"))
+            response = await connector.send(
+                endpoint, Request("GET", f"http://127.0.0.1:{server}/k")
+            )
             assert await response.aread() == b"GET /k"
         assert connector.stats()[endpoint.id]["open"] == 1

@@ -20,9 +20,9 @@ from meshcore._http import ConnectionInfo, HTTPConnector, serve_http
 from meshcore._models import Request, Response
 
 x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 pytestmark = pytest.mark.anyio
 
@@ -37,7 +37,7 @@ class Pki:
 
 
 def _issue(name: str, issuer_key, issuer_name, key, *, ca: bool = False, san: list | None = None):  # type: ignore[no-untyped-def]
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -62,16 +62,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca = _issue("test ca", ca_key, None, ca_key, ca=True)
     out = {}
     for who, san in (
-        ("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.UniformResourceIdentifier("spiffe://test/ns/default/sa/orders")]),
+        (
+            "server",
+            [
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.UniformResourceIdentifier("spiffe://test/ns/default/sa/orders"),
+            ],
+        ),
         ("client", [x509.UniformResourceIdentifier("spiffe://test/ns/default/sa/web")]),
     ):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _issue(who, ca_key, ca.subject, key, san=san)
         (tmp / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (tmp / f"{who}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        (tmp / f"{who}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         out[who] = (tmp / f"{who}.pem", tmp / f"{who}.key")
     (tmp / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     return Pki(tmp / "ca.pem", *out["server"], *out["client"])
@@ -80,8 +89,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def _uri_sans(ssl_object: ssl.SSLObject) -> list[str]:
     der = ssl_object.getpeercert(binary_form=True)
     cert = x509.load_der_x509_certificate(der)
-    return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.UniformResourceIdentifier)
+    return cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.UniformResourceIdentifier)
 
 
 async def app(request: Request, conn: ConnectionInfo) -> Response:
@@ -118,10 +128,17 @@ async def test_mutual_tls_round_trip_and_verify_peer(tls_server: int, pki: Pki) 
     endpoint = Endpoint("127.0.0.1", tls_server)
     async with HTTPConnector(ssl_context=client_context(pki), verify_peer=verify) as connector:
         for _ in range(3):
-            response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{tls_server}/x"))
+            response = await connector.send(
+                endpoint, Request("GET", f"https://127.0.0.1:{tls_server}/x")
+            )
             body = await response.aread()
-            assert body == (f"https://127.0.0.1:{tls_server}/x tls=True "
-                            f"peer=spiffe://test/ns/default/sa/web").encode()
+            assert (
+                body
+                == (
+                    f"https://127.0.0.1:{tls_server}/x tls=True "
+                    f"peer=spiffe://test/ns/default/sa/web"
+                ).encode()
+            )
     # one handshake, one verification, then the connection was reused
     assert seen == [(endpoint, ["spiffe://test/ns/default/sa/orders"])]
 
