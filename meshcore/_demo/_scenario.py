@@ -606,7 +606,8 @@ class Demo:
                 self.event(f"circuit breaker for {SERVICE}: {self._circuit_state} -> {self.circuit}",
                            "bad" if self.circuit == "open" else "good")
             self._circuit_state = self.circuit
-        tls = svc.get("tls") or {}
+        # The workload certificate is mesh-wide state; the expected server identity per service.
+        tls = {**(state.get("state", {}).get("tls") or {}), **(svc.get("tls") or {})}
         self.client_identity = tls.get("identity", "")
         self.server_identity = tls.get("expected_server", "")
         if tls.get("seconds_left"):

@@ -308,7 +308,13 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
         w.sample("meshcore_discovery_stale", s.get("discovery", {}).get("state") == "stale", ("service",), (svc,))
 
     w.family("meshcore_plugin_state", "gauge",
-             "Numeric state plugins expose per service (retry budget use and denials, breaker counters).")
+             "Numeric state plugins expose per service (retry budget use and denials, breaker counters), "
+             'or mesh-wide with service="" (certificate, registration).')
+    # Mesh-wide state (`Mesh.add_state`): one workload certificate, one registration per mesh,
+    # exported once rather than repeated under every service.
+    for plugin, tree in sorted(state.get("state", {}).items()):
+        for key, value in _plugin_numbers(tree):
+            w.sample("meshcore_plugin_state", value, ("service", "plugin", "key"), ("", plugin, key))
     for svc, s in sorted(services.items()):
         for plugin, tree in sorted(s.items()):
             if plugin in _CORE_SERVICE_KEYS:

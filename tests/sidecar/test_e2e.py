@@ -84,6 +84,12 @@ def inbound_requests(sidecar: Sidecar) -> int:
     )
 
 
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    lines = (line.rpartition(" ") for line in text.splitlines() if line and line[0] != "#")
+    return {name: float(value) for name, _, value in lines}
+
+
 def intruder_context(ca_dir: Path, tmp_path: Path) -> ssl.SSLContext:
     """A client TLS context with a valid mesh certificate for another identity."""
     issued = meshcore_tls.CA.load(ca_dir, need_key=True).issue("intruder", "default")
@@ -193,6 +199,28 @@ async def test_app_to_app_through_two_sidecars_survives_an_instance_kill(upstrea
         assert ejected == {dead_port}
         assert service["breaker"]["circuit"]["state"] == "closed"
         assert service["discovery"]["errors"] == 0
+
+        # Sidecar B's admin API shows its registration and its certificate once, mesh-wide.
+        b_state = await admin_json(dead_sidecar)
+        registration = b_state["state"]["consul-registration"]
+        assert registration["id"] == dead_sidecar.registration["id"]
+        assert (registration["status"], registration["errors"]) == ("registered", 0)
+        assert b_state["state"]["tls"]["identity"] == APP_B
+        async with httpx.AsyncClient() as admin:
+            metrics = samples((await admin.get(url(dead_sidecar, "admin", "/metrics"))).text)
+        expiry = b_state["state"]["tls"]["expires_at"]
+        assert (
+            metrics[f'meshcore_identity_cert_expiration_timestamp_seconds{{identity="{APP_B}"}}']
+            == expiry
+        )
+        assert (
+            metrics[
+                'meshcore_plugin_state{service="",plugin="consul-registration",key="registrations"}'
+            ]
+            == 1
+        )
+        assert metrics['meshcore_plugin_state{service="",plugin="tls",key="denied"}'] == 0
+        assert not [k for k in metrics if 'plugin="tls"' in k and 'service=""' not in k]
 
         # mTLS all the way: app B saw A's verified identity, sidecar B allowed only that.
         for app in apps:

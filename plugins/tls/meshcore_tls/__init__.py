@@ -58,8 +58,9 @@ def workload(mesh: meshcore.Mesh) -> Workload | None:
 
 def status(mesh: meshcore.Mesh) -> dict[str, Any] | None:
     """Identity, certificate expiry (`expires_at`, Unix seconds) and policy counters of
-    `mesh`'s workload, for the sidecar's `/metrics`; None when TLS is off. The same dict is
-    in `mesh.state()["services"][<name>]["tls"]`, with the expected server identity added."""
+    `mesh`'s workload; None when TLS is off. The same dict is mesh-wide state,
+    `mesh.state()["state"]["tls"]` (what the sidecar's `/state` and `/metrics` show); per
+    service, `mesh.state()["services"][<name>]["tls"]` has the `expected_server` identity."""
     w = running(mesh)
     return w.status() if w is not None else None
 

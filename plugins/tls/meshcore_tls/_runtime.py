@@ -143,6 +143,9 @@ class Workload:
         self.rotated = anyio.Event()
         self._start()
         _WORKLOADS[self.mesh] = self
+        # One identity per mesh: its certificate and counters are mesh-wide state; only the
+        # server identity expected for each service is per service.
+        self.mesh.add_state("tls", self.status)
         for name, upstream in self.mesh.upstreams.items():
             upstream.add_state("tls", lambda name=name: self.state(name))
         self._scope = anyio.CancelScope()
@@ -426,7 +429,8 @@ class Workload:
         }
 
     def state(self, service: str) -> dict[str, Any]:
-        return {**self.status(), "expected_server": self._expected.get(service, "")}
+        """Per service: the server identity expected for it (the rest is `status()`)."""
+        return {"expected_server": self._expected.get(service, "")}
 
 
 def _workload_ids(cert: x509.Certificate) -> list[str]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 
+import anyio
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 import meshcore
 import meshcore_tls
+from meshcore.testing import static_service
 
 pytestmark = pytest.mark.anyio
 
@@ -40,6 +44,65 @@ async def test_hooks_leave_foreign_peers_and_meshes_alone(ca_dir, kit, tls_mesh)
         assert meshcore_tls.meshcore_server_tls(mesh) is mesh.plugins.server_tls(mesh)
         assert meshcore_tls.meshcore_authorize(request, None) == "a client certificate is required"
     assert meshcore_tls.workload(mesh) is None  # unregistered on shutdown
+
+
+class CertPeer:
+    """An SSLObject-like peer presenting `cert` (what `authorize` reads of a real one)."""
+
+    def __init__(self, cert):
+        self.der = cert.public_bytes(serialization.Encoding.DER)
+
+    def getpeercert(self, binary_form=False):
+        return self.der
+
+
+async def test_workload_state_is_mesh_wide_and_expected_server_per_service(ca_dir, kit, tls_mesh):
+    web, checkout = (
+        meshcore_tls.spiffe_id("example.org", "default", s) for s in ("web", "checkout")
+    )
+    payments = "spiffe://example.org/ns/billing/sa/payments"
+    config = kit.server_config(
+        ca_dir,
+        "web",
+        ttl=2,
+        renew_at=0.25,
+        identities={"payments": payments},
+        allow=[{"identities": [checkout]}],
+    )
+    config["services"] = {
+        "orders": static_service(["127.0.0.1:1"]),
+        "payments": static_service(["127.0.0.1:2"]),
+    }
+    async with tls_mesh(config) as mesh:
+        workload = meshcore_tls.workload(mesh)
+        state = json.loads(json.dumps(mesh.state()))
+        tls = state["state"]["tls"]
+        assert tls["identity"] == web and tls["mode"] == "issue"
+        assert tls["expires_at"] == workload.cert.not_valid_after_utc.timestamp()
+        assert 0 < tls["seconds_left"] <= 2
+        assert (tls["rotations"], tls["allowed"], tls["denied"]) == (0, 0, 0)
+        # Per service only what differs per service: the server identity it must present.
+        assert state["services"]["orders"]["tls"] == {
+            "expected_server": "spiffe://example.org/ns/default/sa/orders"
+        }
+        assert state["services"]["payments"]["tls"] == {"expected_server": payments}
+        # Counters and rotations show up in the mesh-wide state as they happen.
+        ca = meshcore_tls.CA.load(ca_dir, need_key=True)
+        request = meshcore.Request("GET", "http://web/x")
+        assert workload.authorize(request, CertPeer(ca.issue("intruder").cert)) is not None
+        assert workload.authorize(request, CertPeer(ca.issue("checkout").cert)) is None
+        first_serial = tls["serial"]
+        with anyio.fail_after(5):
+            await workload.rotated.wait()
+        tls, status = mesh.state()["state"]["tls"], meshcore_tls.status(mesh)
+        assert (tls["allowed"], tls["denied"]) == (1, 1)
+        assert tls["rotations"] >= 1 and tls["serial"] != first_serial
+        assert tls == {**status, "seconds_left": tls["seconds_left"]}
+    async with meshcore.Mesh(
+        {"services": {"orders": static_service(["127.0.0.1:1"])}}, ["tls"]
+    ) as plain:
+        state = plain.state()
+    assert "tls" not in state["state"] and "tls" not in state["services"]["orders"]
 
 
 def test_cli_hook_adds_the_ca_group():

@@ -73,15 +73,18 @@ async def test_valid_certificate_reaches_the_mtls_upstream(ca_dir, kit, tls_mesh
             async with tls_mesh(config) as mesh, mesh.client() as client:
                 first = await client.get("http://orders/items/7")
                 second = await client.get("http://orders/items/8")
-                state = mesh.state()["services"]["orders"]["tls"]
+                state = mesh.state()
     assert (first.status_code, first.text) == (200, WEB)
     assert second.status_code == 200
     assert server.handshake_errors == []
     assert server.connections == 1  # keep-alive: one handshake, two requests
-    assert state["identity"] == WEB
-    assert state["expected_server"] == "spiffe://example.org/ns/default/sa/orders"
-    assert state["mode"] == "issue"
-    assert 23 * 3600 < state["seconds_left"] <= 24 * 3600
+    tls = state["state"]["tls"]  # one workload identity per mesh: mesh-wide state
+    assert tls["identity"] == WEB
+    assert tls["mode"] == "issue"
+    assert 23 * 3600 < tls["seconds_left"] <= 24 * 3600
+    assert state["services"]["orders"]["tls"] == {
+        "expected_server": "spiffe://example.org/ns/default/sa/orders"
+    }
 
 
 async def test_tls_13_is_negotiated_and_12_is_the_floor(ca_dir, kit, tls_mesh):
@@ -124,7 +127,7 @@ async def test_server_with_another_services_identity_is_rejected(ca_dir, kit, tl
             async with tls_mesh(config) as mesh, mesh.client() as client:
                 with pytest.raises(meshcore.IdentityRejected) as info:
                     await client.get("http://orders/")
-                state = mesh.state()["services"]["orders"]["tls"]
+                state = mesh.state()["state"]["tls"]
     err = info.value
     assert err.expected == "spiffe://example.org/ns/default/sa/orders"
     assert err.actual == "spiffe://example.org/ns/default/sa/payments"

@@ -65,7 +65,7 @@ async def test_renewal_under_load_has_zero_failures(ca_dir, kit, tls_mesh, caplo
                     return False
 
                 ok, failures = await run_load(mesh, server, renewed_and_used)
-                state = mesh.state()["services"]["orders"]["tls"]
+                state = mesh.state()["state"]["tls"]
     assert failures == []
     assert ok >= 10
     assert state["rotations"] >= 1
