@@ -208,6 +208,9 @@ class ConsulDiscovery:
     async def watch(self, sink: meshcore.DiscoverySink) -> None:
         bucket = TokenBucket(self.churn_limit, burst=2)
         backoff = self.backoff
+        # Each watch starts with a non-blocking query: this sink has been told nothing yet, and
+        # an index kept from an earlier (cancelled) watch would block until the next change.
+        self.index = 0
         async with self.agent.client() as client:
             while True:
                 await bucket.take()
