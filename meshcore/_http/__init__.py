@@ -5,13 +5,15 @@ The server side (`serve_http`, `serve_connection`) is what the sidecar's listene
 See docs/data-path.md for why this exists and what it supports.
 """
 
-from ._client import HTTPConnector, PoolLimits, Timeouts
-from ._server import ConnectionInfo, ServerLimits, serve_connection, serve_http
+from ._client import BufferedBody, HTTPConnector, PoolLimits, Timeouts
+from ._server import ConnectionInfo, RequestRejected, ServerLimits, serve_connection, serve_http
 
 __all__ = [
+    "BufferedBody",
     "ConnectionInfo",
     "HTTPConnector",
     "PoolLimits",
+    "RequestRejected",
     "ServerLimits",
     "Timeouts",
     "serve_connection",

@@ -47,7 +47,7 @@ from .._errors import (
 from .._models import Headers, Request, Response
 from ._parse import backend_clock
 
-__all__ = ["HTTPConnector", "PoolLimits", "Timeouts"]
+__all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 
 log = logging.getLogger("meshcore.http")
 _new_headers = Headers.__new__
