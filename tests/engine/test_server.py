@@ -306,3 +306,32 @@ async def test_connector_round_trip_streaming(server: int) -> None:
             )
             assert await response.aread() == b"GET /k"
         assert connector.stats()[endpoint.id]["open"] == 1
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")]
+)
+async def test_uvloop_smoke(nginx) -> None:  # type: ignore[no-untyped-def]
+    """Server and client on uvloop: a proxy hop from our server through our client to nginx."""
+    pytest.importorskip("uvloop")
+    upstream = Endpoint("127.0.0.1", nginx.port)
+
+    async with HTTPConnector() as connector:
+
+        async def proxy(request: Request, conn: ConnectionInfo) -> Response:
+            response = await connector.send(
+                upstream, Request("GET", f"{nginx.base}{request.url.target}")
+            )
+            length = response.headers.get("content-length")
+            return Response(response.status_code, [("Content-Length", length)], response.stream)
+
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: serve_http(listener, proxy))
+            for path, expected in (("/", b"hello from nginx\n"), ("/files/big.bin", nginx.big)):
+                out = await raw(
+                    port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                )
+                assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(expected)
+            tg.cancel_scope.cancel()
