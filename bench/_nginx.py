@@ -9,8 +9,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 CONF = """
 worker_processes 1;
@@ -66,7 +66,7 @@ def nginx(count: int = 1) -> Iterator[list[int]]:
                         break
                     except OSError:
                         if time.monotonic() > deadline or proc.poll() is not None:
-                            raise SystemExit("nginx did not start")
+                            raise SystemExit("nginx did not start") from None
                         time.sleep(0.02)
             yield ports
         finally:

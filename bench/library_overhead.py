@@ -20,8 +20,9 @@ import anyio
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-import meshcore  # noqa: E402
 from _nginx import nginx  # noqa: E402
+
+import meshcore  # noqa: E402
 
 
 class BenchPlugins:

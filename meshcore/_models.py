@@ -13,11 +13,11 @@ async iterable of `bytes` chunks (streamed, read at most once).
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import Any, Union
+from typing import Any
 
 __all__ = ["URL", "Headers", "Request", "Response", "Body"]
 
-Body = Union[bytes, AsyncIterable[bytes]]
+Body = bytes | AsyncIterable[bytes]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 

@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def meshcore(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in ("MESHCORE_PLUGINS", "MESHCORE_CONFIG")}
@@ -38,7 +36,7 @@ endpoints = [{ address = "127.0.0.1:8101", weight = 2, zone = "a", tags = ["v2"]
 def test_plugins_lists_static_like_any_plugin():
     result = meshcore("plugins")
     assert result.returncode == 0, result.stderr
-    line = next(l for l in result.stdout.splitlines() if " static " in l)
+    line = next(row for row in result.stdout.splitlines() if " static " in row)
     assert "meshcore" in line and "discovery" in line and "yes" in line
 
 

@@ -59,6 +59,7 @@ def test_docs_link_to_existing_files():
 async def test_the_writing_a_plugin_example_runs(upstream, mesh_factory, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "docs" / "examples" / "meshcore-stamp"))
     import meshcore_stamp
+
     from meshcore.testing import static_service
 
     server = upstream("one")

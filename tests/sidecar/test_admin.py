@@ -7,9 +7,8 @@ import httpx
 import pytest
 
 import meshcore
-from meshcore.testing import static_service
-
 from meshcore._sidecar._runtime import Sidecar
+from meshcore.testing import static_service
 
 from .conftest import admin_json, running_sidecar, sidecar_config, url
 
