@@ -273,7 +273,7 @@ class Demo:
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         from .._sidecar._runtime import Sidecar
-        from ._upstream import DemoUpstream
+        from ..testing import UpstreamServer
 
         plan = self.plan
         if plan.tls is not None:
@@ -285,7 +285,7 @@ class Demo:
             self.registry = plan.consul.Registry("127.0.0.1", 0, data_dir=None).start()
             stack.push_async_callback(anyio.to_thread.run_sync, self.registry.stop)
         for name in INSTANCES:
-            server = DemoUpstream(name).start()
+            server = UpstreamServer(name, record=False).start()
             self._servers[name] = server
             stack.push_async_callback(anyio.to_thread.run_sync, server.stop)
         # One sidecar in front of each instance: it terminates mTLS and registers the instance.

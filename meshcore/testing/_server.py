@@ -95,7 +95,10 @@ class _Protocol(asyncio.Protocol):
             method, url, headers, body, keep_alive = await self.queue.get()
             server = self.server
             server.requests += 1
-            server.seen.append((method, url, dict((k.decode().lower(), v.decode()) for k, v in headers)))
+            if server.record:
+                server.seen.append(
+                    (method, url, {k.decode().lower(): v.decode() for k, v in headers})
+                )
             b = server.behaviour
             status, delay, payload = b.status, b.delay, b.body
             if b.fail_every and server.requests % b.fail_every == 0:
@@ -127,12 +130,23 @@ class UpstreamServer:
     """A real HTTP/1.1 server on 127.0.0.1 in its own thread. `start()`, `stop()`, restartable
     on the same port."""
 
-    def __init__(self, name: str = "u", host: str = "127.0.0.1", port: int = 0, **behaviour) -> None:
+    def __init__(
+        self,
+        name: str = "u",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        record: bool = True,
+        **behaviour,
+    ) -> None:
+        """`record=False` keeps only the count of requests, not each one in `seen` (for
+        long-running uses such as the demo)."""
         self.name = name
         self.host = host
         self.port = port
         self.behaviour = Behaviour(**behaviour)
         self.requests = 0
+        self.record = record
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
