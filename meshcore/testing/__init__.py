@@ -7,11 +7,29 @@ project that installs meshcore: `anyio_backend` (asyncio and trio), `upstream`,
 """
 
 from ._helpers import free_port, require_binary, static_service, strict_integration, virtual_trio
+from ._scripted import (
+    SCRIPTED_PORTS,
+    ScriptedConnector,
+    SimpleBalancers,
+    StateEvents,
+    TrackedBody,
+    connect_error,
+    read_error,
+    scripted_mesh,
+)
 from ._server import Behaviour, UpstreamServer
 
 __all__ = [
+    "SCRIPTED_PORTS",
     "Behaviour",
+    "ScriptedConnector",
+    "SimpleBalancers",
+    "StateEvents",
+    "TrackedBody",
     "UpstreamServer",
+    "connect_error",
+    "read_error",
+    "scripted_mesh",
     "free_port",
     "require_binary",
     "static_service",

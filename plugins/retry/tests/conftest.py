@@ -6,4 +6,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from retry_testkit import scripted_mesh, virtual_backend  # noqa: F401
+from retry_testkit import scripted_mesh  # noqa: F401
