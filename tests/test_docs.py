@@ -93,3 +93,36 @@ def test_testing_servers_import_without_pytest():
     code = "import sys; sys.modules['pytest'] = None; from meshcore.testing import UpstreamServer"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def toml_examples():
+    docs = [*sorted(ROOT.glob("docs/*.md")), *sorted(ROOT.glob("plugins/*/README.md")), ROOT / "README.md"]
+    for doc in docs:
+        for i, block in enumerate(re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)):
+            if "[project" not in block:  # pyproject snippets are not mesh configs
+                yield pytest.param(block, id=f"{doc.relative_to(ROOT)}#{i}")
+
+
+@pytest.mark.parametrize("block", list(toml_examples()))
+def test_toml_examples_in_the_docs_are_valid_configs(block):
+    """Every mesh.toml snippet in the docs validates against the installed plugins.
+
+    A snippet showing one table of a service is completed with the least that makes it a
+    service: its discovery kind (the discovery table it shows, else static with one endpoint).
+    """
+    import tomllib
+
+    from meshcore import Mesh, MeshConfig
+
+    data = tomllib.loads(block)
+    plugins = [name for name in meshcore.installed_plugins() if name != "static"]
+    probe = meshcore.Plugins(plugins)
+    discoveries = set(probe.kinds_of("discovery"))
+    for service in data.get("services", {}).values():
+        if "discovery" in service or "discovery" in data.get("defaults", {}):
+            continue
+        shown = [kind for kind in service if kind in discoveries]
+        service["discovery"] = shown[0] if shown else "static"
+        if not shown:
+            service["static"] = {"endpoints": ["127.0.0.1:1"]}
+    Mesh(MeshConfig.from_dict(data, source="docs"), plugins)
