@@ -45,7 +45,7 @@ from .._errors import (
     EndpointTimeout,
 )
 from .._models import Headers, Request, Response
-from ._parse import backend_clock
+from ._parse import backend_clock, direct_socket
 
 __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 
@@ -144,6 +144,7 @@ class _Connection:
         "chunks",
         "close_delimited",
         "complete",
+        "direct",
         "endpoint",
         "framed",
         "got_bytes",
@@ -160,12 +161,17 @@ class _Connection:
         "sock",
         "status",
         "stream",
+        "wait_readable",
     )
 
     def __init__(self, stream: ByteStream, endpoint: Endpoint) -> None:
         self.stream = stream
         self.receive = stream.receive
         self.send = stream.send
+        # trio + plain TCP: non-blocking calls straight on the socket (see direct_socket)
+        self.direct, self.wait_readable = direct_socket(stream)
+        if self.direct is not None:
+            self.send = self._send_direct
         sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         # asyncio hands out a TransportSocket wrapper without recv(); peek on the real one.
         sock = getattr(sock, "_sock", sock)
@@ -233,6 +239,30 @@ class _Connection:
             self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
 
     # ----------------------------------------------------------------------------------------
+    async def _send_direct(self, data: bytes) -> None:
+        """One non-blocking send; the stream (which waits for the socket) writes any rest."""
+        try:
+            sent = self.direct.send(data)  # type: ignore[union-attr]
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            await self.stream.send(memoryview(data)[sent:])
+
+    async def recv(self) -> bytes:
+        """The next bytes from the server; EndOfStream at its end."""
+        sock = self.direct
+        if sock is None:
+            return await self.receive(_READ_SIZE)
+        while True:
+            try:
+                data = sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                await self.wait_readable(sock)
+                continue
+            if data:
+                return data
+            raise anyio.EndOfStream
+
     def feed(self, data: bytes) -> None:
         self.got_bytes = True
         try:
@@ -526,10 +556,10 @@ class _ResponseBody:
         try:
             try:
                 if self._read_timeout is None:
-                    data = await conn.receive(_READ_SIZE)
+                    data = await conn.recv()
                 else:
                     with anyio.fail_after(self._read_timeout):
-                        data = await conn.receive(_READ_SIZE)
+                        data = await conn.recv()
             except anyio.EndOfStream:
                 if conn.close_delimited:
                     conn.complete = True
@@ -673,9 +703,9 @@ class HTTPConnector:
                     phase = "read"
                     if not same:
                         scope.deadline = math.inf if read_timeout is None else now() + read_timeout
-                    receive = conn.receive
+                    recv = conn.recv
                     while not conn.headers_done:
-                        data = await receive(_READ_SIZE)
+                        data = await recv()
                         conn.feed(data)
                         if read_timeout is not None and not conn.headers_done:
                             scope.deadline = now() + read_timeout
@@ -713,11 +743,14 @@ class HTTPConnector:
         if conn.complete:
             # The whole body came with the head (most small responses): give the connection
             # back now and hand out the bytes, so nobody pays for a streaming reader.
+            # Take what the response needs first: once given back (`finish` may yield, e.g. to
+            # close a surplus idle connection), another task may start an exchange on `conn`.
             chunks = conn.chunks
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             conn.chunks = []
+            status, headers = conn.status, conn.headers
             await pool.finish(conn)
-            return Response(conn.status, conn.headers, BufferedBody(data), extensions)
+            return Response(status, headers, BufferedBody(data), extensions)
         return Response(
             conn.status, conn.headers, _ResponseBody(conn, pool, read_timeout), extensions
         )

@@ -102,6 +102,28 @@ async def test_nginx_concurrent_bounded_pool(nginx) -> None:  # type: ignore[no-
     assert results == [b"small file\n"] * 40
 
 
+async def test_connection_given_back_while_others_exchange(nginx) -> None:  # type: ignore[no-untyped-def]
+    # More busy connections than max_idle: giving one back closes a surplus idle one, which
+    # yields, and another task starts an exchange on the connection just given back. The
+    # response handed out must still be the one that was read (it once came out as status 0
+    # with the next exchange's empty headers).
+    bad: list[object] = []
+    async with HTTPConnector(limits=PoolLimits(max_connections=8, max_idle=1)) as connector:
+
+        async def worker() -> None:
+            for _ in range(25):
+                response, body = await get(connector, nginx, "/")
+                if (response.status_code, body) != (200, b"hello from nginx\n") or not (
+                    response.headers.get("content-length")
+                ):
+                    bad.append((response.status_code, list(response.headers), body))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(worker)
+    assert bad == []
+
+
 async def test_early_aclose_closes_connection(nginx) -> None:  # type: ignore[no-untyped-def]
     async with HTTPConnector() as connector:
         response = await connector.send(ep(nginx), Request("GET", f"{nginx.base}/files/big.bin"))
