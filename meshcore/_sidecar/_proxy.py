@@ -21,7 +21,7 @@ open, 504 upstream timeout, 502 anything else the upstream did wrong.
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any
 
 from .._errors import (
@@ -57,7 +57,37 @@ _new_headers = Headers.__new__
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+    """Field names a Connection header asks to remove, beyond the hop-by-hop ones (already
+    removed): `Connection: keep-alive`, the usual case, names nothing more."""
+    return {t.strip().lower() for t in value.split(b",") if t.strip()} - _HOP_BY_HOP
+
+
+_random = b""
+_offset = 0
+
+
+def _request_id() -> bytes:
+    """A random (version 4) UUID as text, like `str(uuid.uuid4())` at half its cost: random
+    bytes come from the OS (as uuid4's do) 4 KiB at a time instead of 16 per request."""
+    global _random, _offset
+    start = _offset
+    if start >= len(_random):
+        _random, start = os.urandom(4096), 0
+    _offset = start + 16
+    value = int.from_bytes(_random[start : start + 16], "big")
+    h = b"%032x" % ((value & _UUID_CLEAR) | _UUID_SET)
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+def _forget_random() -> None:
+    global _random, _offset
+    _random, _offset = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)  # a forked child must not repeat our ids
+# RFC 9562 §5.4: version 4 in bits 48-51, variant 0b10 in bits 64-65.
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID_SET = (0x4 << 76) | (0x2 << 62)
 
 
 def request_headers(
@@ -94,7 +124,7 @@ def request_headers(
     elif xff:
         append((b"x-forwarded-for", xff))
     if not has_id:
-        append((b"x-request-id", str(uuid.uuid4()).encode()))
+        append((b"x-request-id", _request_id()))
     if identity:
         append((b"x-forwarded-client-cert", b"URI=" + identity))
     return out

@@ -43,6 +43,8 @@ from .._http import (
     Timeouts,
     serve_connection,
 )
+from .._http import BufferedBody
+from .._http._parse import backend_clock
 from .._http._server import RequestRejected
 from .._mesh import Mesh
 from .._models import Headers, Request, Response
@@ -501,6 +503,11 @@ class Sidecar:
         """
         if self.draining:
             response.headers.append((b"connection", b"close"))
+        elif type(response.stream) is BufferedBody:
+            # The whole body came with the head (the engine's usual case for small bodies):
+            # nothing to read, and the engine writes it in the same send as the head.
+            done()
+            return response
         else:
             length = response.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) <= _GLUE:
@@ -522,9 +529,10 @@ class Sidecar:
         telemetry = self.telemetry
         observe = telemetry.observe
         pipeline_requests = telemetry.pipeline_requests
+        now = backend_clock()  # made in the connection's task: anyio's clock, looked up once
 
         async def handle(request: Request, info: ConnectionInfo) -> Response:
-            start = _now()
+            start = now()
             gen = self._begin(conn)
             done = self._done(conn, gen)
             try:
@@ -560,7 +568,7 @@ class Sidecar:
                     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     return self._local("outbound", service, status, reason, first_line, done, start, extra)
                 response.headers = response_headers(response.headers)
-                observe("outbound", service, response.status_code, _now() - start)
+                observe("outbound", service, response.status_code, now() - start)
                 return await self._finish(response, done, "outbound", service, start)
             except BaseException:
                 done()
@@ -573,9 +581,10 @@ class Sidecar:
     def _inbound_handler(self, conn: Connection) -> Callable[[Request, ConnectionInfo], Any]:
         telemetry = self.telemetry
         observe = telemetry.observe
+        now = backend_clock()
 
         async def handle(request: Request, info: ConnectionInfo) -> Response:
-            start = _now()
+            start = now()
             gen = self._begin(conn)
             done = self._done(conn, gen)
             service = gen.service
@@ -603,7 +612,7 @@ class Sidecar:
                     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     return self._local("inbound", service, status, reason, first_line, done, start)
                 response.headers = response_headers(response.headers)
-                observe("inbound", service, response.status_code, _now() - start)
+                observe("inbound", service, response.status_code, now() - start)
                 return await self._finish(response, done, "inbound", service, start)
             except BaseException:
                 done()
