@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 import anyio
+import anyio.lowlevel
 import httptools
 from anyio.abc import ByteStream
 from anyio.streams.tls import TLSAttribute
@@ -52,6 +53,7 @@ __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 log = logging.getLogger("meshcore.http")
 _new_headers = Headers.__new__
 _current_time = anyio.current_time
+_checkpoint = anyio.lowlevel.checkpoint
 
 # RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -704,6 +706,11 @@ class HTTPConnector:
                     if not same:
                         scope.deadline = math.inf if read_timeout is None else now() + read_timeout
                     recv = conn.recv
+                    if conn.direct is not None:
+                        # Let the other tasks run first (as trio's own send would have):
+                        # the answer is then often there already, which spares a failed recv
+                        # and an epoll registration (measured: less system time per request).
+                        await _checkpoint()
                     while not conn.headers_done:
                         data = await recv()
                         conn.feed(data)

@@ -268,6 +268,9 @@ class _ServerConnection:
         deadline = _INF if timeout is None else self.now() + timeout
         armed = False  # this head's deadline is in force (set before the first wait)
         sock = self.direct
+        if sock is not None:
+            await self.checkpoint()  # others first: the next request is then often there
+            self.waited = True
         while not self.ready:
             if self.upgraded:
                 return False
