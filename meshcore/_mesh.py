@@ -25,6 +25,8 @@ from ._upstream import Upstream
 
 __all__ = ["Mesh"]
 
+_HEALTH_ORDER = {"passing": 0, "warning": 1, "critical": 2}
+
 
 class Mesh:
     """A running service mesh. Use as `async with Mesh(config) as mesh:`.
@@ -172,6 +174,23 @@ class Mesh:
             update = getattr(upstream.connector, "set_ssl_context", None)
             if update is not None:
                 update(self.plugins.client_tls(name, self))
+
+    # -- health -------------------------------------------------------------------------------
+
+    def local_health(self) -> tuple[str, str]:
+        """`(status, reason)` of the local instance: the worst answer of the
+        `meshcore_local_health` hook ("passing", "warning" or "critical"); passing when no
+        plugin has an opinion. Registering plugins report it with each heartbeat."""
+        worst = ("passing", "")
+        for status, reason in self.plugins.local_health(self):
+            if status not in _HEALTH_ORDER:
+                raise PluginError(
+                    f"meshcore_local_health answered {status!r}; expected one of "
+                    f"{', '.join(_HEALTH_ORDER)}"
+                )
+            if _HEALTH_ORDER[status] > _HEALTH_ORDER[worst[0]]:
+                worst = (status, reason)
+        return worst
 
     # -- state --------------------------------------------------------------------------------
 

@@ -233,6 +233,9 @@ class Plugins:
                 results.append(ensure_not_awaitable(result, "meshcore_lifespan", impl.plugin_name))
         return results
 
+    def local_health(self, mesh: Any) -> list[tuple[str, str]]:
+        return [r for r in self.pm.hook.meshcore_local_health(mesh=mesh) if r is not None]
+
     def add_cli(self, cli: Any) -> None:
         self.pm.hook.meshcore_cli(cli=cli)
 
@@ -252,6 +255,7 @@ _FAMILY_OF_HOOK = {
     "meshcore_check_peer": "security",
     "meshcore_authorize": "security",
     "meshcore_lifespan": "lifecycle",
+    "meshcore_local_health": "lifecycle",
     "meshcore_mesh_started": "events",
     "meshcore_mesh_stopping": "events",
     "meshcore_endpoints_changed": "events",

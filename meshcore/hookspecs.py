@@ -178,6 +178,18 @@ def meshcore_lifespan(mesh: Mesh) -> Any:
     """
 
 
+@hookspec
+def meshcore_local_health(mesh: Mesh) -> tuple[str, str] | None:
+    """The health of the local instance as this plugin sees it, for registration.
+
+    Called by plugins that register the local instance (consul's TTL heartbeat) through
+    ``mesh.local_health()``, which asks every implementation and keeps the worst answer.
+    Return ``(status, reason)`` with status ``"passing"``, ``"warning"`` or ``"critical"``, or
+    None for no opinion. Must be cheap and must not block: return the result of a probe that a
+    lifespan task runs (the sidecar probes its local app this way).
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # events (all must be cheap: they run inline on the mesh's tasks)
 

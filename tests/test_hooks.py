@@ -141,3 +141,25 @@ def test_meshcore_cli_adds_commands():
     meshcore.Plugins([], extra=[("commands", Commands())]).add_cli(group)
     result = CliRunner().invoke(group, ["hello"])
     assert result.exit_code == 0 and result.output == "hello from a plugin\n"
+
+
+async def test_meshcore_local_health_keeps_the_worst_answer():
+    class Opinion:
+        def __init__(self, answer):
+            self.answer = answer
+
+        @meshcore.hookimpl
+        def meshcore_local_health(self, mesh):
+            return self.answer
+
+    disk, app = Opinion(("warning", "disk 91% full")), Opinion(None)
+    mesh = meshcore.Mesh({}, [], extra_plugins=[("disk", disk), ("app", app)])
+    async with mesh:
+        assert mesh.local_health() == ("warning", "disk 91% full")
+        app.answer = ("critical", "app refuses connections")
+        assert mesh.local_health() == ("critical", "app refuses connections")
+        disk.answer = app.answer = None
+        assert mesh.local_health() == ("passing", "")
+        app.answer = ("sick", "?")
+        with pytest.raises(meshcore.PluginError, match="answered 'sick'"):
+            mesh.local_health()

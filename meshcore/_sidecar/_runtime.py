@@ -36,6 +36,7 @@ from .._config import MeshConfig
 from .._endpoints import Endpoint
 from .._errors import ConfigError
 from .._http import (
+    BufferedBody,
     ConnectionInfo,
     HTTPConnector,
     PoolLimits,
@@ -43,12 +44,12 @@ from .._http import (
     Timeouts,
     serve_connection,
 )
-from .._http import BufferedBody
 from .._http._parse import backend_clock
 from .._http._server import RequestRejected
 from .._mesh import Mesh
 from .._models import Headers, Request, Response
 from ._admin import admin_handler
+from ._health import AppHealth
 from ._metrics import Telemetry
 from ._proxy import classify, peer_identity, request_headers, response_headers
 from ._settings import Address, advertised, server_limits
@@ -222,7 +223,11 @@ class Sidecar:
         if not isinstance(config, MeshConfig):
             config = MeshConfig.from_dict(config, source="<dict>")
         self._raw = config
-        extra = [("sidecar-telemetry", self.telemetry), *self.extra_plugins]
+        extra = [
+            ("sidecar-telemetry", self.telemetry),
+            ("sidecar-app-health", AppHealth()),
+            *self.extra_plugins,
+        ]
         mesh = Mesh(config, self.plugins, extra_plugins=extra, connector_factory=sidecar_connector)
         if inbound is None:
             return mesh

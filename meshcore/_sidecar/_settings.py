@@ -102,6 +102,18 @@ SETTINGS: dict[str, Setting] = {
     "app_read_timeout": Setting(
         "duration", 60.0, "longest pause while reading the local app's response", min=0.001
     ),
+    # Probing the local app for registration (see _health.py for the defaults' reasoning).
+    "app_health_interval": Setting(
+        "duration", 5.0, "how often the local app is probed (0 = never; registration then "
+        "always reports passing)", min=0
+    ),
+    "app_health_path": Setting(
+        "str", "", "HTTP path probed with GET, expecting 2xx/3xx (empty = a TCP connect)"
+    ),
+    "app_health_timeout": Setting("duration", 1.0, "how long one probe may take", min=0.001),
+    "app_unhealthy_after": Setting(
+        "int", 2, "failed probes in a row before the instance is reported critical", min=1
+    ),
     "retry_buffer": Setting(
         "int", 65536, "request bodies up to this size are held so a retry can resend them", min=0
     ),

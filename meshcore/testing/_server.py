@@ -114,6 +114,8 @@ class _Protocol(asyncio.Protocol):
             if b.drop:
                 self.transport.close()
                 return
+            if status in (204, 304) or status < 200:
+                payload = b""  # these statuses have no body (RFC 9110, 6.4.1)
             extra = "".join(f"{k}: {v}\r\n" for k, v in b.headers)
             head = (
                 f"HTTP/1.1 {status} X\r\ncontent-length: {len(payload)}\r\n"

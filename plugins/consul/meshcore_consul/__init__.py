@@ -157,6 +157,7 @@ def meshcore_lifespan(mesh: Any) -> Registration | None:
         heartbeat_ratio=settings.heartbeat_ratio,
         deregister_critical_after=settings.deregister_critical_after,
         task_group=_TaskGroupOf(mesh),
+        health=mesh.local_health,
     )
     _registrations[mesh] = registration
     mesh.add_state(SECTION, registration.state)  # mesh-wide: one registration per mesh

@@ -8,12 +8,18 @@ is refused, the registry lost the registration (restarted without data, reaped i
 again at once. On a clean shutdown the instance deregisters; after a crash the TTL runs out,
 the check turns critical (the instance leaves `?passing` answers within one TTL) and the
 registry reaps it after `deregister_critical_after` (Consul's minimum is 1 minute).
+
+Each heartbeat reports the instance's own health (`mesh.local_health()`, which the sidecar
+feeds by probing its app): `check/pass`, `check/warn` or `check/fail` with the reason as the
+note, so an instance whose app died leaves `?passing` answers at the next heartbeat instead of
+being heartbeated as passing until callers' breakers find out.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -23,6 +29,13 @@ from ._agent import AgentConfig, error_text
 from ._duration import format_duration
 
 __all__ = ["Registration"]
+
+# Consul's TTL endpoints per check status (PUT /v1/agent/check/{pass,warn,fail}/:check_id).
+_TTL_PATH = {"passing": "pass", "warning": "warn", "critical": "fail"}
+
+
+def _always_passing() -> tuple[str, str]:
+    return "passing", ""
 
 log = logging.getLogger("meshcore_consul.registration")
 
@@ -51,6 +64,7 @@ class Registration:
         heartbeat_ratio: float = 1 / 3,
         deregister_critical_after: float = 60.0,
         task_group: Any = None,
+        health: Callable[[], tuple[str, str]] = _always_passing,
     ) -> None:
         self.agent = agent
         self.name = name
@@ -71,6 +85,8 @@ class Registration:
         self.last_error: str | None = None
         self._last_passing: float | None = None  # anyio clock: last register or TTL pass
         self._task_group = task_group
+        self.health = health
+        self.health_status = "passing"
         self._client: httpx.AsyncClient | None = None
         self._scope: anyio.CancelScope | None = None
 
@@ -86,7 +102,7 @@ class Registration:
                 "CheckID": self.check_id,
                 "Name": f"Service '{self.name}' TTL (meshcore)",
                 "TTL": format_duration(self.ttl),
-                "Status": "passing",
+                "Status": self.health()[0],
                 "DeregisterCriticalServiceAfter": format_duration(self.deregister_critical_after),
             },
         }
@@ -104,6 +120,7 @@ class Registration:
             "registrations": self.registrations,
             "reregistrations": max(0, self.registrations - 1),
             "heartbeats": self.heartbeats,
+            "health": self.health_status,
             "last_heartbeat_age": None if last is None else round(anyio.current_time() - last, 3),
             "errors": self.errors, "last_error": self.last_error,
         }
@@ -118,24 +135,34 @@ class Registration:
         log.warning("consul registration %s: %s", self.id, what)
 
     async def register(self) -> None:
-        response = await self._put("/v1/agent/service/register", json=self.body())
+        body = self.body()
+        response = await self._put("/v1/agent/service/register", json=body)
         if response.status_code != 200:
             raise RuntimeError(f"register {self.id}: {error_text(response, response.content)}")
         self.registrations += 1
         self.status = "registered"
-        self._last_passing = anyio.current_time()
+        self.health_status = body["Check"]["Status"]
+        if self.health_status == "passing":
+            self._last_passing = anyio.current_time()
 
     async def heartbeat(self) -> None:
-        """One TTL pass; re-registers when the registry no longer knows the check."""
+        """One TTL update with the local health; re-registers when the registry no longer
+        knows the check."""
+        status, note = self.health()
         try:
-            response = await self._put(f"/v1/agent/check/pass/{self.check_id}")
+            response = await self._put(
+                f"/v1/agent/check/{_TTL_PATH[status]}/{self.check_id}",
+                params={"note": note} if note else None,
+            )
         except httpx.HTTPError as exc:
             self.status = "unreachable"
             self._failed(f"heartbeat: {type(exc).__name__}: {exc}")
             return
         if response.status_code == 200:
             self.heartbeats += 1
-            self._last_passing = anyio.current_time()
+            self.health_status = status
+            if status == "passing":
+                self._last_passing = anyio.current_time()
             if self.status != "registered":
                 self.status = "registered"
             return

@@ -152,3 +152,38 @@ def test_bad_discovery_settings_fail_at_load(mesh_factory):
     config = {"services": {"api": {"discovery": "consul", "consul": {"wait": "20m"}}}}
     with pytest.raises(meshcore.ConfigError, match=r"services\.api\.consul\.wait"):
         mesh_factory(config, plugins=["consul"])
+
+
+class LocalHealth:
+    """An inline plugin standing in for the sidecar's app probe."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[str, str] | None = None
+
+    @meshcore.hookimpl
+    def meshcore_local_health(self, mesh):
+        return self.answer
+
+
+async def test_heartbeats_report_the_local_health(registry, mesh_factory):
+    health = LocalHealth()
+    health.answer = ("critical", "app refuses connections")
+    config = section(registry.url, ttl="0.3s")
+    async with mesh_factory(config, plugins=["consul"], extra_plugins=[("health", health)]) as mesh:
+        reg = meshcore_consul.registration_of(mesh)
+        # registered as critical from the start: never in the passing answers
+        assert registry.catalog.health_service("orders", passing=True) == []
+        check = registry.catalog.checks[reg.check_id]
+        assert check.status == "critical"
+        health.answer = None  # no opinion: passing
+        await until(lambda: registry.catalog.health_service("orders", passing=True))
+        health.answer = ("warning", "disk 91% full")
+        await until(lambda: registry.catalog.checks[reg.check_id].status == "warning")
+        assert registry.catalog.checks[reg.check_id].output == "disk 91% full"
+        health.answer = ("critical", "app refuses connections")
+        await until(lambda: reg.health_status == "critical")  # the registry has answered
+        assert registry.catalog.checks[reg.check_id].status == "critical"
+        assert registry.catalog.checks[reg.check_id].output == "app refuses connections"
+        assert registry.catalog.health_service("orders", passing=True) == []
+        assert mesh.state()["state"]["consul-registration"]["health"] == "critical"
+        assert reg.errors == 0
