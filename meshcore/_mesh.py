@@ -215,7 +215,7 @@ def default_connector(mesh: Mesh, service: str, ssl_context: Any) -> Any:
     from ._http import HTTPConnector
 
     def verify_peer(endpoint: Any, peer: Any) -> None:
-        mesh.plugins.check_peer(service, endpoint, peer)
+        mesh.plugins.check_peer(service, endpoint, peer, mesh)
 
     return HTTPConnector(
         ssl_context=ssl_context,

@@ -219,11 +219,11 @@ class Plugins:
     def server_tls(self, mesh: Any) -> Any:
         return self._first("meshcore_server_tls", mesh=mesh)
 
-    def check_peer(self, service: str, endpoint: Any, peer: Any) -> None:
-        self.pm.hook.meshcore_check_peer(service=service, endpoint=endpoint, peer=peer)
+    def check_peer(self, service: str, endpoint: Any, peer: Any, mesh: Any) -> None:
+        self.pm.hook.meshcore_check_peer(service=service, endpoint=endpoint, peer=peer, mesh=mesh)
 
-    def authorize(self, request: Any, peer: Any) -> str | None:
-        return self.pm.hook.meshcore_authorize(request=request, peer=peer)
+    def authorize(self, request: Any, peer: Any, mesh: Any) -> str | None:
+        return self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
 
     def lifespans(self, mesh: Any) -> list[Any]:
         results = []

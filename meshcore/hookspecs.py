@@ -144,20 +144,21 @@ def meshcore_server_tls(mesh: Mesh) -> ssl.SSLContext | None:
 
 
 @hookspec
-def meshcore_check_peer(service: str, endpoint: Endpoint, peer: Any) -> None:
+def meshcore_check_peer(service: str, endpoint: Endpoint, peer: Any, mesh: Mesh) -> None:
     """Verify the server on a new outbound TLS connection is the one meant for ``service``.
 
-    Called after each handshake with ``peer`` being the connection's ``ssl.SSLObject``. Raise
+    Called after each handshake of ``mesh``'s connections, with ``peer`` being the
+    connection's ``ssl.SSLObject``. Raise
     ``meshcore.IdentityRejected`` naming expected and actual identity to refuse it. Every
     implementation is called; return None to accept.
     """
 
 
 @hookspec(firstresult=True)
-def meshcore_authorize(request: Request, peer: Any) -> str | None:
+def meshcore_authorize(request: Request, peer: Any, mesh: Mesh) -> str | None:
     """Decide whether an inbound request may reach the local app.
 
-    Called per inbound request in the sidecar, *firstresult*. ``peer`` is the client's
+    Called per inbound request of ``mesh``'s sidecar, *firstresult*. ``peer`` is the client's
     ``ssl.SSLObject`` (None for plain connections). Return None to allow or a short reason
     string to deny (answered with 403). Must be fast: precompute policies at start.
     """

@@ -78,15 +78,16 @@ class Security:
         return "server-context"
 
     @meshcore.hookimpl
-    def meshcore_check_peer(self, service, endpoint, peer):
-        self.peers.append((service, endpoint, peer))
+    def meshcore_check_peer(self, service, endpoint, peer, mesh):
+        self.peers.append((service, endpoint, peer, mesh))
         if peer != "orders-identity":
             raise meshcore.IdentityRejected(
                 "wrong peer", service=service, expected="orders-identity", actual=peer
             )
 
     @meshcore.hookimpl
-    def meshcore_authorize(self, request, peer):
+    def meshcore_authorize(self, request, peer, mesh):
+        assert isinstance(mesh, meshcore.Mesh)
         return None if request.url.path.startswith("/public") else "not allowed"
 
 
@@ -120,13 +121,13 @@ async def test_security_hooks_reach_the_connector_and_rotate(upstream):
         assert seen[0].context is security.contexts[1][1]
         assert mesh.plugins.server_tls(mesh) == "server-context"
         endpoint = meshcore.Endpoint.parse("127.0.0.1:9")
-        mesh.plugins.check_peer("orders", endpoint, "orders-identity")
+        mesh.plugins.check_peer("orders", endpoint, "orders-identity", mesh)
         with pytest.raises(meshcore.IdentityRejected, match="wrong peer"):
-            mesh.plugins.check_peer("orders", endpoint, "payments-identity")
+            mesh.plugins.check_peer("orders", endpoint, "payments-identity", mesh)
         allowed = meshcore.Request("GET", "http://orders/public/x")
         denied = meshcore.Request("GET", "http://orders/admin")
-        assert mesh.plugins.authorize(allowed, None) is None
-        assert mesh.plugins.authorize(denied, None) == "not allowed"
+        assert mesh.plugins.authorize(allowed, None, mesh) is None
+        assert mesh.plugins.authorize(denied, None, mesh) == "not allowed"
 
 
 def test_meshcore_cli_adds_commands():

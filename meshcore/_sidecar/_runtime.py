@@ -81,7 +81,7 @@ def sidecar_connector(mesh: Mesh, service: str, ssl_context: Any) -> HTTPConnect
     """The mesh's per-service sender: meshcore's HTTP/1.1 pools, with peer checks over TLS."""
 
     def verify_peer(endpoint: Endpoint, peer: Any) -> None:
-        mesh.plugins.check_peer(service, endpoint, peer)
+        mesh.plugins.check_peer(service, endpoint, peer, mesh)
 
     return HTTPConnector(
         limits=_POOL,
@@ -595,7 +595,7 @@ class Sidecar:
             service = gen.service
             try:
                 if gen.authorize:
-                    reason = gen.mesh.plugins.authorize(request, info.ssl_object)
+                    reason = gen.mesh.plugins.authorize(request, info.ssl_object, gen.mesh)
                     if reason:
                         telemetry.denied += 1
                         return self._local(

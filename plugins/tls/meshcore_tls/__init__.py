@@ -34,7 +34,7 @@ import meshcore
 
 from ._ca import CA, Issued, describe, parse_spiffe_id, spiffe_id, spiffe_ids_of
 from ._policy import Policy, parse_rules
-from ._runtime import MeshTLSContext, Workload, any_running, running, workload_of
+from ._runtime import MeshTLSContext, Workload, running
 
 __all__ = [
     "CA",
@@ -196,19 +196,23 @@ def meshcore_server_tls(mesh: meshcore.Mesh) -> MeshTLSContext | None:
 
 
 @meshcore.hookimpl
-def meshcore_check_peer(service: str, endpoint: meshcore.Endpoint, peer: Any) -> None:
-    w = workload_of(peer)
-    if w is not None:
+def meshcore_check_peer(
+    service: str, endpoint: meshcore.Endpoint, peer: Any, mesh: meshcore.Mesh
+) -> None:
+    w = running(mesh)
+    if w is not None and peer is not None:
         w.check_server(service, endpoint, peer)
 
 
 @meshcore.hookimpl
-def meshcore_authorize(request: meshcore.Request, peer: Any) -> str | None:
+def meshcore_authorize(request: meshcore.Request, peer: Any, mesh: meshcore.Mesh) -> str | None:
+    w = running(mesh)
+    if w is None:
+        return None
     if peer is None:
-        # A plain connection while a workload runs mTLS: nobody is authenticated.
-        return "a client certificate is required" if any_running() else None
-    w = workload_of(peer)
-    return w.authorize(request, peer) if w is not None else None
+        # A plain connection while this mesh runs mTLS: nobody is authenticated.
+        return "a client certificate is required"
+    return w.authorize(request, peer)
 
 
 @meshcore.hookimpl

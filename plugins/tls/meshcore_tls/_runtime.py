@@ -50,7 +50,7 @@ import meshcore
 from ._ca import CA, Issued, cert_pem, key_pem, load_certs, spiffe_id, spiffe_ids_of
 from ._policy import Policy, parse_rules
 
-__all__ = ["MeshTLSContext", "Workload", "any_running", "running", "workload_of"]
+__all__ = ["MeshTLSContext", "Workload", "running"]
 
 log = logging.getLogger("meshcore.tls")
 
@@ -59,15 +59,10 @@ _WORKLOADS: weakref.WeakKeyDictionary[Any, Workload] = weakref.WeakKeyDictionary
 
 
 class MeshTLSContext(ssl.SSLContext):
-    """An SSLContext that knows its Workload, so hooks given only an `ssl.SSLObject`
-    (`check_peer`, `authorize`) find the policy and expected identities via `peer.context`."""
+    """An SSLContext that knows the Workload it belongs to (rotation loads new certificates
+    into the same objects, so connectors holding them pick the new ones up)."""
 
     workload: Workload | None = None
-
-
-def workload_of(peer: Any) -> Workload | None:
-    ctx = getattr(peer, "context", None)
-    return getattr(ctx, "workload", None) if isinstance(ctx, MeshTLSContext) else None
 
 
 def _fail(message: str, key: str = "") -> meshcore.ConfigError:
@@ -453,6 +448,3 @@ def _is_glob(text: str) -> bool:
 def running(mesh: Any) -> Workload | None:
     return _WORKLOADS.get(mesh)
 
-
-def any_running() -> bool:
-    return len(_WORKLOADS) > 0

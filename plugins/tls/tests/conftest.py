@@ -96,7 +96,7 @@ class MTLSServer:
                     buf += await tls.receive()
                 buf = buf[length:]
                 request = meshcore.Request(method, f"https://orders{target}", headers)
-                reason = self.mesh.plugins.authorize(request, peer)
+                reason = self.mesh.plugins.authorize(request, peer, self.mesh)
                 der = peer.getpeercert(binary_form=True)
                 cert = x509.load_der_x509_certificate(der)
                 ids = spiffe_ids_of(cert)

@@ -32,9 +32,9 @@ async def test_hooks_leave_foreign_peers_and_meshes_alone(ca_dir, kit, tls_mesh)
     assert meshcore_tls.meshcore_client_tls("orders", plain) is None
     assert meshcore_tls.meshcore_server_tls(plain) is None
     assert meshcore_tls.meshcore_lifespan(plain) is None
-    assert meshcore_tls.meshcore_check_peer("orders", endpoint, ForeignPeer()) is None
-    assert meshcore_tls.meshcore_authorize(request, ForeignPeer()) is None
-    assert meshcore_tls.meshcore_authorize(request, None) is None  # no workload running
+    assert meshcore_tls.meshcore_check_peer("orders", endpoint, ForeignPeer(), plain) is None
+    assert meshcore_tls.meshcore_authorize(request, ForeignPeer(), plain) is None
+    assert meshcore_tls.meshcore_authorize(request, None, plain) is None  # no workload running
     assert meshcore_tls.status(plain) is None
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as mesh:
         ctx = meshcore_tls.meshcore_client_tls("orders", mesh)
@@ -42,7 +42,9 @@ async def test_hooks_leave_foreign_peers_and_meshes_alone(ca_dir, kit, tls_mesh)
             ctx, meshcore_tls.MeshTLSContext
         ) and ctx.workload is meshcore_tls.workload(mesh)
         assert meshcore_tls.meshcore_server_tls(mesh) is mesh.plugins.server_tls(mesh)
-        assert meshcore_tls.meshcore_authorize(request, None) == "a client certificate is required"
+        assert meshcore_tls.meshcore_authorize(request, None, mesh) == "a client certificate is required"
+        # another mesh in the same process, without [tls], is not affected by this one
+        assert meshcore_tls.meshcore_authorize(request, None, plain) is None
     assert meshcore_tls.workload(mesh) is None  # unregistered on shutdown
 
 

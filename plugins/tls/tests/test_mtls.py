@@ -303,4 +303,4 @@ async def test_no_policy_allows_every_authenticated_peer_and_denies_plain(ca_dir
                 ).status_code == 200
         # a plain connection has no peer: nobody is authenticated
         plain = meshcore.Request("GET", "http://orders/")
-        assert server_mesh.plugins.authorize(plain, None) == "a client certificate is required"
+        assert server_mesh.plugins.authorize(plain, None, server_mesh) == "a client certificate is required"
