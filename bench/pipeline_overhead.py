@@ -88,7 +88,7 @@ def _driver(mesh: meshcore.Mesh, telemetry: Telemetry | None) -> Any:
     # _runtime.py): the pipeline request count, and the client-facing latency histogram.
     observe = telemetry.observe
     pipeline_requests = telemetry.pipeline_requests
-    clock = anyio.current_time
+    clock = mesh.upstream("svc").clock  # anyio's clock, looked up once, as the sidecar does
 
     async def run_with_telemetry(requests: list[meshcore.Request]) -> None:
         for request in requests:
