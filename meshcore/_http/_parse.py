@@ -29,27 +29,94 @@ def backend_clock() -> Callable[[], float]:
         return anyio.current_time
 
 
-def direct_socket(stream: Any) -> tuple[socket.socket | None, Any]:
-    """(raw socket, the backend's `wait_readable`) when `stream` is a plain TCP stream on trio.
+class DirectSocket:
+    """The connection's socket, called directly: non-blocking `recv`/`send`, and a wait through
+    anyio only when one would block.
 
-    anyio's trio socket stream wraps a trio socket whose every `recv`/`send` runs a context
-    manager, a cancellation check and a scheduler checkpoint, even when the call completes at
-    once (about 10 µs of CPU per proxied request on the project's machine). A non-blocking
-    `recv`/`send` straight on the socket costs one syscall; only when it would block do we wait,
-    through anyio (`wait_readable`), or write the rest through the stream. trio keeps no
-    buffer of its own in front of the socket, so mixing the two is safe. Not on asyncio, where
-    the socket belongs to a transport with its own buffers, and never under TLS.
+    anyio's streams cost a lot per call on a plain TCP connection. On trio every `recv`/`send`
+    runs through trio's socket wrapper: a context manager, a cancellation check and a scheduler
+    checkpoint even when the call completes at once (about 10 µs of CPU per proxied request on
+    the project's machine). On asyncio every `receive` resumes and pauses the transport's reading
+    (two `epoll_ctl`) and every `send` yields to the loop once or twice. A non-blocking call
+    straight on the socket costs one syscall; only when it would block do we wait, with anyio's
+    `wait_readable` / `wait_writable`, so cancellation and timeouts stay anyio's.
+
+    `owned`: on asyncio the stream's transport owns its socket (its file descriptor may not be
+    waited on by anyone else), so we take a duplicate of the descriptor, close the transport, and
+    close the duplicate ourselves at the end. `pending` holds bytes the transport had already
+    read. On trio the stream keeps its socket (trio keeps no buffer in front of it).
     """
-    if type(stream).__module__ != "anyio._backends._trio" or not isinstance(
-        stream, anyio.abc.SocketStream
-    ):
-        return None, None
+
+    __slots__ = ("owned", "pending", "sock", "wait_readable", "wait_writable")
+
+    def __init__(self, sock: socket.socket, backend: Any, owned: bool, pending: bytes) -> None:
+        self.sock = sock
+        self.wait_readable = backend.wait_readable
+        self.wait_writable = backend.wait_writable
+        self.owned = owned
+        self.pending = pending
+
+    def close(self) -> None:
+        if self.owned:
+            self.sock.close()
+
+
+async def take_socket(stream: Any) -> DirectSocket | None:
+    """A `DirectSocket` for a plain TCP stream on trio or asyncio's own event loop, else None.
+
+    None (the stream is used as it is) under TLS, for UNIX sockets, on uvloop (its transports
+    read through libuv, which we leave alone) and on an anyio without the internals used here.
+    """
+    module = type(stream).__module__
+    if module == "anyio._backends._trio":
+        if not isinstance(stream, anyio.abc.SocketStream):
+            return None
+        try:
+            from anyio._core._eventloop import get_async_backend
+
+            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+            if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+                return None
+            return DirectSocket(sock, get_async_backend(), False, b"")
+        except (ImportError, AttributeError, RuntimeError):
+            return None
+    if module != "anyio._backends._asyncio" or type(stream).__name__ != "SocketStream":
+        return None
+    if module:
+        return None  # asyncio: next step
     try:
+        import asyncio.selector_events
+
         from anyio._core._eventloop import get_async_backend
 
-        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-        if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
-            return None, None
-        return sock, get_async_backend().wait_readable
-    except (ImportError, AttributeError, RuntimeError):
-        return None, None
+        transport = stream._transport
+        protocol = stream._protocol
+        if (
+            not isinstance(transport, asyncio.selector_events._SelectorSocketTransport)
+            or transport.is_closing()
+            or protocol.is_at_eof
+            or protocol.exception is not None
+        ):
+            return None
+        raw = transport.get_extra_info("socket")
+        raw = getattr(raw, "_sock", raw)
+        if not isinstance(raw, socket.socket) or raw.type != socket.SOCK_STREAM:
+            return None
+        backend = get_async_backend()
+        # Stop the transport's reading first: it unregisters the descriptor from the selector
+        # before the descriptor is closed (a closed descriptor whose duplicate lives on would
+        # otherwise stay registered in epoll).
+        transport.pause_reading()
+        sock = raw.dup()
+        queue = protocol.read_queue
+        pending = b"".join(queue)
+        queue.clear()
+    except (ImportError, AttributeError, RuntimeError, OSError):
+        return None
+    sock.setblocking(False)
+    try:
+        await stream.aclose()  # aborts the transport, which closes its descriptor, not ours
+    except BaseException:
+        sock.close()
+        raise
+    return DirectSocket(sock, backend, True, pending)

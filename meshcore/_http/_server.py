@@ -32,7 +32,7 @@ from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
 from ._client import BufferedBody
-from ._parse import backend_clock, direct_socket
+from ._parse import DirectSocket, backend_clock, take_socket
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
 
@@ -138,6 +138,7 @@ class _ServerConnection:
         "direct",
         "in_head",
         "info",
+        "io",
         "last_host",
         "limits",
         "now",
@@ -150,6 +151,7 @@ class _ServerConnection:
         "stream",
         "upgraded",
         "wait_readable",
+        "wait_writable",
         "waited",
     )
 
@@ -176,9 +178,11 @@ class _ServerConnection:
         # now): a request whose head is already there and whose answer fits the socket buffer
         # costs no deadline update at all. Each update is about 1.5 µs of trio's CPU.
         self.armed = False
-        # trio + plain TCP: non-blocking calls straight on the socket (see direct_socket);
-        # `waited` says the current request went through the scheduler at least once.
-        self.direct, self.wait_readable = direct_socket(stream)
+        # plain TCP on trio or asyncio: non-blocking calls straight on the socket (see
+        # DirectSocket, set up in run()); `waited` says the current request went through the
+        # scheduler at least once.
+        self.io: DirectSocket | None = None
+        self.direct: Any = None
         self.waited = True
         self.checkpoint = anyio.lowlevel.checkpoint
 
@@ -313,27 +317,30 @@ class _ServerConnection:
         """Read more of the current request's body into `msg.chunks`."""
         if msg.expect and not self.continue_sent:
             self.continue_sent = True
-            await self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        sock = self.direct
-        if sock is not None:
             try:
-                data = sock.recv(_READ_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError as exc:
-                raise RequestRejected(
-                    400, f"client went away during the request body: {exc!r}"
-                ) from None
-            if data is not None:
+                with anyio.fail_after(self.limits.write_timeout):
+                    await self.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except (TimeoutError, *_BROKEN) as exc:
+                raise RequestRejected(400, f"cannot send 100 Continue: {exc!r}") from None
+        timeout = self.limits.body_timeout
+        sock = self.direct
+        try:
+            if sock is not None:
+                while True:
+                    try:
+                        data = sock.recv(_READ_SIZE)
+                        break
+                    except BlockingIOError:
+                        pass
+                    # A cancel scope only when the read has to wait.
+                    if timeout is None:
+                        await self.wait_readable(sock)
+                    else:
+                        with anyio.fail_after(timeout):
+                            await self.wait_readable(sock)
                 if not data:
                     raise RequestRejected(400, "client went away during the request body")
-                self.feed(data)
-                if self.upgraded and not msg.complete:
-                    msg.complete = True
-                return
-        timeout = self.limits.body_timeout
-        try:
-            if timeout is None:
+            elif timeout is None:
                 data = await self.receive(_READ_SIZE)
             else:
                 with anyio.fail_after(timeout):
@@ -357,7 +364,7 @@ class _ServerConnection:
         )
         try:
             with anyio.move_on_after(self.limits.write_timeout or 5.0):
-                await self.send(head + body)
+                await self.send_all(head + body)
         except _BROKEN:
             pass
 
@@ -391,13 +398,31 @@ class _ServerConnection:
     async def run(self, handler: Handler) -> None:
         self.scope = anyio.CancelScope()
         self.now = backend_clock()
-        with self.scope:
-            await self._run(handler)
-        if self.scope.cancelled_caught and self.in_head:
-            await self.send_error(408, "request head not received in time")
+        io = self.io = await take_socket(self.stream)
+        try:
+            if io is not None:
+                self.direct = io.sock
+                self.wait_readable = io.wait_readable
+                self.wait_writable = io.wait_writable
+            with self.scope:
+                await self._run(handler)
+            if self.scope.cancelled_caught and self.in_head:
+                await self.send_error(408, "request head not received in time")
+        finally:
+            if io is not None:
+                io.close()
 
     async def _run(self, handler: Handler) -> None:
         scope = self.scope
+        io = self.io
+        if io is not None and io.pending:
+            # bytes the asyncio transport had read before the socket was taken
+            try:
+                self.feed(io.pending)
+            except RequestRejected as exc:
+                await self.send_error(exc.status, str(exc))
+                return
+            io.pending = b""
         while True:
             if not self.ready:
                 try:
@@ -546,24 +571,48 @@ class _ServerConnection:
                 await _close_body(body)
         return keep_alive
 
-
     async def write(self, data: bytes) -> None:
         """Send `data`; the write timeout (time between two successful writes) is only armed
         when the socket cannot take it all at once."""
         sock = self.direct
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent >= len(data):
-                return
-            data = memoryview(data)[sent:]  # type: ignore[assignment]
+        if sock is None:
+            timeout = self.limits.write_timeout
+            if timeout is not None:
+                self.scope.deadline = self.now() + timeout
+                self.armed = True
+            await self.send(data)
+            return
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent >= len(data):
+            return
+        view = memoryview(data)[sent:]
         timeout = self.limits.write_timeout
-        if timeout is not None:
-            self.scope.deadline = self.now() + timeout
-            self.armed = True
-        await self.send(data)
+        wait = self.wait_writable
+        while view:
+            if timeout is not None:
+                self.scope.deadline = self.now() + timeout
+                self.armed = True
+            await wait(sock)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                pass
+
+    async def send_all(self, data: bytes) -> None:
+        """Send `data` with no limit of its own (the caller bounds it)."""
+        sock = self.direct
+        if sock is None:
+            await self.send(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await self.wait_writable(sock)
 
 
 class _RequestBody:

@@ -414,3 +414,110 @@ async def test_idle_connection_closed_by_server_is_detected() -> None:
         thread.join(5)
         listener.close()
     assert served == [b"GET /a HTTP/1.1", b"POST /b HTTP/1.1"]
+
+
+# direct sockets: timeouts cost a cancel scope only when a read or write waits ---------------
+
+
+async def test_connections_use_the_direct_socket(nginx, anyio_backend_name) -> None:  # type: ignore[no-untyped-def]
+    """Plain TCP on trio and asyncio goes through DirectSocket (the fast path the benchmarks
+    measure); the tests around it would otherwise silently exercise the stream path only."""
+    if anyio_backend_name == "asyncio":
+        pytest.skip("next step")
+    async with HTTPConnector() as connector:
+        await get(connector, nginx, "/")
+        (conn,) = connector._pools[ep(nginx)].idle
+        assert conn.io is not None and conn.direct is not None
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": _mock_clock()}), id="trio-mockclock")]
+)
+@pytest.mark.parametrize("gap, fails", [(20.0, False), (40.0, True)])
+async def test_read_timeout_is_between_reads_in_virtual_time(gap: float, fails: bool) -> None:
+    """read=30: a body whose pieces come 20 virtual seconds apart (60 s in all) is fine, one
+    with a 40 s gap is a timeout; measured between two reads, not over the whole response."""
+    import time
+
+    from meshcore._http import serve_http
+    from meshcore._models import Response
+
+    async def pieces():  # type: ignore[no-untyped-def]
+        for piece in (b"a", b"b", b"c"):
+            yield piece
+            await anyio.sleep(gap)
+
+    async def handler(request, info):  # type: ignore[no-untyped-def]
+        return Response(200, [(b"content-type", b"text/plain")], pieces())
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    endpoint = Endpoint("127.0.0.1", port)
+    timeouts = Timeouts(connect=None, read=30.0, write=30.0, pool=None)
+    wall, virtual = time.monotonic(), anyio.current_time()
+    async with anyio.create_task_group() as tg, HTTPConnector(timeouts=timeouts) as connector:
+        tg.start_soon(serve_http, listener, handler)
+        response = await connector.send(endpoint, Request("GET", f"http://127.0.0.1:{port}/"))
+        if fails:
+            with pytest.raises(EndpointTimeout) as info:
+                await response.aread()
+            assert not info.value.replayable
+            assert 30.0 <= anyio.current_time() - virtual < 40.0
+        else:
+            assert await response.aread() == b"abc"
+            assert anyio.current_time() - virtual >= 3 * gap
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - wall < 5.0
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": _mock_clock()}), id="trio-mockclock")]
+)
+async def test_response_head_timeout_in_virtual_time() -> None:
+    """A server that takes the request and never answers: read timeout after 30 virtual s."""
+    import socket
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))  # never accepts: the kernel holds it
+    port = listener.getsockname()[1]
+    timeouts = Timeouts(connect=None, read=30.0, write=None, pool=None)
+    try:
+        async with HTTPConnector(timeouts=timeouts) as connector:
+            wall, virtual = time.monotonic(), anyio.current_time()
+            with pytest.raises(EndpointTimeout, match="read timeout"):
+                await connector.send(
+                    Endpoint("127.0.0.1", port), Request("GET", f"http://127.0.0.1:{port}/")
+                )
+            assert 30.0 <= anyio.current_time() - virtual < 31.0
+            assert time.monotonic() - wall < 5.0
+            assert connector.stats()[f"127.0.0.1:{port}"]["open"] == 0
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": _mock_clock()}), id="trio-mockclock")]
+)
+async def test_write_timeout_in_virtual_time() -> None:
+    """A server that never reads: once the socket buffers are full the body cannot move, and
+    the write timeout fires after 30 virtual seconds without progress."""
+    import socket
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    timeouts = Timeouts(connect=None, read=None, write=30.0, pool=None)
+    body = b"x" * (64 << 20)  # far more than loopback's socket buffers hold
+    try:
+        async with HTTPConnector(timeouts=timeouts) as connector:
+            wall, virtual = time.monotonic(), anyio.current_time()
+            with pytest.raises(EndpointTimeout, match="write timeout") as info:
+                await connector.send(
+                    Endpoint("127.0.0.1", port),
+                    Request("POST", f"http://127.0.0.1:{port}/", stream=body),
+                )
+            assert not info.value.replayable
+            assert 30.0 <= anyio.current_time() - virtual < 31.0
+            assert time.monotonic() - wall < 5.0
+    finally:
+        listener.close()
