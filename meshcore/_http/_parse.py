@@ -82,8 +82,6 @@ async def take_socket(stream: Any) -> DirectSocket | None:
             return None
     if module != "anyio._backends._asyncio" or type(stream).__name__ != "SocketStream":
         return None
-    if module:
-        return None  # asyncio: next step
     try:
         import asyncio.selector_events
 

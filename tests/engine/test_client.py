@@ -419,11 +419,9 @@ async def test_idle_connection_closed_by_server_is_detected() -> None:
 # direct sockets: timeouts cost a cancel scope only when a read or write waits ---------------
 
 
-async def test_connections_use_the_direct_socket(nginx, anyio_backend_name) -> None:  # type: ignore[no-untyped-def]
+async def test_connections_use_the_direct_socket(nginx) -> None:  # type: ignore[no-untyped-def]
     """Plain TCP on trio and asyncio goes through DirectSocket (the fast path the benchmarks
     measure); the tests around it would otherwise silently exercise the stream path only."""
-    if anyio_backend_name == "asyncio":
-        pytest.skip("next step")
     async with HTTPConnector() as connector:
         await get(connector, nginx, "/")
         (conn,) = connector._pools[ep(nginx)].idle
