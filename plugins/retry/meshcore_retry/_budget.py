@@ -75,8 +75,15 @@ class RetryBudget:
         return deposits, withdrawals
 
     def deposit(self, now: float) -> None:
-        """Count one original request (not a retry)."""
-        self._deposits[self._slot(now)] += 1
+        """Count one original request (not a retry). Every request pays this: `_slot` inline."""
+        second = int(now)
+        i = second % self._slots
+        if self._stamps[i] != second:
+            self._stamps[i] = second
+            self._deposits[i] = 1
+            self._withdrawals[i] = 0
+        else:
+            self._deposits[i] += 1
         self.requests += 1
 
     def can_retry(self, now: float) -> bool:

@@ -30,6 +30,7 @@ Why each rule (defaults from shared/reference/data-plane-anchors.md):
 from __future__ import annotations
 
 import email.utils
+import functools
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -165,6 +166,9 @@ class RetryLayer:
         self.service_name = upstream.name
         self.budget = budget
         self._spec = settings_spec
+        # anyio's clock; the upstream's has the backend looked up once (a plain object in a
+        # test may not have one).
+        self._clock = getattr(upstream, "clock", anyio.current_time)
         self.exhausted = 0
         self.gave_up_deadline = 0
         self.not_replayable = 0
@@ -212,24 +216,28 @@ class RetryLayer:
         return replace(self.policy, **changes)
 
     def __call__(self, inner: meshcore.Service) -> meshcore.Service:
-        layer = self
-
-        async def retry_service(request: meshcore.Request) -> meshcore.Response:
-            override = request.extensions.get("meshcore.retry")
-            policy = layer.policy if override is None else layer.override(override)
-            if policy.attempts <= 1 and not policy.per_try_timeout:
-                return await inner(request)
-            return await layer.run(inner, request, policy)
-
-        return retry_service
+        # The service is `run` with `inner` bound: a partial (C) instead of a closure, so a
+        # request, and every wake-up of a suspended one, passes through one frame less.
+        return functools.partial(self.run, inner)
 
     async def run(
-        self, inner: meshcore.Service, request: meshcore.Request, policy: RetryPolicy
+        self,
+        inner: meshcore.Service,
+        request: meshcore.Request,
+        policy: RetryPolicy | None = None,
     ) -> meshcore.Response:
-        # The success path is kept to one clock read and two shallow copies: the first attempt
-        # sends `request` itself, and later attempts are rebuilt from the headers and extensions
-        # as they were before the first one (inner layers may have changed them since).
-        start = anyio.current_time()
+        """Send `request` through `inner` with retries; `policy` None: the layer's, or the
+        request's own `extensions["meshcore.retry"]`."""
+        if policy is None:
+            override = request.extensions.get("meshcore.retry")
+            policy = self.policy if override is None else self.override(override)
+            if policy.attempts <= 1 and not policy.per_try_timeout:
+                return await inner(request)
+        # The success path is kept to one clock read and two shallow copies (C-level, about
+        # 0.1 µs together): the first attempt sends `request` itself, and later attempts are
+        # rebuilt from the headers and extensions as they were before the first one (inner
+        # layers may change them in place, so they cannot be copied only once a retry is due).
+        start = self._clock()
         budget = self.budget if policy.budget else None
         if budget is not None:
             budget.deposit(start)
@@ -244,8 +252,9 @@ class RetryLayer:
                 self.not_replayable += 1
         headers0 = list(request.headers)
         extensions0 = dict(request.extensions)
-        timeout_ext = _per_try_timeouts(extensions0.get("timeout"), policy.per_try_timeout)
-        if timeout_ext is not None:
+        timeout_ext = None
+        if policy.per_try_timeout:
+            timeout_ext = _per_try_timeouts(extensions0.get("timeout"), policy.per_try_timeout)
             request.extensions["timeout"] = timeout_ext
         idempotent = request.method in policy.methods
         deadline = extensions0.get("meshcore.deadline")
@@ -264,11 +273,11 @@ class RetryLayer:
                 attempt.extensions["meshcore.exclude"] = tuple(tried)
                 if timeout_ext is not None:
                     attempt.extensions["timeout"] = timeout_ext
-                began = anyio.current_time()
+                began = self._clock()
             try:
                 response = await inner(attempt)
             except meshcore.EndpointError as exc:
-                now = anyio.current_time()
+                now = self._clock()
                 if log is None:
                     log = self._log(request)
                 endpoint = exc.endpoint
@@ -290,7 +299,7 @@ class RetryLayer:
             status = response.status_code
             if status not in policy.statuses:
                 return response
-            now = anyio.current_time()
+            now = self._clock()
             if log is None:
                 log = self._log(request)
             endpoint = response.extensions.get("meshcore.endpoint")

@@ -27,6 +27,7 @@ class TimeoutLayer:
         self.deadline = deadline
         self.service_name = upstream.name
         self.exceeded = 0
+        self._clock = getattr(upstream, "clock", anyio.current_time)  # anyio's clock
         upstream.add_state("timeout", self.state)
 
     def state(self) -> dict[str, Any]:
@@ -52,7 +53,7 @@ class TimeoutLayer:
             seconds = layer.seconds_for(request)
             if not seconds:
                 return await inner(request)
-            deadline = anyio.current_time() + seconds
+            deadline = layer._clock() + seconds
             outer = request.extensions.get("meshcore.deadline")
             if outer is not None and outer < deadline:
                 deadline = outer
