@@ -36,18 +36,21 @@ class CountWindow:
         self._i = 0
         self.calls = self.failures = self.slow = 0
 
-    def add(self, now: float, failed: bool, slow: bool) -> None:
-        old = self._ring[self._i]
+    def add(self, now: float, failed: bool, slow: bool) -> tuple[int, int, int]:
+        """Count one call; returns `totals(now)` after it (one call less per request)."""
+        i = self._i
+        old = self._ring[i]
         if self.calls == self.size:
             self.failures -= old & 1
-            self.slow -= (old >> 1) & 1
+            self.slow -= old >> 1
         else:
             self.calls += 1
-        value = int(failed) | (int(slow) << 1)
-        self._ring[self._i] = value
-        self.failures += value & 1
-        self.slow += (value >> 1) & 1
-        self._i = (self._i + 1) % self.size
+        self._ring[i] = failed | (slow << 1)
+        self.failures += failed
+        self.slow += slow
+        i += 1
+        self._i = 0 if i == self.size else i
+        return self.calls, self.failures, self.slow
 
     def totals(self, now: float) -> tuple[int, int, int]:
         return self.calls, self.failures, self.slow
@@ -68,7 +71,8 @@ class TimeWindow:
         self._failures = [0] * size
         self._slow = [0] * size
 
-    def add(self, now: float, failed: bool, slow: bool) -> None:
+    def add(self, now: float, failed: bool, slow: bool) -> tuple[int, int, int]:
+        """Count one call; returns `totals(now)` after it."""
         second = math.floor(now)
         i = second % self.size
         if self._stamps[i] != second:
@@ -77,6 +81,7 @@ class TimeWindow:
         self._calls[i] += 1
         self._failures[i] += failed
         self._slow[i] += slow
+        return self.totals(now)
 
     def totals(self, now: float) -> tuple[int, int, int]:
         oldest = math.floor(now) - self.size + 1
@@ -177,13 +182,11 @@ class Circuit:
             return  # admitted in an earlier period: not evidence about this one
         state = self.state
         if state == CLOSED:
-            window = self.window
-            window.add(now, failed, slow)
-            calls, failures, slows = window.totals(now)
+            calls, failures, slows = self.window.add(now, failed, slow)
             if calls >= self.minimum_calls and calls:
                 rates = (100.0 * failures / calls, 100.0 * slows / calls)
                 self.last_rates = rates
-                if self._tripped(rates):
+                if rates[0] >= self.failure_rate or (slows and self._tripped(rates)):
                     self._move(OPEN, now)
         elif state == HALF_OPEN:
             self.completed += 1

@@ -79,6 +79,7 @@ class Ejector:
         self.fp_min_hosts = failure_percentage_min_hosts
         self.fp_volume = failure_percentage_request_volume
         self.records: dict[meshcore.Endpoint, _Record] = {}
+        self._failure_statuses = classifier.statuses  # `classifier.status_failed`, inline
         self.ejections = 0
         self.skipped = 0  # ejections refused by the max-percent rule
         self._next_evaluation = -math.inf
@@ -92,7 +93,7 @@ class Ejector:
         if outcome.error is not None:
             failed = self.classifier.error_failed(outcome.error)
         else:
-            failed = self.classifier.status_failed(outcome.status_code or 0)
+            failed = (outcome.status_code or 0) in self._failure_statuses
         if self.fp_threshold:
             record.interval_requests += 1
             record.interval_failures += failed

@@ -17,7 +17,7 @@ import anyio
 
 import meshcore
 
-from ._circuit import OPEN, Circuit
+from ._circuit import CLOSED, OPEN, Circuit
 from ._ejection import Ejector
 from ._failures import FailureClassifier
 
@@ -71,29 +71,33 @@ class BreakerLayer:
         if circuit is None:
             return inner  # ejection alone works through the observer
         classifier = self.classifier
+        failure_statuses = classifier.statuses  # `classifier.status_failed`, inline
         slow_after = circuit.slow_call_duration
         refuse = self.refuse
+        clock = getattr(self.upstream, "clock", anyio.current_time)  # anyio's clock
 
         async def breaker_service(request: meshcore.Request) -> meshcore.Response:
-            start = anyio.current_time()
-            ticket = circuit.acquire(start)
+            start = clock()
+            # Closed admits every call with the current generation (`Circuit.acquire`, inline
+            # for the usual state).
+            ticket = circuit.generation if circuit.state == CLOSED else circuit.acquire(start)
             if ticket is None:
                 raise refuse(start)
             try:
                 response = await inner(request)
             except meshcore.EndpointError as exc:
-                now = anyio.current_time()
+                now = clock()
                 circuit.record(ticket, now, classifier.error_failed(exc), now - start >= slow_after)
                 raise
             except BaseException:
                 # Not the endpoint's doing (no endpoints, cancellation, a bug): not evidence,
                 # except that a half-open probe must not give its permit back.
-                if ticket == circuit.generation and circuit.state != "closed":
-                    circuit.record(ticket, anyio.current_time(), True, False)
+                if ticket == circuit.generation and circuit.state != CLOSED:
+                    circuit.record(ticket, clock(), True, False)
                 raise
-            now = anyio.current_time()
+            now = clock()
             circuit.record(
-                ticket, now, classifier.status_failed(response.status_code), now - start >= slow_after
+                ticket, now, response.status_code in failure_statuses, now - start >= slow_after
             )
             return response
 
