@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -62,10 +63,13 @@ class DirectSocket:
 
 
 async def take_socket(stream: Any) -> DirectSocket | None:
-    """A `DirectSocket` for a plain TCP stream on trio or asyncio's own event loop, else None.
+    """A `DirectSocket` for a plain TCP stream on trio, asyncio or uvloop, else None.
 
-    None (the stream is used as it is) under TLS, for UNIX sockets, on uvloop (its transports
-    read through libuv, which we leave alone) and on an anyio without the internals used here.
+    None (the stream is used as it is) under TLS, for UNIX sockets, for other event loops and
+    on an anyio without the internals used here. On asyncio and uvloop the transport's reading
+    is paused before its descriptor is duplicated and the transport aborted: pausing takes the
+    descriptor out of epoll (and libuv unregisters it when closing), so the closed original
+    never lingers in the epoll set while our duplicate keeps the connection open.
     """
     module = type(stream).__module__
     if module == "anyio._backends._trio":
@@ -89,23 +93,20 @@ async def take_socket(stream: Any) -> DirectSocket | None:
 
         transport = stream._transport
         protocol = stream._protocol
-        if (
-            not isinstance(transport, asyncio.selector_events._SelectorSocketTransport)
-            or transport.is_closing()
-            or protocol.is_at_eof
-            or protocol.exception is not None
-        ):
+        if transport.is_closing() or protocol.is_at_eof or protocol.exception is not None:
             return None
         raw = transport.get_extra_info("socket")
-        raw = getattr(raw, "_sock", raw)
-        if not isinstance(raw, socket.socket) or raw.type != socket.SOCK_STREAM:
+        if isinstance(transport, asyncio.selector_events._SelectorSocketTransport):
+            raw = raw._sock
+        elif type(transport).__module__ != "uvloop.loop":
+            return None
+        if raw.type != socket.SOCK_STREAM or raw.family not in (socket.AF_INET, socket.AF_INET6):
             return None
         backend = get_async_backend()
-        # Stop the transport's reading first: it unregisters the descriptor from the selector
-        # before the descriptor is closed (a closed descriptor whose duplicate lives on would
-        # otherwise stay registered in epoll).
+        # Stop the transport's reading first: the descriptor leaves epoll before it is
+        # closed (a closed descriptor whose duplicate lives on would otherwise stay in it).
         transport.pause_reading()
-        sock = raw.dup()
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
         queue = protocol.read_queue
         pending = b"".join(queue)
         queue.clear()
