@@ -8,8 +8,10 @@ back off exponentially with jitter before the watcher is restarted.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +35,25 @@ _EWMA_ALPHA = 0.2
 _MAX_BACKOFF = 30.0
 
 
-def _backend_clock() -> Callable[[], float]:
-    from ._http._parse import backend_clock  # the engine's; imported when a mesh starts
+def loop_clock() -> Callable[[], float]:
+    """The clock `anyio.current_time()` reads, bound for the running event loop.
 
-    return backend_clock()
+    anyio's asyncio backend returns `loop.time()` and its trio backend `trio.current_time()`,
+    which is the run's clock (`MockClock` in virtual-time tests). Bound once, a read costs one
+    call instead of four or five (0.07 against 0.4 µs). Outside an event loop (or on a loop
+    anyio does not know): `anyio.current_time` itself.
+    """
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_clock().current_time
+        except RuntimeError:
+            pass
+    return anyio.current_time
 
 
 class DiscoveryStatus:
@@ -64,9 +81,9 @@ class DiscoveryStatus:
 class Upstream:
     """A service as the mesh runs it. Balancers, layers and discovery sinks talk to this.
 
-    `clock()` is anyio's clock (`anyio.current_time()`, so trio's `MockClock` drives it) with
-    the running backend looked up once, when the mesh starts, instead of on every call (half
-    the cost per read). Layers on the request path may use it instead of `anyio.current_time`.
+    `clock()` is anyio's clock (what `anyio.current_time()` reads, so trio's `MockClock` drives
+    it), bound to the event loop when the mesh starts (`loop_clock`): a read costs a sixth of
+    `anyio.current_time()`. Layers on the request path may use it instead.
     """
 
     def __init__(self, mesh: Mesh, config: ServiceConfig) -> None:
@@ -85,7 +102,7 @@ class Upstream:
         self._state_providers: dict[str, Callable[[], Any]] = {}
         self._ready = anyio.Event()
         self._is_ready = False  # `_ready.is_set()` without two calls per request
-        self.clock: Callable[[], float] = _backend_clock()
+        self.clock: Callable[[], float] = loop_clock()
         self._events = mesh.plugins.events
         self._fire_finished = mesh.plugins.implements("meshcore_request_finished")
 
