@@ -46,14 +46,13 @@ from .._errors import (
     EndpointTimeout,
 )
 from .._models import Headers, Request, Response
-from ._parse import DirectSocket, backend_clock, take_socket
+from ._parse import DirectSocket, backend_checkpoint, backend_clock, take_socket
 
 __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 
 log = logging.getLogger("meshcore.http")
 _new_headers = Headers.__new__
 _current_time = anyio.current_time
-_checkpoint = anyio.lowlevel.checkpoint
 
 # RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -381,6 +380,7 @@ class _Pool:
     """The keep-alive pool of one endpoint. `open` counts idle, busy and connecting ones."""
 
     __slots__ = (
+        "checkpoint",
         "closed",
         "connector",
         "endpoint",
@@ -401,6 +401,7 @@ class _Pool:
         self.open = 0
         self.closed = False
         self.now = backend_clock()
+        self.checkpoint = backend_checkpoint()
         # An idle connection younger than this is reused without expiry or liveness checks.
         expiry = limits.idle_expiry
         self.fresh_for = 1.0 if expiry is None else min(1.0, expiry)
@@ -755,7 +756,7 @@ class HTTPConnector:
                     # Let the other tasks run first (as trio's own send would have): the answer
                     # is then often there already, which spares a failed recv and a wait
                     # (measured: less system time per request).
-                    await _checkpoint()
+                    await pool.checkpoint()
                     recv = conn.recv
                     feed = conn.feed
                     while not conn.headers_done:

@@ -32,7 +32,7 @@ from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
 from ._client import BufferedBody
-from ._parse import DirectSocket, backend_clock, take_socket
+from ._parse import DirectSocket, backend_checkpoint, backend_clock, take_socket
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
 
@@ -265,11 +265,17 @@ class _ServerConnection:
             self.scope.deadline = deadline
             self.armed = deadline != _INF
 
+    def first_deadline(self) -> float:
+        limits = self.limits
+        timeout = limits.header_timeout if self.in_head else limits.idle_timeout
+        return _INF if timeout is None else self.now() + timeout
+
     async def read_head(self) -> bool:
         """Read until a request head is parsed; False when the connection should just end."""
         limits = self.limits
-        timeout = limits.header_timeout if self.in_head else limits.idle_timeout
-        deadline = _INF if timeout is None else self.now() + timeout
+        # The idle (or header) deadline is computed and set only before a first wait: a head
+        # that is already there costs no clock read.
+        deadline: float | None = None
         armed = False  # this head's deadline is in force (set before the first wait)
         sock = self.direct
         if sock is not None:
@@ -283,6 +289,8 @@ class _ServerConnection:
                     data = sock.recv(_READ_SIZE)
                 except BlockingIOError:
                     if not armed:
+                        if deadline is None:
+                            deadline = self.first_deadline()
                         self.arm(deadline)
                         armed = True
                     try:
@@ -297,6 +305,8 @@ class _ServerConnection:
                     return False
             else:
                 if not armed:
+                    if deadline is None:
+                        deadline = self.first_deadline()
                     self.arm(deadline)
                     armed = True
                 try:
@@ -398,6 +408,7 @@ class _ServerConnection:
     async def run(self, handler: Handler) -> None:
         self.scope = anyio.CancelScope()
         self.now = backend_clock()
+        self.checkpoint = backend_checkpoint()
         io = self.io = await take_socket(self.stream)
         try:
             if io is not None:
