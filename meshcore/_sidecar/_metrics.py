@@ -337,7 +337,7 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
     seen: set[tuple[str, float]] = set()
     for identity, expiry in _find_expiry({k: v for k, v in state.items() if k != "services"}):
         seen.add((identity, expiry))
-    for svc, s in services.items():
+    for _svc, s in services.items():
         for plugin, tree in s.items():
             if plugin not in _CORE_SERVICE_KEYS:
                 seen.update(_find_expiry(tree))
