@@ -687,6 +687,11 @@ class HTTPConnector:
         self._pools: dict[Endpoint, _Pool] = {}
         self._closed = False
 
+    def set_ssl_context(self, ssl_context: ssl.SSLContext | None) -> None:
+        """Use `ssl_context` for connections opened from now on (certificate rotation);
+        pooled connections keep the context they were opened with until they close."""
+        self.ssl_context = ssl_context
+
     async def send(self, endpoint: Endpoint, request: Request) -> Response:
         """Send `request` to `endpoint`; returns once the response head is parsed."""
         if self._closed:

@@ -519,3 +519,32 @@ async def test_write_timeout_in_virtual_time() -> None:
             assert time.monotonic() - wall < 5.0
     finally:
         listener.close()
+
+
+async def test_set_ssl_context_applies_to_new_connections_only(upstream) -> None:  # type: ignore[no-untyped-def]
+    """Rotation: pooled connections keep their context; new ones use the new one (here a TLS
+    context against a plain server, so a new connection fails its handshake)."""
+    import ssl
+
+    from meshcore._errors import EndpointError
+
+    server = upstream("plain")
+    endpoint = Endpoint.parse(server.address)
+    url = f"http://{server.address}"
+    async with HTTPConnector() as connector:
+        await (await connector.send(endpoint, Request("GET", f"{url}/"))).aread()  # pooled
+        connector.set_ssl_context(ssl.create_default_context())
+        slow: list[int] = []
+
+        async def hold_the_pooled_connection() -> None:
+            response = await connector.send(endpoint, Request("GET", f"{url}/delay/0.3"))
+            await response.aread()
+            slow.append(response.status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_the_pooled_connection)
+            await anyio.wait_all_tasks_blocked()
+            # the pooled plain connection is busy: this needs a new one, which is TLS now
+            with pytest.raises(EndpointError):
+                await connector.send(endpoint, Request("GET", f"{url}/"))
+        assert slow == [200]  # the pooled plain connection kept working
