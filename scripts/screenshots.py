@@ -26,8 +26,8 @@ import anyio.to_thread
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from meshcore._demo._scenario import FAIL_AT, RECOVER_AT, Demo, make_plan
-from meshcore._demo._view import render
+from meshcore._demo._scenario import FAIL_AT, RECOVER_AT, Demo, make_plan  # noqa: E402
+from meshcore._demo._view import render  # noqa: E402
 
 WIDTH = 118  # terminal columns of the rendered view
 

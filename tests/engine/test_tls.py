@@ -13,16 +13,15 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.streams.tls import TLSListener
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from meshcore._endpoints import Endpoint
 from meshcore._errors import EndpointConnectError
 from meshcore._http import ConnectionInfo, HTTPConnector, serve_http
 from meshcore._models import Request, Response
-
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 pytestmark = pytest.mark.anyio
 
