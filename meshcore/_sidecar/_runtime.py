@@ -44,10 +44,10 @@ from .._http import (
     Timeouts,
     serve_connection,
 )
-from .._http._parse import backend_clock
 from .._http._server import RequestRejected
 from .._mesh import Mesh
 from .._models import Headers, Request, Response
+from .._upstream import loop_clock
 from ._admin import admin_handler
 from ._health import AppHealth
 from ._metrics import Telemetry
@@ -439,13 +439,20 @@ class Sidecar:
 
     # -- request accounting --------------------------------------------------------------------
 
-    def _begin(self, conn: Connection) -> Generation:
-        gen = self.generation
-        assert gen is not None
-        conn.busy = True
-        self.in_flight += 1
-        gen.in_flight += 1
-        return gen
+    # A request is counted in flight (`self.in_flight`, `gen.in_flight`, `conn.busy`) from the
+    # handler's first line until its response is over. Most responses are over when the
+    # handler returns (the body came whole with the head): the handler then uncounts it
+    # itself (`_release`), with no callback made. Only a response the engine still has to
+    # stream, or an error answer, gets a `done` callback (`_done`), which the body calls when
+    # the engine closes it, or the connection's cleanup when the engine never wrote it.
+
+    def _release(self, gen: Generation) -> None:
+        gen.in_flight -= 1
+        if gen.in_flight == 0 and gen is not self.generation:
+            gen.idle.set()
+        self.in_flight -= 1
+        if self.in_flight <= 0 and self._quiet is not None:
+            self._quiet.set()
 
     def _done(self, conn: Connection, gen: Generation) -> Callable[[], None]:
         finished = False
@@ -458,12 +465,7 @@ class Sidecar:
             if conn.done is done:
                 conn.busy = False
                 conn.done = None
-            gen.in_flight -= 1
-            if gen.in_flight == 0 and gen is not self.generation:
-                gen.idle.set()
-            self.in_flight -= 1
-            if self.in_flight <= 0 and self._quiet is not None:
-                self._quiet.set()
+            self._release(gen)
 
         conn.done = done
         return done
@@ -508,12 +510,7 @@ class Sidecar:
         """
         if self.draining:
             response.headers.append((b"connection", b"close"))
-        elif type(response.stream) is BufferedBody:
-            # The whole body came with the head (the engine's usual case for small bodies):
-            # nothing to read, and the engine writes it in the same send as the head.
-            done()
-            return response
-        else:
+        else:  # a body the engine has not read whole (a BufferedBody is the handlers' own case)
             length = response.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) <= _GLUE:
                 try:
@@ -534,17 +531,23 @@ class Sidecar:
         telemetry = self.telemetry
         observe = telemetry.observe
         pipeline_requests = telemetry.pipeline_requests
-        now = backend_clock()  # made in the connection's task: anyio's clock, looked up once
+        release = self._release
+        now = loop_clock()  # made in the connection's task: anyio's clock, bound to the loop
 
         async def handle(request: Request, info: ConnectionInfo) -> Response:
             start = now()
-            gen = self._begin(conn)
-            done = self._done(conn, gen)
+            gen = self.generation
+            assert gen is not None
+            conn.busy = True
+            self.in_flight += 1
+            gen.in_flight += 1
+            done = None
             try:
                 service = request.url.host
                 upstream = gen.mesh.upstreams.get(service)
                 if upstream is None:
                     known = ", ".join(sorted(gen.mesh.upstreams)) or "none"
+                    done = self._done(conn, gen)
                     return self._local(
                         "outbound", service, 404, "no_route",
                         f"no route: {service!r} is not a mesh service (services: {known})",
@@ -571,12 +574,25 @@ class Sidecar:
                         wait = max(0.0, getattr(exc, "retry_at", 0.0) - _now())
                         extra = ((b"retry-after", b"%d" % max(1, round(wait))),)
                     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    done = self._done(conn, gen)
                     return self._local("outbound", service, status, reason, first_line, done, start, extra)
                 response.headers = response_headers(response.headers)
                 observe("outbound", service, response.status_code, now() - start)
+                if type(response.stream) is BufferedBody and not self.draining:
+                    # The whole body came with the head (the engine's usual case for small
+                    # bodies): the response is over for the sidecar, and the engine writes
+                    # the body in the same send as the head.
+                    conn.busy = False
+                    release(gen)
+                    return response
+                done = self._done(conn, gen)
                 return await self._finish(response, done, "outbound", service, start)
             except BaseException:
-                done()
+                if done is None:
+                    conn.busy = False
+                    release(gen)
+                else:
+                    done()
                 raise
 
         return handle
@@ -586,18 +602,24 @@ class Sidecar:
     def _inbound_handler(self, conn: Connection) -> Callable[[Request, ConnectionInfo], Any]:
         telemetry = self.telemetry
         observe = telemetry.observe
-        now = backend_clock()
+        release = self._release
+        now = loop_clock()
 
         async def handle(request: Request, info: ConnectionInfo) -> Response:
             start = now()
-            gen = self._begin(conn)
-            done = self._done(conn, gen)
+            gen = self.generation
+            assert gen is not None
+            conn.busy = True
+            self.in_flight += 1
+            gen.in_flight += 1
+            done = None
             service = gen.service
             try:
                 if gen.authorize:
                     reason = gen.mesh.plugins.authorize(request, info.ssl_object, gen.mesh)
                     if reason:
                         telemetry.denied += 1
+                        done = self._done(conn, gen)
                         return self._local(
                             "inbound", service, 403, "denied", f"forbidden: {reason}", done, start
                         )
@@ -615,12 +637,22 @@ class Sidecar:
                     elif status == 500:
                         log.exception("inbound request to the app failed")
                     first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    done = self._done(conn, gen)
                     return self._local("inbound", service, status, reason, first_line, done, start)
                 response.headers = response_headers(response.headers)
                 observe("inbound", service, response.status_code, now() - start)
+                if type(response.stream) is BufferedBody and not self.draining:
+                    conn.busy = False  # over for the sidecar (see the outbound handler)
+                    release(gen)
+                    return response
+                done = self._done(conn, gen)
                 return await self._finish(response, done, "inbound", service, start)
             except BaseException:
-                done()
+                if done is None:
+                    conn.busy = False
+                    release(gen)
+                else:
+                    done()
                 raise
 
         return handle
