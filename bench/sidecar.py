@@ -8,6 +8,13 @@ real `meshcore run` process with round-robin, retry and breaker loaded (the bar 
 time over the run divided by the requests wrk completed.
 
     /work/venv/bin/python bench/sidecar.py [--duration 8] [--connections 32] [--backend trio]
+    /work/venv/bin/python bench/sidecar.py --compare A,B [--rounds 4] [--duration 4]
+
+`--compare` is for a shared, noisy machine, where one run of each tells little: it runs the
+one-sidecar setup from two (or more) source trees side by side and measures them in turn,
+alternating the order each round, then prints the median req/s and CPU µs/req of each. A
+tree is a directory put first on the sidecar's PYTHONPATH, e.g. made with
+`mkdir /tmp/A && cp -r meshcore plugins/*/meshcore_* /tmp/A/`.
 
 Needs /usr/bin/wrk, /usr/sbin/nginx, /usr/sbin/haproxy (Debian packages wrk, nginx-light or
 nginx, haproxy). Prints one table; ratios are against HAProxy.
@@ -21,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,7 +157,8 @@ class Bench:
         return ca_dir
 
     def sidecar(self, name: str, endpoints: list[str], app: int | None = None,
-                tls: Path | None = None, service: str = "") -> tuple[int, dict]:
+                tls: Path | None = None, service: str = "", root: str | None = None,
+                ) -> tuple[int, dict]:
         ports = {k: free_port() for k in ("outbound", "inbound", "admin")}
         eps = ", ".join(f'"{e}"' for e in endpoints)
         plugins = ["round-robin", "retry", "breaker"] + (["tls"] if tls else [])
@@ -166,8 +175,12 @@ class Bench:
             text += f'[tls]\nca_dir = "{tls}"\nservice = "{service or name}"\n'
         conf = self.tmp / f"{name}.toml"
         conf.write_text(text)
+        env = None
+        if root is not None:  # --compare: this source tree's meshcore and plugins first
+            path = os.environ.get("PYTHONPATH")
+            env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
         proc = self.spawn([MESHCORE, "-c", str(conf), "run", "--backend", self.args.backend,
-                           "--log-level", "warning"])
+                           "--log-level", "warning"], env=env)
         wait_http(f"http://127.0.0.1:{ports['admin']}/ready")
         return proc.pid, ports
 
@@ -203,6 +216,20 @@ class Bench:
                                      f"http://127.0.0.1:{ports_a['outbound']}/", "bench", [pid_a, pid_b]))
         return rows
 
+    def compare(self, roots: list[str]) -> dict[str, list[dict]]:
+        self.nginx()
+        apps = [f"127.0.0.1:{p}" for p in self.app_ports]
+        sides = {root: self.sidecar(f"cmp{i}", apps, root=root) for i, root in enumerate(roots)}
+        runs: dict[str, list[dict]] = {root: [] for root in roots}
+        for rnd in range(self.args.rounds):
+            for root in roots if rnd % 2 == 0 else roots[::-1]:
+                pid, ports = sides[root]
+                r = self.measure(root, f"http://127.0.0.1:{ports['outbound']}/", "bench", [pid])
+                runs[root].append(r)
+                print(f"round {rnd + 1}  {root:30} {r['rps']:8.0f} req/s  {r['cpu_us']:6.1f} µs/req",
+                      flush=True)
+        return runs
+
     def _haproxy_port(self) -> int:
         text = (self.tmp / "haproxy.cfg").read_text()
         return int(re.search(r"bind 127.0.0.1:(\d+)", text).group(1))
@@ -214,8 +241,23 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--backend", default="trio", choices=["trio", "asyncio", "uvloop"])
     parser.add_argument("--no-tls", action="store_true", help="skip the mTLS pair")
+    parser.add_argument("--compare", metavar="A,B", help="source trees to compare (one sidecar)")
+    parser.add_argument("--rounds", type=int, default=4, help="--compare: rounds per tree")
     args = parser.parse_args()
     bench = Bench(args)
+    if args.compare:
+        roots = [str(Path(r).resolve()) for r in args.compare.split(",")]
+        try:
+            runs = bench.compare(roots)
+        finally:
+            bench.close()
+        print(f"wrk -t1 -c{args.connections} -d{args.duration:g}s x {args.rounds} interleaved, "
+              f"one sidecar (rr+retry+breaker), backend {args.backend}; medians:")
+        for root, rs in runs.items():
+            print(f"{root:30} {statistics.median(r['rps'] for r in rs):8.0f} req/s  "
+                  f"{statistics.median(r['cpu_us'] for r in rs):6.1f} µs/req  "
+                  f"errors {sum(r['errors'] for r in rs)}")
+        return
     try:
         rows = bench.run()
     finally:
