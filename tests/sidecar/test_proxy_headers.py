@@ -1,0 +1,87 @@
+"""The sidecar's header rules as functions: what `request_headers` / `response_headers` keep,
+drop and add, whatever the case of a field's name, and the X-Request-Id they generate."""
+
+from __future__ import annotations
+
+import uuid
+
+from meshcore._models import Headers
+from meshcore._sidecar import _proxy
+from meshcore._sidecar._proxy import request_headers, response_headers
+
+
+def names(headers: Headers) -> list[bytes]:
+    return [name.lower() for name, _ in headers]
+
+
+def test_hop_by_hop_and_connection_named_fields_dropped_in_any_case():
+    headers = Headers(
+        [
+            (b"HOST", b"orders"),
+            (b"CONNECTION", b"Keep-Alive, X-Private"),
+            (b"X-PRIVATE", b"secret"),  # named by Connection: dropped, whatever its case
+            (b"Keep-Alive", b"timeout=5"),
+            (b"TE", b"trailers"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Proxy-Authorization", b"Basic abc"),
+            (b"Upgrade", b"h2c"),
+            (b"Content-Type", b"text/plain"),  # same length as x-request-id: kept
+            (b"X-Other", b"1"),
+        ]
+    )
+    out = request_headers(headers, b"10.0.0.1")
+    assert names(out)[:3] == [b"host", b"content-type", b"x-other"]
+    assert names(out)[3:] == [b"via", b"x-forwarded-for", b"x-request-id"]
+    assert out.get("x-forwarded-for") == "10.0.0.1"
+    resp = response_headers(Headers([(b"Connection", b"X-Private"), (b"x-private", b"1"), (b"Date", b"d")]))
+    assert resp == [(b"Date", b"d"), (b"via", b"1.1 meshcore")]
+
+
+def test_the_same_connection_value_drops_the_same_fields_each_time():
+    for _ in range(3):  # the value's tokens are remembered after the first message
+        out = response_headers(Headers([(b"x-a", b"1"), (b"Connection", b"x-a, close"), (b"x-b", b"2")]))
+        assert out == [(b"x-b", b"2"), (b"via", b"1.1 meshcore")]
+    out = response_headers(Headers([(b"x-a", b"1"), (b"Connection", b"keep-alive")]))
+    assert out == [(b"x-a", b"1"), (b"via", b"1.1 meshcore")]
+
+
+def test_forwarding_fields_merged_and_appended():
+    headers = Headers(
+        [
+            (b"Via", b"1.0 a"),
+            (b"X-Forwarded-For", b"10.0.0.9"),
+            (b"VIA", b"1.1 b"),
+            (b"x-forwarded-for", b"10.0.0.8"),
+            (b"X-Request-ID", b"abc"),
+            (b"X-Forwarded-Client-Cert", b"URI=spiffe://forged"),
+        ]
+    )
+    out = request_headers(headers, b"127.0.0.1")
+    assert out == [
+        (b"X-Request-ID", b"abc"),  # the caller's id is kept, in place, and no second one added
+        (b"X-Forwarded-Client-Cert", b"URI=spiffe://forged"),  # outbound: not ours to judge
+        (b"via", b"1.0 a, 1.1 b, 1.1 meshcore"),
+        (b"x-forwarded-for", b"10.0.0.9, 10.0.0.8, 127.0.0.1"),
+    ]
+    inbound = request_headers(headers, b"", identity=b"spiffe://mesh/a", inbound=True)
+    assert inbound == [
+        (b"X-Request-ID", b"abc"),
+        (b"via", b"1.0 a, 1.1 b, 1.1 meshcore"),
+        (b"x-forwarded-for", b"10.0.0.9, 10.0.0.8"),  # no client address: the chain as it was
+        (b"x-forwarded-client-cert", b"URI=spiffe://mesh/a"),  # the forged one replaced
+    ]
+    assert response_headers(Headers([(b"Via", b"1.1 app")])) == [(b"via", b"1.1 app, 1.1 meshcore")]
+
+
+def test_request_ids_are_distinct_version_4_uuids_across_refills():
+    _proxy._forget_random()
+    ids = [_proxy._request_id() for _ in range(1000)]  # several 2 KiB refills
+    assert len(set(ids)) == len(ids)
+    for rid in ids:
+        parsed = uuid.UUID(rid.decode())
+        assert str(parsed).encode() == rid  # lowercase, 8-4-4-4-12
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # every hex digit outside the fixed ones shows up: the text is not a constant pattern
+    assert {rid[0:1] for rid in ids} == set(b"%x" % i for i in range(16))
+    out = request_headers(Headers([(b"host", b"x")]), b"")
+    assert uuid.UUID(out.get("x-request-id")).version == 4
