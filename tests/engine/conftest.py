@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -24,28 +23,9 @@ from pathlib import Path
 
 import pytest
 
-NGINX = os.environ.get("MESHCORE_NGINX", "/usr/sbin/nginx")
+from meshcore.testing import free_port, require_binary
+
 BIG_SIZE = 3 * 1024 * 1024 + 17
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-def _require(binary: str) -> str:
-    path = binary if os.path.exists(binary) else shutil.which(os.path.basename(binary))
-    if not path:
-        if os.environ.get("MESHCORE_REQUIRE_INTEGRATION") == "1":
-            pytest.fail(f"{binary} is required (MESHCORE_REQUIRE_INTEGRATION=1) but missing")
-        pytest.skip(f"{binary} not installed (apt-get install {os.path.basename(binary)})")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, timeout: float = 10.0) -> None:
@@ -102,7 +82,7 @@ class Nginx:
 
 
 def start_nginx(tmp: Path, keepalive_requests: int = 3) -> tuple[subprocess.Popen[bytes], Nginx]:
-    binary = _require(NGINX)
+    binary = os.environ.get("MESHCORE_NGINX") or require_binary("nginx")
     (tmp / "www" / "files").mkdir(parents=True)
     (tmp / "www" / "chunked").mkdir(parents=True)
     big = bytes(range(256)) * (BIG_SIZE // 256) + b"z" * (BIG_SIZE % 256)
