@@ -85,7 +85,13 @@ class EndpointError(MeshError):
     `replayable` is True only when the request provably never reached the server (a connect
     failure, or a reused keep-alive connection that closed before any response byte), so even
     a non-idempotent request may be sent again.
+
+    `kind` names the failure for policies (retry's `retry_on`, breaker's `failure_errors`):
+    one of `KINDS`, or None for a failure none of them describes.
     """
+
+    KINDS = ("connect-failure", "reset", "timeout", "protocol-error")
+    kind: str | None = None
 
     def __init__(
         self,
@@ -103,6 +109,8 @@ class EndpointError(MeshError):
 class EndpointConnectError(EndpointError, httpx.ConnectError):
     """The connection to the endpoint could not be made (always replayable)."""
 
+    kind = "connect-failure"
+
     def __init__(self, message: str, **kwargs: object) -> None:
         kwargs.setdefault("replayable", True)
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
@@ -111,13 +119,23 @@ class EndpointConnectError(EndpointError, httpx.ConnectError):
 class EndpointReadError(EndpointError, httpx.ReadError):
     """The connection broke (reset, closed) while the request was in flight."""
 
+    kind = "reset"
+
 
 class EndpointTimeout(EndpointError, httpx.TimeoutException):
     """Connecting to, writing to or reading from the endpoint took too long."""
 
+    @property  # type: ignore[override]
+    def kind(self) -> str:
+        # A timeout before anything was sent never reached the server: Envoy counts a connect
+        # timeout as a connect failure.
+        return "connect-failure" if self.replayable else "timeout"
+
 
 class EndpointProtocolError(EndpointError, httpx.RemoteProtocolError):
     """The endpoint answered something that is not valid HTTP/1.1."""
+
+    kind = "protocol-error"
 
 
 @dataclass(frozen=True)

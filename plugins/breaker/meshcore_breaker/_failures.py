@@ -14,19 +14,12 @@ import meshcore
 
 __all__ = ["ERROR_KINDS", "FailureClassifier", "parse_statuses"]
 
-ERROR_KINDS = ("connect-failure", "reset", "timeout", "protocol-error")
+ERROR_KINDS = meshcore.EndpointError.KINDS
 
 
 def error_kind(exc: BaseException) -> str | None:
-    if isinstance(exc, meshcore.EndpointConnectError):
-        return "connect-failure"
-    if isinstance(exc, meshcore.EndpointTimeout):
-        return "connect-failure" if exc.replayable else "timeout"
-    if isinstance(exc, meshcore.EndpointReadError):
-        return "reset"
-    if isinstance(exc, meshcore.EndpointProtocolError):
-        return "protocol-error"
-    return None
+    """The policy name of an endpoint failure (`EndpointError.kind`), None for other errors."""
+    return exc.kind if isinstance(exc, meshcore.EndpointError) else None
 
 
 def parse_statuses(values: Iterable[str]) -> frozenset[int]:

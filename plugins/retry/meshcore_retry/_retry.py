@@ -46,21 +46,12 @@ from ._budget import RetryBudget
 __all__ = ["ERROR_KINDS", "IDEMPOTENT", "RetryLayer", "RetryPolicy"]
 
 IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
-ERROR_KINDS = ("connect-failure", "reset", "timeout", "protocol-error")
+ERROR_KINDS = meshcore.EndpointError.KINDS
 
 
 def error_kind(exc: BaseException) -> str | None:
-    """The `retry_on` name of an endpoint failure, or None for an error retry cannot help."""
-    if isinstance(exc, meshcore.EndpointConnectError):
-        return "connect-failure"
-    if isinstance(exc, meshcore.EndpointTimeout):
-        # A connect timeout never reached the server: Envoy counts it as connect-failure.
-        return "connect-failure" if exc.replayable else "timeout"
-    if isinstance(exc, meshcore.EndpointReadError):
-        return "reset"
-    if isinstance(exc, meshcore.EndpointProtocolError):
-        return "protocol-error"
-    return None
+    """The policy name of an endpoint failure (`EndpointError.kind`), None for other errors."""
+    return exc.kind if isinstance(exc, meshcore.EndpointError) else None
 
 
 @dataclass(frozen=True)
