@@ -46,7 +46,7 @@ from .._errors import (
     EndpointTimeout,
 )
 from .._models import Headers, Request, Response
-from ._parse import DirectSocket, backend_checkpoint, backend_clock, take_socket
+from ._parse import DirectSocket, backend_checkpoint, backend_clock, close_stream, take_socket
 
 __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 
@@ -270,11 +270,7 @@ class _Connection:
         wait = self.wait_writable
         while view:
             try:
-                if timeout is None:
-                    await wait(sock)
-                else:
-                    with anyio.fail_after(timeout):
-                        await wait(sock)
+                await wait(timeout)
             except TimeoutError:
                 raise _Timeout("write") from None
             try:
@@ -304,11 +300,7 @@ class _Connection:
                 data = sock.recv(_READ_SIZE)
             except BlockingIOError:
                 try:
-                    if timeout is None:
-                        await self.wait_readable(sock)
-                    else:
-                        with anyio.fail_after(timeout):
-                            await self.wait_readable(sock)
+                    await self.wait_readable(timeout)
                 except TimeoutError:
                     raise _Timeout("read") from None
                 continue
@@ -353,18 +345,7 @@ async def _close_conn(conn: _Connection) -> None:
     if io is not None and io.owned:
         io.close()  # asyncio: the transport was closed when the socket was taken
     else:
-        await _close_stream(conn.stream)
-
-
-async def _close_stream(stream: ByteStream) -> None:
-    # Bounded and shielded: a TLS close_notify to a dead peer must not hang or be cancelled
-    # half-way, and closing happens on paths that are already unwinding.
-    with anyio.CancelScope(shield=True) as scope:
-        scope.deadline = _current_time() + 1.0
-        try:
-            await stream.aclose()
-        except _BROKEN as exc:  # closing a broken connection: nothing left to do
-            log.debug("closing a connection failed: %r", exc)
+        await close_stream(conn.stream)
 
 
 class _Waiter:
@@ -493,7 +474,7 @@ class _Pool:
                 try:
                     connector.verify_peer(endpoint, stream.extra(TLSAttribute.ssl_object, None))
                 except BaseException:
-                    await _close_stream(stream)
+                    await close_stream(stream)
                     raise
             io = await take_socket(stream) if connector.ssl_context is None else None
         except BaseException:

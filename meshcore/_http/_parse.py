@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+
+log = logging.getLogger("meshcore.http")
 
 
 def backend_clock() -> Callable[[], float]:
@@ -27,7 +32,7 @@ def backend_clock() -> Callable[[], float]:
             import trio
 
             return trio.current_time  # what anyio's trio backend calls, one frame less
-        return backend.current_time
+        return asyncio.get_running_loop().time  # what anyio's asyncio backend calls
     except (
         ImportError,
         AttributeError,
@@ -36,9 +41,17 @@ def backend_clock() -> Callable[[], float]:
         return anyio.current_time
 
 
+@types.coroutine
+def _yield_to_loop() -> Any:
+    """What `asyncio.sleep(0)` does (a bare yield: the task runs again on the loop's next
+    pass, and a cancellation lands here), two frames less."""
+    yield
+
+
 def backend_checkpoint() -> Callable[[], Awaitable[None]]:
-    """`anyio.lowlevel.checkpoint` without its per-call backend lookup (3 Python calls less,
-    and the engine yields twice per proxied request). Call it from async context."""
+    """`anyio.lowlevel.checkpoint` without its per-call backend lookup (3 Python calls less
+    on trio, 4 on asyncio, and the engine yields twice per proxied request). Call it from
+    async context."""
     try:
         from anyio._core._eventloop import get_async_backend
 
@@ -47,41 +60,72 @@ def backend_checkpoint() -> Callable[[], Awaitable[None]]:
             import trio
 
             return trio.lowlevel.checkpoint  # what anyio's trio backend awaits
-        return backend.checkpoint
+        asyncio.get_running_loop()  # (asyncio or uvloop: anything else takes the public one)
+        return _yield_to_loop
     except (ImportError, AttributeError, RuntimeError):
         return anyio.lowlevel.checkpoint
 
 
 class DirectSocket:
-    """The connection's socket, called directly: non-blocking `recv`/`send`, and a wait through
-    anyio only when one would block.
+    """The connection's socket, called directly: non-blocking `recv`/`send`, and a wait only
+    when one would block.
 
     anyio's streams cost a lot per call on a plain TCP connection. On trio every `recv`/`send`
     runs through trio's socket wrapper: a context manager, a cancellation check and a scheduler
     checkpoint even when the call completes at once (about 10 µs of CPU per proxied request on
-    the project's machine). On asyncio every `receive` resumes and pauses the transport's reading
-    (two `epoll_ctl`) and every `send` yields to the loop once or twice. A non-blocking call
-    straight on the socket costs one syscall; only when it would block do we wait, with anyio's
-    `wait_readable` / `wait_writable`, so cancellation and timeouts stay anyio's.
+    the project's machine). On asyncio every `receive` resumes and pauses the transport's
+    reading (two `epoll_ctl`) and every `send` yields to the loop once or twice. A non-blocking
+    call straight on the socket costs one syscall; only when it would block do we wait, so
+    cancellation stays the backend's.
+
+    `wait_readable(timeout)` / `wait_writable(timeout)` wait until the socket is ready, at most
+    `timeout` seconds (None: no limit), then raise TimeoutError: anyio's waits on trio, a
+    reader callback and a loop timer on asyncio and uvloop (`_loop_wait`).
 
     `owned`: on asyncio the stream's transport owns its socket (its file descriptor may not be
-    waited on by anyone else), so we take a duplicate of the descriptor, close the transport, and
-    close the duplicate ourselves at the end. `pending` holds bytes the transport had already
-    read. On trio the stream keeps its socket (trio keeps no buffer in front of it).
+    waited on by anyone else), so we take a duplicate of the descriptor, close the transport,
+    and close the duplicate ourselves at the end. `pending` holds bytes the transport had
+    already read. On trio the stream keeps its socket (trio keeps no buffer in front of it).
     """
 
     __slots__ = ("owned", "pending", "sock", "wait_readable", "wait_writable")
 
-    def __init__(self, sock: socket.socket, backend: Any, owned: bool, pending: bytes) -> None:
+    def __init__(
+        self,
+        sock: Any,
+        wait_readable: Callable[[float | None], Awaitable[None]],
+        wait_writable: Callable[[float | None], Awaitable[None]],
+        owned: bool,
+        *,
+        pending: bytes = b"",
+    ) -> None:
         self.sock = sock
-        self.wait_readable = backend.wait_readable
-        self.wait_writable = backend.wait_writable
+        self.wait_readable = wait_readable
+        self.wait_writable = wait_writable
         self.owned = owned
         self.pending = pending
 
     def close(self) -> None:
         if self.owned:
             self.sock.close()
+
+
+def _limited(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable[..., Any]:
+    """`wait(sock)` with an optional time limit (a cancel scope only when there is one)."""
+
+    async def limited(timeout: float | None = None) -> None:
+        if timeout is None:
+            await wait(sock)
+        else:
+            with anyio.fail_after(timeout):
+                await wait(sock)
+
+    return limited
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 async def take_socket(stream: Any) -> DirectSocket | None:
@@ -103,15 +147,19 @@ async def take_socket(stream: Any) -> DirectSocket | None:
             sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
             if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
                 return None
-            return DirectSocket(sock, get_async_backend(), False, b"")
+            backend = get_async_backend()
+            return DirectSocket(
+                sock,
+                _limited(backend.wait_readable, sock),
+                _limited(backend.wait_writable, sock),
+                False,
+            )
         except (ImportError, AttributeError, RuntimeError):
             return None
     if module != "anyio._backends._asyncio" or type(stream).__name__ != "SocketStream":
         return None
     try:
         import asyncio.selector_events
-
-        from anyio._core._eventloop import get_async_backend
 
         transport = stream._transport
         protocol = stream._protocol
@@ -124,7 +172,6 @@ async def take_socket(stream: Any) -> DirectSocket | None:
             return None
         if raw.type != socket.SOCK_STREAM or raw.family not in (socket.AF_INET, socket.AF_INET6):
             return None
-        backend = get_async_backend()
         # Stop the transport's reading first: the descriptor leaves epoll before it is
         # closed (a closed descriptor whose duplicate lives on would otherwise stay in it).
         transport.pause_reading()
@@ -140,4 +187,52 @@ async def take_socket(stream: Any) -> DirectSocket | None:
     except BaseException:
         sock.close()
         raise
-    return DirectSocket(sock, backend, True, pending)
+    loop = asyncio.get_running_loop()
+    return DirectSocket(
+        sock,
+        _loop_wait(loop, loop.add_reader, loop.remove_reader, sock),
+        _loop_wait(loop, loop.add_writer, loop.remove_writer, sock),
+        True,
+        pending=pending,
+    )
+
+
+def _loop_wait(
+    loop: asyncio.AbstractEventLoop,
+    add: Callable[..., Any],
+    remove: Callable[[Any], Any],
+    sock: socket.socket,
+) -> Callable[[float | None], Awaitable[None]]:
+    """Wait for `sock` on an asyncio loop: a reader (or writer) callback around one future,
+    with a loop timer as the limit. What `anyio.wait_readable` in `anyio.fail_after` does,
+    without its context variable, its two closures per call and the cancel scope (~7 µs of CPU
+    on asyncio: the engine waits about once per proxied request)."""
+
+    async def wait(timeout: float | None = None) -> None:
+        waiter = loop.create_future()
+        add(sock, _wake, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            remove(sock)
+            if timer is not None:
+                timer.cancel()
+
+    return wait
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def close_stream(stream: Any) -> None:
+    """Close an anyio stream, bounded and shielded: a TLS close_notify to a dead peer must not
+    hang or be cancelled half-way, and closing happens on paths that are already unwinding."""
+    with anyio.CancelScope(shield=True) as scope:
+        scope.deadline = anyio.current_time() + 1.0
+        try:
+            await stream.aclose()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            log.debug("closing a connection failed: %r", exc)

@@ -32,7 +32,7 @@ from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
 from ._client import BufferedBody
-from ._parse import DirectSocket, backend_checkpoint, backend_clock, take_socket
+from ._parse import DirectSocket, backend_checkpoint, backend_clock, close_stream, take_socket
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
 
@@ -48,6 +48,7 @@ _BROKEN = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceErr
 _MAX_DRAIN = 1 << 20
 _NOT_SEEN = object()
 _INF = math.inf
+_HEAD_TIMEOUT = "request head not received in time"
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,13 +289,17 @@ class _ServerConnection:
                 try:
                     data = sock.recv(_READ_SIZE)
                 except BlockingIOError:
-                    if not armed:
-                        if deadline is None:
-                            deadline = self.first_deadline()
-                        self.arm(deadline)
-                        armed = True
+                    # A limit per wait, no cancel scope: the deadline is the head's.
+                    if deadline is None:
+                        deadline = self.first_deadline()
                     try:
-                        await self.wait_readable(sock)
+                        await self.wait_readable(
+                            None if deadline == _INF else deadline - self.now()
+                        )
+                    except TimeoutError:
+                        if self.in_head:
+                            raise RequestRejected(408, _HEAD_TIMEOUT) from None
+                        return False  # idle: close quietly
                     except _BROKEN:
                         return False
                     self.waited = True
@@ -342,12 +347,7 @@ class _ServerConnection:
                         break
                     except BlockingIOError:
                         pass
-                    # A cancel scope only when the read has to wait.
-                    if timeout is None:
-                        await self.wait_readable(sock)
-                    else:
-                        with anyio.fail_after(timeout):
-                            await self.wait_readable(sock)
+                    await self.wait_readable(timeout)  # a limit only when it has to wait
                 if not data:
                     raise RequestRejected(400, "client went away during the request body")
             elif timeout is None:
@@ -405,83 +405,87 @@ class _ServerConnection:
             {"http_version": b"HTTP/1.1" if msg.version == "1.1" else b"HTTP/1.0"},
         )
 
-    async def run(self, handler: Handler) -> None:
-        self.scope = anyio.CancelScope()
-        self.now = backend_clock()
-        self.checkpoint = backend_checkpoint()
-        io = self.io = await take_socket(self.stream)
+    async def serve(self, handler: Handler) -> None:
+        """Serve requests until the connection ends, then close it.
+
+        One coroutine from the task down to the handler call (no helper frames): every time
+        the task resumes, each frame of its await chain resumes too, and a proxied request
+        resumes it about three times.
+        """
+        io = None
         try:
+            scope = self.scope = anyio.CancelScope()
+            self.now = backend_clock()
+            self.checkpoint = backend_checkpoint()
+            io = self.io = await take_socket(self.stream)
             if io is not None:
                 self.direct = io.sock
                 self.wait_readable = io.wait_readable
                 self.wait_writable = io.wait_writable
-            with self.scope:
-                await self._run(handler)
-            if self.scope.cancelled_caught and self.in_head:
-                await self.send_error(408, "request head not received in time")
-        finally:
-            if io is not None:
-                io.close()
-
-    async def _run(self, handler: Handler) -> None:
-        scope = self.scope
-        io = self.io
-        if io is not None and io.pending:
-            # bytes the asyncio transport had read before the socket was taken
-            try:
-                self.feed(io.pending)
-            except RequestRejected as exc:
-                await self.send_error(exc.status, str(exc))
-                return
-            io.pending = b""
-        while True:
-            if not self.ready:
-                try:
-                    if not await self.read_head():
+                if io.pending:  # bytes asyncio's transport had read before the socket was taken
+                    try:
+                        self.feed(io.pending)
+                    except RequestRejected as exc:
+                        await self.send_error(exc.status, str(exc))
                         return
-                except RequestRejected as exc:
-                    await self.send_error(exc.status, str(exc))
-                    return
-            if not self.waited:
-                # Nothing this request did went through the scheduler (its head was already
-                # there and the direct socket calls never blocked): yield once, so a client
-                # that pipelines requests cannot starve the others, and cancellation
-                # (drain) is seen.
-                await self.checkpoint()
-            self.waited = self.direct is None
-            msg = self.ready.popleft()
-            if msg.host is None and msg.version == "1.1":
-                await self.send_error(400, "HTTP/1.1 request without Host")
-                return
-            self.continue_sent = False
-            try:
-                request = self.build_request(msg)
-            except ValueError as exc:
-                await self.send_error(400, str(exc))
-                return
-            if self.armed:  # no limit on the handler
-                scope.deadline = _INF
-                self.armed = False
-            try:
-                response = await handler(request, self.info)
-            except RequestRejected as exc:
-                await self.send_error(exc.status, str(exc))
-                return
-            except Exception:
-                log.exception("handler failed for %s %s", msg.method, request.url)
-                await self.send_error(500, "the handler failed")
-                return
-            keep_alive = msg.keep_alive and not self.upgraded
-            if keep_alive and not msg.complete and msg.expect and not self.continue_sent:
-                keep_alive = False  # the client may or may not send the body now: close
-            try:
-                keep_alive = await self.write_response(msg, response, keep_alive)
-            except RequestRejected:
-                return
-            if not keep_alive:
-                return
-            if not msg.complete and not await self.drain(msg):
-                return
+            with scope:
+                while True:
+                    if not self.ready:
+                        try:
+                            if not await self.read_head():
+                                return
+                        except RequestRejected as exc:
+                            await self.send_error(exc.status, str(exc))
+                            return
+                    if not self.waited:
+                        # Nothing this request did went through the scheduler (its head
+                        # was already there and the direct socket calls never blocked): yield
+                        # once, so a client that pipelines requests cannot starve the others,
+                        # and cancellation (drain) is seen.
+                        await self.checkpoint()
+                    self.waited = self.direct is None
+                    msg = self.ready.popleft()
+                    if msg.host is None and msg.version == "1.1":
+                        await self.send_error(400, "HTTP/1.1 request without Host")
+                        return
+                    self.continue_sent = False
+                    try:
+                        request = self.build_request(msg)
+                    except ValueError as exc:
+                        await self.send_error(400, str(exc))
+                        return
+                    if self.armed:  # no limit on the handler
+                        scope.deadline = _INF
+                        self.armed = False
+                    try:
+                        response = await handler(request, self.info)
+                    except RequestRejected as exc:
+                        await self.send_error(exc.status, str(exc))
+                        return
+                    except Exception:
+                        log.exception("handler failed for %s %s", msg.method, request.url)
+                        await self.send_error(500, "the handler failed")
+                        return
+                    keep_alive = msg.keep_alive and not self.upgraded
+                    if keep_alive and not msg.complete and msg.expect and not self.continue_sent:
+                        keep_alive = False  # the client may or may not send the body now: close
+                    try:
+                        keep_alive = await self.write_response(msg, response, keep_alive)
+                    except RequestRejected:
+                        return
+                    if not keep_alive:
+                        return
+                    if not msg.complete and not await self.drain(msg):
+                        return
+            if scope.cancelled_caught and self.in_head:
+                await self.send_error(408, _HEAD_TIMEOUT)
+        finally:
+            if io is not None and io.owned:
+                # The asyncio transport: closed here, unsent bytes flushed first (closing the
+                # stream would abort it and drop them).
+                io.close()
+            else:
+                await close_stream(self.stream)
 
     async def drain(self, msg: _Incoming) -> bool:
         """Read and drop the rest of a body the handler left, within a budget."""
@@ -603,10 +607,7 @@ class _ServerConnection:
         timeout = self.limits.write_timeout
         wait = self.wait_writable
         while view:
-            if timeout is not None:
-                self.scope.deadline = self.now() + timeout
-                self.armed = True
-            await wait(sock)
+            await wait(timeout)  # TimeoutError (an OSError): the client went away
             try:
                 view = view[sock.send(view) :]
             except BlockingIOError:
@@ -623,7 +624,7 @@ class _ServerConnection:
             try:
                 view = view[sock.send(view) :]
             except BlockingIOError:
-                await self.wait_writable(sock)
+                await self.wait_writable(None)
 
 
 class _RequestBody:
@@ -681,15 +682,7 @@ async def serve_connection(
     """Serve HTTP/1.1 requests on one connection until it ends; closes the stream."""
     if info is None:
         info = ConnectionInfo.from_stream(stream)
-    try:
-        await _ServerConnection(stream, limits, info).run(handler)
-    finally:
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = _current_time() + 1.0
-            try:
-                await stream.aclose()
-            except _BROKEN as exc:  # closing a broken connection: nothing left to do
-                log.debug("closing a connection failed: %r", exc)
+    await _ServerConnection(stream, limits, info).serve(handler)
 
 
 async def serve_http(
@@ -703,7 +696,9 @@ async def serve_http(
 
     async def on_connection(stream: ByteStream) -> None:
         try:
-            await serve_connection(stream, handler, limits=limits)
+            await _ServerConnection(stream, limits, ConnectionInfo.from_stream(stream)).serve(
+                handler
+            )
         except Exception:
             # One broken connection must never take the listener down.
             log.exception("HTTP connection failed")
