@@ -146,7 +146,10 @@ def serve_proxy(backend: str, port: int, upstreams: list[int]) -> None:
 
     def strip(headers: Headers) -> Headers:
         out = new_headers(Headers)
-        out.extend(h for h in headers if h[0].lower() not in HOP_BY_HOP)
+        append = out.append
+        for h in headers:  # a loop, not a generator: no frame per header
+            if h[0].lower() not in HOP_BY_HOP:
+                append(h)
         return out
 
     async def main() -> None:

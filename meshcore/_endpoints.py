@@ -30,6 +30,9 @@ class Endpoint:
     tags: tuple[str, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
     id: str = ""
+    # Endpoints key the connection pools and every per-endpoint table, several lookups per
+    # request: hash the fields once, not on every lookup.
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -39,6 +42,32 @@ class Endpoint:
             object.__setattr__(self, "metadata", tuple(sorted(self.metadata.items())))
         if not isinstance(self.tags, tuple):
             object.__setattr__(self, "tags", tuple(self.tags))
+        fields = (
+            self.address,
+            self.port,
+            self.weight,
+            self.zone,
+            self.tags,
+            self.metadata,
+            self.id,
+        )
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle the fields, not the cached hash (string hashes differ between processes).
+        fields = (
+            self.address,
+            self.port,
+            self.weight,
+            self.zone,
+            self.tags,
+            self.metadata,
+            self.id,
+        )
+        return (Endpoint, fields)
 
     @property
     def meta(self) -> dict[str, str]:

@@ -208,14 +208,16 @@ def _loop_wait(
     without its context variable, its two closures per call and the cancel scope (~7 µs of CPU
     on asyncio: the engine waits about once per proxied request)."""
 
+    fd = sock.fileno()  # uvloop looks a socket object up in a weak dictionary every time
+
     async def wait(timeout: float | None = None) -> None:
         waiter = loop.create_future()
-        add(sock, _wake, waiter)
+        add(fd, _wake, waiter)
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         try:
             await waiter
         finally:
-            remove(sock)
+            remove(fd)
             if timer is not None:
                 timer.cancel()
 
