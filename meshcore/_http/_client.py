@@ -500,6 +500,10 @@ class _Pool:
         if conn.keep_alive and not self.closed:
             if conn.head:
                 conn.parser = httptools.HttpResponseParser(conn)
+            if not self.waiters and len(self.idle) < self.limits.max_idle:
+                conn.idle_since = self.now()  # the usual case of `release`, without the call
+                self.idle.append(conn)
+                return
             await self.release(conn)
         else:
             await self.discard(conn)

@@ -290,8 +290,9 @@ class _ServerConnection:
                     data = sock.recv(_READ_SIZE)
                 except BlockingIOError:
                     # A limit per wait, no cancel scope: the deadline is the head's.
-                    if deadline is None:
-                        deadline = self.first_deadline()
+                    if deadline is None:  # first_deadline(), inline: once per request
+                        timeout = limits.header_timeout if self.in_head else limits.idle_timeout
+                        deadline = _INF if timeout is None else self.now() + timeout
                     try:
                         await self.wait_readable(
                             None if deadline == _INF else deadline - self.now()
@@ -554,7 +555,17 @@ class _ServerConnection:
         send = self.write
         try:
             if isinstance(body, bytes):
-                await send(head + body if body and not no_body else head)
+                data = head + body if body and not no_body else head
+                sock = self.direct
+                if sock is None:
+                    await send(data)
+                else:  # `write`, inline for the usual case: the socket takes it all
+                    try:
+                        sent = sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(data):
+                        await send(memoryview(data)[sent:])
             elif no_body:
                 await send(head)
             else:
@@ -588,7 +599,7 @@ class _ServerConnection:
                 await _close_body(body)
         return keep_alive
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         """Send `data`; the write timeout (time between two successful writes) is only armed
         when the socket cannot take it all at once."""
         sock = self.direct
