@@ -156,17 +156,11 @@ def serve_proxy(backend: str, port: int, upstreams: list[int]) -> None:
         async with HTTPConnector() as connector:
 
             async def handler(request: Request, conn: object) -> Response:
-                endpoint = next(endpoints)
-                upstream = await connector.send(
-                    endpoint,
-                    Request(request.method, request.url, strip(request.headers), request.stream),
-                )
-                return Response(
-                    upstream.status_code,
-                    strip(upstream.headers),
-                    upstream.stream,
-                    upstream.extensions,
-                )
+                # As the sidecar does: the request and the response go on with new headers.
+                request.headers = strip(request.headers)
+                response = await connector.send(next(endpoints), request)
+                response.headers = strip(response.headers)
+                return response
 
             listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
             await serve_http(listener, handler)

@@ -199,17 +199,14 @@ class _Connection:
         self.head = head
         self.status = 0
         self.reason = b""
-        self.chunks = []  # headers start fresh in on_message_begin
+        self.chunks = []
+        self.headers = _new_headers(Headers)
         self.headers_done = self.complete = self.interim = False
         self.framed = self.close_delimited = False
         self.keep_alive = True
         self.got_bytes = False
 
     # httptools callbacks -------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.headers = _new_headers(Headers)
-        self.framed = False
-
     def on_status(self, status: bytes) -> None:
         self.reason = status
 
@@ -245,8 +242,9 @@ class _Connection:
             self.chunks.append(body)
 
     def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
+        if self.interim:  # the real response's head starts afresh
+            self.interim = self.framed = False
+            self.headers = _new_headers(Headers)
             return
         if not self.complete:
             self.complete = True

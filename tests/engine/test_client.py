@@ -174,6 +174,7 @@ async def test_pyserver_interim_responses_skipped(pyserver) -> None:  # type: ig
     async with HTTPConnector() as connector:
         response, body = await get(connector, pyserver, "/interim")
         assert response.status_code == 200 and body == b"after interim"
+        assert response.headers.get("link") is None  # the 103's fields stay with the 103
 
 
 async def test_pyserver_body_until_close(pyserver) -> None:  # type: ignore[no-untyped-def]
