@@ -7,7 +7,7 @@ real `meshcore run` process with round-robin, retry and breaker loaded (the bar 
 `nbthread 1` (one core, like the sidecar). CPU per request is the proxy processes' user+system
 time over the run divided by the requests wrk completed.
 
-    /work/venv/bin/python bench/sidecar.py [--duration 8] [--connections 32] [--backend trio]
+    /work/venv/bin/python bench/sidecar.py [--duration 8] [--connections 32] [--backend uvloop]
     /work/venv/bin/python bench/sidecar.py --compare A,B [--rounds 4] [--duration 4]
 
 `--compare` is for a shared, noisy machine, where one run of each tells little: it runs the
@@ -239,7 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--backend", default="trio", choices=["trio", "asyncio", "uvloop"])
+    parser.add_argument("--backend", default="uvloop", choices=["trio", "asyncio", "uvloop"])
     parser.add_argument("--no-tls", action="store_true", help="skip the mTLS pair")
     parser.add_argument("--compare", metavar="A,B", help="source trees to compare (one sidecar)")
     parser.add_argument("--rounds", type=int, default=4, help="--compare: rounds per tree")
