@@ -52,6 +52,7 @@ __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 
 log = logging.getLogger("meshcore.http")
 _new_headers = Headers.__new__
+_new_object = object.__new__
 _current_time = anyio.current_time
 
 # RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
@@ -792,7 +793,16 @@ class HTTPConnector:
             conn.chunks = []
             status, headers = conn.status, conn.headers
             await pool.finish(conn)
-            return Response(status, headers, BufferedBody(data), extensions)
+            # Built without their __init__ (the fields are what it would set): two frames less
+            # on every proxied request.
+            body = _new_object(BufferedBody)
+            body.data = data
+            response = _new_object(Response)
+            response.status_code = status
+            response.headers = headers
+            response.stream = body
+            response.extensions = extensions
+            return response
         return Response(
             conn.status, conn.headers, _ResponseBody(conn, pool, read_timeout), extensions
         )

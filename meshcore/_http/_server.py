@@ -39,6 +39,7 @@ __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connectio
 log = logging.getLogger("meshcore.http")
 
 _new_headers = Headers.__new__
+_new_object = object.__new__
 _current_time = anyio.current_time
 _READ_SIZE = 65536
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
@@ -102,7 +103,7 @@ class RequestRejected(Exception):
 
 
 class _Incoming:
-    """One request as it is parsed."""
+    """One request as it is parsed; made by `_ServerConnection.on_message_begin`."""
 
     __slots__ = (
         "body_size",
@@ -118,16 +119,18 @@ class _Incoming:
         "url",
         "version",
     )
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers = _new_headers(Headers)
-        self.host: bytes | None = None
-        self.chunks: list[bytes] = []
-        self.headers_done = self.complete = self.expect = False
-        self.keep_alive = True
-        self.body_size = 0
-        self.header_bytes = 0
+    url: bytes
+    headers: Headers
+    host: bytes | None
+    chunks: list[bytes]
+    headers_done: bool
+    complete: bool
+    expect: bool
+    keep_alive: bool
+    body_size: int
+    header_bytes: int
+    method: str
+    version: str
 
 
 class _ServerConnection:
@@ -189,7 +192,15 @@ class _ServerConnection:
 
     # httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self.cur = _Incoming()
+        # The fields set here, not in an __init__: a frame less on every request.
+        cur = self.cur = _new_object(_Incoming)
+        cur.url = b""
+        cur.headers = _new_headers(Headers)
+        cur.host = None
+        cur.chunks = []
+        cur.headers_done = cur.complete = cur.expect = False
+        cur.keep_alive = True
+        cur.body_size = cur.header_bytes = 0
         self.in_head = True
 
     def on_url(self, part: bytes) -> None:
@@ -395,13 +406,15 @@ class _ServerConnection:
             body: Any = b""
         else:
             body = _RequestBody(self, msg)
-        return Request(
-            msg.method,
-            url,
-            msg.headers,
-            body,
-            {"http_version": b"HTTP/1.1" if msg.version == "1.1" else b"HTTP/1.0"},
-        )
+        # Built without Request.__init__ (the method is the parser's, already upper case, and
+        # the headers are a Headers): a frame less on every request.
+        request = _new_object(Request)
+        request.method = msg.method
+        request.url = url
+        request.headers = msg.headers
+        request.stream = body
+        request.extensions = {"http_version": b"HTTP/1.1" if msg.version == "1.1" else b"HTTP/1.0"}
+        return request
 
     async def serve(self, handler: Handler) -> None:
         """Serve requests until the connection ends, then close it.
