@@ -42,32 +42,18 @@ class Endpoint:
             object.__setattr__(self, "metadata", tuple(sorted(self.metadata.items())))
         if not isinstance(self.tags, tuple):
             object.__setattr__(self, "tags", tuple(self.tags))
-        fields = (
-            self.address,
-            self.port,
-            self.weight,
-            self.zone,
-            self.tags,
-            self.metadata,
-            self.id,
-        )
-        object.__setattr__(self, "_hash", hash(fields))
+        object.__setattr__(self, "_hash", hash(self._fields()))
+
+    def _fields(self) -> tuple[Any, ...]:
+        """Every field but the cached hash, in declaration order."""
+        return (self.address, self.port, self.weight, self.zone, self.tags, self.metadata, self.id)
 
     def __hash__(self) -> int:
         return self._hash
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickle the fields, not the cached hash (string hashes differ between processes).
-        fields = (
-            self.address,
-            self.port,
-            self.weight,
-            self.zone,
-            self.tags,
-            self.metadata,
-            self.id,
-        )
-        return (Endpoint, fields)
+        return (Endpoint, self._fields())
 
     @property
     def meta(self) -> dict[str, str]:
