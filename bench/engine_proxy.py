@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-NGINX = "/usr/sbin/nginx"
+from _nginx import free_port, nginx, nginx_binary  # noqa: E402
+
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
 HOP_BY_HOP = frozenset(
@@ -45,12 +47,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, timeout: float = 10.0) -> None:
@@ -67,25 +63,6 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_nginx(tmp: Path, ports: list[int]) -> subprocess.Popen[bytes]:
-    servers = "\n".join(
-        f'server {{ listen 127.0.0.1:{p}; location / {{ return 200 "hello from {p}\\n"; }} }}'
-        for p in ports
-    )
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        f"daemon off; master_process off; worker_processes 1; error_log {tmp}/error.log;"
-        f" pid {tmp}/nginx.pid; events {{ worker_connections 4096; }}"
-        f" http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {tmp};"
-        f" proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp};"
-        f" scgi_temp_path {tmp}; {servers} }}"
-    )
-    proc = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf)], stderr=subprocess.DEVNULL)
-    for p in ports:
-        wait_listening(p)
-    return proc
 
 
 def start_haproxy(tmp: Path, port: int, upstreams: list[int]) -> subprocess.Popen[bytes]:
@@ -172,30 +149,30 @@ def serve_proxy(backend: str, port: int, upstreams: list[int]) -> None:
 
 
 def bench_proxies(args: argparse.Namespace) -> None:
-    for binary in (NGINX, HAPROXY, WRK):
-        if not shutil.which(binary):
-            sys.exit(f"{binary} is needed for this benchmark")
+    for binary in (nginx_binary(), HAPROXY, WRK):
+        if not binary or not shutil.which(binary):
+            sys.exit(f"{binary or 'nginx'} is needed for this benchmark")
     tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    upstreams = [free_port() for _ in range(3)]
-    procs = [start_nginx(tmp, upstreams)]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        hport = free_port()
-        haproxy = start_haproxy(tmp, hport, upstreams)
-        procs.append(haproxy)
-        results: dict[str, list[tuple[float, float, str]]] = {}
-        proxies: dict[str, tuple[int, int]] = {"HAProxy (nbthread 1)": (haproxy.pid, hport)}
-        for backend in args.backends.split(","):
-            port = free_port()
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "serve", backend, str(port), *map(str, upstreams)]
-            )
-            procs.append(proc)
-            wait_listening(port)
-            proxies[f"engine ({backend})"] = (proc.pid, port)
-        direct = run_wrk(upstreams[0], args.duration)
-        for _ in range(args.reps):  # interleaved reps
-            for name, (pid, port) in proxies.items():
-                results.setdefault(name, []).append(measure(pid, port, args.duration))
+        with nginx(3) as upstreams:
+            hport = free_port()
+            haproxy = start_haproxy(tmp, hport, upstreams)
+            procs.append(haproxy)
+            results: dict[str, list[tuple[float, float, str]]] = {}
+            proxies: dict[str, tuple[int, int]] = {"HAProxy (nbthread 1)": (haproxy.pid, hport)}
+            for backend in args.backends.split(","):
+                port = free_port()
+                proc = subprocess.Popen(
+                    [sys.executable, __file__, "serve", backend, str(port), *map(str, upstreams)]
+                )
+                procs.append(proc)
+                wait_listening(port)
+                proxies[f"engine ({backend})"] = (proc.pid, port)
+            direct = run_wrk(upstreams[0], args.duration)
+            for _ in range(args.reps):  # interleaved reps
+                for name, (pid, port) in proxies.items():
+                    results.setdefault(name, []).append(measure(pid, port, args.duration))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -273,19 +250,12 @@ def bench_client_one(backend: str, port: int, requests: int) -> None:
 
 
 def bench_client(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    port = free_port()
-    nginx = start_nginx(tmp, [port])
-    try:
+    with nginx(1) as (port,):
         for backend in args.backends.split(","):
             subprocess.run(
                 [sys.executable, __file__, "client-one", backend, str(port), str(args.requests)],
                 check=True,
             )
-    finally:
-        nginx.terminate()
-        nginx.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
