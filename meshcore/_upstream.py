@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
-from ._errors import EndpointError, MeshError, NoEndpoints
+from ._errors import EndpointError, EndpointTimeout, MeshError, NoEndpoints
 from ._service import compose, observer
 
 if TYPE_CHECKING:
@@ -296,12 +296,22 @@ class Upstream:
                 exc.service = self.name
             if isinstance(exc, EndpointError):
                 exc.endpoint = exc.endpoint or endpoint
-            now = clock()
-            # Discovery may have replaced the endpoint set meanwhile: count where it is now.
-            counted = stats if self.stats is stats_map else self.stats.get(endpoint)
-            self._record(
-                counted, Outcome(self.name, endpoint, request.method, None, exc, now - start), now
-            )
+            self._record_failure(stats, stats_map, endpoint, request, exc, start)
+            raise
+        except BaseException:
+            # Cancelled. Past the request's own deadline (the timeout layer's), the endpoint
+            # did not answer in time: a timeout against it, as Envoy's outlier detection counts
+            # a route timeout against the host; else an endpoint that always outlasts the
+            # deadline would never be seen failing. Any other cancellation (the caller's own,
+            # shutdown) is not the endpoint's doing and records nothing.
+            deadline = request.extensions.get("meshcore.deadline")
+            if deadline is not None and clock() >= deadline:
+                error = EndpointTimeout(
+                    f"{endpoint.id} had not answered when the request's deadline passed",
+                    endpoint=endpoint,
+                )
+                error.service = self.name
+                self._record_failure(stats, stats_map, endpoint, request, error, start)
             raise
         finally:
             if stats is not None:
@@ -315,6 +325,21 @@ class Upstream:
             now,
         )
         return response
+
+    def _record_failure(
+        self,
+        stats: EndpointStats | None,
+        stats_map: dict[Endpoint, EndpointStats],
+        endpoint: Endpoint,
+        request: Request,
+        error: BaseException,
+        start: float,
+    ) -> None:
+        now = self.clock()
+        # Discovery may have replaced the endpoint set meanwhile: count where it is now.
+        counted = stats if self.stats is stats_map else self.stats.get(endpoint)
+        outcome = Outcome(self.name, endpoint, request.method, None, error, now - start)
+        self._record(counted, outcome, now)
 
     # -- state --------------------------------------------------------------------------------
 

@@ -330,3 +330,41 @@ async def test_each_retry_excludes_the_endpoints_already_tried(scripted_mesh, an
         response = await mesh.send(request())
     assert response.status_code == 200
     assert [port for _, port, _, _ in conn.log] == list(PORTS)
+
+
+@VIRTUAL_ONLY
+async def test_an_attempt_cut_by_the_deadline_counts_against_its_endpoint(
+    scripted_mesh, anyio_backend
+):
+    """The timeout layer's deadline cancels the attempt in flight: its endpoint gets a failed
+    outcome (an EndpointTimeout), as Envoy's outlier detection counts a route timeout against
+    the host; otherwise an endpoint that always outlasts the deadline would never be seen
+    failing. The caller's own cancellation is not the endpoint's doing and is not counted."""
+    slow = PORTS[0]
+    mesh, conn = scripted_mesh(
+        lambda port, req, n: 10.0 if port == slow else 200,
+        resilience=["timeout"],
+        timeout={"deadline": "1s"},
+    )
+    async with mesh:
+        outcomes: list[meshcore.Outcome] = []
+        mesh.upstream("svc").add_observer(outcomes.append)
+        errors = 0
+        for _ in range(3):  # round robin: one of the three goes to the slow endpoint
+            try:
+                await mesh.send(request())
+            except meshcore.DeadlineExceeded:
+                errors += 1
+        assert errors == 1
+        for _ in range(3):  # until the slow endpoint is tried again, by a caller that
+            with anyio.move_on_after(0.1):  # gives up long before the deadline
+                await mesh.send(request())
+            if [port for _, port, _, _ in conn.log].count(slow) == 2:
+                break
+        assert [port for _, port, _, _ in conn.log].count(slow) == 2
+        stats = next(e for e in mesh.state()["services"]["svc"]["endpoints"] if e["port"] == slow)
+    slow_outcomes = [o for o in outcomes if o.endpoint.port == slow]
+    assert len(slow_outcomes) == 1
+    assert isinstance(slow_outcomes[0].error, meshcore.EndpointTimeout)
+    assert slow_outcomes[0].elapsed == pytest.approx(1.0)
+    assert stats["failures"] == 1 and stats["in_flight"] == 0
