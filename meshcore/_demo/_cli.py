@@ -8,26 +8,15 @@ cleaning up like a normal end.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
 import click
 
+from .._backends import BACKENDS, DEFAULT_HELP, default_backend, run
 from ._scenario import OPTIONAL_PLUGINS
 
 __all__ = ["demo_command"]
-
-
-def _default_backend() -> str:
-    env = os.environ.get("MESHCORE_BACKEND")
-    if env in ("trio", "asyncio"):
-        return env
-    try:
-        import trio  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "trio"
 
 
 class _Collect(logging.Handler):
@@ -64,8 +53,8 @@ def _admin(value: str) -> str:
               help="Admin listener (dashboard) address; when the default is taken a free port is used.")
 @click.option("--without", multiple=True, type=click.Choice(OPTIONAL_PLUGINS),
               help="Leave an installed plugin out, to see what it does (repeatable).")
-@click.option("--backend", type=click.Choice(["trio", "asyncio"]), default=_default_backend,
-              show_default="trio when installed (env MESHCORE_BACKEND)", help="Event loop.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=default_backend,
+              show_default=DEFAULT_HELP, help="Event loop.")
 @click.pass_context
 def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool, admin: str,
                  without: tuple[str, ...], backend: str) -> None:
@@ -76,7 +65,6 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     retries and the breaker live, then a summary. Everything it starts is stopped and every
     file it makes is removed, also on Ctrl-C.
     """
-    import anyio
 
     from .._errors import ConfigError, PluginError
     from ._scenario import Demo, make_plan
@@ -128,7 +116,7 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
         result["demo"] = demo
 
     try:
-        anyio.run(main, backend=backend)
+        run(main, backend)
     except KeyboardInterrupt:
         click.echo("meshcore demo: interrupted; everything it started is stopped", err=True)
         sys.exit(130)

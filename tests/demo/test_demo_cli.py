@@ -74,7 +74,7 @@ def summary_number(stdout: str, label: str) -> int:
     return int(match[1])
 
 
-@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+@pytest.mark.parametrize("backend", ["trio", "asyncio", "uvloop"])
 def test_demo_runs_with_no_client_errors_and_an_ejection(tmp_path, backend):
     result = run_demo(tmp_path, "--duration", "5", "--no-tty", "--backend", backend)
     out = result.stdout
