@@ -53,7 +53,6 @@ __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 log = logging.getLogger("meshcore.http")
 _new_headers = Headers.__new__
 _new_object = object.__new__
-_current_time = anyio.current_time
 
 # RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})

@@ -40,7 +40,6 @@ log = logging.getLogger("meshcore.http")
 
 _new_headers = Headers.__new__
 _new_object = object.__new__
-_current_time = anyio.current_time
 _READ_SIZE = 65536
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _BROKEN = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
@@ -421,7 +420,7 @@ class _ServerConnection:
 
         One coroutine from the task down to the handler call (no helper frames): every time
         the task resumes, each frame of its await chain resumes too, and a proxied request
-        resumes it about three times.
+        resumes it twice (the yields before reading the response and the next head).
         """
         io = None
         try:
