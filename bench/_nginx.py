@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from meshcore.testing import free_port, wait_listening
 
 CONF = """
 worker_processes 1;
@@ -38,12 +38,6 @@ def nginx_binary() -> str | None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def nginx(count: int = 1) -> Iterator[list[int]]:
     """`count` nginx servers (one worker process) on free loopback ports; yields the ports."""
@@ -58,16 +52,11 @@ def nginx(count: int = 1) -> Iterator[list[int]]:
             f.write(CONF.format(prefix=prefix, servers=servers))
         proc = subprocess.Popen([binary, "-c", conf, "-p", prefix], stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 10
             for port in ports:
-                while True:
-                    try:
-                        socket.create_connection(("127.0.0.1", port), 0.2).close()
-                        break
-                    except OSError:
-                        if time.monotonic() > deadline or proc.poll() is not None:
-                            raise SystemExit("nginx did not start") from None
-                        time.sleep(0.02)
+                try:
+                    wait_listening(port, process=proc)
+                except RuntimeError as exc:
+                    raise SystemExit(f"nginx did not start: {exc}") from None
             yield ports
         finally:
             proc.send_signal(signal.SIGQUIT)

@@ -22,7 +22,6 @@ import itertools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _nginx import free_port, nginx, nginx_binary  # noqa: E402
+from _nginx import nginx, nginx_binary  # noqa: E402
+
+from meshcore.testing import free_port, wait_listening  # noqa: E402
 
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
@@ -47,17 +48,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -6,7 +6,14 @@ project that installs meshcore: `anyio_backend` (asyncio and trio), `upstream`,
 `meshcore.testing.conformance`.
 """
 
-from ._helpers import free_port, require_binary, static_service, strict_integration, virtual_trio
+from ._helpers import (
+    free_port,
+    require_binary,
+    static_service,
+    strict_integration,
+    virtual_trio,
+    wait_listening,
+)
 from ._scripted import (
     SCRIPTED_PORTS,
     ScriptedConnector,
@@ -35,4 +42,5 @@ __all__ = [
     "static_service",
     "strict_integration",
     "virtual_trio",
+    "wait_listening",
 ]

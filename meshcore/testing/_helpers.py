@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,6 +58,27 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def wait_listening(
+    port: int, host: str = "127.0.0.1", timeout: float = 10.0, process: Any = None
+) -> None:
+    """Block until something accepts TCP connections on `host:port` (a server started as a
+    separate process); RuntimeError after `timeout` seconds, or as soon as `process` (a
+    `subprocess.Popen`) has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(
+                    f"the process meant to listen on {host}:{port} exited ({process.returncode})"
+                ) from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on {host}:{port} after {timeout} s") from None
+            time.sleep(0.02)
 
 
 def static_service(

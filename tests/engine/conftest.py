@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,20 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from meshcore.testing import free_port, require_binary
+from meshcore.testing import free_port, require_binary, wait_listening
 
 BIG_SIZE = 3 * 1024 * 1024 + 17
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
 NGINX_CONF = """
