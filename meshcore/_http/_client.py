@@ -734,23 +734,31 @@ class HTTPConnector:
                     if isinstance(body, bytes):
                         if len(body) <= _GLUE_BODY:
                             data = head + body if body else head
-                            try:  # the usual case inline: the socket takes it all at once
-                                sent = conn.direct.send(data)
-                            except BlockingIOError:
-                                sent = 0
-                            if sent < len(data):
-                                await send(memoryview(data)[sent:], write_timeout)
+                            io = conn.io
+                            if io.batch is not None:  # type: ignore[union-attr]
+                                # Sent with the others at the end of the loop's pass
+                                # (SendBatch); we yield below before reading.
+                                io.batch.add(io, data)  # type: ignore[union-attr]
+                            else:
+                                try:  # the usual case inline: the socket takes it all at once
+                                    sent = conn.direct.send(data)
+                                except BlockingIOError:
+                                    sent = 0
+                                if sent < len(data):
+                                    await send(memoryview(data)[sent:], write_timeout)
                         else:
                             await send(head, write_timeout)
                             await send(body, write_timeout)
                     else:
                         await send(head, write_timeout)
                         await _send_streamed(conn, body, chunked, request, None, write_timeout)
-                    phase = "read"
                     # Let the other tasks run first (as trio's own send would have): the answer
                     # is then often there already, which spares a failed recv and a wait
                     # (measured: less system time per request).
                     await pool.checkpoint()
+                    if conn.io.unsent is not None:  # type: ignore[union-attr]
+                        await send(conn.io.take_unsent(), write_timeout)  # type: ignore[union-attr]
+                    phase = "read"
                     sock = conn.direct
                     feed = conn.feed
                     while not conn.headers_done:

@@ -16,6 +16,7 @@ follow nginx (`large_client_header_buffers 4 8k`, `client_header_timeout 60s`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import deque
@@ -450,6 +451,8 @@ class _ServerConnection:
                             # frame less to resume.
                             await checkpoint()
                             self.waited = True
+                            if io.unsent is not None and not await self.send_unsent(io):
+                                return
                         try:
                             if not await self.read_head():
                                 return
@@ -462,6 +465,8 @@ class _ServerConnection:
                         # once, so a client that pipelines requests cannot starve the others,
                         # and cancellation (drain) is seen.
                         await self.checkpoint()
+                        if io.unsent is not None and not await self.send_unsent(io):
+                            return
                     self.waited = self.direct is None
                     msg = self.ready.popleft()
                     if msg.host is None and msg.version == "1.1":
@@ -504,9 +509,21 @@ class _ServerConnection:
             if io is not None and io.owned:
                 # The asyncio transport: closed here, unsent bytes flushed first (closing the
                 # stream would abort it and drop them).
+                if io.unsent is not None:  # cancelled before sending what the batch left
+                    with contextlib.suppress(OSError):
+                        io.sock.send(io.take_unsent())
                 io.close()
             else:
                 await close_stream(self.stream)
+
+    async def send_unsent(self, io: DirectSocket) -> bool:
+        """Send what the loop's `SendBatch` could not; False when the client went away."""
+        try:
+            await self.write(io.take_unsent())
+        except _BROKEN as exc:
+            log.debug("client went away before its response was written: %r", exc)
+            return False
+        return True
 
     async def drain(self, msg: _Incoming) -> bool:
         """Read and drop the rest of a body the handler left, within a budget."""
@@ -577,6 +594,10 @@ class _ServerConnection:
                 sock = self.direct
                 if sock is None:
                     await send(data)
+                elif keep_alive and msg.complete and self.io.batch is not None:  # type: ignore[union-attr]
+                    # Sent with the others at the end of the loop's pass (SendBatch); the
+                    # serve loop yields before it reads again, then sends what is left.
+                    self.io.batch.add(self.io, data)  # type: ignore[union-attr]
                 else:  # `write`, inline for the usual case: the socket takes it all
                     try:
                         sent = sock.send(data)

@@ -28,6 +28,9 @@ LIMITS = ServerLimits(
 )
 
 
+BIG = bytes(range(256)) * 16384  # 4 MiB
+
+
 async def app(request: Request, conn: ConnectionInfo) -> Response:
     path = request.url.path
     if path == "/echo":
@@ -60,6 +63,8 @@ async def app(request: Request, conn: ConnectionInfo) -> Response:
         raise RuntimeError("handler bug")
     if path == "/204":
         return Response(204)
+    if path == "/big":  # more than one send takes through a small receive window
+        return Response(200, [], BIG)
     return Response(200, [], f"{request.method} {request.url.target}".encode())
 
 
@@ -248,6 +253,29 @@ async def test_pipelined_requests_answered_in_order(server: int) -> None:
     i1, i2, i3, i4 = (out.index(x) for x in (b"GET /one", b"abc", b"chunk2", b"GET /three"))
     assert i1 < i2 < i3 < i4
     assert b"Transfer-Encoding: chunked\r\n\r\n7\r\nchunk0\n\r\n" in out
+
+
+async def test_large_response_then_keepalive(server: int) -> None:
+    """A response the socket does not take at once (on asyncio, what the loop's SendBatch
+    leaves for the connection to send), then the next request on the same connection."""
+
+    def go() -> bytes:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+            s.settimeout(5)
+            s.connect(("127.0.0.1", server))
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            out = b""
+            while got := s.recv(65536):
+                out += got
+            return out
+
+    out = await anyio.to_thread.run_sync(go)
+    head, rest = out.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: %d" % len(BIG) in head
+    assert rest[: len(BIG)] == BIG
+    assert rest[len(BIG) :].startswith(b"HTTP/1.1 200 OK") and out.endswith(b"GET /after")
 
 
 async def test_unread_body_is_drained_for_keepalive(server: int) -> None:
