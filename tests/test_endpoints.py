@@ -7,6 +7,8 @@ import pickle
 import subprocess
 import sys
 
+import pytest
+
 from meshcore import Endpoint
 
 
@@ -30,3 +32,16 @@ def test_an_endpoint_from_another_process_keys_the_same_table() -> None:
     theirs = pickle.loads(data)
     ours = Endpoint("svc.local", 8080, tags=("t",))
     assert theirs == ours and {ours: "pool"}[theirs] == "pool"
+
+
+def test_make_outcome_is_the_same_as_the_constructor() -> None:
+    from meshcore._endpoints import Outcome, make_outcome
+
+    ep = Endpoint("10.0.0.1", 80)
+    error = ValueError("x")
+    fast = make_outcome("svc", ep, "GET", None, error, 0.25)
+    slow = Outcome("svc", ep, "GET", None, error, 0.25)
+    assert type(fast) is Outcome and fast == slow and repr(fast) == repr(slow)
+    assert hash(make_outcome("svc", ep, "GET", 200, None, 0.5)) == hash(Outcome("svc", ep, "GET", 200, None, 0.5))
+    with pytest.raises(AttributeError):  # still frozen
+        fast.status_code = 200  # type: ignore[misc]

@@ -23,6 +23,7 @@ from typing import Any
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Circuit", "CountWindow", "TimeWindow"]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+_NO_FAILURES = (0.0, 0.0)
 
 
 class CountWindow:
@@ -120,6 +121,8 @@ class Circuit:
     ) -> None:
         if window not in ("count", "time"):
             raise ValueError(f"window must be 'count' or 'time', got {window!r}")
+        if not (0 < failure_rate <= 100 and 0 < slow_call_rate <= 100):
+            raise ValueError("failure_rate and slow_call_rate must be above 0 and at most 100")
         self.window = CountWindow(window_size) if window == "count" else TimeWindow(window_size)
         self.minimum_calls = minimum_calls
         self.failure_rate = failure_rate
@@ -183,7 +186,10 @@ class Circuit:
         state = self.state
         if state == CLOSED:
             calls, failures, slows = self.window.add(now, failed, slow)
-            if calls >= self.minimum_calls and calls:
+            if not failures and not slows:
+                # The usual case: nothing to trip on (both thresholds are above 0).
+                self.last_rates = _NO_FAILURES
+            elif calls >= self.minimum_calls:
                 rates = (100.0 * failures / calls, 100.0 * slows / calls)
                 self.last_rates = rates
                 if rates[0] >= self.failure_rate or (slows and self._tripped(rates)):
