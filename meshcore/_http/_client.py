@@ -684,7 +684,7 @@ class HTTPConnector:
             pool = self._pools[endpoint] = _Pool(endpoint, self.limits, self)
         ext = request.extensions.get("timeout")
         timeouts = self.timeouts.override(ext) if ext else self.timeouts
-        head, body, chunked = _serialize_head(request)
+        head, body, chunked, close = _serialize_head(request)
         idle = pool.idle
         if idle and pool.now() - idle[-1].idle_since <= pool.fresh_for:
             # Fast path: the warmest idle connection was used within the second, so it is
@@ -693,13 +693,15 @@ class HTTPConnector:
         else:
             conn, reused = await pool.acquire(timeouts)
         try:
-            return await self._exchange(pool, conn, reused, request, head, body, chunked, timeouts)
+            return await self._exchange(
+                pool, conn, reused, request, head, body, chunked, close, timeouts
+            )
         except _Stale as stale:
             cause = stale.__cause__
             if request.method in _IDEMPOTENT and isinstance(body, bytes):
                 conn, _ = await pool.acquire(timeouts, fresh=True)
                 return await self._exchange(
-                    pool, conn, False, request, head, body, chunked, timeouts
+                    pool, conn, False, request, head, body, chunked, close, timeouts
                 )
             raise EndpointReadError(
                 f"{endpoint.id} closed a reused keep-alive connection before answering "
@@ -717,6 +719,7 @@ class HTTPConnector:
         head: bytes,
         body: Any,
         chunked: bool,
+        close: bool,
         timeouts: Timeouts,
     ) -> Response:
         conn.start(request.method == "HEAD")
@@ -781,11 +784,8 @@ class HTTPConnector:
             except BaseException:
                 await pool.discard(conn)
                 raise
-        if request.headers and not conn.close_delimited:
-            # `Connection: close` from our side ends reuse too.
-            for k, v in request.headers:
-                if len(k) == 10 and k.lower() == b"connection" and b"close" in v.lower():
-                    conn.keep_alive = False
+        if close:  # `Connection: close` from our side ends reuse too
+            conn.keep_alive = False
         extensions = {
             "http_version": b"HTTP/1.1" if conn.parser.get_http_version() == "1.1" else b"HTTP/1.0",
             "reason_phrase": conn.reason,
@@ -949,17 +949,18 @@ async def _send_streamed(
         )
 
 
-def _serialize_head(request: Request) -> tuple[bytes, Any, bool]:
-    """The request head as bytes, the body to send and whether it goes chunked."""
+def _serialize_head(request: Request) -> tuple[bytes, Any, bool, bool]:
+    """The request head as bytes, the body to send, whether it goes chunked, and whether the
+    request says `Connection: close` (the connection is not reused after it)."""
     method = request.method
     url = request.url
     body = request.stream
-    has_host = has_length = has_te = False
+    has_host = has_length = has_te = close = False
     lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), url.target.encode("latin-1"))]
     append = lines.append
     for name, value in request.headers:
         n = len(name)
-        if n == 4 or n == 14 or n == 17:
+        if n == 4 or n == 10 or n == 14 or n == 17:
             low = name.lower()
             if low == b"host":
                 has_host = True
@@ -967,6 +968,8 @@ def _serialize_head(request: Request) -> tuple[bytes, Any, bool]:
                 has_length = True
             elif low == b"transfer-encoding":
                 has_te = True
+            elif low == b"connection" and b"close" in value.lower():
+                close = True
         append(name + b": " + value)
     if not has_host:
         append(b"Host: " + url.authority.encode("idna" if not url.host.isascii() else "ascii"))
@@ -990,4 +993,4 @@ def _serialize_head(request: Request) -> tuple[bytes, Any, bool]:
     # let a caller smuggle a header or a second request (RFC 9110 §5.5).
     if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
         raise EndpointProtocolError("CR or LF inside a request header or target")
-    return head, body, chunked
+    return head, body, chunked, close

@@ -71,7 +71,6 @@ class Telemetry:
         self.latency: dict[tuple[str, str], Histogram] = {}
         # (service, endpoint id, status class) -> attempts that ended that way
         self.responses: dict[tuple[str, str, str], int] = defaultdict(int)
-        self.attempts: dict[str, int] = defaultdict(int)
         self.pipeline_requests: dict[str, int] = defaultdict(int)
         # (direction, service, reason) -> requests the sidecar answered itself
         self.local_errors: dict[tuple[str, str, str], int] = defaultdict(int)
@@ -97,7 +96,6 @@ class Telemetry:
         status = outcome.status_code
         cls = "error" if status is None else _CLASSES.get(status // 100, "other")
         self.responses[(outcome.service, outcome.endpoint.id, cls)] += 1
-        self.attempts[outcome.service] += 1
 
     @hookimpl
     def meshcore_state_changed(
@@ -132,13 +130,22 @@ class Telemetry:
         return {
             "requests": by(self.requests),
             "local_errors": by(self.local_errors),
-            "attempts": dict(self.attempts),
+            "attempts": self.attempts,
             "retries": self.retries(),
             "denied": self.denied,
             "connections_total": dict(self.connections_total),
             "connections_rejected": dict(self.connections_rejected),
             "reloads": dict(self.reloads),
         }
+
+    @property
+    def attempts(self) -> dict[str, int]:
+        """Attempts per service (every endpoint, every outcome), summed from `responses` when
+        read rather than counted a second time per request."""
+        out: dict[str, int] = defaultdict(int)
+        for (service, _, _), n in self.responses.items():
+            out[service] += n
+        return dict(out)
 
     def retries(self) -> dict[str, int]:
         """Attempts beyond the first, per service: what the retry layer added."""

@@ -75,7 +75,7 @@ def test_forwarding_fields_merged_and_appended():
 
 def test_request_ids_are_distinct_version_4_uuids_across_refills():
     _proxy._forget_random()
-    ids = [_proxy._request_id() for _ in range(1000)]  # several 2 KiB refills
+    ids = [_proxy._request_id() for _ in range(1000)]  # several refills of 256
     assert len(set(ids)) == len(ids)
     for rid in ids:
         parsed = uuid.UUID(rid.decode())
