@@ -36,7 +36,7 @@ import anyio
 import anyio.lowlevel
 import httptools
 from anyio.abc import ByteStream
-from anyio.streams.tls import TLSAttribute
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .._endpoints import Endpoint
 from .._errors import (
@@ -46,7 +46,14 @@ from .._errors import (
     EndpointTimeout,
 )
 from .._models import Headers, Request, Response
-from ._parse import DirectSocket, backend_checkpoint, backend_clock, close_stream, take_socket
+from ._parse import (
+    DirectSocket,
+    backend_checkpoint,
+    backend_clock,
+    close_stream,
+    start_tls,
+    take_socket,
+)
 
 __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
 
@@ -339,11 +346,14 @@ class _Connection:
 
 
 async def _close_conn(conn: _Connection) -> None:
-    io = conn.io
+    await _close_io(conn.stream, conn.io)
+
+
+async def _close_io(stream: ByteStream, io: DirectSocket | None) -> None:
     if io is not None and io.owned:
         io.close()  # asyncio: the transport was closed when the socket was taken
     else:
-        await close_stream(conn.stream)
+        await close_stream(stream)
 
 
 class _Waiter:
@@ -446,39 +456,54 @@ class _Pool:
         try:
             try:
                 with anyio.fail_after(timeouts.connect):
-                    if connector.ssl_context is None:
-                        stream: ByteStream = await anyio.connect_tcp(
-                            endpoint.address, endpoint.port
-                        )
-                    else:
-                        stream = await anyio.connect_tcp(
-                            endpoint.address,
-                            endpoint.port,
-                            ssl_context=connector.ssl_context,
-                            tls_hostname=connector.server_hostname or endpoint.address,
-                            tls_standard_compatible=False,
-                        )
+                    stream: ByteStream = await anyio.connect_tcp(endpoint.address, endpoint.port)
+                    io = None
+                    ssl_object = None
+                    try:
+                        io = await take_socket(stream)
+                        if connector.ssl_context is not None:
+                            stream, ssl_object = await self._handshake(stream, io)
+                    except BaseException:
+                        await _close_io(stream, io)
+                        raise
             except TimeoutError:
                 raise EndpointTimeout(
                     f"connecting to {endpoint.id} took longer than {timeouts.connect} s",
                     endpoint=endpoint,
                     replayable=True,
                 ) from None
-            except (OSError, anyio.BrokenResourceError, ssl.SSLError) as exc:
+            except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, ssl.SSLError) as exc:
                 raise EndpointConnectError(
                     f"cannot connect to {endpoint.id}: {exc}", endpoint=endpoint
                 ) from exc
             if connector.verify_peer is not None:
                 try:
-                    connector.verify_peer(endpoint, stream.extra(TLSAttribute.ssl_object, None))
+                    connector.verify_peer(endpoint, ssl_object)
                 except BaseException:
-                    await close_stream(stream)
+                    await _close_io(stream, io)
                     raise
-            io = await take_socket(stream) if connector.ssl_context is None else None
         except BaseException:
             self._slot_freed()
             raise
         return _Connection(stream, endpoint, io)
+
+    async def _handshake(
+        self, stream: ByteStream, io: DirectSocket | None
+    ) -> tuple[ByteStream, ssl.SSLObject]:
+        """The client side of the TLS handshake on a new connection. On a socket the engine
+        drives directly, TLS is driven there too (`TLSSocket`); any other stream is wrapped
+        in anyio's TLS stream."""
+        connector = self.connector
+        ssl_context = connector.ssl_context
+        assert ssl_context is not None
+        hostname = connector.server_hostname or self.endpoint.address
+        if io is not None:
+            ssl_object = await start_tls(io, ssl_context, server_side=False, server_hostname=hostname)
+            return stream, ssl_object
+        tls = await TLSStream.wrap(
+            stream, hostname=hostname, ssl_context=ssl_context, standard_compatible=False
+        )
+        return tls, tls.extra(TLSAttribute.ssl_object)
 
     async def release(self, conn: _Connection) -> None:
         """Give a connection whose exchange ended cleanly back (to a waiter, or the idle set)."""

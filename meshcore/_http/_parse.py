@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import types
 import weakref
 from collections.abc import Awaitable, Callable
@@ -266,6 +267,144 @@ async def take_socket(stream: Any) -> DirectSocket | None:
         pending=pending,
         batch=send_batch(loop),
     )
+
+
+# Ciphertext read per `recv` on a TLS connection: a full TLS record (16 KiB plus overhead).
+_TLS_READ = 17 * 1024
+
+
+class TLSSocket:
+    """TLS over a non-blocking socket, with the socket's own contract (`recv` and `send` raise
+    BlockingIOError when they would block, `recv` returns b"" at the end), so the engine's
+    direct paths and the loop's SendBatch serve TLS connections as they serve plain TCP.
+
+    An `ssl.SSLObject` between two memory BIOs, as in anyio's TLS stream and asyncio's SSL
+    protocol, but driven by a few C calls per read or write instead of through a stream's
+    layers. `ssl` is the SSLObject (peer certificate, cipher, ALPN).
+
+    Sending: the ciphertext of a `send` the socket did not take at once is kept (`backlog`)
+    and that `send` reports 0 bytes taken; the caller waits for the socket and calls `send`
+    again with the same bytes, which pushes the backlog and then reports them all taken (they
+    were encrypted the first time: `owed`). A plaintext byte is reported sent only once its
+    ciphertext is in the kernel, so a writer never moves on to reading while its request is
+    still in our buffer. A peer's end without close_notify ends the stream like one with it
+    (anyio's `standard_compatible=False`): HTTP/1.1 frames its messages itself.
+    """
+
+    __slots__ = ("backlog", "incoming", "outgoing", "owed", "sock", "ssl")
+
+    def __init__(self, sock: socket.socket, ssl_context: ssl.SSLContext, server_side: bool,
+                 server_hostname: str | None) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.ssl = ssl_context.wrap_bio(
+            self.incoming, self.outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self.backlog = b""
+        self.owed = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if flags:  # a peek (the pool's liveness check) looks at the socket itself
+            return self.sock.recv(size, flags)
+        tls = self.ssl
+        incoming = self.incoming
+        while True:
+            # Only when TLS holds bytes: a read that cannot succeed raises, and an exception
+            # costs more than these two checks.
+            if incoming.pending or tls.pending():
+                try:
+                    data = tls.read(size)
+                except ssl.SSLWantReadError:
+                    pass  # part of a record: more is needed
+                except ssl.SSLZeroReturnError:  # close_notify
+                    return b""
+                else:
+                    if self.outgoing.pending:  # a reply the read produced (a key update)
+                        self._push()
+                    return data
+            raw = self.sock.recv(_TLS_READ)  # BlockingIOError when nothing came: the caller waits
+            if not raw:
+                return b""
+            incoming.write(raw)
+
+    def send(self, data: bytes | memoryview) -> int:
+        if self.backlog or self.outgoing.pending:
+            if not self._push():
+                raise BlockingIOError
+            owed, self.owed = self.owed, 0
+            if owed:  # the retry of the send whose ciphertext just went out
+                return owed
+        taken = self.ssl.write(data)
+        if self._push():
+            return taken
+        self.owed = taken
+        return 0
+
+    def _push(self) -> bool:
+        """Send the ciphertext not yet sent; True when the socket took it all."""
+        backlog = self.backlog
+        if self.outgoing.pending:
+            backlog += self.outgoing.read()
+        try:
+            sent = self.sock.send(backlog)
+        except BlockingIOError:
+            sent = 0
+        self.backlog = backlog[sent:]
+        return not self.backlog
+
+    def close(self) -> None:
+        """Send close_notify if the socket takes it at once, then close the socket."""
+        try:
+            self.ssl.unwrap()
+        except (ssl.SSLError, ValueError):  # want-read (the peer's alert) or never handshaken
+            pass
+        try:
+            if self.outgoing.pending and not self.backlog:
+                self.sock.send(self.outgoing.read())
+        except OSError:
+            pass
+        self.sock.close()
+
+
+async def start_tls(
+    io: DirectSocket,
+    ssl_context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+) -> ssl.SSLObject:
+    """Make the plain `io` a TLS connection (its `sock` becomes a `TLSSocket`) and run the
+    handshake; returns the SSLObject. Bytes asyncio's transport had already read (`pending`,
+    a ClientHello on a server) go to TLS first. Bound the time from outside (a cancel scope);
+    a failed handshake raises `ssl.SSLError`, or OSError / EndOfStream if the peer left."""
+    tls = TLSSocket(io.sock, ssl_context, server_side, server_hostname)
+    if io.pending:
+        tls.incoming.write(io.pending)
+        io.pending = b""
+    while True:
+        try:
+            tls.ssl.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+        while not tls._push():
+            await io.wait_writable(None)
+        try:
+            raw = tls.sock.recv(_TLS_READ)
+        except BlockingIOError:
+            await io.wait_readable(None)
+            continue
+        if not raw:
+            raise anyio.EndOfStream
+        tls.incoming.write(raw)
+    while not tls._push():  # the last flight (and a server's session tickets)
+        await io.wait_writable(None)
+    io.sock = tls
+    return tls.ssl
 
 
 def _loop_wait(

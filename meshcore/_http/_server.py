@@ -17,8 +17,10 @@ follow nginx (`large_client_header_buffers 4 8k`, `client_header_timeout 60s`,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -29,11 +31,18 @@ import anyio
 import anyio.abc
 import httptools
 from anyio.abc import ByteStream, SocketAttribute
-from anyio.streams.tls import TLSAttribute
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .._models import URL, Headers, Request, Response, _close_body
 from ._client import BufferedBody
-from ._parse import DirectSocket, backend_checkpoint, backend_clock, close_stream, take_socket
+from ._parse import (
+    DirectSocket,
+    backend_checkpoint,
+    backend_clock,
+    close_stream,
+    start_tls,
+    take_socket,
+)
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
 
@@ -64,6 +73,9 @@ class ServerLimits:
     idle_timeout: float | None = 75.0
     body_timeout: float | None = 60.0
     write_timeout: float | None = 60.0
+    # Longest a TLS handshake may take (nginx `ssl_handshake_timeout` is 60 s; a mesh peer on a
+    # LAN needs far less).
+    handshake_timeout: float | None = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,14 +165,25 @@ class _ServerConnection:
         "scope",
         "send",
         "stream",
+        "tls",
+        "on_tls_error",
         "upgraded",
         "wait_readable",
         "wait_writable",
         "waited",
     )
 
-    def __init__(self, stream: ByteStream, limits: ServerLimits, info: ConnectionInfo) -> None:
+    def __init__(
+        self,
+        stream: ByteStream,
+        limits: ServerLimits,
+        info: ConnectionInfo,
+        tls: ssl.SSLContext | None = None,
+        on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
+    ) -> None:
         self.stream = stream
+        self.tls = tls
+        self.on_tls_error = on_tls_error
         self.receive = stream.receive
         self.send = stream.send
         self.limits = limits
@@ -429,6 +452,8 @@ class _ServerConnection:
             self.now = backend_clock()
             self.checkpoint = backend_checkpoint()
             io = self.io = await take_socket(self.stream)
+            if self.tls is not None and not await self.handshake(io):
+                return
             if io is not None:
                 self.direct = io.sock
                 self.wait_readable = io.wait_readable
@@ -515,6 +540,36 @@ class _ServerConnection:
                 io.close()
             else:
                 await close_stream(self.stream)
+
+    async def handshake(self, io: DirectSocket | None) -> bool:
+        """Run the server side of the TLS handshake (within `handshake_timeout`); False when
+        it failed, which `on_tls_error` hears of (else it is logged).
+
+        On a connection the engine drives directly the socket becomes a `TLSSocket`, so TLS
+        takes the same direct path as plain TCP; anything else is wrapped in anyio's TLS
+        stream.
+        """
+        tls = self.tls
+        assert tls is not None
+        try:
+            with anyio.fail_after(self.limits.handshake_timeout):
+                if io is not None:
+                    ssl_object = await start_tls(io, tls, server_side=True)
+                else:
+                    stream = self.stream = await TLSStream.wrap(
+                        self.stream, server_side=True, ssl_context=tls, standard_compatible=False
+                    )
+                    self.receive, self.send = stream.receive, stream.send
+                    ssl_object = stream.extra(TLSAttribute.ssl_object)
+        except (TimeoutError, *_BROKEN) as exc:
+            if self.on_tls_error is not None:
+                self.on_tls_error(self.info, exc)
+            else:
+                log.info("TLS handshake with %s failed: %r", self.info.client, exc)
+            return False
+        self.info = dataclasses.replace(self.info, ssl_object=ssl_object)
+        self.scheme = "https"
+        return True
 
     async def send_unsent(self, io: DirectSocket) -> bool:
         """Send what the loop's `SendBatch` could not; False when the client went away."""
@@ -730,8 +785,15 @@ def serve_connection(
     *,
     limits: ServerLimits = ServerLimits(),
     info: ConnectionInfo | None = None,
+    tls: ssl.SSLContext | None = None,
+    on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
 ) -> Coroutine[Any, Any, None]:
     """Serve HTTP/1.1 requests on one connection until it ends; closes the stream. Await it.
+
+    `tls`: the server's context; the connection (a plain TCP stream) starts with a TLS
+    handshake, and `info.ssl_object` is the handshake's afterwards (prefer this to a stream
+    wrapped in TLS beforehand: the engine then drives TLS directly on the socket, see
+    docs/data-path.md). `on_tls_error(info, exc)` hears of a failed handshake.
 
     An error inside the engine ends the connection and is logged, never raised: one broken
     connection must not take its listener down. (A plain function returning the coroutine,
@@ -739,7 +801,7 @@ def serve_connection(
     """
     if info is None:
         info = ConnectionInfo.from_stream(stream)
-    return _ServerConnection(stream, limits, info).serve(handler)
+    return _ServerConnection(stream, limits, info, tls, on_tls_error).serve(handler)
 
 
 async def serve_http(
@@ -748,10 +810,12 @@ async def serve_http(
     *,
     limits: ServerLimits = ServerLimits(),
     task_group: anyio.abc.TaskGroup | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Accept connections from `listener` forever, each served by `serve_connection`."""
+    """Accept connections from `listener` forever, each served by `serve_connection`
+    (over TLS with `tls`, the server's context: give it a plain TCP listener)."""
 
     def on_connection(stream: ByteStream) -> Coroutine[Any, Any, None]:
-        return serve_connection(stream, handler, limits=limits)
+        return serve_connection(stream, handler, limits=limits, tls=tls)
 
     await listener.serve(on_connection, task_group)

@@ -30,7 +30,6 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
-from anyio.streams.tls import TLSStream
 
 from .._config import MeshConfig
 from .._endpoints import Endpoint
@@ -58,9 +57,6 @@ __all__ = ["Generation", "Sidecar"]
 
 log = logging.getLogger("meshcore.sidecar")
 _now = anyio.current_time
-# Longest a TLS handshake on the inbound listener may take before the connection is dropped
-# (nginx `ssl_handshake_timeout` is 60 s; a mesh peer on a LAN needs far less).
-_HANDSHAKE_TIMEOUT = 10.0
 # Responses up to this size are read whole before being written (see `Sidecar._finish`);
 # the same threshold the engine's client uses to glue a request body to its head.
 _GLUE = 16384
@@ -401,33 +397,20 @@ class Sidecar:
                 remote = stream.extra(SocketAttribute.remote_address, None)
                 if isinstance(remote, tuple):
                     conn.client_ip = str(remote[0]).encode()
-                if name == "inbound":
-                    gen = self.generation
-                    ssl_context = gen.mesh.plugins.server_tls(gen.mesh) if gen else None
-                    if ssl_context is not None:
-                        try:
-                            with anyio.fail_after(_HANDSHAKE_TIMEOUT):
-                                stream = await TLSStream.wrap(
-                                    stream,
-                                    server_side=True,
-                                    ssl_context=ssl_context,
-                                    standard_compatible=False,
-                                )
-                        except Exception as exc:
-                            log.info("inbound TLS handshake from %s failed: %s", conn.client_ip.decode(), exc)
-                            self.telemetry.local_error("inbound", "tls", "handshake_failed")
-                            await anyio.aclose_forcefully(stream)
-                            return
-                info = ConnectionInfo.from_stream(stream)
-                if info.ssl_object is not None:
-                    conn.identity = peer_identity(info.ssl_object)
+                ssl_context = None
                 if name == "outbound":
                     handler = self._outbound_handler(conn)
                 elif name == "inbound":
                     handler = self._inbound_handler(conn)
+                    gen = self.generation
+                    ssl_context = gen.mesh.plugins.server_tls(gen.mesh) if gen else None
                 else:
                     handler = admin_handler(self)
-                await serve_connection(stream, handler, limits=self.limits, info=info)
+                # Over mTLS the engine runs the handshake (on the socket it drives directly).
+                await serve_connection(
+                    stream, handler, limits=self.limits, tls=ssl_context,
+                    on_tls_error=self._handshake_failed,
+                )
         except Exception:
             log.exception("connection on %s failed", name)
         finally:
@@ -436,6 +419,11 @@ class Sidecar:
                 conn.done()  # a response the engine never got to write
             if conn.scope.cancel_called:
                 await anyio.aclose_forcefully(stream)
+
+    def _handshake_failed(self, info: ConnectionInfo, exc: BaseException) -> None:
+        client = info.client[0] if isinstance(info.client, tuple) else info.client
+        log.info("inbound TLS handshake from %s failed: %r", client, exc)
+        self.telemetry.local_error("inbound", "tls", "handshake_failed")
 
     # -- request accounting --------------------------------------------------------------------
 
@@ -623,8 +611,11 @@ class Sidecar:
                         return self._local(
                             "inbound", service, 403, "denied", f"forbidden: {reason}", done, start
                         )
+                identity = conn.identity
+                if identity is None and info.ssl_object is not None:
+                    identity = conn.identity = peer_identity(info.ssl_object) or b""
                 request.headers = request_headers(
-                    request.headers, conn.client_ip, identity=conn.identity, inbound=True
+                    request.headers, conn.client_ip, identity=identity, inbound=True
                 )
                 try:
                     response = await gen.app_connector.send(gen.app, request)

@@ -9,6 +9,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -20,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from meshcore._endpoints import Endpoint
 from meshcore._errors import EndpointConnectError
-from meshcore._http import ConnectionInfo, HTTPConnector, serve_http
+from meshcore._http import ConnectionInfo, HTTPConnector, serve_connection, serve_http
 from meshcore._models import Request, Response
 
 pytestmark = pytest.mark.anyio
@@ -162,3 +163,131 @@ async def test_untrusted_server_is_connect_error(tls_server: int) -> None:
         with pytest.raises(EndpointConnectError) as info:
             await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{tls_server}/"))
         assert info.value.endpoint == endpoint and info.value.replayable
+
+
+# the server's own handshake: serve_http(tls=...) drives TLS on the socket ---------------------
+
+BIG = bytes(range(256)) * 24576  # 6 MiB: more than a socket buffer holds (4 MiB at most here)
+
+
+async def big_app(request: Request, conn: ConnectionInfo) -> Response:
+    if request.url.path == "/echo":
+        body = await request.aread()
+        return Response(200, [("X-Len", str(len(body)))], body)
+    if request.url.path == "/big":
+        return Response(200, [], BIG)
+    return await app(request, conn)
+
+
+def server_context(pki: Pki) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@pytest.fixture
+async def direct_tls_server(anyio_backend: str, pki: Pki) -> AsyncIterator[tuple[int, Any]]:
+    """A server doing its own handshakes (`serve_connection(tls=...)` on a plain TCP
+    listener); yields (port, a stream of the handshake failures it reported)."""
+    failures, receive = anyio.create_memory_object_stream[tuple[ConnectionInfo, BaseException]](10)
+    tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+
+    def on_connection(stream):  # type: ignore[no-untyped-def]
+        return serve_connection(
+            stream, big_app, tls=server_context(pki),
+            on_tls_error=lambda info, exc: failures.send_nowait((info, exc)),
+        )
+
+    async with failures, receive, anyio.create_task_group() as tg:
+        tg.start_soon(tcp.serve, on_connection)
+        yield port, receive
+        tg.cancel_scope.cancel()
+
+
+async def test_server_handshake_mutual_tls_keepalive_and_large_bodies(
+    direct_tls_server: tuple[int, Any], pki: Pki
+) -> None:
+    port, failures = direct_tls_server
+    endpoint = Endpoint("127.0.0.1", port)
+    async with HTTPConnector(ssl_context=client_context(pki)) as connector:
+        for _ in range(2):
+            response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{port}/x"))
+            assert await response.aread() == (
+                f"https://127.0.0.1:{port}/x tls=True peer=spiffe://test/ns/default/sa/web"
+            ).encode()
+        # Large bodies both ways over the same connection: sends the socket takes in parts.
+        response = await connector.send(
+            endpoint, Request("POST", f"https://127.0.0.1:{port}/echo", stream=BIG)
+        )
+        assert response.headers.get("x-len") == str(len(BIG)) and await response.aread() == BIG
+        response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{port}/big"))
+        assert await response.aread() == BIG
+        assert connector.stats()[endpoint.id]["open"] == 1  # one connection, one handshake
+    assert failures.statistics().current_buffer_used == 0  # no handshake failed
+
+
+async def test_server_handshake_with_an_independent_client(
+    direct_tls_server: tuple[int, Any], pki: Pki
+) -> None:
+    """Python's own blocking TLS client (not our engine) against the server's handshake,
+    reading through a small window: the server's sends of the 6 MiB response are taken in
+    parts (TLSSocket's backlog)."""
+    port, _ = direct_tls_server
+
+    def go() -> bytes:
+        import socket
+
+        with socket.socket() as raw:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.settimeout(5)
+            raw.connect(("127.0.0.1", port))
+            with client_context(pki).wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.sendall(b"GET /y HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                out = b""
+                while True:
+                    try:
+                        got = s.recv(65536)
+                    except ssl.SSLError:
+                        break
+                    if not got:
+                        break
+                    out += got
+                return out
+
+    out = await anyio.to_thread.run_sync(go)
+    assert out.startswith(b"HTTP/1.1 200 OK") and BIG in out
+    assert out.endswith(b"/y tls=True peer=spiffe://test/ns/default/sa/web")
+
+
+async def test_server_handshake_failures_are_reported_and_survived(
+    direct_tls_server: tuple[int, Any], pki: Pki
+) -> None:
+    port, failures = direct_tls_server
+
+    def plain_http() -> bytes:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                return s.recv(65536)
+            except ConnectionResetError:
+                return b""
+
+    assert not (await anyio.to_thread.run_sync(plain_http)).startswith(b"HTTP/")
+    endpoint = Endpoint("127.0.0.1", port)
+    no_cert = ssl.create_default_context(cafile=str(pki.ca))  # the server requires one
+    async with HTTPConnector(ssl_context=no_cert) as connector:
+        with pytest.raises(Exception):  # noqa: B017 - TLS 1.3 may fail at the first read
+            response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{port}/"))
+            await response.aread()
+    with anyio.fail_after(5):
+        reported = [await failures.receive() for _ in range(2)]  # plain HTTP, then no cert
+    assert all(isinstance(exc, OSError) for _, exc in reported)  # ssl.SSLError among them
+    assert reported[0][0].client[0] == "127.0.0.1"
+    async with HTTPConnector(ssl_context=client_context(pki)) as connector:  # still serving
+        response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{port}/z"))
+        assert response.status_code == 200

@@ -241,6 +241,7 @@ async def test_app_to_app_through_two_sidecars_survives_an_instance_kill(upstrea
         async with httpx.AsyncClient() as plain:
             with pytest.raises(httpx.HTTPError):
                 await plain.get(url(live_sidecar, "inbound", "/items/x"))
+        assert live_sidecar.telemetry.local_errors[("inbound", "tls", "handshake_failed")] == 1
 
     # Clean shutdown: every sidecar B deregistered its instance before the registry stopped.
     assert registry.catalog.services == {}
