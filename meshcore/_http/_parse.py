@@ -318,8 +318,9 @@ class TLSSocket:
             if incoming.pending or tls.pending():
                 try:
                     data = tls.read(size)
-                except ssl.SSLWantReadError:
-                    pass  # part of a record: more is needed
+                except ssl.SSLWantReadError:  # part of a record: more is needed
+                    if self.outgoing.pending:  # and TLS has something to say first
+                        self._push()
                 except ssl.SSLZeroReturnError:  # close_notify
                     return b""
                 else:
