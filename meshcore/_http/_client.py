@@ -36,7 +36,6 @@ import anyio
 import anyio.lowlevel
 import httptools
 from anyio.abc import ByteStream
-from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .._endpoints import Endpoint
 from .._errors import (
@@ -51,8 +50,8 @@ from ._parse import (
     backend_checkpoint,
     backend_clock,
     close_stream,
-    start_tls,
     take_socket,
+    tls_handshake,
 )
 
 __all__ = ["BufferedBody", "HTTPConnector", "PoolLimits", "Timeouts"]
@@ -462,7 +461,13 @@ class _Pool:
                     try:
                         io = await take_socket(stream)
                         if connector.ssl_context is not None:
-                            stream, ssl_object = await self._handshake(stream, io)
+                            stream, ssl_object = await tls_handshake(
+                                stream,
+                                io,
+                                connector.ssl_context,
+                                server_side=False,
+                                server_hostname=connector.server_hostname or endpoint.address,
+                            )
                     except BaseException:
                         await _close_io(stream, io)
                         raise
@@ -486,24 +491,6 @@ class _Pool:
             self._slot_freed()
             raise
         return _Connection(stream, endpoint, io)
-
-    async def _handshake(
-        self, stream: ByteStream, io: DirectSocket | None
-    ) -> tuple[ByteStream, ssl.SSLObject]:
-        """The client side of the TLS handshake on a new connection. On a socket the engine
-        drives directly, TLS is driven there too (`TLSSocket`); any other stream is wrapped
-        in anyio's TLS stream."""
-        connector = self.connector
-        ssl_context = connector.ssl_context
-        assert ssl_context is not None
-        hostname = connector.server_hostname or self.endpoint.address
-        if io is not None:
-            ssl_object = await start_tls(io, ssl_context, server_side=False, server_hostname=hostname)
-            return stream, ssl_object
-        tls = await TLSStream.wrap(
-            stream, hostname=hostname, ssl_context=ssl_context, standard_compatible=False
-        )
-        return tls, tls.extra(TLSAttribute.ssl_object)
 
     async def release(self, conn: _Connection) -> None:
         """Give a connection whose exchange ended cleanly back (to a waiter, or the idle set)."""

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 log = logging.getLogger("meshcore.http")
 
@@ -411,6 +412,32 @@ async def start_tls(
         await io.wait_writable(None)
     io.sock = tls
     return tls.ssl
+
+
+async def tls_handshake(
+    stream: Any,
+    io: DirectSocket | None,
+    ssl_context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+) -> tuple[Any, ssl.SSLObject]:
+    """TLS on a new connection, either side: on a socket the engine drives directly (`io`)
+    with `start_tls`, so TLS takes the direct path too; any other stream is wrapped in anyio's
+    TLS stream. Returns the stream to use from now on and the connection's SSLObject."""
+    if io is not None:
+        ssl_object = await start_tls(
+            io, ssl_context, server_side=server_side, server_hostname=server_hostname
+        )
+        return stream, ssl_object
+    tls = await TLSStream.wrap(
+        stream,
+        server_side=server_side,
+        hostname=server_hostname,
+        ssl_context=ssl_context,
+        standard_compatible=False,
+    )
+    return tls, tls.extra(TLSAttribute.ssl_object)
 
 
 class _LoopWaiter:

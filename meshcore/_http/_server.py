@@ -31,7 +31,7 @@ import anyio
 import anyio.abc
 import httptools
 from anyio.abc import ByteStream, SocketAttribute
-from anyio.streams.tls import TLSAttribute, TLSStream
+from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
 from ._client import BufferedBody
@@ -40,8 +40,8 @@ from ._parse import (
     backend_checkpoint,
     backend_clock,
     close_stream,
-    start_tls,
     take_socket,
+    tls_handshake,
 )
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
@@ -549,24 +549,18 @@ class _ServerConnection:
         takes the same direct path as plain TCP; anything else is wrapped in anyio's TLS
         stream.
         """
-        tls = self.tls
-        assert tls is not None
+        assert self.tls is not None
         try:
             with anyio.fail_after(self.limits.handshake_timeout):
-                if io is not None:
-                    ssl_object = await start_tls(io, tls, server_side=True)
-                else:
-                    stream = self.stream = await TLSStream.wrap(
-                        self.stream, server_side=True, ssl_context=tls, standard_compatible=False
-                    )
-                    self.receive, self.send = stream.receive, stream.send
-                    ssl_object = stream.extra(TLSAttribute.ssl_object)
+                stream, ssl_object = await tls_handshake(self.stream, io, self.tls, server_side=True)
         except (TimeoutError, *_BROKEN) as exc:
             if self.on_tls_error is not None:
                 self.on_tls_error(self.info, exc)
             else:
                 log.info("TLS handshake with %s failed: %r", self.info.client, exc)
             return False
+        if stream is not self.stream:  # anyio's TLS stream around one the engine cannot take
+            self.stream, self.receive, self.send = stream, stream.receive, stream.send
         self.info = dataclasses.replace(self.info, ssl_object=ssl_object)
         self.scheme = "https"
         return True
