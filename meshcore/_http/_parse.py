@@ -93,6 +93,8 @@ class DirectSocket:
     `batch` (asyncio and uvloop; None on trio) is the loop's `SendBatch`: a write whose owner
     yields to the loop before it touches the connection again may go through it, and then
     checks `unsent` after that yield (see `SendBatch`).
+
+    `sock` is the socket, or after `start_tls` a `TLSSocket` over it, with the same contract.
     """
 
     __slots__ = (
