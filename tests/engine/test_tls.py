@@ -21,7 +21,13 @@ from cryptography.x509.oid import NameOID
 
 from meshcore._endpoints import Endpoint
 from meshcore._errors import EndpointConnectError
-from meshcore._http import ConnectionInfo, HTTPConnector, serve_connection, serve_http
+from meshcore._http import (
+    ConnectionInfo,
+    HTTPConnector,
+    ServerLimits,
+    serve_connection,
+    serve_http,
+)
 from meshcore._models import Request, Response
 
 pytestmark = pytest.mark.anyio
@@ -196,7 +202,7 @@ async def direct_tls_server(anyio_backend: str, pki: Pki) -> AsyncIterator[tuple
 
     def on_connection(stream):  # type: ignore[no-untyped-def]
         return serve_connection(
-            stream, big_app, tls=server_context(pki),
+            stream, big_app, tls=server_context(pki), limits=ServerLimits(handshake_timeout=0.3),
             on_tls_error=lambda info, exc: failures.send_nowait((info, exc)),
         )
 
@@ -290,4 +296,37 @@ async def test_server_handshake_failures_are_reported_and_survived(
     assert reported[0][0].client[0] == "127.0.0.1"
     async with HTTPConnector(ssl_context=client_context(pki)) as connector:  # still serving
         response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{port}/z"))
+        assert response.status_code == 200
+
+
+async def test_server_handshake_that_stalls_or_breaks_off_is_ended(
+    direct_tls_server: tuple[int, Any], pki: Pki
+) -> None:
+    """A client that connects and says nothing is cut at `handshake_timeout` (0.3 s here), one
+    that leaves halfway through the handshake is reported; neither takes the server down."""
+    port, failures = direct_tls_server
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:
+        with anyio.fail_after(5):
+            info, exc = await failures.receive()
+        assert isinstance(exc, TimeoutError)
+        silent.settimeout(5)
+        assert silent.recv(10) == b""  # and the server closed the connection
+
+    def half_a_handshake() -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context(pki).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(outgoing.read())  # the ClientHello, then gone
+
+    await anyio.to_thread.run_sync(half_a_handshake)
+    with anyio.fail_after(5):
+        info, exc = await failures.receive()
+    assert isinstance(exc, (OSError, anyio.EndOfStream))
+    endpoint = Endpoint("127.0.0.1", port)
+    async with HTTPConnector(ssl_context=client_context(pki)) as connector:  # still serving
+        response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{port}/ok"))
         assert response.status_code == 200
