@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -744,7 +745,13 @@ class Sidecar:
 
     def stats(self) -> dict[str, Any]:
         gen = self.generation
+        now = time.time()
         return {
+            # Wall-clock times (Unix seconds), so a reader can tell how old this answer is
+            # and how long the process has run; the ages inside are relative already.
+            "time": now,
+            "started": self.telemetry.started,
+            "uptime": now - self.telemetry.started,
             "generation": gen.number if gen else 0,
             "draining": self.draining,
             "ready": self.ready,

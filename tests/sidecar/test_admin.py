@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import httpx
 import pytest
@@ -136,6 +138,8 @@ async def test_state_json_has_services_endpoints_plugins_and_sidecar(upstream):
     assert orders["endpoints"][0]["requests"] == 1
     side = state["sidecar"]
     assert side["service"] == "me" and side["ready"] is True and side["generation"] == 1
+    assert abs(side["time"] - time.time()) < 60 and side["started"] <= side["time"]
+    assert side["uptime"] == pytest.approx(side["time"] - side["started"])
     assert set(side["listeners"]) == {"outbound", "inbound", "admin"}
     assert side["connections_open"]["admin"] == 1
 
