@@ -198,8 +198,8 @@ def send_batch(loop: asyncio.AbstractEventLoop) -> SendBatch:
 
 def _limited(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable[..., Any]:
     """`wait(sock)` on trio with an optional time limit: a cancel scope only when there is
-    one, and trio's own (`anyio.fail_after` around the same wait cost a sidecar whose upstream
-    reads nearly always wait 81 against 63 µs of CPU per request; docs/data-path.md)."""
+    one, and trio's own (with `anyio.fail_after` around the same wait, a sidecar whose upstream
+    reads nearly always wait cost 77 against 65 µs of CPU per request; docs/data-path.md)."""
     import trio
 
     move_on_after = trio.move_on_after
