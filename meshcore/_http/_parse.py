@@ -468,8 +468,8 @@ class _LoopWaiter:
       with a 60 s limit arms a timer about once a minute instead of once per wait.
 
     Measured with two sidecars in a chain (the outbound one waits for the inbound one on
-    every request): 54 -> 48 µs of CPU per request for the registration, 48 -> 42 with the
-    timer (docs/data-path.md).
+    every request): 51-54 -> 41 µs of CPU per request, about half of it from each
+    (docs/data-path.md).
     """
 
     __slots__ = ("add", "deadline", "fd", "future", "loop", "persistent", "registered", "remove",
