@@ -147,8 +147,9 @@ class SendBatch:
     halted CPU is what costs (an interprocess interrupt; in the kernel profile, the time spent
     in `sock_def_readable`). A proxy that sends as it goes sends once per request between two
     stretches of Python, so nearly every send wakes a peer that went back to sleep; sends made
-    back to back find it awake. Measured on the sidecar (uvloop, wrk -c32, 2 CPUs): 50 -> 38 µs
-    of CPU per request, most of it system time (docs/data-path.md, "Fourth pass").
+    back to back find it awake. Measured on the sidecar (uvloop, wrk -c32, 2 CPUs, interleaved
+    A/B): 49.4 -> 34.6 µs of CPU per request, most of it system time (docs/data-path.md,
+    "Fourth pass").
 
     The contract, for a writer that hands over `data` with `add(io, data)`: the writer yields
     to the loop (a bare checkpoint) before it uses the connection again, and then sends
