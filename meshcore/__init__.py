@@ -30,7 +30,7 @@ from ._settings import Setting, Settings, parse_duration
 from ._transport import MeshTransport
 from ._upstream import Upstream
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Attempt",

@@ -104,6 +104,26 @@ def ensure_not_awaitable(result: Any, hook: str, plugin: str) -> Any:
     return result
 
 
+# The first-party plugins and the distributions that carry them: the name users type is not
+# always the distribution's suffix (`round-robin` ships as `meshcore-servicemesh-roundrobin`).
+FIRST_PARTY = {
+    "round-robin": "meshcore-servicemesh-roundrobin",
+    "weighted": "meshcore-servicemesh-weighted",
+    "retry": "meshcore-servicemesh-retry",
+    "breaker": "meshcore-servicemesh-breaker",
+    "dns": "meshcore-servicemesh-dns",
+    "consul": "meshcore-servicemesh-consul",
+    "tls": "meshcore-servicemesh-tls",
+}
+
+
+def _install_hint(name: str) -> str:
+    distribution = FIRST_PARTY.get(name)
+    if distribution is not None:
+        return f"Install it with `pip install {distribution}`."
+    return "Install the distribution that provides it, or fix the name."
+
+
 class Plugins:
     """The loaded plugin list: a typed facade over the pluggy manager.
 
@@ -124,8 +144,7 @@ class Plugins:
             if info is None:
                 listing = ", ".join(sorted(installed)) or "none"
                 raise PluginError(
-                    f"unknown plugin {name!r}; installed plugins: {listing}. "
-                    f"Install it (for example `pip install meshcore-{name}`) or fix the name."
+                    f"unknown plugin {name!r}; installed plugins: {listing}. {_install_hint(name)}"
                 )
             try:
                 module = info.load()

@@ -1,4 +1,4 @@
-"""meshcore-breaker: per-endpoint outlier ejection and a per-service circuit breaker.
+"""meshcore-servicemesh-breaker: per-endpoint outlier ejection and a per-service circuit breaker.
 
     [mesh]
     plugins = ["retry", "breaker"]

@@ -38,7 +38,7 @@ class TestBreakerAfterRetryConformance(LayerConformance):
 @pytest.fixture
 def with_retry() -> None:
     if "retry" not in meshcore.installed_plugins():
-        message = "meshcore-retry is not installed (pip install -e plugins/retry)"
+        message = "meshcore-servicemesh-retry is not installed (pip install -e plugins/retry)"
         if strict_integration():
             pytest.fail(message)
         pytest.skip(message)

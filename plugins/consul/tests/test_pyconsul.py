@@ -14,7 +14,7 @@ from meshcore.testing import strict_integration
 
 try:
     import consul
-except ImportError:  # a test dependency (meshcore-consul[test]); CI must have it
+except ImportError:  # a test dependency (meshcore-servicemesh-consul[test]); CI must have it
     if strict_integration():
         raise
     pytest.skip("py-consul is not installed: pip install py-consul", allow_module_level=True)

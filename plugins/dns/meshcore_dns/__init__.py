@@ -1,4 +1,4 @@
-"""meshcore-dns: service discovery from DNS A/AAAA and SRV records.
+"""meshcore-servicemesh-dns: service discovery from DNS A/AAAA and SRV records.
 
     [services.orders]
     discovery = "dns"

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def check_config(tmp_path: Path, name: str, port: int) -> subprocess.CompletedProcess[str]:
     if "round-robin" not in meshcore.installed_plugins():
-        pytest.skip("the CLI needs an installed balancer plugin (meshcore-roundrobin)")
+        pytest.skip("the CLI needs an installed balancer plugin (meshcore-servicemesh-roundrobin)")
     config = tmp_path / "mesh.toml"
     config.write_text(
         f"""

@@ -1,4 +1,4 @@
-"""meshcore-retry: the `retry` and `timeout` resilience layers.
+"""meshcore-servicemesh-retry: the `retry` and `timeout` resilience layers.
 
     [mesh]
     plugins = ["retry"]

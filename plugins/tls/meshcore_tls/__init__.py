@@ -1,4 +1,4 @@
-"""meshcore-tls: a mesh CA, mTLS between workloads with SPIFFE identities, authorization, rotation.
+"""meshcore-servicemesh-tls: a mesh CA, mTLS between workloads with SPIFFE identities, authorization, rotation.
 
 Plugin name `tls`. It adds:
 
