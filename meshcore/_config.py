@@ -173,7 +173,9 @@ class MeshConfig:
 
 def _kind_settings(kind: Kind, table: Mapping[str, Any], source: str, path: str) -> Settings:
     """Validate one kind's table, then its cross-setting check (`Kind.validate`), if any."""
-    settings = validate_settings(kind.settings, table, source=source, path=path)
+    settings = validate_settings(
+        kind.settings, table, source=source, path=path, defaults=kind.defaults
+    )
     if kind.validate is not None:
         try:
             kind.validate(settings)
@@ -261,8 +263,10 @@ def _check_kind(plugins: Plugins, kind: str, family: str, source: str, path: str
             path=path,
         )
     raise ConfigError(
-        f"unknown {family} kind {kind!r} (loaded {family} kinds: {available}; "
-        "add the plugin that provides it to the plugin list)",
+        f"unknown {family} kind {kind!r}: no plugin in the plugin list "
+        f"({', '.join(plugins.names)}) declares it in meshcore_kinds (loaded {family} kinds: "
+        f"{available}). Add the plugin that provides it to the plugin list, or, if it is "
+        "there, check that plugin's meshcore_kinds",
         source=source,
         path=path,
     )

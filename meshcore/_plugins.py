@@ -18,7 +18,7 @@ import pluggy
 
 from . import hookspecs
 from ._errors import PluginError
-from ._settings import Setting
+from ._settings import Setting, declared_defaults
 
 if TYPE_CHECKING:
     from ._settings import Settings
@@ -44,9 +44,17 @@ class Kind:
     """Checks settings against each other (`min_refresh` <= `max_refresh`): raise ValueError
     saying what is wrong; the core reports it with the file and the kind's key path."""
 
+    defaults: Mapping[str, Any] = field(init=False, repr=False, compare=False)
+    """Each setting's default, checked and converted when the kind is declared."""
+
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"kind {self.name!r}: family must be one of {FAMILIES}")
+        try:
+            defaults = declared_defaults(self.settings)
+        except ValueError as exc:
+            raise ValueError(f"kind {self.name!r}, {exc}") from None
+        object.__setattr__(self, "defaults", defaults)
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,9 @@ def _install_hint(name: str) -> str:
 class Plugins:
     """The loaded plugin list: a typed facade over the pluggy manager.
 
-    The core calls these methods, never `pm.hook.<name>` directly.
+    The core calls these methods, never `pm.hook.<name>` directly. Every call goes through
+    pluggy's call loop (so `wrapper=True` implementations and `pm.add_hookcall_monitoring`
+    see it); factory hooks run only the implementation of the plugin that declared the kind.
     """
 
     def __init__(self, names: Iterable[str] = (), *, extra: Iterable[tuple[str, Any]] = ()):
@@ -138,6 +148,7 @@ class Plugins:
         self.names: list[str] = []
         self.kinds: dict[str, Kind] = {}
         self.kind_owner: dict[str, str] = {}
+        self._owner_callers: dict[tuple[str, str], pluggy.HookCaller] = {}
         installed = installed_plugins()
         for name in names:
             info = installed.get(name)
@@ -156,6 +167,8 @@ class Plugins:
             self._register(name, module)
         for name, obj in extra:
             self._register(name, obj)
+        for name in self.names:
+            self._check_undecorated(name, self.pm.get_plugin(name))
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -172,22 +185,64 @@ class Plugins:
         self.names.append(name)
 
     def _collect_kinds(self) -> None:
+        # One call per plugin (through pluggy, so wrappers and tracing see it) to know which
+        # plugin declared which kind.
         for impl in self.pm.hook.meshcore_kinds.get_hookimpls():
-            kinds = ensure_not_awaitable(impl.function(), "meshcore_kinds", impl.plugin_name)
-            for kind in kinds or ():
+            if impl.wrapper or impl.hookwrapper:
+                continue
+            plugin = impl.plugin_name
+            try:
+                kinds = self._call_only(plugin, "meshcore_kinds")
+            except ValueError as exc:  # a Kind or Setting declared wrong: the message says how
+                raise PluginError(f"plugin {plugin!r}: {exc}") from exc
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {plugin!r}: meshcore_kinds raised {type(exc).__name__}: {exc}"
+                ) from exc
+            declared = [k for answer in kinds for k in (answer or ())]
+            for kind in declared:
                 if not isinstance(kind, Kind):
                     raise PluginError(
-                        f"plugin {impl.plugin_name!r}: meshcore_kinds must return "
+                        f"plugin {plugin!r}: meshcore_kinds must return "
                         f"meshcore.Kind objects, got {kind!r}"
                     )
                 owner = self.kind_owner.get(kind.name)
                 if owner is not None:
                     raise PluginError(
                         f"kind {kind.name!r} is provided by two plugins: {owner!r} and "
-                        f"{impl.plugin_name!r}; remove one of them from the plugin list"
+                        f"{plugin!r}; remove one of them from the plugin list"
                     )
                 self.kinds[kind.name] = kind
-                self.kind_owner[kind.name] = impl.plugin_name
+                self.kind_owner[kind.name] = plugin
+
+    def _check_undecorated(self, name: str, obj: Any) -> None:
+        """A function named like a hook but not marked is never called: say so at load."""
+        for hook in _HOOK_NAMES:
+            if callable(getattr(obj, hook, None)) and self.pm.parse_hookimpl_opts(obj, hook) is None:
+                raise PluginError(
+                    f"plugin {name!r} defines {hook} without @meshcore.hookimpl, so meshcore "
+                    f"never calls it; decorate it with @meshcore.hookimpl"
+                )
+
+    def _call_only(self, plugin: str, hook: str, **kwargs: Any) -> Any:
+        result = self._only(plugin, hook)(**kwargs)
+        for item in result if isinstance(result, list) else (result,):
+            ensure_not_awaitable(item, hook, plugin)
+        return result
+
+    def _only(self, plugin: str, hook: str) -> pluggy.HookCaller:
+        """A caller of `hook` that runs `plugin`'s implementation (and every plugin's
+        `wrapper=True` implementations) through pluggy's call loop, and no other plugin's."""
+        key = (hook, plugin)
+        caller = self._owner_callers.get(key)
+        if caller is None:
+            others = {
+                impl.plugin
+                for impl in getattr(self.pm.hook, hook).get_hookimpls()
+                if impl.plugin_name != plugin and not (impl.wrapper or impl.hookwrapper)
+            }
+            caller = self._owner_callers[key] = self.pm.subset_hook_caller(hook, others)
+        return caller
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -206,37 +261,60 @@ class Plugins:
 
     # -- factories -----------------------------------------------------------------------------
 
-    def _first(self, hook: str, **kwargs: Any) -> Any:
-        caller = getattr(self.pm.hook, hook)
-        for impl in reversed(caller.get_hookimpls()):
-            result = impl.function(**{k: kwargs[k] for k in impl.argnames})
-            if result is not None:
-                return ensure_not_awaitable(result, hook, impl.plugin_name)
-        return None
+    def _owner_call(self, hook: str, what: str, kind: str, **kwargs: Any) -> Any:
+        """Ask only the plugin that declared `kind`: a factory of another plugin that forgets
+        to return None for kinds not its own can never take over this one's services."""
+        owner = self.kind_owner.get(kind)
+        if owner is None:
+            raise PluginError(f"no plugin in the plugin list declares {what} kind {kind!r}")
+        if not any(
+            impl.plugin_name == owner and not (impl.wrapper or impl.hookwrapper)
+            for impl in getattr(self.pm.hook, hook).get_hookimpls()
+        ):
+            raise PluginError(
+                f"plugin {owner!r} declares {what} kind {kind!r} but implements no {hook}"
+            )
+        found = self._call_only(owner, hook, kind=kind, **kwargs)
+        if found is None:
+            raise PluginError(
+                f"plugin {owner!r} declares {what} kind {kind!r} but its {hook} returned None "
+                "for it"
+            )
+        return found
+
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        """Call every implementation of `hook` through pluggy; refuse awaitable answers."""
+        result = getattr(self.pm.hook, hook)(**kwargs)
+        for item in result if isinstance(result, list) else (result,):
+            if inspect.isawaitable(item):
+                ensure_not_awaitable(item, hook, self._author_of(hook, item))
+        return result
+
+    def _author_of(self, hook: str, result: Any) -> str:
+        code = getattr(result, "cr_code", None)
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            if code is not None and getattr(impl.function, "__code__", None) is code:
+                return impl.plugin_name
+        return "?"
 
     def discovery(self, kind: str, settings: Settings, service: str) -> Any:
-        found = self._first("meshcore_discovery", kind=kind, settings=settings, service=service)
-        if found is None:
-            raise PluginError(f"plugin {self.kind_owner.get(kind)!r} gave no discovery for {kind!r}")
-        return found
+        return self._owner_call(
+            "meshcore_discovery", "discovery", kind, settings=settings, service=service
+        )
 
     def balancer(self, kind: str, settings: Settings, upstream: Any) -> Any:
-        found = self._first("meshcore_balancer", kind=kind, settings=settings, upstream=upstream)
-        if found is None:
-            raise PluginError(f"plugin {self.kind_owner.get(kind)!r} gave no balancer for {kind!r}")
-        return found
+        return self._owner_call(
+            "meshcore_balancer", "balancer", kind, settings=settings, upstream=upstream
+        )
 
     def layer(self, kind: str, settings: Settings, upstream: Any) -> Any:
-        found = self._first("meshcore_layer", kind=kind, settings=settings, upstream=upstream)
-        if found is None:
-            raise PluginError(f"plugin {self.kind_owner.get(kind)!r} gave no layer for {kind!r}")
-        return found
+        return self._owner_call("meshcore_layer", "layer", kind, settings=settings, upstream=upstream)
 
     def client_tls(self, service: str, mesh: Any) -> Any:
-        return self._first("meshcore_client_tls", service=service, mesh=mesh)
+        return self._call("meshcore_client_tls", service=service, mesh=mesh)
 
     def server_tls(self, mesh: Any) -> Any:
-        return self._first("meshcore_server_tls", mesh=mesh)
+        return self._call("meshcore_server_tls", mesh=mesh)
 
     def check_peer(self, service: str, endpoint: Any, peer: Any, mesh: Any) -> None:
         self.pm.hook.meshcore_check_peer(service=service, endpoint=endpoint, peer=peer, mesh=mesh)
@@ -245,12 +323,7 @@ class Plugins:
         return self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
 
     def lifespans(self, mesh: Any) -> list[Any]:
-        results = []
-        for impl in reversed(self.pm.hook.meshcore_lifespan.get_hookimpls()):
-            result = impl.function(mesh=mesh)
-            if result is not None:
-                results.append(ensure_not_awaitable(result, "meshcore_lifespan", impl.plugin_name))
-        return results
+        return list(self._call("meshcore_lifespan", mesh=mesh))
 
     def local_health(self, mesh: Any) -> list[tuple[str, str]]:
         return [r for r in self.pm.hook.meshcore_local_health(mesh=mesh) if r is not None]
@@ -263,6 +336,8 @@ class Plugins:
         """`pm.hook`, for firing event hooks (`plugins.events.meshcore_endpoints_changed(...)`)."""
         return self.pm.hook
 
+
+_HOOK_NAMES = tuple(name for name in dir(hookspecs) if name.startswith("meshcore_"))
 
 _FAMILY_OF_HOOK = {
     "meshcore_kinds": "config",

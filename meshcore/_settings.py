@@ -52,7 +52,11 @@ class Setting:
 
     `type` is one of "int", "float", "bool", "str", "duration", "list[str]", "list[int]",
     "table", "any". `convert`, when given, runs after the type check and may raise ValueError
-    with a message saying what was expected; its result is the setting's value.
+    with a message saying what was expected; its result is the setting's value. The `default`
+    goes through the same check and `convert` once, when the `Kind` holding the setting is
+    declared (`Setting("duration", "250ms")` reaches the factory as 0.25); None means no
+    default (the factory gets None), and with `convert`, a default that is not a TOML value
+    is taken as already converted. A wrong `type` or default fails the plugin's load.
     """
 
     type: str
@@ -64,12 +68,8 @@ class Setting:
     required: bool = False
     convert: Callable[[Any], Any] | None = None
 
-    def __post_init__(self) -> None:
-        if self.type not in _TYPE_NAMES:
-            raise ValueError(f"unknown setting type {self.type!r}; one of {sorted(_TYPE_NAMES)}")
-
     def expected(self) -> str:
-        text = _TYPE_NAMES[self.type]
+        text = _TYPE_NAMES.get(self.type, self.type)
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.min is not None and self.max is not None:
@@ -104,7 +104,8 @@ class Setting:
                 raise bad from None
         elif kind.startswith("list["):
             item = int if kind == "list[int]" else str
-            if not isinstance(value, list) or not all(
+            # A tuple is accepted for defaults declared immutably; TOML only gives lists.
+            if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, item) and not isinstance(v, bool) for v in value
             ):
                 raise bad
@@ -122,6 +123,35 @@ class Setting:
         if self.convert is not None:
             value = self.convert(value)
         return value
+
+
+_TOML_VALUES = (str, int, float, bool, list, dict)
+
+
+def declared_defaults(spec: Mapping[str, Setting]) -> dict[str, Any]:
+    """Each setting's default as a factory receives it: checked and converted once, when the
+    kind is declared. ValueError names the setting whose declaration is wrong."""
+    defaults: dict[str, Any] = {}
+    for name, setting in spec.items():
+        if not isinstance(setting, Setting):
+            raise ValueError(f"setting {name!r}: expected a meshcore.Setting, got {setting!r}")
+        if setting.type not in _TYPE_NAMES:
+            raise ValueError(
+                f"setting {name!r}: unknown type {setting.type!r} (one of "
+                f"{', '.join(_TYPE_NAMES)})"
+            )
+        if setting.default is None or setting.required:
+            defaults[name] = setting.default
+            continue
+        try:
+            defaults[name] = setting.check(setting.default)
+        except ValueError as exc:
+            if setting.convert is not None and not isinstance(setting.default, _TOML_VALUES):
+                # declared in converted form already (`Address("127.0.0.1", 8080)`)
+                defaults[name] = setting.default
+                continue
+            raise ValueError(f"setting {name!r}: default {setting.default!r}: {exc}") from None
+    return defaults
 
 
 class Settings(Mapping[str, Any]):
@@ -155,9 +185,16 @@ class Settings(Mapping[str, Any]):
 
 
 def validate_settings(
-    spec: Mapping[str, Setting], table: Mapping[str, Any], *, source: str, path: str
+    spec: Mapping[str, Setting],
+    table: Mapping[str, Any],
+    *,
+    source: str,
+    path: str,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Check `table` against `spec`; unknown keys and bad values raise ConfigError."""
+    """Check `table` against `spec`; unknown keys and bad values raise ConfigError. A setting
+    the table leaves out takes its value from `defaults` (a kind's checked defaults), else
+    from its declared default."""
     if not isinstance(table, Mapping):
         raise ConfigError(f"expected a table, got {table!r}", source=source, path=path)
     for key in table:
@@ -179,6 +216,8 @@ def validate_settings(
                 source=source,
                 path=f"{path}.{name}",
             )
+        elif defaults is not None and name in defaults:
+            values[name] = defaults[name]
         else:
             values[name] = setting.default
     return Settings(values)
