@@ -26,8 +26,15 @@ def virtual_trio(autojump_threshold: float = 0) -> Any:
         async def test_backoff(anyio_backend): ...
     """
     import pytest
-    import trio.testing
 
+    try:
+        import trio.testing
+    except ImportError:
+        from ._plugin import TRIO_MISSING
+
+        if strict_integration():
+            pytest.fail(f"MESHCORE_REQUIRE_INTEGRATION=1: {TRIO_MISSING}", pytrace=False)
+        return pytest.param("trio", id="trio-virtual", marks=pytest.mark.skip(reason=TRIO_MISSING))
     clock = trio.testing.MockClock(autojump_threshold=autojump_threshold)
     return pytest.param(("trio", {"clock": clock}), id="trio-virtual")
 
