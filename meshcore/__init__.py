@@ -3,6 +3,7 @@
 Everything public is importable from here; modules starting with `_` are private.
 """
 
+from ._check import Check
 from ._config import MeshConfig, ServiceConfig
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
 from ._errors import (
@@ -35,6 +36,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Attempt",
     "Balancer",
+    "Check",
     "CircuitOpen",
     "ConfigError",
     "DeadlineExceeded",

@@ -331,6 +331,24 @@ class Plugins:
     def add_cli(self, cli: Any) -> None:
         self.pm.hook.meshcore_cli(cli=cli)
 
+    def checks(self, config: Any) -> list[tuple[str, Any]]:
+        """(plugin name, probe) for each probe `meshcore_checks` returns, in plugin-list order.
+
+        Called per plugin through pluggy's own loop (a subset caller without the other
+        plugins' plain implementations), so each probe is attributed to the plugin that made
+        it and hook wrappers still apply.
+        """
+        impls = self.pm.hook.meshcore_checks.get_hookimpls()
+        plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
+        found: list[tuple[str, Any]] = []
+        for impl in plain:
+            others = [i.plugin for i in plain if i is not impl]
+            caller = self.pm.subset_hook_caller("meshcore_checks", others)
+            for probes in caller(config=config):
+                ensure_not_awaitable(probes, "meshcore_checks", impl.plugin_name)
+                found.extend((impl.plugin_name, probe) for probe in probes or ())
+        return found
+
     @property
     def events(self) -> Any:
         """`pm.hook`, for firing event hooks (`plugins.events.meshcore_endpoints_changed(...)`)."""
@@ -357,6 +375,7 @@ _FAMILY_OF_HOOK = {
     "meshcore_request_finished": "events",
     "meshcore_state_changed": "events",
     "meshcore_cli": "cli",
+    "meshcore_checks": "cli",
 }
 
 

@@ -16,21 +16,46 @@ from ._errors import ConfigError
 
 __all__ = ["Setting", "Settings", "parse_duration"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# Go's time.ParseDuration grammar, which Consul's and Envoy's duration strings follow: one or
+# more decimal numbers, each with a unit, as in "1h30m" or "1.5s"; a bare number is seconds.
+_DURATION_PART = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+_DURATION_NUMBER = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*")
+_DURATION_FORM = (
+    'expected a duration: seconds ≥ 0 (10, 2.5) or a string like "250ms", "1.5s", "1m30s", '
+    '"2h" (units h, m, s, ms, us, ns)'
+)
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like `"250ms"`, `"10s"`, `"5m"`, `"24h"`."""
+    """Seconds from a number or a duration string as Go's `time.ParseDuration` reads it.
+
+    `"250ms"`, `"10s"`, `"1.5s"`, `"1m30s"`, `"1h30m"`, `"2h"`; a bare number (or number
+    string) is seconds. Negative durations, NaN and anything else raise ValueError saying
+    the expected form.
+    """
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 10, 2.5, \"250ms\", \"10s\"")
+        raise ValueError(f"{_DURATION_FORM}, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
+        if value >= 0:  # False for NaN too
+            return float(value)
+        raise ValueError(f"{_DURATION_FORM}, got {value!r}")
     if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f'expected a duration like 10, 2.5, "250ms", "10s", got {value!r}')
+        if _DURATION_NUMBER.fullmatch(value):
+            return float(value)
+        total, pos = 0.0, 0
+        for match in _DURATION_PART.finditer(value):
+            if match.start() != pos:
+                break
+            total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if pos and value[pos:].strip() == "":
+            return total
+        if value.strip().startswith("-"):
+            raise ValueError(f"{_DURATION_FORM}; a duration cannot be negative, got {value!r}")
+    raise ValueError(f"{_DURATION_FORM}, got {value!r}")
 
 
 _TYPE_NAMES = {

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
     import click
 
+    from ._check import CheckProbe
+    from ._config import MeshConfig
     from ._endpoints import Endpoint, Outcome, Snapshot
     from ._mesh import Mesh
     from ._models import Request
@@ -242,4 +244,22 @@ def meshcore_cli(cli: click.Group) -> None:
 
     Called when the command line starts, for plugins in the plugin list. Must not do work
     beyond defining commands.
+    """
+
+
+@hookspec
+def meshcore_checks(config: MeshConfig) -> Sequence[CheckProbe] | None:
+    """Contribute lines to ``meshcore check``, the doctor command.
+
+    Called once by ``meshcore check`` for each plugin in the plugin list, after the config
+    validated and the plugins loaded; never while a mesh runs. ``config`` is the validated
+    ``meshcore.MeshConfig``: read your section with ``config.section(name)`` and a service's
+    settings with ``config.services[name].settings_for(kind)``. Return a list of async
+    callables without arguments (or None when there is nothing to check); each returns a
+    ``meshcore.Check(title, ok, detail, fix)`` or a list of them: ``title`` names what was
+    checked (``"certificate /etc/mesh/orders.crt"``), ``detail`` what was found, and ``fix``,
+    when ``ok`` is false, what the user should do. The core runs them concurrently, each
+    bounded to 10 s, and turns one that raises or overruns into a failed line naming your
+    plugin. The hook itself must not do I/O (the callables do); a callable must not block the
+    event loop beyond reading a small file (use async I/O or ``anyio.to_thread.run_sync``).
     """

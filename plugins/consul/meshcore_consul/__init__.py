@@ -175,6 +175,13 @@ class _TaskGroupOf:
 
 
 @meshcore.hookimpl
+def meshcore_checks(config: meshcore.MeshConfig) -> list[Any]:
+    from ._check import consul_probes
+
+    return consul_probes(config, SECTION)
+
+
+@meshcore.hookimpl
 def meshcore_cli(cli: Any) -> None:
     from ._cli import registry_command
 

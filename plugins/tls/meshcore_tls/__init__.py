@@ -216,6 +216,16 @@ def meshcore_authorize(request: meshcore.Request, peer: Any, mesh: meshcore.Mesh
 
 
 @meshcore.hookimpl
+def meshcore_checks(config: meshcore.MeshConfig) -> list[Any] | None:
+    settings = config.section("tls")
+    if not _enabled(settings):
+        return None
+    from ._check import check_tls
+
+    return [lambda: check_tls(settings)]
+
+
+@meshcore.hookimpl
 def meshcore_cli(cli: Any) -> None:
     from ._cli import ca
 
