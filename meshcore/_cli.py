@@ -88,14 +88,14 @@ def plugins_command(obj: Context) -> None:
     table = Table("plugin", "distribution", "version", "hook families", "kinds", "loaded")
     for name in sorted(installed):
         info = installed[name]
-        in_list = loaded is not None and name in loaded.names
-        families = ", ".join(loaded.families_of(name)) if in_list else "(not imported)"
+        listed = loaded if loaded is not None and name in loaded.names else None
+        families = ", ".join(listed.families_of(name)) if listed is not None else "(not imported)"
         kinds = (
-            ", ".join(f"{k} ({loaded.kinds[k].family})" for k in loaded.kinds if loaded.kind_owner[k] == name)
-            if in_list
+            ", ".join(f"{k} ({listed.kinds[k].family})" for k in listed.kinds if listed.kind_owner[k] == name)
+            if listed is not None
             else ""
         )
-        table.add_row(name, info.distribution, info.version, families, kinds, "yes" if in_list else "no")
+        table.add_row(name, info.distribution, info.version, families, kinds, "yes" if listed is not None else "no")
     Console(width=200).print(table)
 
 
