@@ -9,9 +9,9 @@ shared by balancer and breaker.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["Endpoint", "EndpointStats", "Outcome", "Snapshot"]
 
@@ -34,13 +34,29 @@ class Endpoint:
     # request: hash the fields once, not on every lookup.
     _hash: int = field(init=False, repr=False, compare=False)
 
+    if TYPE_CHECKING:
+        # The generated __init__, as callers may use it: __post_init__ turns any iterable of tags
+        # and a metadata mapping into the tuples the fields hold.
+        def __init__(
+            self,
+            address: str,
+            port: int,
+            weight: int = 1,
+            zone: str | None = None,
+            tags: Iterable[str] = (),
+            metadata: Mapping[str, str] | tuple[tuple[str, str], ...] = (),
+            id: str = "",
+        ) -> None: ...
+
     def __post_init__(self) -> None:
         if not self.id:
             host = f"[{self.address}]" if ":" in self.address else self.address
             object.__setattr__(self, "id", f"{host}:{self.port}")
-        if isinstance(self.metadata, Mapping):
-            object.__setattr__(self, "metadata", tuple(sorted(self.metadata.items())))
-        if not isinstance(self.tags, tuple):
+        metadata: object = self.metadata  # may still be a mapping here, see __init__
+        if isinstance(metadata, Mapping):
+            object.__setattr__(self, "metadata", tuple(sorted(metadata.items())))
+        tags: object = self.tags
+        if not isinstance(tags, tuple):
             object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "_hash", hash(self._fields()))
 
@@ -86,7 +102,7 @@ class Snapshot:
     def __len__(self) -> int:
         return len(self.endpoints)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Endpoint]:
         return iter(self.endpoints)
 
     @classmethod
@@ -141,7 +157,7 @@ _new_outcome = object.__new__
     _set_error,
     _set_elapsed,
 ) = (
-    Outcome.__dict__[name].__set__  # type: ignore[attr-defined]
+    Outcome.__dict__[name].__set__
     for name in ("service", "endpoint", "method", "status_code", "error", "elapsed")
 )
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._endpoints import Endpoint
 
 __all__ = [
@@ -54,7 +56,16 @@ class NoEndpoints(MeshError):
 
 
 class DeadlineExceeded(MeshError, httpx.TimeoutException):
-    """The request's overall deadline passed (it includes every retry and backoff)."""
+    """The request's overall deadline passed (it includes every retry and backoff).
+
+    `attempts` lists the attempts made before it passed (empty when nobody counted them).
+    """
+
+    def __init__(
+        self, message: str, *, service: str | None = None, attempts: Sequence[Attempt] = ()
+    ) -> None:
+        super().__init__(message, service=service)
+        self.attempts = list(attempts)
 
 
 class CircuitOpen(MeshError):
@@ -111,9 +122,15 @@ class EndpointConnectError(EndpointError, httpx.ConnectError):
 
     kind = "connect-failure"
 
-    def __init__(self, message: str, **kwargs: object) -> None:
-        kwargs.setdefault("replayable", True)
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str | None = None,
+        endpoint: Endpoint | None = None,
+        replayable: bool = True,
+    ) -> None:
+        super().__init__(message, service=service, endpoint=endpoint, replayable=replayable)
 
 
 class EndpointReadError(EndpointError, httpx.ReadError):
@@ -125,8 +142,8 @@ class EndpointReadError(EndpointError, httpx.ReadError):
 class EndpointTimeout(EndpointError, httpx.TimeoutException):
     """Connecting to, writing to or reading from the endpoint took too long."""
 
-    @property  # type: ignore[override]
-    def kind(self) -> str:
+    @property
+    def kind(self) -> str:  # type: ignore[override]  # a class attribute on the other errors
         # A timeout before anything was sent never reached the server: Envoy counts a connect
         # timeout as a connect failure.
         return "connect-failure" if self.replayable else "timeout"

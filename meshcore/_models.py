@@ -99,7 +99,7 @@ def _to_bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
 
 
-class Headers(list):
+class Headers(list[tuple[bytes, bytes]]):
     """Raw `(name, value)` byte pairs in wire order, with case-insensitive lookup.
 
     A list subclass so the engine iterates and serializes it without copying.
@@ -110,7 +110,7 @@ class Headers(list):
     def __init__(self, items: Iterable[tuple[str | bytes, str | bytes]] = ()) -> None:
         super().__init__((_to_bytes(k), _to_bytes(v)) for k, v in items)
 
-    def get(self, name: str | bytes, default: str | None = None) -> str | None:  # type: ignore[override]
+    def get(self, name: str | bytes, default: str | None = None) -> str | None:
         """The first value for `name` decoded as latin-1, or `default`."""
         key = _to_bytes(name).lower()
         for k, v in self:

@@ -12,7 +12,7 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -320,7 +320,7 @@ class Plugins:
         self.pm.hook.meshcore_check_peer(service=service, endpoint=endpoint, peer=peer, mesh=mesh)
 
     def authorize(self, request: Any, peer: Any, mesh: Any) -> str | None:
-        return self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
+        return cast("str | None", self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh))
 
     def lifespans(self, mesh: Any) -> list[Any]:
         return list(self._call("meshcore_lifespan", mesh=mesh))

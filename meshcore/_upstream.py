@@ -13,7 +13,7 @@ import math
 import random
 import sys
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._config import ServiceConfig
     from ._mesh import Mesh
     from ._models import Request, Response
-    from ._service import Service
+    from ._service import Balancer, Service
 
 __all__ = ["DiscoveryStatus", "Upstream"]
 
@@ -50,7 +50,7 @@ def loop_clock() -> Callable[[], float]:
     trio = sys.modules.get("trio")
     if trio is not None:
         try:
-            return trio.lowlevel.current_clock().current_time
+            return cast("Callable[[], float]", trio.lowlevel.current_clock().current_time)
         except RuntimeError:
             pass
     return anyio.current_time
@@ -94,7 +94,7 @@ class Upstream:
         self.stats: dict[Endpoint, EndpointStats] = {}
         self.discovery_status = DiscoveryStatus()
         self.panics = 0
-        self.balancer: Any = None
+        self.balancer: Balancer | None = None
         self.service: Service = self._terminal
         self.connector: Any = None
         self._ejected: dict[Endpoint, float] = {}
@@ -290,7 +290,7 @@ class Upstream:
         clock = self.clock
         start = clock()
         try:
-            response = await self.connector.send(endpoint, request)
+            response: Response = await self.connector.send(endpoint, request)
         except Exception as exc:
             if isinstance(exc, MeshError):
                 exc.service = self.name

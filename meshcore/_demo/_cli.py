@@ -84,13 +84,11 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     async def main() -> None:
         from ._view import event_line, render, setup_lines, status_line, summary_lines
 
-        if plain:
-            def on_event(ev: Any) -> None:
-                print(event_line(ev), flush=True)
-        else:
-            on_event = None
+        def print_event(ev: Any) -> None:
+            print(event_line(ev), flush=True)
+
         demo = Demo(plan, duration=duration, rate=rate, admin=admin,
-                    admin_fallback=not explicit_admin, on_event=on_event)
+                    admin_fallback=not explicit_admin, on_event=print_event if plain else None)
         async with demo:
             for line in setup_lines(demo):
                 print(line, flush=True)

@@ -29,15 +29,20 @@ import signal
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Self
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import anyio
 
-from .._endpoints import Endpoint
+from .._endpoints import Endpoint, Snapshot
 from .._errors import ConfigError
 from .._plugins import Kind, hookimpl, installed_plugins
+
+if TYPE_CHECKING:
+    from .._models import Request
+    from .._upstream import Upstream
 
 __all__ = ["OPTIONAL_PLUGINS", "Demo", "Plan", "make_plan"]
 
@@ -131,11 +136,11 @@ def make_plan(without: Iterable[str] = ()) -> Plan:
 class _Rotation:
     """Plain rotation that skips excluded and ejected endpoints (all ejected: panic, use all)."""
 
-    def __init__(self, upstream: Any) -> None:
+    def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.next = 0
 
-    def pick(self, snapshot: Any, request: Any, exclude: Any) -> Endpoint:
+    def pick(self, snapshot: Snapshot, request: Request, exclude: Collection[Endpoint]) -> Endpoint:
         endpoints = snapshot.endpoints
         n = len(endpoints)
         for healthy_only in (True, False):
@@ -265,11 +270,16 @@ class Demo:
         self._stack = stack
         return self
 
-    async def __aexit__(self, *exc_info: object) -> bool:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
         stack, self._stack = self._stack, None
         if stack is None:
             return False
-        return bool(await stack.__aexit__(*exc_info))
+        return bool(await stack.__aexit__(exc_type, exc, tb))
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         from .._sidecar._runtime import Sidecar
@@ -539,10 +549,10 @@ class Demo:
     # -- reading the mesh's state -----------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        return self.sidecar.state()
+        return cast("dict[str, Any]", self.sidecar.state())
 
     def _instance_of(self, endpoint: dict[str, Any]) -> str | None:
-        return self._ports.get(endpoint.get("port"))
+        return self._ports.get(endpoint.get("port", 0))
 
     def sample(self) -> None:
         """Read the sidecar's state (what /state shows), update the view and narrate changes."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Group
+from rich.console import Group, JustifyMethod
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -67,10 +67,12 @@ def render(demo: Demo) -> Any:
     title = (f"meshcore demo  ·  {demo.elapsed:4.1f} s of {demo.duration:g} s  ·  "
              f"phase: {PHASES[min(demo.phase, len(PHASES) - 1)]}")
     table = Table(expand=True, box=None, header_style="bold")
-    for col, justify in (("instance", "left"), ("address", "left"), ("behaviour", "left"),
-                         ("req/s", "right"), ("latency", "right"), ("errors/s", "right"),
-                         ("ejected", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("instance", "left"), ("address", "left"), ("behaviour", "left"), ("req/s", "right"),
+        ("latency", "right"), ("errors/s", "right"), ("ejected", "left"),
+    ]
+    for col, justify in columns:
+        table.add_column(col, justify=justify)
     for v in demo.instances.values():
         behaviour = Text(v.behaviour, style="green" if v.behaviour == "ok" else "yellow")
         state = Text(_instance_state(v), style="bold red" if v.ejected else "green")

@@ -64,7 +64,7 @@ def require_binary(name: str) -> str:
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def wait_listening(
@@ -96,7 +96,7 @@ def static_service(
     **tables: Mapping[str, Any],
 ) -> dict[str, Any]:
     """A `[services.X]` table for static discovery over servers, endpoints or "host:port"."""
-    entries = []
+    entries: list[str | dict[str, Any]] = []
     for ep in endpoints:
         if isinstance(ep, Endpoint):
             entries.append({"address": f"{ep.address}:{ep.port}", "weight": ep.weight})

@@ -9,7 +9,7 @@ headers, a delay, or an exception), and every send is logged with its virtual ti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -86,7 +86,9 @@ class StateEvents:
         self.changes: list[tuple[str, str, str, str, str]] = []
 
     @hookimpl
-    def meshcore_state_changed(self, service, component, subject, old, new):  # type: ignore[no-untyped-def]
+    def meshcore_state_changed(
+        self, service: str, component: str, subject: str, old: str, new: str
+    ) -> None:
         self.changes.append((service, component, subject, old, new))
 
 
@@ -97,7 +99,7 @@ class TrackedBody:
         self.data = data
         self.closed = False
 
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         yield self.data
 
     async def aclose(self) -> None:

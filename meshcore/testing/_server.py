@@ -15,6 +15,7 @@ import asyncio
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import httptools
 
@@ -39,23 +40,27 @@ class Behaviour:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
+# One parsed request: method, target, raw headers, body, keep-alive.
+_Message = tuple[str, str, list[tuple[bytes, bytes]], bytes, bool]
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, server: UpstreamServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, the first call
         self.url = b""
         self.body: list[bytes] = []
         self.headers: list[tuple[bytes, bytes]] = []
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task: asyncio.Task | None = None
+        self.queue: asyncio.Queue[_Message] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
-        self.transport = transport
-        self.server._connections.add(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # create_server's are stream ones
+        self.server._connections.add(self.transport)
         self.task = asyncio.get_running_loop().create_task(self._answer())
 
-    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+    def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self.transport)
         if self.task is not None:
             self.task.cancel()
@@ -139,7 +144,7 @@ class UpstreamServer:
         port: int = 0,
         *,
         record: bool = True,
-        **behaviour,
+        **behaviour: Any,
     ) -> None:
         """`record=False` keeps only the count of requests, not each one in `seen` (for
         long-running uses such as the demo)."""
@@ -152,8 +157,8 @@ class UpstreamServer:
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.base_events.Server | None = None
-        self._connections: set = set()
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Transport] = set()
 
     @property
     def address(self) -> str:
@@ -163,7 +168,7 @@ class UpstreamServer:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def behave(self, **changes) -> None:
+    def behave(self, **changes: Any) -> None:
         """Change the behaviour while the server runs (`server.behave(status=503)`)."""
         for key, value in changes.items():
             if not hasattr(self.behaviour, key):
@@ -180,18 +185,18 @@ class UpstreamServer:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
+        loop = self._loop = asyncio.new_event_loop()
 
         def run() -> None:
-            asyncio.set_event_loop(self._loop)
+            asyncio.set_event_loop(loop)
 
             async def serve() -> None:
-                self._server = await self._loop.create_server(lambda: _Protocol(self), sock=sock)
+                self._server = await loop.create_server(lambda: _Protocol(self), sock=sock)
                 ready.set()
 
-            self._loop.run_until_complete(serve())
-            self._loop.run_forever()
-            self._loop.close()
+            loop.run_until_complete(serve())
+            loop.run_forever()
+            loop.close()
 
         self._thread = threading.Thread(target=run, name=f"upstream-{self.name}", daemon=True)
         self._thread.start()
@@ -203,17 +208,19 @@ class UpstreamServer:
         clients: connection refused afterwards)."""
         if self._thread is None or self._loop is None:
             return
-        loop = self._loop
+        loop, server = self._loop, self._server
 
         async def shutdown() -> None:
-            self._server.close()
+            if server is not None:
+                server.close()
             for transport in list(self._connections):
                 transport.abort()
             # abort() closes the socket in a callback scheduled for the next loop iteration;
             # let it run before the loop stops, or the client keeps a half-dead connection.
             await asyncio.sleep(0)
             await asyncio.sleep(0)  # and the answer tasks that connection_lost cancelled
-            await self._server.wait_closed()
+            if server is not None:
+                await server.wait_closed()
             loop.stop()
 
         asyncio.run_coroutine_threadsafe(shutdown(), loop)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from ... import ConfigError, Endpoint, EndpointConnectError, Outcome, Request
+from ... import ConfigError, Endpoint, EndpointConnectError, Outcome, Request, Upstream
 from .._helpers import static_service
 
 __all__ = ["BalancerConformance"]
@@ -60,13 +60,13 @@ class BalancerConformance:
     # -- helpers a subclass may use in its own tests ------------------------------------------
 
     def config(self, entries: Sequence[Any], **extra: Any) -> dict[str, Any]:
-        tables = {self.kind: dict(self.settings)} if self.settings else {}
+        tables: dict[str, Any] = {self.kind: dict(self.settings)} if self.settings else {}
         tables.update(extra)
         service = static_service(entries, balancer=self.kind, **tables)
         return {"services": {_SERVICE: service}}
 
     @contextlib.asynccontextmanager
-    async def running(self, mesh_factory: Any, entries: Sequence[Any]) -> AsyncIterator[Any]:
+    async def running(self, mesh_factory: Any, entries: Sequence[Any]) -> AsyncIterator[Upstream]:
         """The Upstream of a started mesh whose one service has `entries` as endpoints."""
         mesh = mesh_factory(
             self.config(entries), plugins=list(self.plugins), extra_plugins=self.extra_plugins
@@ -78,11 +78,12 @@ class BalancerConformance:
             yield upstream
 
     @staticmethod
-    def pick(upstream: Any, exclude: Sequence[Endpoint] = ()) -> Endpoint:
+    def pick(upstream: Upstream, exclude: Sequence[Endpoint] = ()) -> Endpoint:
         request = Request("GET", f"http://{_SERVICE}/")
+        assert upstream.balancer is not None, "the service has no balancer"
         return upstream.balancer.pick(upstream.snapshot, request, tuple(exclude))
 
-    def picks_of(self, upstream: Any, count: int | None = None, **kw: Any) -> list[Endpoint]:
+    def picks_of(self, upstream: Upstream, count: int | None = None, **kw: Any) -> list[Endpoint]:
         return [self.pick(upstream, **kw) for _ in range(count or self.picks)]
 
     # -- the contract -------------------------------------------------------------------------

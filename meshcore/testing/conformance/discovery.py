@@ -195,9 +195,11 @@ class DiscoveryConformance:
                     tg.start_soon(discovery.watch, sink)
                     if when == "after-publish":
                         count = len(sink.published)
-                        await sink.wait_for(
-                            lambda count=count: len(sink.published) > count, self.publish_within, "a publish"
-                        )
+
+                        def published_again(count: int = count) -> bool:
+                            return len(sink.published) > count
+
+                        await sink.wait_for(published_again, self.publish_within, "a publish")
                     else:
                         await anyio.lowlevel.checkpoint()
                     cancelled_at = anyio.current_time()

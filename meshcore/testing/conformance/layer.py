@@ -28,7 +28,7 @@ What it checks (the rules in hookspecs.meshcore_layer and docs):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -57,7 +57,7 @@ class LayerConformance:
     # -- helpers a subclass may override --------------------------------------------------------
 
     def service_table(self, endpoints: Sequence[Any], **overrides: Any) -> dict[str, Any]:
-        tables = {self.kind: dict(self.settings)}
+        tables: dict[str, Any] = {self.kind: dict(self.settings)}
         tables.update(overrides)
         return static_service(endpoints, resilience=[*self.other_layers, self.kind], **tables)
 
@@ -125,7 +125,7 @@ class LayerConformance:
     ) -> None:
         server = upstream()
 
-        async def chunks():
+        async def chunks() -> AsyncIterator[bytes]:
             for i in range(5):
                 yield bytes([65 + i]) * 1000
 

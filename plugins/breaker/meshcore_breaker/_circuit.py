@@ -33,7 +33,10 @@ class CountWindow:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._ring = [0] * size  # bit 1: failed, bit 2: slow
+        self.reset()
+
+    def reset(self) -> None:
+        self._ring = [0] * self.size  # bit 1: failed, bit 2: slow
         self._i = 0
         self.calls = self.failures = self.slow = 0
 
@@ -56,9 +59,6 @@ class CountWindow:
     def totals(self, now: float) -> tuple[int, int, int]:
         return self.calls, self.failures, self.slow
 
-    def reset(self) -> None:
-        self.__init__(self.size)  # type: ignore[misc]
-
 
 class TimeWindow:
     """The outcomes of the calls of the last `size` seconds, in one-second buckets."""
@@ -67,10 +67,7 @@ class TimeWindow:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._stamps = [-1] * size
-        self._calls = [0] * size
-        self._failures = [0] * size
-        self._slow = [0] * size
+        self.reset()
 
     def add(self, now: float, failed: bool, slow: bool) -> tuple[int, int, int]:
         """Count one call; returns `totals(now)` after it."""
@@ -95,7 +92,10 @@ class TimeWindow:
         return calls, failures, slow
 
     def reset(self) -> None:
-        self.__init__(self.size)  # type: ignore[misc]
+        self._stamps = [-1] * self.size
+        self._calls = [0] * self.size
+        self._failures = [0] * self.size
+        self._slow = [0] * self.size
 
 
 class Circuit:

@@ -169,8 +169,8 @@ class ConsulDiscovery:
         self.requests = 0
         self.errors = 0
 
-    def _params(self) -> list[tuple[str, str]]:
-        params: list[tuple[str, str]] = []
+    def _params(self) -> list[tuple[str, str | int | float | bool | None]]:
+        params: list[tuple[str, str | int | float | bool | None]] = []
         if not self.include_warning:
             params.append(("passing", "1"))
         params.extend(("tag", t) for t in self.tags)

@@ -140,7 +140,7 @@ class Registry:
             upcoming = catalog.expire()
             with catalog.cond:
                 if catalog.closed:
-                    return
+                    return  # type: ignore[unreachable]  # set by another thread since the loop's test
                 delay = 1.0 if upcoming is None else min(max(upcoming - catalog.clock(), 0.002), 1.0)
                 catalog.cond.wait(delay)
 

@@ -200,7 +200,7 @@ class DnsDiscovery:
         if self.type == "SRV":
             return await self._resolve_srv(resolver)
         answer = await self._query(resolver, self.name, self.type)
-        addresses = [rdata.address for rdata in answer.rrset]
+        addresses = [rdata.address for rdata in answer]
         if not addresses:
             raise DnsError("empty", f"empty answer: {self.name} {self.type} has no addresses")
         return Resolution(
@@ -211,7 +211,7 @@ class DnsDiscovery:
     async def _resolve_srv(self, resolver: dns.asyncresolver.Resolver) -> Resolution:
         answer = await self._query(resolver, self.name, "SRV")
         records = [
-            SrvRecord(r.priority, r.weight, r.port, r.target.to_text()) for r in answer.rrset
+            SrvRecord(r.priority, r.weight, r.port, r.target.to_text()) for r in answer
         ]
         ttl = float(answer.chaining_result.minimum_ttl)
         if is_unavailable(records):
@@ -276,7 +276,7 @@ class DnsDiscovery:
             except DnsError as exc:
                 errors.append(exc)
                 continue
-            found.extend(r.address for r in answer.rrset)
+            found.extend(r.address for r in answer)
             answer_ttl = float(answer.chaining_result.minimum_ttl)
             ttl = answer_ttl if ttl is None else min(ttl, answer_ttl)
         if found:
@@ -338,7 +338,7 @@ class DnsDiscovery:
 
     def _backoff(self) -> float:
         exponent = min(self.consecutive_failures - 1, 30)
-        base = min(self.min_refresh * 2**exponent, self.backoff_max)
+        base = min(self.min_refresh * 2.0**exponent, self.backoff_max)
         return max(base * (0.5 + random.random() / 2), self.min_refresh)
 
     def _failed(self, exc: DnsError, sink: Any, *, whole: bool = True) -> None:

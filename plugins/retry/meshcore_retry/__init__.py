@@ -18,6 +18,7 @@ public `meshcore` API is used, so this is also an example of a third-party layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import meshcore
@@ -40,7 +41,9 @@ __all__ = [
 _METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "TRACE", "CONNECT")
 
 
-def _check_subset(allowed: tuple[str, ...], upper: bool = False):
+def _check_subset(
+    allowed: tuple[str, ...], upper: bool = False
+) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
     def convert(values: tuple[str, ...]) -> tuple[str, ...]:
         for v in values:
             if (v.upper() if upper else v) not in allowed:

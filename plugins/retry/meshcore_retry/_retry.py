@@ -108,7 +108,7 @@ def parse_retry_after(value: str | None, now_wall: float | None = None) -> float
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when is None or when.tzinfo is None:
+    if when.tzinfo is None:
         return None
     now_wall = time.time() if now_wall is None else now_wall
     return max(0.0, when.timestamp() - now_wall)

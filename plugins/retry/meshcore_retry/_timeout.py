@@ -73,8 +73,8 @@ class TimeoutLayer:
                 f"({a.elapsed * 1000:.1f} ms)"
                 for i, a in enumerate(attempts, 1)
             ]
-            error = meshcore.DeadlineExceeded("\n".join(lines), service=layer.service_name)
-            error.attempts = attempts  # type: ignore[attr-defined]
-            raise error
+            raise meshcore.DeadlineExceeded(
+                "\n".join(lines), service=layer.service_name, attempts=attempts
+            )
 
         return timeout_service

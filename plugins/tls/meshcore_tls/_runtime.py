@@ -202,7 +202,7 @@ class Workload:
                 raise _fail(f"{exc}; map it in [tls.identities]", f"identities.{name}") from None
 
     def _expected_for(self, service: str) -> str:
-        mapped = self.settings.identities.get(service)
+        mapped: str | None = self.settings.identities.get(service)
         if mapped:
             return mapped
         return spiffe_id(self.trust_domain, self.namespace, service)
@@ -247,8 +247,8 @@ class Workload:
         for p in self._file_paths:
             st = p.stat()
             sig.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        content = tuple(p.read_bytes() for p in self._file_paths)
-        return tuple(sig), content  # type: ignore[return-value]
+        cert, key, roots = (p.read_bytes() for p in self._file_paths)
+        return tuple(sig), (cert, key, roots)
 
     def _load_files(self, content: tuple[bytes, bytes, bytes]) -> None:
         cert_path, key_path, roots_path = self._file_paths
@@ -279,7 +279,7 @@ class Workload:
             self._load_roots(roots_data, str(roots_path))
             if (cert_data, key_data) != self._file_content[:2]:
                 chain = b"".join(cert_pem(c) for c in certs)
-                self._install(leaf, chain, key_pem(key))  # type: ignore[arg-type]
+                self._install(leaf, chain, key_pem(key))
             self._file_content = content
         lifetime = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
         left = (leaf.not_valid_after_utc - now).total_seconds()

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
 
 import anyio
 
@@ -51,17 +51,25 @@ def choose_weighted(endpoints: Sequence[meshcore.Endpoint]) -> meshcore.Endpoint
     return random.choices(endpoints, weights)[0]
 
 
+class _Table(Protocol):
+    """What a balancer draws from: `next()` is one weighted pick, O(1)."""
+
+    def next(self) -> meshcore.Endpoint: ...
+
+
 class _Balancer:
     """Snapshot cache, ejection, panic, exclude and slow start; subclasses make the table."""
 
-    def __init__(self, upstream: Any, settings: Any) -> None:
+    def __init__(self, upstream: meshcore.Upstream, settings: meshcore.Settings) -> None:
         self._upstream = upstream
         self._is_ejected = upstream.is_ejected
         self._snapshot: meshcore.Snapshot | None = None
-        self._table: Any = None
-        self._next: Any = None
+        self._table: _Table  # both made by the first pick's _rebuild
+        self._next: Callable[[], meshcore.Endpoint]
         # (ejected set, table over the rest or None in panic, the rest)
-        self._healthy: tuple[frozenset, Any, tuple] | None = None
+        self._healthy: (
+            tuple[frozenset[meshcore.Endpoint], _Table | None, tuple[meshcore.Endpoint, ...]] | None
+        ) = None
         self._window = float(settings.get("slow-start-window", 0.0))
         self._aggression = float(settings.get("slow-start-aggression", 1.0))
         self._min_weight = float(settings.get("slow-start-min-weight", 0.1))
@@ -71,7 +79,7 @@ class _Balancer:
 
     # -- subclass hooks -------------------------------------------------------------------------
 
-    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> Any:
+    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> _Table:
         raise NotImplementedError
 
     def _endpoints_changed(self, endpoints: tuple[meshcore.Endpoint, ...]) -> None:
@@ -89,16 +97,16 @@ class _Balancer:
             born = -_INF if old is None else anyio.current_time()
             self._born = {ep: self._born.get(ep, born) for ep in snapshot.endpoints}
         self._endpoints_changed(snapshot.endpoints)
-        self._rebuild()
+        self._rebuild(snapshot)
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, snapshot: meshcore.Snapshot) -> None:
         self._ramping = False
         self._refresh_at = _INF
-        self._table = self._build(self._snapshot.endpoints)
+        self._table = self._build(snapshot.endpoints)
         self._next = self._table.next
         self._healthy = None
 
-    def _build(self, endpoints: Sequence[meshcore.Endpoint]) -> Any:
+    def _build(self, endpoints: Sequence[meshcore.Endpoint]) -> _Table:
         weights: list[float] = [ep.weight for ep in endpoints]
         if not any(weights):
             weights = [1] * len(weights)
@@ -126,25 +134,28 @@ class _Balancer:
     def pick(
         self,
         snapshot: meshcore.Snapshot,
-        request: Any,
+        request: meshcore.Request,
         exclude: Collection[meshcore.Endpoint],
     ) -> meshcore.Endpoint:
         if snapshot is not self._snapshot:
             self._install(snapshot)
         elif self._ramping and anyio.current_time() >= self._refresh_at:
-            self._rebuild()
+            self._rebuild(snapshot)
         endpoint = self._next()
         if self._is_ejected(endpoint) or (exclude and endpoint in exclude):
-            return self._pick_avoiding(endpoint, exclude)
+            return self._pick_avoiding(snapshot, endpoint, exclude)
         return endpoint
 
     def _pick_avoiding(
-        self, drawn: meshcore.Endpoint, exclude: Collection[meshcore.Endpoint]
+        self,
+        snapshot: meshcore.Snapshot,
+        drawn: meshcore.Endpoint,
+        exclude: Collection[meshcore.Endpoint],
     ) -> meshcore.Endpoint:
         """The slow path: `drawn` is ejected or excluded. O(#ejected) plus O(1) amortised."""
         upstream = self._upstream
         table = self._table
-        pool = self._snapshot.endpoints
+        pool = snapshot.endpoints
         ejected = upstream.ejected
         if ejected:
             key = frozenset(ejected)
@@ -173,14 +184,14 @@ class _Balancer:
 class WeightedBalancer(_Balancer):
     """Kind `weighted`: smooth, deterministic weighted round-robin (EDF)."""
 
-    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> Any:
+    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> _Table:
         return Schedule(endpoints, weights)
 
 
 class RandomBalancer(_Balancer):
     """Kind `random`: a weighted random draw (uniform when weights are equal)."""
 
-    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> Any:
+    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> _Table:
         return Alias(endpoints, weights)
 
 
@@ -195,7 +206,12 @@ class _TwoChoices:
 
     __slots__ = ("_alias", "_n", "_prob", "_stats", "endpoints")
 
-    def __init__(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float], stats: list) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[meshcore.Endpoint],
+        weights: Sequence[float],
+        stats: list[meshcore.EndpointStats],
+    ) -> None:
         table = Alias(endpoints, weights)
         self.endpoints = table.endpoints
         self._n, self._prob, self._alias = table.n, table.prob, table.alias
@@ -238,7 +254,14 @@ class _PeakEwmaChoices(_TwoChoices):
 
     __slots__ = ("_costs", "_tau")
 
-    def __init__(self, endpoints, weights, stats, costs: list, tau: float) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        endpoints: Sequence[meshcore.Endpoint],
+        weights: Sequence[float],
+        stats: list[meshcore.EndpointStats],
+        costs: list[list[float]],
+        tau: float,
+    ) -> None:
         super().__init__(endpoints, weights, stats)
         self._costs = costs
         self._tau = tau
@@ -268,11 +291,11 @@ class _PeakEwmaChoices(_TwoChoices):
 class LeastRequest(_Balancer):
     """Kind `least-request`, mode `in-flight`: fewest requests in flight, of two."""
 
-    def __init__(self, upstream: Any, settings: Any) -> None:
+    def __init__(self, upstream: meshcore.Upstream, settings: meshcore.Settings) -> None:
         super().__init__(upstream, settings)
         self._orphan_stats: dict[meshcore.Endpoint, meshcore.EndpointStats] = {}
 
-    def _stats_for(self, endpoints: Sequence[meshcore.Endpoint]) -> list:
+    def _stats_for(self, endpoints: Sequence[meshcore.Endpoint]) -> list[meshcore.EndpointStats]:
         # The core keeps one EndpointStats per endpoint for as long as the endpoint stays in
         # the snapshot, so holding the objects is safe until the next endpoint change.
         live = self._upstream.stats
@@ -284,7 +307,7 @@ class LeastRequest(_Balancer):
     def _endpoints_changed(self, endpoints: tuple[meshcore.Endpoint, ...]) -> None:
         self._orphan_stats = {}
 
-    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> Any:
+    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> _Table:
         return _TwoChoices(endpoints, weights, self._stats_for(endpoints))
 
 
@@ -297,7 +320,7 @@ class PeakEwma(LeastRequest):
     never lower the estimate: a fast failure must not make a broken endpoint look fast.
     """
 
-    def __init__(self, upstream: Any, settings: Any) -> None:
+    def __init__(self, upstream: meshcore.Upstream, settings: meshcore.Settings) -> None:
         super().__init__(upstream, settings)
         self._tau = float(settings.get("decay", 10.0))
         self._costs: dict[meshcore.Endpoint, list[float]] = {}
@@ -308,7 +331,7 @@ class PeakEwma(LeastRequest):
         self._costs = {ep: old.get(ep) or [0.0, now] for ep in endpoints}
         super()._endpoints_changed(endpoints)
 
-    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> Any:
+    def _make_table(self, endpoints: Sequence[meshcore.Endpoint], weights: Sequence[float]) -> _Table:
         costs = self._costs
         state = [costs.setdefault(ep, [0.0, 0.0]) for ep in endpoints]
         return _PeakEwmaChoices(endpoints, weights, self._stats_for(endpoints), state, self._tau)

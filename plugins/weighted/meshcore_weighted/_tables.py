@@ -19,19 +19,20 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Generic, TypeVar
 
-Endpoint = Any
+# What a table holds: endpoints in the balancers, any value in the property tests.
+T = TypeVar("T")
 
 _random = random.random
 
 
-class Schedule:
+class Schedule(Generic[T]):
     __slots__ = ("_cursor", "_heap", "_inv", "_members", "endpoints")
 
-    def __init__(self, endpoints: Sequence[Endpoint], weights: Sequence[float]) -> None:
+    def __init__(self, endpoints: Sequence[T], weights: Sequence[float]) -> None:
         self.endpoints = tuple(endpoints)
-        groups: dict[float, list[Endpoint]] = {}
+        groups: dict[float, list[T]] = {}
         for ep, w in zip(endpoints, weights):
             groups.setdefault(w, []).append(ep)
         self._members = [tuple(members) for members in groups.values()]
@@ -41,7 +42,7 @@ class Schedule:
         self._heap = [(0.5 * inv, c) for c, inv in enumerate(self._inv)]
         heapq.heapify(self._heap)
 
-    def next(self) -> Endpoint:
+    def next(self) -> T:
         heap = self._heap
         due, c = heap[0]
         heapq.heapreplace(heap, (due + self._inv[c], c))
@@ -51,10 +52,10 @@ class Schedule:
         return members[k % len(members)]
 
 
-class Alias:
+class Alias(Generic[T]):
     __slots__ = ("alias", "endpoints", "n", "prob")
 
-    def __init__(self, endpoints: Sequence[Endpoint], weights: Sequence[float]) -> None:
+    def __init__(self, endpoints: Sequence[T], weights: Sequence[float]) -> None:
         self.endpoints = tuple(endpoints)
         n = self.n = len(endpoints)
         total = float(sum(weights))
@@ -78,7 +79,7 @@ class Alias:
         i = int(u)
         return i if u - i < self.prob[i] else self.alias[i]
 
-    def next(self) -> Endpoint:
+    def next(self) -> T:
         u = _random() * self.n
         i = int(u)
         return self.endpoints[i if u - i < self.prob[i] else self.alias[i]]
