@@ -209,6 +209,8 @@ def _limited(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable[.
         if timeout is None:
             await wait(sock)
             return
+        if timeout <= 0:  # a deadline already past (trio refuses a negative limit)
+            raise TimeoutError
         with move_on_after(timeout) as scope:
             await wait(sock)
         if scope.cancelled_caught:
