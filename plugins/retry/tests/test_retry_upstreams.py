@@ -132,12 +132,18 @@ async def test_deadline_against_a_hanging_upstream(upstream, mesh_factory):
                     timeout={"deadline": "300ms"}, retry={"per_try_timeout": "100ms"})
     async with mesh, mesh.client() as client:
         start = anyio.current_time()
-        with pytest.raises(meshcore.DeadlineExceeded) as info:
+        # Either the deadline cuts the third attempt, or (when the first two ran long and the
+        # backoff's jitter is large) retry stops early because the next try would pass it.
+        with pytest.raises((meshcore.DeadlineExceeded, meshcore.RetriesExhausted)) as info:
             await client.get("http://svc/")
         elapsed = anyio.current_time() - start
         for server in servers:
             server.behave(delay=0.0)
         assert (await client.get("http://svc/")).status_code == 200
-    assert 0.3 <= elapsed < 1.0
+    assert elapsed < 1.0
     assert len(info.value.attempts) >= 2, "per-try timeouts moved on before the deadline"
-    assert "deadline of 0.3 s exceeded" in str(info.value)
+    if isinstance(info.value, meshcore.DeadlineExceeded):
+        assert elapsed >= 0.3
+        assert "deadline of 0.3 s exceeded" in str(info.value)
+    else:
+        assert "the next retry would pass the deadline" in str(info.value)
