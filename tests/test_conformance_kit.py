@@ -7,7 +7,12 @@ saying why; the same plugin without the bug passes, so the check is not one that
 
 from __future__ import annotations
 
+import time
+
+import anyio
 import pytest
+
+from meshcore.testing._blocking import LoopBlockingCheck
 
 pytest_plugins = ["pytester"]
 
@@ -230,3 +235,17 @@ def test_discovery_suite_sink_has_add_state_as_the_reference_promises(suite: pyt
     # The same discovery without the blocking call: it calls `sink.add_state`, which the
     # recording sink lacked, so a discovery written to the hook reference failed the kit.
     run_suite(suite, DISCOVERY, "publishes", BLOCKS=None).assert_outcomes(passed=2)
+
+
+@pytest.mark.anyio
+async def test_the_loop_check_sees_a_stall_that_raises_no_audit_event() -> None:
+
+    check = LoopBlockingCheck(limit=0.2)
+    async with check.running():
+        await anyio.sleep(0.03)  # the heartbeat has run once
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:  # a busy loop: no call to catch, only the stall
+            pass
+        await anyio.sleep(0.03)
+    assert check.calls == []
+    assert any("the event loop was blocked for" in p for p in check.problems()), check.problems()

@@ -341,3 +341,17 @@ def test_an_unknown_kind_names_the_plugin_list_instead_of_asking_to_add_a_listed
     message = str(info.value)
     assert "unknown layer kind 'stamp': no plugin in the plugin list (static, sidecar, demo, stamp)" in message
     assert "check that plugin's meshcore_kinds" in message
+
+
+def test_docstrings_point_at_docs_sections_that_exist() -> None:
+    """`(see docs/x.md, "Section")` in the code names a heading that is there."""
+    import re
+
+    cited = []
+    for path in (ROOT / "meshcore").rglob("*.py"):
+        for doc, section in re.findall(r'docs/([\w-]+\.md)[,:]? \(?"([^"]+)"', path.read_text()):
+            cited.append((path.name, doc, " ".join(section.replace("#", " ").split())))
+    assert ("_models.py", "writing-a-plugin.md", "The Request and Response a layer sees") in cited
+    for source, doc, section in cited:
+        headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / doc).read_text(), re.M)
+        assert any(section.lower() in h.lower() for h in headings), f"{source} cites {doc}, {section!r}"
