@@ -280,7 +280,8 @@ async def test_pluggy_monitoring_sees_every_factory_call(upstream: Any) -> None:
     config = {
         "services": {"orders": static_service([server, server], balancer="last", resilience=["probe"])}
     }
-    mesh = meshcore.Mesh(config, [], extra_plugins=[("last", Last()), ("probe", layer_plugin({}, []))])
+    extra = [("greedy", Greedy()), ("last", Last()), ("probe", layer_plugin({}, []))]
+    mesh = meshcore.Mesh(config, [], extra_plugins=extra)
     calls: list[tuple[str, list[str]]] = []
 
     def before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
@@ -293,8 +294,7 @@ async def test_pluggy_monitoring_sees_every_factory_call(upstream: Any) -> None:
     finally:
         undo()
     called = dict(calls)
-    # only the owner's implementation is in the call (no other plugin implements these here,
-    # so the owner-only subset shows in that a greedy plugin is absent in the test above)
+    # greedy implements meshcore_balancer too: only the owner of "last" is in the call
     assert called["meshcore_balancer"] == ["last"]
     assert called["meshcore_layer"] == ["probe"]
     assert called["meshcore_discovery"] == ["static"]
