@@ -68,10 +68,10 @@ async def _build(mesh: meshcore.Mesh) -> None:
 @pytest.mark.anyio
 async def test_the_factory_gets_the_converted_default() -> None:
     seen: list[Any] = []
-    plugin = layer_plugin({"timeout": Setting("duration", "1m")}, seen)
+    plugin = layer_plugin({"timeout": Setting("duration", "250ms"), "every": Setting("duration", "1m")}, seen)
     config = {"services": {"svc": static_service(["127.0.0.1:9"], resilience=["probe"])}}
     await _build(meshcore.Mesh(config, [], extra_plugins=[("probe", plugin)]))
-    assert seen[0].timeout == 60.0
+    assert (seen[0].timeout, seen[0].every) == (0.25, 60.0)
 
 
 @pytest.mark.parametrize(
