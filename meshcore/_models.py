@@ -165,7 +165,7 @@ class Request:
 
     `url` is the logical URL (`http://orders/items/7`) until the terminal rewrites it to the
     picked endpoint; `extensions` carries per-request options and what layers learn
-    (see docs/hooks.md, "Request extensions").
+    (see docs/writing-a-plugin.md, "The Request and Response a layer sees").
     """
 
     __slots__ = ("method", "url", "headers", "stream", "extensions")

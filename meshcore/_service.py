@@ -9,7 +9,7 @@ awaits and nothing else.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ._endpoints import Endpoint, Outcome, Snapshot
@@ -40,6 +40,9 @@ class DiscoverySink(Protocol):
 
     def error(self, exc: BaseException) -> None:
         """Count a failure the discovery survived; the last good snapshot stays in use."""
+
+    def add_state(self, name: str, provider: Callable[[], Any]) -> None:
+        """Show the discovery's own state (JSON-ready `provider()`) in `mesh.state()`."""
 
 
 @runtime_checkable

@@ -16,8 +16,17 @@ Rules that hold for every hook:
 - **Kinds**: a kind is a name a user writes in the config (``discovery = "dns"``,
   ``balancer = "round-robin"``, ``resilience = ["retry"]``). A plugin declares its kinds in
   ``meshcore_kinds`` and answers factory hooks only for its own kind names; for any other name
-  it returns None (never raises).
+  it returns None (never raises). The core calls a factory hook (``meshcore_discovery``,
+  ``meshcore_balancer``, ``meshcore_layer``) only on the plugin that declared the kind, so a
+  factory that forgets the None cannot take over another plugin's services; the conformance
+  suites in ``meshcore.testing.conformance`` still fail it.
 - Hooks marked *firstresult* stop at the first non-None answer.
+- Every call goes through pluggy's call loop: ``@meshcore.hookimpl(wrapper=True)``
+  implementations (which ``yield`` to get the result and return it, maybe wrapped) see every
+  call of their hook, factory calls included, and ``pm.add_hookcall_monitoring`` /
+  ``pm.enable_tracing`` on ``mesh.plugins.pm`` see every call.
+- A function named like a hook but not decorated with ``@meshcore.hookimpl`` is a load error
+  naming the plugin and the hook (it would never be called).
 """
 
 from __future__ import annotations
@@ -58,7 +67,10 @@ def meshcore_kinds() -> Sequence[Kind]:
     ``meshcore.Setting`` (type, default, bounds, help). The core validates the table named
     after the kind (``[services.orders.retry]``, ``[defaults.retry]``) against it, so unknown
     keys and bad values fail at load with the file and key path, and factories receive a
-    validated ``meshcore.Settings``. A ``"section"`` kind is a top-level table (``[tls]``)
+    validated ``meshcore.Settings``. Each setting's default goes through the same check and
+    ``convert`` when the kind is declared (``Setting("duration", "250ms")`` reaches the factory
+    as 0.25); an unknown setting type or a bad default fails the plugin's load naming the
+    plugin, kind and setting. A ``"section"`` kind is a top-level table (``[tls]``)
     for settings that are not per service; read it with ``mesh.config.section(name)``.
     ``Kind(..., validate=check)`` adds a check of settings against each other: ``check``
     raises ValueError and the core reports it with the file and the kind's key path.
@@ -86,7 +98,14 @@ def meshcore_discovery(kind: str, settings: Settings, service: str) -> Discovery
     If ``watch`` raises, the core keeps the last good snapshot, counts the error and calls
     ``watch`` again after a backoff. ``watch`` must never resolve on the request path and
     must not return while the mesh runs unless its source is static (then publish once and
-    return).
+    return). It runs on the mesh's event loop, so it must not block it: anyio's sockets and
+    sleeps, or ``anyio.to_thread.run_sync`` for a blocking client library (the discovery
+    conformance suite reports ``time.sleep``, blocking sockets and name lookups in ``watch``).
+
+    Optionally a Discovery has ``async def resolve_once(self) -> list[Endpoint]``: resolve
+    once and return the endpoints, raising with a clear message on failure. It is a
+    convention, not a hook; ``meshcore check-config --resolve`` uses it to check each
+    service's discovery before a deploy.
     """
 
 
@@ -103,7 +122,8 @@ def meshcore_balancer(kind: str, settings: Settings, upstream: Upstream) -> Bala
     (O(1) or O(log n): precompute when ``snapshot.version`` changes, never per pick) and may
     have ``observe(outcome)`` to learn from results. It must skip endpoints for which
     ``upstream.is_ejected(endpoint)`` is true unless every endpoint is ejected (panic mode:
-    call ``upstream.count_panic()``), and avoid ``exclude`` when another endpoint exists.
+    call ``upstream.count_panic()``), and avoid ``exclude`` when another endpoint exists,
+    for every request: a balancer that hashes a header still skips ejected endpoints.
     """
 
 
@@ -119,8 +139,9 @@ def meshcore_layer(kind: str, settings: Settings, upstream: Upstream) -> Layer |
     kinds. A ``meshcore.Layer`` is a callable taking the inner Service (``async (Request) ->
     Response``) and returning the wrapped Service. The core composes
     ``layers[0](layers[1](...(terminal)))`` in config order, outermost first, once. A layer
-    must not hold a lock across the inner call, and must release a response it discards
-    (``await response.aclose()``).
+    must not hold a lock across the inner call, must give back what it holds for a request
+    (a concurrency slot, a budget token) in ``finally`` (a cancelled request raises no
+    ``Exception``), and must release a response it discards (``await response.aclose()``).
     """
 
 

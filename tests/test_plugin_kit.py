@@ -68,10 +68,10 @@ async def _build(mesh: meshcore.Mesh) -> None:
 @pytest.mark.anyio
 async def test_the_factory_gets_the_converted_default() -> None:
     seen: list[Any] = []
-    plugin = layer_plugin({"timeout": Setting("duration", "1m")}, seen)
+    plugin = layer_plugin({"timeout": Setting("duration", "250ms"), "every": Setting("duration", "1m")}, seen)
     config = {"services": {"svc": static_service(["127.0.0.1:9"], resilience=["probe"])}}
     await _build(meshcore.Mesh(config, [], extra_plugins=[("probe", plugin)]))
-    assert seen[0].timeout == 60.0
+    assert (seen[0].timeout, seen[0].every) == (0.25, 60.0)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +280,8 @@ async def test_pluggy_monitoring_sees_every_factory_call(upstream: Any) -> None:
     config = {
         "services": {"orders": static_service([server, server], balancer="last", resilience=["probe"])}
     }
-    mesh = meshcore.Mesh(config, [], extra_plugins=[("last", Last()), ("probe", layer_plugin({}, []))])
+    extra = [("greedy", Greedy()), ("last", Last()), ("probe", layer_plugin({}, []))]
+    mesh = meshcore.Mesh(config, [], extra_plugins=extra)
     calls: list[tuple[str, list[str]]] = []
 
     def before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
@@ -293,8 +294,7 @@ async def test_pluggy_monitoring_sees_every_factory_call(upstream: Any) -> None:
     finally:
         undo()
     called = dict(calls)
-    # only the owner's implementation is in the call (no other plugin implements these here,
-    # so the owner-only subset shows in that a greedy plugin is absent in the test above)
+    # greedy implements meshcore_balancer too: only the owner of "last" is in the call
     assert called["meshcore_balancer"] == ["last"]
     assert called["meshcore_layer"] == ["probe"]
     assert called["meshcore_discovery"] == ["static"]
@@ -341,3 +341,17 @@ def test_an_unknown_kind_names_the_plugin_list_instead_of_asking_to_add_a_listed
     message = str(info.value)
     assert "unknown layer kind 'stamp': no plugin in the plugin list (static, sidecar, demo, stamp)" in message
     assert "check that plugin's meshcore_kinds" in message
+
+
+def test_docstrings_point_at_docs_sections_that_exist() -> None:
+    """`(see docs/x.md, "Section")` in the code names a heading that is there."""
+    import re
+
+    cited = []
+    for path in (ROOT / "meshcore").rglob("*.py"):
+        for doc, section in re.findall(r'docs/([\w-]+\.md)[,:]? \(?"([^"]+)"', path.read_text()):
+            cited.append((path.name, doc, " ".join(section.replace("#", " ").split())))
+    assert ("_models.py", "writing-a-plugin.md", "The Request and Response a layer sees") in cited
+    for source, doc, section in cited:
+        headings = re.findall(r"^#+ (.+)$", (ROOT / "docs" / doc).read_text(), re.M)
+        assert any(section.lower() in h.lower() for h in headings), f"{source} cites {doc}, {section!r}"

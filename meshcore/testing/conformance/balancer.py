@@ -13,6 +13,9 @@ pytest collects the inherited tests in the subclass (the base class name does no
 
 What is checked (hookspecs.py, `meshcore_balancer`, is the source of the rules):
 
+- picks are made for requests with varied headers, paths and queries (and some with none;
+  override `request(n)` to add the header your balancer hashes), and every rule below holds
+  for all of them;
 - `pick` is synchronous and returns an endpoint of the snapshot it was given, and every endpoint
   of an equal-weight snapshot is reached;
 - a new snapshot is followed at once (removed endpoints are never picked again);
@@ -21,12 +24,16 @@ What is checked (hookspecs.py, `meshcore_balancer`, is the source of the rules):
 - endpoints in `exclude` are avoided whenever another non-ejected endpoint exists, and an
   endpoint is still returned when everything is excluded;
 - `observe(outcome)`, when the balancer has it, takes successes, 5xx and errors without raising;
+- real requests with those headers reach every upstream, and none reaches an ejected one;
+- the plugin's factories answer None for every kind it does not declare (the core asks only a
+  kind's owner, but a factory that answers for others is a bug waiting for another host);
 - an unknown setting in the kind's table is a `ConfigError` naming the key path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -34,6 +41,7 @@ import pytest
 
 from ... import ConfigError, Endpoint, EndpointConnectError, Outcome, Request, Upstream
 from .._helpers import static_service
+from ._kinds import answers_for_foreign_kinds
 
 __all__ = ["BalancerConformance"]
 
@@ -77,9 +85,26 @@ class BalancerConformance:
             assert upstream.snapshot.endpoints, "static discovery did not publish"
             yield upstream
 
-    @staticmethod
-    def pick(upstream: Upstream, exclude: Sequence[Endpoint] = ()) -> Endpoint:
-        request = Request("GET", f"http://{_SERVICE}/")
+    def request(self, n: int) -> Request:
+        """The `n`-th request the picks are made for. Three in four carry headers, a path and a
+        query that change from pick to pick (what a hashing balancer keys on), one in four none
+        at all, so every path through a balancer is held to the same rules. Override it to add
+        the header your balancer reads."""
+        if n % 4 == 0:
+            return Request("GET", f"http://{_SERVICE}/")
+        headers = [
+            ("x-request-id", f"r{n}"),
+            ("x-user-id", f"user-{n % 37}"),
+            ("x-tenant", f"t{n % 11}"),
+            ("cookie", f"session=s{n % 29}"),
+            ("authorization", f"Bearer k{n % 31}"),
+            ("user-agent", f"conformance/{n % 7}"),
+        ]
+        return Request("GET", f"http://{_SERVICE}/items/{n % 41}?page={n % 13}", headers)
+
+    def pick(self, upstream: Upstream, exclude: Sequence[Endpoint] = ()) -> Endpoint:
+        n = self.__dict__.setdefault("_count", itertools.count())
+        request = self.request(next(n))
         assert upstream.balancer is not None, "the service has no balancer"
         return upstream.balancer.pick(upstream.snapshot, request, tuple(exclude))
 
@@ -186,10 +211,30 @@ class BalancerConformance:
             self.config(servers), plugins=list(self.plugins), extra_plugins=self.extra_plugins
         )
         async with mesh, mesh.client() as client:
-            for _ in range(60):
-                response = await client.get(f"http://{_SERVICE}/")
+            for n in range(60):
+                request = self.request(n)
+                response = await client.get(
+                    str(request.url), headers=[(k.decode(), v.decode()) for k, v in request.headers]
+                )
+                assert response.status_code == 200
+            # with one endpoint ejected, no request reaches it, headers or not
+            upstream = mesh.upstream(_SERVICE)
+            ejected = next(ep for ep in upstream.snapshot.endpoints if ep.port == servers[0].port)
+            upstream.eject(ejected, 60)
+            before = len(servers[0].seen)
+            for n in range(60):
+                request = self.request(n)
+                response = await client.get(
+                    str(request.url), headers=[(k.decode(), v.decode()) for k, v in request.headers]
+                )
                 assert response.status_code == 200
         assert all(server.seen for server in servers), [len(s.seen) for s in servers]
+        assert len(servers[0].seen) == before, "requests reached an ejected endpoint"
+
+    async def test_factory_answers_only_for_its_own_kinds(self, mesh_factory: Any) -> None:
+        async with self.running(mesh_factory, endpoints(2)) as upstream:
+            wrong = answers_for_foreign_kinds(upstream.mesh, self.kind)
+        assert not wrong, "\n".join(wrong)
 
     async def test_unknown_setting_is_a_config_error_naming_the_key(self, mesh_factory: Any) -> None:
         config = self.config(endpoints(2), **{self.kind: {**self.settings, "no-such-key": 1}})

@@ -27,18 +27,30 @@ What is checked, on asyncio and trio (a test needing a fixture you do not define
   `follow_within` seconds.
 - cancellation is clean: cancelling `watch` (mid-query and while idle) ends it within
   `cancel_within` seconds, with nothing but the cancellation, and it can be watched again.
+- no blocking: while `watch` runs (in every test above), no blocking call is made on the event
+  loop's thread (`time.sleep`, a blocking socket's connect or send, a name lookup outside the
+  async libraries, `urllib`), and the loop never stalls longer than `blocking_limit` seconds.
+- the sink is the real one's shape: `publish`, `error` and `add_state(name, provider)`; what a
+  provider returns must be JSON-ready.
+- with `kind` and `plugins` set, the plugin's factories answer None for kinds not its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
 import pytest
 
+import meshcore
 from meshcore import Endpoint
+
+from .._blocking import LoopBlockingCheck
+from .._helpers import static_service
+from ._kinds import answers_for_foreign_kinds
 
 __all__ = ["DiscoveryConformance", "RecordingSink", "SourceControl"]
 
@@ -46,10 +58,16 @@ __all__ = ["DiscoveryConformance", "RecordingSink", "SourceControl"]
 class RecordingSink:
     """A DiscoverySink that records what it was told and lets a test wait for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "svc") -> None:
+        self.name = name
         self.published: list[tuple[Endpoint, ...]] = []
         self.errors: list[BaseException] = []
+        self.state: dict[str, Callable[[], Any]] = {}
         self._changed = anyio.Event()
+
+    def add_state(self, name: str, provider: Callable[[], Any]) -> None:
+        """As `Upstream.add_state`: the discovery's own state, shown in `mesh.state()`."""
+        self.state[name] = provider
 
     def publish(self, endpoints: Any) -> None:
         self.published.append(tuple(endpoints))
@@ -103,6 +121,14 @@ class DiscoveryConformance:
     publish_within: float = 5.0
     follow_within: float = 10.0
     cancel_within: float = 1.0
+    #: The longest the event loop may stall while `watch` runs (seconds); blocking calls
+    #: (`time.sleep`, blocking sockets, name lookups) are reported however short they are.
+    blocking_limit: float = 1.0
+    #: The plugin list and discovery kind, to check the plugin's factories answer only for
+    #: their own kinds (optional: without `kind` that check is skipped, saying so).
+    plugins: ClassVar[Sequence[str]] = ()
+    extra_plugins: ClassVar[Sequence[tuple[str, Any]]] = ()
+    kind: ClassVar[str] = ""
 
     pytestmark = pytest.mark.anyio
 
@@ -135,11 +161,20 @@ class DiscoveryConformance:
                 return
             await anyio.sleep_forever()  # a static source may return after publishing
 
-        async with anyio.create_task_group() as tg:
+        check = LoopBlockingCheck(self.blocking_limit)
+        self._check = check
+        async with check.running(), anyio.create_task_group() as tg:
             tg.start_soon(watcher)
             await body()
             tg.cancel_scope.cancel()
+        problems = check.problems()
+        assert not problems, "watch must not block (use anyio's sockets, sleeps, to_thread): " + "; ".join(problems)
         return raised
+
+    async def _source(self, control: Callable[[], Any]) -> None:
+        """Run a `SourceControl` step; the test's own setup is not judged for blocking."""
+        with self._check.pause():
+            await _call(control)
 
     async def test_publishes_within_bound(self, discovery: Any) -> None:
         sink = RecordingSink()
@@ -154,6 +189,18 @@ class DiscoveryConformance:
         assert all(isinstance(ep, Endpoint) for ep in first), f"not Endpoints: {first!r}"
         assert len(set(first)) == len(first), f"duplicate endpoints: {first!r}"
         assert not sink.errors, f"errors reported for a healthy source: {sink.errors!r}"
+        for provider in sink.state.values():
+            json.dumps(provider())  # what add_state shows must be JSON-ready (mesh.state())
+
+    async def test_factory_answers_only_for_its_own_kinds(self) -> None:
+        if not self.kind:
+            pytest.skip("set `kind` and `plugins` on the subclass to check the plugin's factories")
+        config = {"services": {"svc": static_service(["127.0.0.1:9"])}}
+        mesh = meshcore.Mesh(config, list(self.plugins), extra_plugins=list(self.extra_plugins))
+        async with mesh:
+            assert mesh.plugins.kinds[self.kind].family == "discovery"
+            wrong = answers_for_foreign_kinds(mesh, self.kind)
+        assert not wrong, "\n".join(wrong)
 
     async def test_survives_errors(self, broken_discovery: Any) -> None:
         sink = RecordingSink()
@@ -172,12 +219,12 @@ class DiscoveryConformance:
             await sink.wait_for(lambda: bool(sink.published), self.publish_within, "a first publish")
             before, published = sink.published[-1], len(sink.published)
             errors = len(sink.errors)
-            await _call(source.break_)
+            await self._source(source.break_)
             await sink.wait_for(
                 lambda: len(sink.errors) > errors, self.follow_within, "an error after the outage"
             )
             assert all(p for p in sink.published[published:]), "published an empty set in the outage"
-            await _call(source.restore_changed)
+            await self._source(source.restore_changed)
             await sink.wait_for(
                 lambda: sink.last is not None and set(sink.last) != set(before),
                 self.follow_within,

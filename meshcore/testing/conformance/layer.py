@@ -11,6 +11,7 @@ tests, each on asyncio and trio, against real loopback upstreams:
         extra_plugins = []                   # (name, object) pairs registered inline
         settings = {"attempts": 2}           # the kind's table for the service
         bad_settings = {"attempts": 0}       # each must fail at load naming the key path
+        in_flight = 16                       # requests the layer lets through at once (≥ 2)
 
 What it checks (the rules in hookspecs.meshcore_layer and docs):
 
@@ -20,8 +21,12 @@ What it checks (the rules in hookspecs.meshcore_layer and docs):
   request body, method and target;
 - endpoint errors still reach the caller as `httpx.HTTPError` subclasses naming the service;
 - a bad setting fails at load with a `ConfigError` naming the key path;
-- concurrent requests all succeed and leave no in-flight count behind;
-- a request cancelled mid-flight leaves the layer working and no in-flight count behind;
+- the plugin's factories answer None for every kind it does not declare;
+- concurrent requests all succeed and leave no in-flight count behind, and they reach the
+  endpoint together (a lock held across the inner call shows as one at a time);
+- a request cancelled mid-flight leaves the layer working and no in-flight count behind, and
+  after `in_flight` requests were cancelled together (twice), `in_flight` concurrent requests
+  all succeed (a concurrency slot not returned on cancellation shows as a refusal or a hang);
 - `mesh.state()` stays JSON-serializable with the layer in place.
 """
 
@@ -38,6 +43,8 @@ import pytest
 import meshcore
 from meshcore.testing import free_port, static_service
 
+from ._kinds import answers_for_foreign_kinds
+
 __all__ = ["LayerConformance"]
 
 
@@ -51,6 +58,9 @@ class LayerConformance:
     bad_settings: ClassVar[Mapping[str, Any]] = {}
     #: Other layers to stack with it (outermost first); the kind under test is added last.
     other_layers: ClassVar[Sequence[str]] = ()
+    #: How many requests the layer, with `settings`, lets through at once (at least 2): a
+    #: concurrency limiter sets its limit here, so the suite can see a slot it failed to return.
+    in_flight: ClassVar[int] = 16
 
     pytestmark = pytest.mark.anyio
 
@@ -75,17 +85,12 @@ class LayerConformance:
         for name, setting in declared.settings.items():
             assert setting.help, f"setting {self.kind}.{name} has no help text"
 
-    async def test_factory_answers_none_for_other_kinds(
+    async def test_factory_answers_only_for_its_own_kinds(
         self, upstream: Any, mesh_factory: Any
     ) -> None:
-        mesh = self.make_mesh(mesh_factory, [upstream()])
-        owner = mesh.plugins.kind_owner[self.kind]
-        plugin = mesh.plugins.pm.get_plugin(owner)
-        async with mesh:
-            up = mesh.upstream("svc")
-            assert plugin.meshcore_layer(
-                kind="no-such-kind-" + self.kind, settings=meshcore.Settings(), upstream=up
-            ) is None
+        async with self.make_mesh(mesh_factory, [upstream()]) as mesh:
+            wrong = answers_for_foreign_kinds(mesh, self.kind)
+        assert not wrong, "\n".join(wrong)
 
     async def test_bad_settings_fail_at_load_with_the_key_path(
         self, upstream: Any, mesh_factory: Any
@@ -178,8 +183,90 @@ class LayerConformance:
             assert all(st.in_flight == 0 for st in stats.values())
         assert response.status_code == 200
 
+    async def test_requests_overlap_through_the_layer(
+        self, upstream: Any, mesh_factory: Any
+    ) -> None:
+        server = upstream()
+        async with self.make_mesh(mesh_factory, [server]) as mesh, mesh.client() as client:
+            up = mesh.upstream("svc")
+            finished = [0]
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(self.in_flight, 4)):
+                    tg.start_soon(_quietly, client.get, "http://svc/delay/30", finished)
+                # loopback requests reach the endpoint in milliseconds; 3 s is for a loaded box
+                most = await _most_in_flight(up, min(self.in_flight, 4), 3.0, finished)
+                tg.cancel_scope.cancel()
+        assert most >= 2, (
+            f"at most {most} request(s) reached the endpoint at once out of "
+            f"{min(self.in_flight, 4)} sent together: the layer lets one through at a time "
+            "(a lock held across `await inner(request)`?)"
+        )
+
+    async def test_cancelling_many_requests_in_flight_returns_every_slot(
+        self, upstream: Any, mesh_factory: Any
+    ) -> None:
+        server = upstream()
+        count = self.in_flight
+        async with self.make_mesh(mesh_factory, [server]) as mesh, mesh.client() as client:
+            up = mesh.upstream("svc")
+            for _round in range(2):
+                finished = [0]
+                async with anyio.create_task_group() as tg:
+                    for _ in range(count):
+                        tg.start_soon(_quietly, client.get, "http://svc/delay/30", finished)
+                    await _most_in_flight(up, count, 5.0, finished)
+                    tg.cancel_scope.cancel()
+            answers: list[Any] = []
+
+            async def one() -> None:
+                try:
+                    answers.append((await client.get("http://svc/")).status_code)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    answers.append(f"{type(exc).__name__}: {exc}")
+
+            with anyio.move_on_after(10) as waited:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(count):
+                        tg.start_soon(one)
+            assert not waited.cancelled_caught, (
+                f"after {2 * count} requests were cancelled in flight, {count} new ones did not "
+                f"finish in 10 s ({len(answers)} did): the layer keeps slots or a lock of "
+                "cancelled requests (release them in `finally`)"
+            )
+            assert all(st.in_flight == 0 for st in up.stats.values())
+        failed = [a for a in answers if a != 200]
+        assert not failed, (
+            f"after {2 * count} requests were cancelled in flight, {len(failed)} of {count} "
+            f"concurrent requests failed ({failed[:3]}): the layer leaks a slot when a request "
+            "is cancelled (release it in `finally`, not `except Exception`)"
+        )
+
     async def test_state_is_json_serializable(self, upstream: Any, mesh_factory: Any) -> None:
         server = upstream()
         async with self.make_mesh(mesh_factory, [server]) as mesh, mesh.client() as client:
             await client.get("http://svc/")
             json.dumps(mesh.state())
+
+
+async def _quietly(send: Any, url: str, finished: list[int]) -> None:
+    """Send a request that the test will cancel; its own failure is not what is judged."""
+    try:
+        await send(url)
+    except Exception:  # noqa: BLE001, S110 - a refused request is judged by the test's checks
+        pass
+    finished[0] += 1
+
+
+async def _most_in_flight(upstream: Any, wanted: int, within: float, finished: list[int]) -> int:
+    """The most requests seen in flight at the endpoints at once, polled until `wanted` are in
+    flight or over (refused by the layer), or `within` seconds pass (the count lives in the
+    Upstream; nothing signals it)."""
+    most = 0
+    with anyio.move_on_after(within):
+        while True:
+            now = sum(st.in_flight for st in upstream.stats.values())
+            most = max(most, now)
+            if now + finished[0] >= wanted:
+                break
+            await anyio.sleep(0.005)
+    return most

@@ -50,6 +50,9 @@ class RestartableRegistry:
 
 
 class TestConsulConformance(DiscoveryConformance):
+    plugins = ["consul"]
+    kind = "consul"
+
     @pytest.fixture
     def source_registry(self) -> Iterator[RestartableRegistry]:
         source = RestartableRegistry()

@@ -19,6 +19,8 @@ def make(port: int, name: str = "orders.mesh.test") -> DnsDiscovery:
 
 class TestDnsConformance(DiscoveryConformance):
     follow_within = 5.0
+    plugins = ["dns"]
+    kind = "dns"
 
     @pytest.fixture
     def server(self, dnsmasq):
