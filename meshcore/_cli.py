@@ -312,7 +312,8 @@ def check_config(obj: Context, path: str | None, resolve: bool, output: str) -> 
     _print_resolved(resolved or [])
     if not ok:
         sys.exit(1)
-    click.echo(f"{path}: ok ({len(mesh.config.services)} services, plugins: {', '.join(mesh.plugins.names)})")
+    count = len(mesh.config.services)
+    click.echo(f"{path}: ok ({count} service{'s' if count != 1 else ''}, plugins: {', '.join(mesh.plugins.names)})")
 
 
 def _endpoints(count: int) -> str:
