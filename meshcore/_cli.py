@@ -236,7 +236,7 @@ def plugins_command(obj: Context, output: str) -> None:
     except PluginError as exc:
         error = str(exc)
         loaded = None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(installed):
         info = installed[name]
         in_list = loaded is not None and name in loaded.names
