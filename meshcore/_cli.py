@@ -98,9 +98,8 @@ def shared_options(command: click.Command) -> click.Command:
 
     The options merge into the `meshcore` group's choice (every `-p` adds a plugin, the last
     `-c` wins), so `meshcore registry -p consul` means `meshcore -p consul registry`. The
-    `meshcore` group applies this to every command it is given, plugin commands included; a
-    plugin needs it only for commands it runs outside `meshcore`. A flag the command already
-    uses for something else is left to it.
+    `meshcore` group applies this to every command it is given, plugin commands included, so
+    plugins need not. A flag the command already uses for something else is left to it.
     """
     taken = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
     names = {param.name for param in command.params}
