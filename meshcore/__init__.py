@@ -22,6 +22,7 @@ from ._errors import (
     NoEndpoints,
     PluginError,
     RetriesExhausted,
+    UnknownService,
 )
 from ._mesh import Mesh
 from ._models import URL, Headers, Request, Response
@@ -72,6 +73,7 @@ __all__ = [
     "Settings",
     "Snapshot",
     "URL",
+    "UnknownService",
     "Upstream",
     "compose",
     "hookimpl",

@@ -98,9 +98,8 @@ def shared_options(command: click.Command) -> click.Command:
 
     The options merge into the `meshcore` group's choice (every `-p` adds a plugin, the last
     `-c` wins), so `meshcore registry -p consul` means `meshcore -p consul registry`. The
-    `meshcore` group applies this to every command it is given, plugin commands included; a
-    plugin needs it only for commands it runs outside `meshcore`. A flag the command already
-    uses for something else is left to it.
+    `meshcore` group applies this to every command it is given, plugin commands included, so
+    plugins need not. A flag the command already uses for something else is left to it.
     """
     taken = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
     names = {param.name for param in command.params}
@@ -236,7 +235,7 @@ def plugins_command(obj: Context, output: str) -> None:
     except PluginError as exc:
         error = str(exc)
         loaded = None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(installed):
         info = installed[name]
         in_list = loaded is not None and name in loaded.names
@@ -312,7 +311,8 @@ def check_config(obj: Context, path: str | None, resolve: bool, output: str) -> 
     _print_resolved(resolved or [])
     if not ok:
         sys.exit(1)
-    click.echo(f"{path}: ok ({len(mesh.config.services)} services, plugins: {', '.join(mesh.plugins.names)})")
+    count = len(mesh.config.services)
+    click.echo(f"{path}: ok ({count} service{'s' if count != 1 else ''}, plugins: {', '.join(mesh.plugins.names)})")
 
 
 def _endpoints(count: int) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "NoEndpoints",
     "PluginError",
     "RetriesExhausted",
+    "UnknownService",
 ]
 
 
@@ -131,6 +132,20 @@ class EndpointConnectError(EndpointError, httpx.ConnectError):
         replayable: bool = True,
     ) -> None:
         super().__init__(message, service=service, endpoint=endpoint, replayable=replayable)
+
+
+class UnknownService(MeshError, httpx.ConnectError):
+    """A single-label host that is not a mesh service and does not resolve either: most likely
+    a typo of a service name. `suggestions` are the close service names, `services` all of them.
+    """
+
+    def __init__(
+        self, message: str, *, host: str, suggestions: list[str], services: list[str]
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.suggestions = suggestions
+        self.services = services
 
 
 class EndpointReadError(EndpointError, httpx.ReadError):

@@ -2,17 +2,21 @@
 
 A request whose host is a mesh service becomes a mesh `Request` and goes through that
 service's pipeline; any other host passes through to httpx's own transport (unless the config
-sets `[mesh] pass_through = false`).
+sets `[mesh] pass_through = false`). A single-label host that then does not resolve is most
+likely a typo of a service name (`http://ordres/`), so that failure says which services exist
+and which one was probably meant, instead of the resolver's bare "Name or service not known".
 """
 
 from __future__ import annotations
 
+import difflib
+import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ._errors import MeshError, MeshNotRunning
+from ._errors import MeshError, MeshNotRunning, UnknownService
 from ._models import URL, Headers, Request
 
 if TYPE_CHECKING:
@@ -93,15 +97,52 @@ class MeshTransport(httpx.AsyncBaseTransport):
 
     async def _pass(self, request: httpx.Request) -> httpx.Response:
         if not self._pass_through:
+            host = request.url.host
             raise MeshError(
-                f"host {request.url.host!r} is not a mesh service and pass-through is off "
-                f"(services: {', '.join(self._services) or 'none'})"
+                f"host {host!r} is not a mesh service and pass-through is off "
+                f"(services: {', '.join(self._services) or 'none'}).{_did_you_mean(host, self._services)}"
             )
         if self._passthrough is None:
             self._passthrough = httpx.AsyncHTTPTransport()
-        return await self._passthrough.handle_async_request(request)
+        try:
+            return await self._passthrough.handle_async_request(request)
+        except httpx.ConnectError as exc:
+            host = request.url.host
+            if "." in host or ":" in host or not _did_not_resolve(exc):
+                raise
+            services = list(self._services)
+            suggestions = difflib.get_close_matches(host, services, n=3)
+            unknown = UnknownService(
+                f"host {host!r} is not a mesh service and does not resolve ({exc}).{_did_you_mean(host, services)} "
+                f"Mesh services: {_listing(services)}.",
+                host=host, suggestions=suggestions, services=services,
+            )
+            unknown.request = request
+            raise unknown from exc
 
     async def aclose(self) -> None:
         if self._passthrough is not None:
             await self._passthrough.aclose()
             self._passthrough = None
+
+
+def _did_you_mean(host: str, services: Any) -> str:
+    close = difflib.get_close_matches(host, list(services), n=3)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _listing(services: list[str], most: int = 20) -> str:
+    if len(services) <= most:
+        return ", ".join(services) or "none"
+    return f"{', '.join(services[:most])}, ... ({len(services)} in all)"
+
+
+def _did_not_resolve(exc: BaseException) -> bool:
+    """Whether a connect failure was the name lookup (httpx keeps the resolver's gaierror in
+    the cause chain on asyncio and trio alike)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

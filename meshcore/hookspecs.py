@@ -264,7 +264,11 @@ def meshcore_cli(cli: click.Group) -> None:
     """Add subcommands to the ``meshcore`` command (``cli.add_command(...)``).
 
     Called when the command line starts, for plugins in the plugin list. Must not do work
-    beyond defining commands.
+    beyond defining commands. The group adds ``-c/--config`` and ``-p/--plugin`` to each
+    command (and each subcommand of a group) it is given, so do not use those flags for
+    anything else. Declare each command's name in the entry-point group ``meshcore.commands``
+    of your distribution (``registry = "meshcore_consul._cli:registry_command"``): that is how
+    ``meshcore registry`` without the plugin in the list names your plugin without importing it.
     """
 
 

@@ -238,3 +238,9 @@ def test_shell_completion_completes_subcommands():
     })
     assert result.returncode == 0, result.stderr
     assert {"plain,check", "plain,check-config"} <= set(result.stdout.split())
+
+
+def test_version_names_the_distribution():
+    result = meshcore_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"meshcore, version {meshcore.__version__}\n"

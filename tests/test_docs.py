@@ -126,3 +126,47 @@ def test_toml_examples_in_the_docs_are_valid_configs(block):
         if not shown:
             service["static"] = {"endpoints": ["127.0.0.1:1"]}
     Mesh(MeshConfig.from_dict(data, source="docs"), plugins)
+
+
+def console_examples(doc: Path) -> list[tuple[str, list[str]]]:
+    """(command, shown output lines) for each `$ ` line of the doc's ```console blocks."""
+    examples: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", doc.read_text(), re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                examples.append((line[2:], []))
+            elif examples:
+                examples[-1][1].append(line)
+    return examples
+
+
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ")
+
+
+@pytest.mark.parametrize(
+    "command, shown", console_examples(ROOT / "docs" / "cli.md"), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_cli_md_commands_run_and_print_what_the_page_shows(tmp_path, command, shown):
+    """Each `$ ` line of docs/cli.md runs in a directory holding the page's mesh.toml and exits
+    as the page says (`# exits N`, else 0), printing every line the page shows under it
+    (timestamps aside; `...` stands for lines left out)."""
+    import os
+    import subprocess
+
+    [config] = re.findall(r"```toml\n(.*?)```", (ROOT / "docs" / "cli.md").read_text(), re.S)
+    (tmp_path / "mesh.toml").write_text(config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCORE_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=60, check=False)
+    output = _TIMESTAMP.sub("<time>", result.stdout + result.stderr)
+    expected = int(m.group(1)) if (m := re.search(r"# exits (\d+)", command)) else 0
+    shown = [_TIMESTAMP.sub("<time>", line) for line in shown if line != "..."]
+    if "✗ listener " in output:
+        # A default sidecar port taken by another process on this machine is the machine's
+        # state, not the page's: the other lines must still be as shown.
+        expected = 1
+        shown = [line for line in shown if "listener" not in line and "checks passed" not in line]
+    assert result.returncode == expected, output
+    for line in shown:
+        assert line in output.splitlines(), f"docs/cli.md shows {line!r}; got:\n{output}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import meshcore
@@ -67,6 +67,7 @@ def _amount() -> st.SearchStrategy[str]:
     return whole | decimal
 
 
+@settings(deadline=None)  # parsing is fast; a loaded CI machine is not
 @given(st.lists(st.tuples(_amount(), st.sampled_from(sorted(UNITS))), min_size=1, max_size=6))
 def test_compound_durations_round_trip(parts):
     text = "".join(amount + unit for amount, unit in parts)

@@ -4,6 +4,7 @@ config names answers, and each consul service has a passing instance right now."
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -35,9 +36,9 @@ def consul_probes(config: meshcore.MeshConfig, section: str) -> list[Callable[[]
         agents.setdefault(agent.address.url, (agent, []))[1].append(f"{section}.agent")
     probes: list[Callable[[], Awaitable[Any]]] = []
     for url, (agent, keys) in agents.items():
-        probes.append(lambda url=url, agent=agent, keys=keys: _agent_check(url, agent, keys))
+        probes.append(partial(_agent_check, url, agent, keys))
     for name, settings in services:
-        probes.append(lambda name=name, settings=settings: _service_check(name, settings))
+        probes.append(partial(_service_check, name, settings))
     return probes
 
 
