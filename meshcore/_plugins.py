@@ -12,7 +12,7 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -21,7 +21,17 @@ from ._errors import PluginError
 from ._settings import Setting
 
 if TYPE_CHECKING:
+    import ssl
+    from contextlib import AbstractAsyncContextManager
+
+    import click
+
+    from ._endpoints import Endpoint
+    from ._mesh import Mesh
+    from ._models import Request
+    from ._service import Balancer, Discovery, Layer
     from ._settings import Settings
+    from ._upstream import Upstream
 
 __all__ = ["Kind", "PluginInfo", "Plugins", "hookimpl", "installed_plugins", "resolve_plugin_list"]
 
@@ -214,37 +224,40 @@ class Plugins:
                 return ensure_not_awaitable(result, hook, impl.plugin_name)
         return None
 
-    def discovery(self, kind: str, settings: Settings, service: str) -> Any:
-        found = self._first("meshcore_discovery", kind=kind, settings=settings, service=service)
+    def discovery(self, kind: str, settings: Settings, service: str) -> Discovery:
+        found: Discovery | None = self._first("meshcore_discovery", kind=kind, settings=settings, service=service)
         if found is None:
             raise PluginError(f"plugin {self.kind_owner.get(kind)!r} gave no discovery for {kind!r}")
         return found
 
-    def balancer(self, kind: str, settings: Settings, upstream: Any) -> Any:
-        found = self._first("meshcore_balancer", kind=kind, settings=settings, upstream=upstream)
+    def balancer(self, kind: str, settings: Settings, upstream: Upstream) -> Balancer:
+        found: Balancer | None = self._first("meshcore_balancer", kind=kind, settings=settings, upstream=upstream)
         if found is None:
             raise PluginError(f"plugin {self.kind_owner.get(kind)!r} gave no balancer for {kind!r}")
         return found
 
-    def layer(self, kind: str, settings: Settings, upstream: Any) -> Any:
-        found = self._first("meshcore_layer", kind=kind, settings=settings, upstream=upstream)
+    def layer(self, kind: str, settings: Settings, upstream: Upstream) -> Layer:
+        found: Layer | None = self._first("meshcore_layer", kind=kind, settings=settings, upstream=upstream)
         if found is None:
             raise PluginError(f"plugin {self.kind_owner.get(kind)!r} gave no layer for {kind!r}")
         return found
 
-    def client_tls(self, service: str, mesh: Any) -> Any:
-        return self._first("meshcore_client_tls", service=service, mesh=mesh)
+    def client_tls(self, service: str, mesh: Mesh) -> ssl.SSLContext | None:
+        context: ssl.SSLContext | None = self._first("meshcore_client_tls", service=service, mesh=mesh)
+        return context
 
-    def server_tls(self, mesh: Any) -> Any:
-        return self._first("meshcore_server_tls", mesh=mesh)
+    def server_tls(self, mesh: Mesh) -> ssl.SSLContext | None:
+        context: ssl.SSLContext | None = self._first("meshcore_server_tls", mesh=mesh)
+        return context
 
-    def check_peer(self, service: str, endpoint: Any, peer: Any, mesh: Any) -> None:
+    def check_peer(self, service: str, endpoint: Endpoint, peer: ssl.SSLObject, mesh: Mesh) -> None:
         self.pm.hook.meshcore_check_peer(service=service, endpoint=endpoint, peer=peer, mesh=mesh)
 
-    def authorize(self, request: Any, peer: Any, mesh: Any) -> str | None:
-        return cast("str | None", self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh))
+    def authorize(self, request: Request, peer: ssl.SSLObject | None, mesh: Mesh) -> str | None:
+        reason: str | None = self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
+        return reason
 
-    def lifespans(self, mesh: Any) -> list[Any]:
+    def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         results = []
         for impl in reversed(self.pm.hook.meshcore_lifespan.get_hookimpls()):
             result = impl.function(mesh=mesh)
@@ -252,14 +265,14 @@ class Plugins:
                 results.append(ensure_not_awaitable(result, "meshcore_lifespan", impl.plugin_name))
         return results
 
-    def local_health(self, mesh: Any) -> list[tuple[str, str]]:
+    def local_health(self, mesh: Mesh) -> list[tuple[str, str]]:
         return [r for r in self.pm.hook.meshcore_local_health(mesh=mesh) if r is not None]
 
-    def add_cli(self, cli: Any) -> None:
+    def add_cli(self, cli: click.Group) -> None:
         self.pm.hook.meshcore_cli(cli=cli)
 
     @property
-    def events(self) -> Any:
+    def events(self) -> pluggy.HookRelay:
         """`pm.hook`, for firing event hooks (`plugins.events.meshcore_endpoints_changed(...)`)."""
         return self.pm.hook
 

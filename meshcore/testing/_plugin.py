@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ._helpers import require_binary as _require_binary
 from ._server import UpstreamServer
+
+if TYPE_CHECKING:
+    from .. import Mesh
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -42,11 +45,11 @@ def upstream() -> Iterator[Callable[..., UpstreamServer]]:
 
 
 @pytest.fixture
-def mesh_factory() -> Callable[..., Any]:
+def mesh_factory() -> Callable[..., Mesh]:
     """`mesh_factory(config_dict, plugins=[...], extra_plugins=[(name, obj)])` -> Mesh."""
     from .. import Mesh
 
-    def make(config: Any = None, plugins: list[str] | None = None, **kwargs: Any) -> Any:
+    def make(config: Any = None, plugins: list[str] | None = None, **kwargs: Any) -> Mesh:
         return Mesh(config, plugins if plugins is not None else [], **kwargs)
 
     return make
