@@ -140,7 +140,7 @@ class Plugins:
     The core calls these methods, never `pm.hook.<name>` directly.
     """
 
-    def __init__(self, names: Iterable[str] = (), *, extra: Iterable[tuple[str, Any]] = ()):
+    def __init__(self, names: Iterable[str] = (), *, extra: Iterable[tuple[str, Any]] = ()) -> None:
         """Load `names` by entry point; `extra` adds (name, object) pairs already in hand
         (tests and embedders registering a plugin class inline)."""
         self.pm = pluggy.PluginManager(GROUP)
