@@ -1,7 +1,8 @@
 """What the type check promises beyond what mypy enforces by itself.
 
 mypy (`tox -e type`, `.ci/run`; settings in pyproject.toml's `[tool.mypy]`) checks the core,
-every plugin package and the documented example plugin, strictly. These tests keep the rest of
+every plugin package, the examples the docs show and tests/typecheck/public_api.py (documented
+calls with the types they must give), strictly. These tests keep the rest of
 the promise: every `# type: ignore` names its error code and says why, the public API is fully
 annotated and never in a module the check exempts, and CI runs the checker before the tests.
 """
@@ -41,10 +42,11 @@ def checked_files() -> list[Path]:
 
 
 def module_of(path: Path) -> str:
-    """`meshcore/_http/_client.py` -> `meshcore._http._client` (a plugin's from its folder)."""
+    """`meshcore/_http/_client.py` -> `meshcore._http._client` (a plugin's from its folder;
+    a file outside the packages, such as an example, by its path)."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    while parts[0] != "meshcore" and not parts[0].startswith("meshcore_"):
-        parts.pop(0)
+    top = next((i for i, p in enumerate(parts) if p == "meshcore" or p.startswith("meshcore_")), 0)
+    parts = parts[top:]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -72,6 +74,7 @@ def test_the_check_covers_the_core_and_every_plugin_package():
     packages = {module_of(f).split(".")[0] for f in files}
     plugins = {p.parent.name for p in ROOT.glob("plugins/*/meshcore_*/__init__.py")}
     assert {"meshcore", "meshcore_stamp", *plugins} <= packages
+    assert ROOT / "tests" / "typecheck" / "public_api.py" in files
     assert len(plugins) >= 7
 
 
