@@ -12,15 +12,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from ._helpers import require_binary as _require_binary
 from ._server import UpstreamServer
-
-if TYPE_CHECKING:
-    from .. import Mesh
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -45,11 +42,11 @@ def upstream() -> Iterator[Callable[..., UpstreamServer]]:
 
 
 @pytest.fixture
-def mesh_factory() -> Callable[..., Mesh]:
+def mesh_factory() -> Callable[..., Any]:
     """`mesh_factory(config_dict, plugins=[...], extra_plugins=[(name, obj)])` -> Mesh."""
     from .. import Mesh
 
-    def make(config: Any = None, plugins: list[str] | None = None, **kwargs: Any) -> Mesh:
+    def make(config: Any = None, plugins: list[str] | None = None, **kwargs: Any) -> Any:
         return Mesh(config, plugins if plugins is not None else [], **kwargs)
 
     return make
