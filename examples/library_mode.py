@@ -35,7 +35,7 @@ async def main(servers: list[UpstreamServer]) -> None:
     )
     async with meshcore.Mesh(config) as mesh:
         async with mesh.client() as client:
-            answered = Counter()
+            answered: Counter[str] = Counter()
             for _ in range(9):
                 response = await client.get("http://orders/items/7")
                 answered[response.headers["x-upstream"]] += 1

@@ -9,7 +9,7 @@ per service. Shutdown runs it backwards and leaves no task behind.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,7 @@ class Mesh:
 
     # -- state --------------------------------------------------------------------------------
 
-    def add_state(self, name: str, provider: Any) -> None:
+    def add_state(self, name: str, provider: Callable[[], Any]) -> None:
         """Show mesh-wide plugin state (registration, certificates) in `state()["state"][name]`;
         `provider()` returns something JSON-ready. Per-service state: `Upstream.add_state`."""
         self._state_providers[name] = provider

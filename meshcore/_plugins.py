@@ -12,7 +12,7 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -21,7 +21,17 @@ from ._errors import PluginError
 from ._settings import Setting, declared_defaults
 
 if TYPE_CHECKING:
+    import ssl
+    from contextlib import AbstractAsyncContextManager
+
+    import click
+
+    from ._endpoints import Endpoint
+    from ._mesh import Mesh
+    from ._models import Request
+    from ._service import Balancer, Discovery, Layer
     from ._settings import Settings
+    from ._upstream import Upstream
 
 __all__ = ["Kind", "PluginInfo", "Plugins", "hookimpl", "installed_plugins", "resolve_plugin_list"]
 
@@ -140,7 +150,7 @@ class Plugins:
     see it); factory hooks run only the implementation of the plugin that declared the kind.
     """
 
-    def __init__(self, names: Iterable[str] = (), *, extra: Iterable[tuple[str, Any]] = ()):
+    def __init__(self, names: Iterable[str] = (), *, extra: Iterable[tuple[str, Any]] = ()) -> None:
         """Load `names` by entry point; `extra` adds (name, object) pairs already in hand
         (tests and embedders registering a plugin class inline)."""
         self.pm = pluggy.PluginManager(GROUP)
@@ -294,41 +304,49 @@ class Plugins:
         code = getattr(result, "cr_code", None)
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             if code is not None and getattr(impl.function, "__code__", None) is code:
-                return impl.plugin_name
+                return str(impl.plugin_name)
         return "?"
 
-    def discovery(self, kind: str, settings: Settings, service: str) -> Any:
-        return self._owner_call(
+    def discovery(self, kind: str, settings: Settings, service: str) -> Discovery:
+        found: Discovery = self._owner_call(
             "meshcore_discovery", "discovery", kind, settings=settings, service=service
         )
+        return found
 
-    def balancer(self, kind: str, settings: Settings, upstream: Any) -> Any:
-        return self._owner_call(
+    def balancer(self, kind: str, settings: Settings, upstream: Upstream) -> Balancer:
+        found: Balancer = self._owner_call(
             "meshcore_balancer", "balancer", kind, settings=settings, upstream=upstream
         )
+        return found
 
-    def layer(self, kind: str, settings: Settings, upstream: Any) -> Any:
-        return self._owner_call("meshcore_layer", "layer", kind, settings=settings, upstream=upstream)
+    def layer(self, kind: str, settings: Settings, upstream: Upstream) -> Layer:
+        found: Layer = self._owner_call(
+            "meshcore_layer", "layer", kind, settings=settings, upstream=upstream
+        )
+        return found
 
-    def client_tls(self, service: str, mesh: Any) -> Any:
-        return self._call("meshcore_client_tls", service=service, mesh=mesh)
+    def client_tls(self, service: str, mesh: Mesh) -> ssl.SSLContext | None:
+        context: ssl.SSLContext | None = self._call("meshcore_client_tls", service=service, mesh=mesh)
+        return context
 
-    def server_tls(self, mesh: Any) -> Any:
-        return self._call("meshcore_server_tls", mesh=mesh)
+    def server_tls(self, mesh: Mesh) -> ssl.SSLContext | None:
+        context: ssl.SSLContext | None = self._call("meshcore_server_tls", mesh=mesh)
+        return context
 
-    def check_peer(self, service: str, endpoint: Any, peer: Any, mesh: Any) -> None:
+    def check_peer(self, service: str, endpoint: Endpoint, peer: ssl.SSLObject, mesh: Mesh) -> None:
         self.pm.hook.meshcore_check_peer(service=service, endpoint=endpoint, peer=peer, mesh=mesh)
 
-    def authorize(self, request: Any, peer: Any, mesh: Any) -> str | None:
-        return cast("str | None", self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh))
+    def authorize(self, request: Request, peer: ssl.SSLObject | None, mesh: Mesh) -> str | None:
+        reason: str | None = self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
+        return reason
 
-    def lifespans(self, mesh: Any) -> list[Any]:
+    def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         return list(self._call("meshcore_lifespan", mesh=mesh))
 
-    def local_health(self, mesh: Any) -> list[tuple[str, str]]:
+    def local_health(self, mesh: Mesh) -> list[tuple[str, str]]:
         return [r for r in self.pm.hook.meshcore_local_health(mesh=mesh) if r is not None]
 
-    def add_cli(self, cli: Any) -> None:
+    def add_cli(self, cli: click.Group) -> None:
         self.pm.hook.meshcore_cli(cli=cli)
 
     def checks(self, config: Any) -> list[tuple[str, Any]]:
@@ -350,7 +368,7 @@ class Plugins:
         return found
 
     @property
-    def events(self) -> Any:
+    def events(self) -> pluggy.HookRelay:
         """`pm.hook`, for firing event hooks (`plugins.events.meshcore_endpoints_changed(...)`)."""
         return self.pm.hook
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._config import ServiceConfig
     from ._mesh import Mesh
     from ._models import Request, Response
-    from ._service import Balancer, Service
+    from ._service import Balancer, Discovery, Service
 
 __all__ = ["DiscoveryStatus", "Upstream"]
 
@@ -154,7 +154,7 @@ class Upstream:
             status.state = "stale"
         self._events.meshcore_discovery_error(service=self.name, error=exc)
 
-    async def watch(self, discovery: Any) -> None:
+    async def watch(self, discovery: Discovery) -> None:
         """Run `discovery.watch` until cancelled, restarting it with backoff when it fails."""
         initial = self.mesh.config.mesh.discovery_backoff
         backoff = initial

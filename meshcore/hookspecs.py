@@ -31,13 +31,14 @@ Rules that hold for every hook:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Sequence
+    from contextlib import AbstractAsyncContextManager
 
     import click
 
@@ -167,7 +168,7 @@ def meshcore_server_tls(mesh: Mesh) -> ssl.SSLContext | None:
 
 
 @hookspec
-def meshcore_check_peer(service: str, endpoint: Endpoint, peer: Any, mesh: Mesh) -> None:
+def meshcore_check_peer(service: str, endpoint: Endpoint, peer: ssl.SSLObject, mesh: Mesh) -> None:
     """Verify the server on a new outbound TLS connection is the one meant for ``service``.
 
     Called after each handshake of ``mesh``'s connections, with ``peer`` being the
@@ -178,7 +179,7 @@ def meshcore_check_peer(service: str, endpoint: Endpoint, peer: Any, mesh: Mesh)
 
 
 @hookspec(firstresult=True)
-def meshcore_authorize(request: Request, peer: Any, mesh: Mesh) -> str | None:
+def meshcore_authorize(request: Request, peer: ssl.SSLObject | None, mesh: Mesh) -> str | None:
     """Decide whether an inbound request may reach the local app.
 
     Called per inbound request of ``mesh``'s sidecar, *firstresult*. ``peer`` is the client's
@@ -192,7 +193,7 @@ def meshcore_authorize(request: Request, peer: Any, mesh: Mesh) -> str | None:
 
 
 @hookspec
-def meshcore_lifespan(mesh: Mesh) -> Any:
+def meshcore_lifespan(mesh: Mesh) -> AbstractAsyncContextManager[object] | None:
     """Async work that lives as long as the mesh: registration, heartbeats, rotation.
 
     Called once when the mesh starts, after plugins load and before discovery starts. Return

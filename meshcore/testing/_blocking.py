@@ -27,7 +27,7 @@ import sysconfig
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, SupportsIndex
 
 import anyio
 
@@ -57,8 +57,8 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 _sleep = time.sleep
 
 
-def _checked_sleep(seconds: float) -> None:
-    if seconds > 0:
+def _checked_sleep(seconds: float | SupportsIndex) -> None:
+    if float(seconds) > 0:
         for check in _active:
             if check.thread == threading.get_ident() and not check.paused:
                 check.calls.append(f"time.sleep({seconds!r}) at {_where()}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -68,7 +69,10 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
 
 
 def wait_listening(
-    port: int, host: str = "127.0.0.1", timeout: float = 10.0, process: Any = None
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+    process: subprocess.Popen[Any] | None = None,
 ) -> None:
     """Block until something accepts TCP connections on `host:port` (a server started as a
     separate process); RuntimeError after `timeout` seconds, or as soon as `process` (a

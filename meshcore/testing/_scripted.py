@@ -10,7 +10,7 @@ headers, a delay, or an exception), and every send is logged with its virtual ti
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -19,6 +19,13 @@ from .._errors import EndpointConnectError, EndpointReadError, EndpointTimeout
 from .._mesh import Mesh
 from .._models import Request, Response
 from .._plugins import Kind, hookimpl
+
+if TYPE_CHECKING:
+    import ssl
+
+    from .._service import Balancer
+    from .._settings import Settings
+    from .._upstream import Upstream
 
 __all__ = [
     "SCRIPTED_PORTS",
@@ -71,7 +78,7 @@ class SimpleBalancers:
         return [Kind("test-rr", "balancer"), Kind("test-first", "balancer")]
 
     @hookimpl
-    def meshcore_balancer(self, kind: str, settings: Any, upstream: Any) -> Any:
+    def meshcore_balancer(self, kind: str, settings: Settings, upstream: Upstream) -> Balancer | None:
         if kind == "test-rr":
             return _RotatingBalancer(upstream)
         if kind == "test-first":
@@ -120,7 +127,7 @@ class ScriptedConnector:
         self.log: list[tuple[float, int, str, bytes]] = []
         self.bodies: list[TrackedBody] = []
 
-    def factory(self, mesh: Any, service: str, ssl_context: Any) -> ScriptedConnector:
+    def factory(self, mesh: Mesh, service: str, ssl_context: ssl.SSLContext | None) -> ScriptedConnector:
         """Pass as `Mesh(..., connector_factory=connector.factory)`."""
         return self
 

@@ -21,7 +21,7 @@ import meshcore
 
 
 @meshcore.hookimpl
-def meshcore_kinds():
+def meshcore_kinds() -> list[meshcore.Kind]:
     return [
         meshcore.Kind(
             "stamp",
@@ -36,7 +36,9 @@ def meshcore_kinds():
 
 
 @meshcore.hookimpl
-def meshcore_layer(kind, settings, upstream):
+def meshcore_layer(
+    kind: str, settings: meshcore.Settings, upstream: meshcore.Upstream
+) -> meshcore.Layer | None:
     if kind != "stamp":
         return None  # not ours: another plugin answers for it
     header = settings.header.encode("latin-1")
