@@ -16,12 +16,15 @@ from ._errors import (
     EndpointReadError,
     EndpointTimeout,
     IdentityRejected,
+    LocalRefusal,
     MeshError,
     MeshNotRunning,
     NoEndpoints,
     PluginError,
     RetriesExhausted,
 )
+from ._extensions import ATTEMPTS, DEADLINE, ENDPOINT, EXCLUDE
+from ._instance import Instance
 from ._mesh import Mesh
 from ._models import URL, Headers, Request, Response
 from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
@@ -33,6 +36,10 @@ from ._upstream import Upstream
 __version__ = "0.2.0"
 
 __all__ = [
+    "ATTEMPTS",
+    "DEADLINE",
+    "ENDPOINT",
+    "EXCLUDE",
     "Attempt",
     "Balancer",
     "CircuitOpen",
@@ -49,8 +56,10 @@ __all__ = [
     "EndpointTimeout",
     "Headers",
     "IdentityRejected",
+    "Instance",
     "Kind",
     "Layer",
+    "LocalRefusal",
     "Mesh",
     "MeshConfig",
     "MeshError",

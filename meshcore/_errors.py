@@ -7,6 +7,7 @@ keeps working, with meshcore types that say what went wrong in mesh terms. Follo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ __all__ = [
     "EndpointReadError",
     "EndpointTimeout",
     "IdentityRejected",
+    "LocalRefusal",
     "MeshError",
     "MeshNotRunning",
     "NoEndpoints",
@@ -54,7 +56,17 @@ class NoEndpoints(MeshError):
 
 
 class DeadlineExceeded(MeshError, httpx.TimeoutException):
-    """The request's overall deadline passed (it includes every retry and backoff)."""
+    """The request's overall deadline passed (it includes every retry and backoff).
+
+    `attempts` lists the attempts made before it passed (endpoint, cause, time), as
+    `RetriesExhausted` does; empty when the first attempt was still running.
+    """
+
+    def __init__(
+        self, message: str, *, service: str | None = None, attempts: Sequence[Attempt] = ()
+    ) -> None:
+        super().__init__(message, service=service)
+        self.attempts = list(attempts)
 
 
 class CircuitOpen(MeshError):
@@ -66,6 +78,22 @@ class CircuitOpen(MeshError):
     def __init__(self, message: str, *, service: str | None = None, retry_at: float) -> None:
         super().__init__(message, service=service)
         self.retry_at = retry_at
+
+
+class LocalRefusal(MeshError):
+    """A layer refused the request itself, before any endpoint saw it: a concurrency or rate
+    limit, load shedding. Raise it from a Layer to say "not now, try again later".
+
+    The sidecar answers it with 503 and `x-meshcore-error: local_refusal`, plus `Retry-After`
+    when `retry_after` (seconds) is given; library mode raises it to the caller. Retry layers
+    do not retry it: the refusal is local, so another endpoint would meet the same limit.
+    """
+
+    def __init__(
+        self, message: str, *, service: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, service=service)
+        self.retry_after = retry_after
 
 
 class IdentityRejected(MeshError):

@@ -150,21 +150,30 @@ class Mesh:
                 f"no service {service!r} in this mesh (services: {', '.join(self.upstreams) or 'none'})"
             ) from None
 
-    async def send(self, request: Request) -> Response:
-        """Send a mesh `Request` whose host names a service through that service's pipeline."""
-        if not self.running:
+    def route(self, request: Request) -> Upstream | None:
+        """The upstream `request` goes to: its host's service, or None for a host outside the
+        mesh (library mode passes it through, the sidecar answers 404). Raises MeshNotRunning
+        for a mesh service while the mesh is not running."""
+        upstream = self.upstreams.get(request.url.host)
+        if upstream is not None and self.running:
+            return upstream
+        if request.url.host in self.config.services:
             raise MeshNotRunning(
-                f"request to {request.url.host!r}: the mesh is not running "
-                "(use it inside `async with mesh:`)",
+                f"request to mesh service {request.url.host!r}: the mesh is not running "
+                "(it has not started yet or has already closed; use it inside `async with mesh:`)",
                 service=request.url.host,
             )
-        upstream = self.upstreams.get(request.url.host)
-        if upstream is None:
-            raise KeyError(request.url.host)
-        return await upstream.send(request)
+        return None
 
-    def is_service(self, host: str) -> bool:
-        return host in self.config.services
+    async def send(self, request: Request) -> Response:
+        """Send a mesh `Request` whose host names a service through that service's pipeline."""
+        upstream = self.route(request)
+        if upstream is None:
+            raise KeyError(
+                f"{request.url.host!r} is not a service of this mesh "
+                f"(services: {', '.join(self.config.services) or 'none'})"
+            )
+        return await upstream.send(request)
 
     # -- security -----------------------------------------------------------------------------
 

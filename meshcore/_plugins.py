@@ -252,6 +252,16 @@ class Plugins:
                 results.append(ensure_not_awaitable(result, "meshcore_lifespan", impl.plugin_name))
         return results
 
+    def register(self, instance: Any, mesh: Any) -> list[Any]:
+        """Every plugin's registration of `instance` (async context managers), in plugin order."""
+        results = []
+        for impl in reversed(self.pm.hook.meshcore_register.get_hookimpls()):
+            kwargs = {"instance": instance, "mesh": mesh}
+            result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            if result is not None:
+                results.append(ensure_not_awaitable(result, "meshcore_register", impl.plugin_name))
+        return results
+
     def local_health(self, mesh: Any) -> list[tuple[str, str]]:
         return [r for r in self.pm.hook.meshcore_local_health(mesh=mesh) if r is not None]
 
@@ -275,6 +285,7 @@ _FAMILY_OF_HOOK = {
     "meshcore_authorize": "security",
     "meshcore_lifespan": "lifecycle",
     "meshcore_local_health": "lifecycle",
+    "meshcore_register": "lifecycle",
     "meshcore_mesh_started": "events",
     "meshcore_mesh_stopping": "events",
     "meshcore_endpoints_changed": "events",
