@@ -1,7 +1,11 @@
 """meshcore: a service mesh for Python, as a small async core plus plugins.
 
-Everything public is importable from here; modules starting with `_` are private.
+Everything public is importable from here; modules starting with `_` are private. Names bound
+to httpx (`MeshTransport`) load on first use, so `import meshcore`, the CLI and the sidecar
+never import httpx.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._config import MeshConfig, ServiceConfig
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
@@ -30,8 +34,10 @@ from ._models import URL, Headers, Request, Response
 from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
 from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compose
 from ._settings import Setting, Settings, parse_duration
-from ._transport import MeshTransport
 from ._upstream import Upstream
+
+if TYPE_CHECKING:
+    from ._transport import MeshTransport
 
 __version__ = "0.2.0"
 
@@ -85,3 +91,11 @@ __all__ = [
     "installed_plugins",
     "parse_duration",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MeshTransport":
+        from ._transport import MeshTransport
+
+        return MeshTransport
+    raise AttributeError(f"module 'meshcore' has no attribute {name!r}")

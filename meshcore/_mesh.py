@@ -11,17 +11,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import httpx
 
 from ._config import MeshConfig
 from ._errors import MeshNotRunning, PluginError
 from ._models import Request, Response
 from ._plugins import Plugins, installed_plugins, resolve_plugin_list
 from ._upstream import Upstream
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Mesh"]
 
@@ -137,7 +139,11 @@ class Mesh:
     # -- requests -----------------------------------------------------------------------------
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
-        """An `httpx.AsyncClient` whose requests to mesh services go through the mesh."""
+        """An `httpx.AsyncClient` whose requests to mesh services go through the mesh.
+
+        httpx is imported here, when library mode first needs it, not with meshcore."""
+        import httpx
+
         from ._transport import MeshTransport
 
         return httpx.AsyncClient(transport=MeshTransport(self), **kwargs)
