@@ -24,7 +24,7 @@ from ._scripted import (
     read_error,
     scripted_mesh,
 )
-from ._server import Behaviour, UpstreamServer
+from .._demo._app import Behaviour, UpstreamServer
 
 __all__ = [
     "SCRIPTED_PORTS",

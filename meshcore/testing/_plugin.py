@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ._helpers import require_binary as _require_binary
-from ._server import UpstreamServer
+from .._demo._app import UpstreamServer
 
 
 @pytest.fixture(params=["asyncio", "trio"])
