@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from ._helpers import require_binary as _require_binary
 from .._demo._app import UpstreamServer
+from ._helpers import require_binary as _require_binary
 
 
 @pytest.fixture(params=["asyncio", "trio"])
