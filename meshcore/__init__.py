@@ -5,7 +5,7 @@ to httpx (`MeshTransport`) load on first use, so `import meshcore`, the CLI and 
 never import httpx.
 """
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from ._config import MeshConfig, ServiceConfig
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
@@ -36,7 +36,7 @@ from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compos
 from ._settings import Setting, Settings, parse_duration
 from ._upstream import Upstream
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ._transport import MeshTransport
 
 __version__ = "0.2.0"
@@ -93,7 +93,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name == "MeshTransport":
         from ._transport import MeshTransport
 
