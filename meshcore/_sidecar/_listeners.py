@@ -122,7 +122,7 @@ class Listeners:
                 remote = stream.extra(SocketAttribute.remote_address, None)
                 if isinstance(remote, tuple):
                     conn.client_ip = str(remote[0]).encode()
-                await serve(conn, stream)
+                await serve(conn, stream)  # the engine's coroutine itself: no frame between
         except Exception:
             log.exception("connection on %s failed", conn.listener)
         finally:
