@@ -57,7 +57,9 @@ class InFlight:
         return done
 
     async def wait_quiet(self) -> None:
+        """Until no request is in flight (at once, without a checkpoint, when none is)."""
         self.quiet = anyio.Event()
         if self.count <= 0:
             self.quiet.set()
+            return
         await self.quiet.wait()
