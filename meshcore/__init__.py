@@ -1,7 +1,11 @@
 """meshcore: a service mesh for Python, as a small async core plus plugins.
 
-Everything public is importable from here; modules starting with `_` are private.
+Everything public is importable from here; modules starting with `_` are private. Names bound
+to httpx (`MeshTransport`) load on first use, so `import meshcore`, the CLI and the sidecar
+never import httpx.
 """
+
+import typing as _typing
 
 from ._check import Check
 from ._config import MeshConfig, ServiceConfig
@@ -17,6 +21,7 @@ from ._errors import (
     EndpointReadError,
     EndpointTimeout,
     IdentityRejected,
+    LocalRefusal,
     MeshError,
     MeshNotRunning,
     NoEndpoints,
@@ -24,17 +29,25 @@ from ._errors import (
     RetriesExhausted,
     UnknownService,
 )
+from ._extensions import ATTEMPTS, DEADLINE, ENDPOINT, EXCLUDE
+from ._instance import Instance
 from ._mesh import Mesh
 from ._models import URL, Headers, Request, Response
 from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
 from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compose
 from ._settings import Setting, Settings, parse_duration
-from ._transport import MeshTransport
 from ._upstream import Upstream
+
+if _typing.TYPE_CHECKING:
+    from ._transport import MeshTransport
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "ATTEMPTS",
+    "DEADLINE",
+    "ENDPOINT",
+    "EXCLUDE",
     "Attempt",
     "Balancer",
     "Check",
@@ -52,8 +65,10 @@ __all__ = [
     "EndpointTimeout",
     "Headers",
     "IdentityRejected",
+    "Instance",
     "Kind",
     "Layer",
+    "LocalRefusal",
     "Mesh",
     "MeshConfig",
     "MeshError",
@@ -80,3 +95,11 @@ __all__ = [
     "installed_plugins",
     "parse_duration",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "MeshTransport":
+        from ._transport import MeshTransport
+
+        return MeshTransport
+    raise AttributeError(f"module 'meshcore' has no attribute {name!r}")

@@ -126,7 +126,6 @@ class EndpointStats:
     last_update: float = 0.0
     ejected_until: float = -math.inf
     times_ejected: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until > now

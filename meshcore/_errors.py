@@ -1,20 +1,22 @@
 """The exception hierarchy.
 
-Errors raised to an application are httpx exception subclasses, so `except httpx.HTTPError`
-keeps working, with meshcore types that say what went wrong in mesh terms. Following trio's
-`open_tcp_stream`, an error that summarizes several attempts keeps every one of them.
+Errors say what went wrong in mesh terms; following trio's `open_tcp_stream`, an error that
+summarizes several attempts keeps every one of them.
+
+In library mode they reach the application as httpx exceptions, so `except httpx.HTTPError`
+keeps working: each class names the httpx class it becomes (`HTTPX_BASE`), and the transport,
+the one place httpx objects exist, raises them as a subclass of both
+(`meshcore._transport.as_httpx_error`). These classes themselves do not derive from httpx, so
+the core, the engine and the sidecar never import it (about 100 ms of a process's start).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import httpx
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from ._endpoints import Endpoint
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "EndpointReadError",
     "EndpointTimeout",
     "IdentityRejected",
+    "LocalRefusal",
     "MeshError",
     "MeshNotRunning",
     "NoEndpoints",
@@ -37,11 +40,15 @@ __all__ = [
 ]
 
 
-class MeshError(httpx.TransportError):
+class MeshError(Exception):
     """Base of every error the mesh raises on the request path.
 
-    `service` names the mesh service the request was for (None for pass-through hosts).
+    `service` names the mesh service the request was for (None for pass-through hosts). In
+    library mode it is raised as an `httpx.TransportError` (a subclass of both), or of the
+    httpx class `HTTPX_BASE` names on a subclass.
     """
+
+    HTTPX_BASE: ClassVar[str] = "TransportError"
 
     def __init__(self, message: str, *, service: str | None = None) -> None:
         super().__init__(message)
@@ -56,10 +63,12 @@ class NoEndpoints(MeshError):
     """The service has no endpoint to send to (none discovered, or discovery never answered)."""
 
 
-class DeadlineExceeded(MeshError, httpx.TimeoutException):
-    """The request's overall deadline passed (it includes every retry and backoff).
+class DeadlineExceeded(MeshError):
+    """The request's overall deadline passed (it includes every retry and backoff); an
+    `httpx.TimeoutException` in library mode.
 
-    `attempts` lists the attempts made before it passed (empty when nobody counted them).
+    `attempts` lists the attempts made before it passed (endpoint, cause, time), as
+    `RetriesExhausted` does; empty when the first attempt was still running.
     """
 
     def __init__(
@@ -67,6 +76,8 @@ class DeadlineExceeded(MeshError, httpx.TimeoutException):
     ) -> None:
         super().__init__(message, service=service)
         self.attempts = list(attempts)
+
+    HTTPX_BASE = "TimeoutException"
 
 
 class CircuitOpen(MeshError):
@@ -78,6 +89,22 @@ class CircuitOpen(MeshError):
     def __init__(self, message: str, *, service: str | None = None, retry_at: float) -> None:
         super().__init__(message, service=service)
         self.retry_at = retry_at
+
+
+class LocalRefusal(MeshError):
+    """A layer refused the request itself, before any endpoint saw it: a concurrency or rate
+    limit, load shedding. Raise it from a Layer to say "not now, try again later".
+
+    The sidecar answers it with 503 and `x-meshcore-error: local_refusal`, plus `Retry-After`
+    when `retry_after` (seconds) is given; library mode raises it to the caller. Retry layers
+    do not retry it: the refusal is local, so another endpoint would meet the same limit.
+    """
+
+    def __init__(
+        self, message: str, *, service: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, service=service)
+        self.retry_after = retry_after
 
 
 class IdentityRejected(MeshError):
@@ -118,9 +145,11 @@ class EndpointError(MeshError):
         self.replayable = replayable
 
 
-class EndpointConnectError(EndpointError, httpx.ConnectError):
-    """The connection to the endpoint could not be made (always replayable)."""
+class EndpointConnectError(EndpointError):
+    """The connection to the endpoint could not be made (always replayable); an
+    `httpx.ConnectError` in library mode."""
 
+    HTTPX_BASE = "ConnectError"
     kind = "connect-failure"
 
     def __init__(
@@ -134,10 +163,13 @@ class EndpointConnectError(EndpointError, httpx.ConnectError):
         super().__init__(message, service=service, endpoint=endpoint, replayable=replayable)
 
 
-class UnknownService(MeshError, httpx.ConnectError):
+class UnknownService(MeshError):
     """A single-label host that is not a mesh service and does not resolve either: most likely
     a typo of a service name. `suggestions` are the close service names, `services` all of them.
+    An `httpx.ConnectError` in library mode (the only mode that raises it).
     """
+
+    HTTPX_BASE = "ConnectError"
 
     def __init__(
         self, message: str, *, host: str, suggestions: list[str], services: list[str]
@@ -148,14 +180,19 @@ class UnknownService(MeshError, httpx.ConnectError):
         self.services = services
 
 
-class EndpointReadError(EndpointError, httpx.ReadError):
-    """The connection broke (reset, closed) while the request was in flight."""
+class EndpointReadError(EndpointError):
+    """The connection broke (reset, closed) while the request was in flight; an
+    `httpx.ReadError` in library mode."""
 
+    HTTPX_BASE = "ReadError"
     kind = "reset"
 
 
-class EndpointTimeout(EndpointError, httpx.TimeoutException):
-    """Connecting to, writing to or reading from the endpoint took too long."""
+class EndpointTimeout(EndpointError):
+    """Connecting to, writing to or reading from the endpoint took too long; an
+    `httpx.TimeoutException` in library mode."""
+
+    HTTPX_BASE = "TimeoutException"
 
     @property
     def kind(self) -> str:  # type: ignore[override]  # a class attribute on the other errors
@@ -164,9 +201,11 @@ class EndpointTimeout(EndpointError, httpx.TimeoutException):
         return "connect-failure" if self.replayable else "timeout"
 
 
-class EndpointProtocolError(EndpointError, httpx.RemoteProtocolError):
-    """The endpoint answered something that is not valid HTTP/1.1."""
+class EndpointProtocolError(EndpointError):
+    """The endpoint answered something that is not valid HTTP/1.1; an
+    `httpx.RemoteProtocolError` in library mode."""
 
+    HTTPX_BASE = "RemoteProtocolError"
     kind = "protocol-error"
 
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import httpx
 
 from ._config import MeshConfig
 from ._errors import MeshNotRunning, PluginError
 from ._models import Request, Response
 from ._plugins import Plugins, installed_plugins, resolve_plugin_list
 from ._upstream import Upstream
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Mesh"]
 
@@ -137,7 +139,11 @@ class Mesh:
     # -- requests -----------------------------------------------------------------------------
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
-        """An `httpx.AsyncClient` whose requests to mesh services go through the mesh."""
+        """An `httpx.AsyncClient` whose requests to mesh services go through the mesh.
+
+        httpx is imported here, when library mode first needs it, not with meshcore."""
+        import httpx
+
         from ._transport import MeshTransport
 
         return httpx.AsyncClient(transport=MeshTransport(self), **kwargs)
@@ -150,21 +156,30 @@ class Mesh:
                 f"no service {service!r} in this mesh (services: {', '.join(self.upstreams) or 'none'})"
             ) from None
 
-    async def send(self, request: Request) -> Response:
-        """Send a mesh `Request` whose host names a service through that service's pipeline."""
-        if not self.running:
+    def route(self, request: Request) -> Upstream | None:
+        """The upstream `request` goes to: its host's service, or None for a host outside the
+        mesh (library mode passes it through, the sidecar answers 404). Raises MeshNotRunning
+        for a mesh service while the mesh is not running."""
+        upstream = self.upstreams.get(request.url.host)
+        if upstream is not None and self.running:
+            return upstream
+        if request.url.host in self.config.services:
             raise MeshNotRunning(
-                f"request to {request.url.host!r}: the mesh is not running "
-                "(use it inside `async with mesh:`)",
+                f"request to mesh service {request.url.host!r}: the mesh is not running "
+                "(it has not started yet or has already closed; use it inside `async with mesh:`)",
                 service=request.url.host,
             )
-        upstream = self.upstreams.get(request.url.host)
-        if upstream is None:
-            raise KeyError(request.url.host)
-        return await upstream.send(request)
+        return None
 
-    def is_service(self, host: str) -> bool:
-        return host in self.config.services
+    async def send(self, request: Request) -> Response:
+        """Send a mesh `Request` whose host names a service through that service's pipeline."""
+        upstream = self.route(request)
+        if upstream is None:
+            raise KeyError(
+                f"{request.url.host!r} is not a service of this mesh "
+                f"(services: {', '.join(self.config.services) or 'none'})"
+            )
+        return await upstream.send(request)
 
     # -- security -----------------------------------------------------------------------------
 

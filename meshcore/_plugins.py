@@ -343,7 +343,17 @@ class Plugins:
     def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         return list(self._call("meshcore_lifespan", mesh=mesh))
 
-    def local_health(self, mesh: Mesh) -> list[tuple[str, str]]:
+    def register(self, instance: Any, mesh: Any) -> list[Any]:
+        """Every plugin's registration of `instance` (async context managers), in plugin order."""
+        results = []
+        for impl in reversed(self.pm.hook.meshcore_register.get_hookimpls()):
+            kwargs = {"instance": instance, "mesh": mesh}
+            result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            if result is not None:
+                results.append(ensure_not_awaitable(result, "meshcore_register", impl.plugin_name))
+        return results
+
+    def local_health(self, mesh: Any) -> list[tuple[str, str]]:
         return [r for r in self.pm.hook.meshcore_local_health(mesh=mesh) if r is not None]
 
     def add_cli(self, cli: click.Group) -> None:
@@ -386,6 +396,7 @@ _FAMILY_OF_HOOK = {
     "meshcore_authorize": "security",
     "meshcore_lifespan": "lifecycle",
     "meshcore_local_health": "lifecycle",
+    "meshcore_register": "lifecycle",
     "meshcore_mesh_started": "events",
     "meshcore_mesh_stopping": "events",
     "meshcore_endpoints_changed": "events",

@@ -1,10 +1,15 @@
 """The httpx transport of library mode: the outermost adapter, converting httpx <-> mesh once.
 
-A request whose host is a mesh service becomes a mesh `Request` and goes through that
-service's pipeline; any other host passes through to httpx's own transport (unless the config
-sets `[mesh] pass_through = false`). A single-label host that then does not resolve is most
-likely a typo of a service name (`http://ordres/`), so that failure says which services exist
-and which one was probably meant, instead of the resolver's bare "Name or service not known".
+A request whose host is a mesh service (`Mesh.route`) becomes a mesh `Request` and goes
+through that service's pipeline; any other host passes through to httpx's own transport
+(unless the config sets `[mesh] pass_through = false`). A single-label host that then does not
+resolve is most likely a typo of a service name (`http://ordres/`), so that failure says which
+services exist and which one was probably meant, instead of the resolver's bare "Name or
+service not known".
+
+This is the only module of the core that imports httpx, so it is also where mesh errors become
+httpx exceptions (`as_httpx_error`): the rest of the core, the engine and the sidecar never
+load httpx.
 """
 
 from __future__ import annotations
@@ -16,24 +21,51 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ._errors import MeshError, MeshNotRunning, UnknownService
+from ._errors import MeshError, UnknownService
 from ._models import URL, Headers, Request
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
 
-__all__ = ["MeshTransport"]
+__all__ = ["MeshTransport", "as_httpx_error"]
+
+_httpx_classes: dict[type[MeshError], type[MeshError]] = {}
+
+
+def as_httpx_error(exc: MeshError, request: httpx.Request) -> MeshError:
+    """`exc`, now also an instance of the httpx exception its class names (`HTTPX_BASE`).
+
+    The same object is kept (traceback, cause, attributes, `attempts`): only its class becomes
+    a subclass of both its own class and the httpx one, made once per class. So the
+    application's `except httpx.HTTPError` and `except meshcore.NoEndpoints` both catch it.
+    """
+    cls = type(exc)
+    if not isinstance(exc, httpx.HTTPError):
+        both = _httpx_classes.get(cls)
+        if both is None:
+            base = getattr(httpx, cls.HTTPX_BASE)
+            both = _httpx_classes[cls] = type(
+                cls.__name__, (cls, base), {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            )
+        exc.__class__ = both
+    exc.request = request  # type: ignore[attr-defined]  # httpx.HTTPError.request's setter
+    return exc
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    __slots__ = ("_body",)
+    __slots__ = ("_body", "_request")
 
-    def __init__(self, body: Any) -> None:
+    def __init__(self, body: Any, request: httpx.Request) -> None:
         self._body = body
+        self._request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._body:
-            yield chunk
+        try:
+            async for chunk in self._body:
+                yield chunk
+        except MeshError as exc:  # the endpoint broke the connection mid-body
+            as_httpx_error(exc, self._request)
+            raise
 
     async def aclose(self) -> None:
         aclose = getattr(self._body, "aclose", None)
@@ -52,55 +84,43 @@ class MeshTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        host = url.host
-        if host not in self._services:
-            return await self._pass(request)
-        mesh = self.mesh
         try:
-            if not mesh.running:
-                raise MeshNotRunning(
-                    f"request to mesh service {host!r}: the mesh is not running "
-                    "(it has not started yet or has already closed)",
-                    service=host,
-                )
-            upstream = mesh.upstreams[host]
-            try:
-                body: Any = request.content
-            except httpx.RequestNotRead:
-                body = request.stream
-            mreq = Request(
-                request.method,
-                URL(url.scheme, host, url.port, url.raw_path.decode("ascii")),
-                Headers.__new__(Headers),
-                body,
-                dict(request.extensions),
-            )
-            mreq.headers.extend(request.headers.raw)
+            body: Any = request.content
+        except httpx.RequestNotRead:
+            body = request.stream
+        mreq = Request(
+            request.method,
+            URL(url.scheme, url.host, url.port, url.raw_path.decode("ascii")),
+            Headers.__new__(Headers),
+            body,
+            dict(request.extensions),
+        )
+        mreq.headers.extend(request.headers.raw)
+        try:
+            upstream = self.mesh.route(mreq)
+            if upstream is None:
+                return await self._pass(request)
             response = await upstream.send(mreq)
         except MeshError as exc:
-            exc.request = request
+            as_httpx_error(exc, request)
             raise
         stream = response.stream
-        if isinstance(stream, bytes):
-            return httpx.Response(
-                response.status_code,
-                headers=response.headers,
-                stream=httpx.ByteStream(stream),
-                extensions=response.extensions,
-            )
         return httpx.Response(
             response.status_code,
             headers=response.headers,
-            stream=_ResponseStream(stream),
+            stream=httpx.ByteStream(stream) if isinstance(stream, bytes) else _ResponseStream(stream, request),
             extensions=response.extensions,
         )
 
     async def _pass(self, request: httpx.Request) -> httpx.Response:
         if not self._pass_through:
-            host = request.url.host
-            raise MeshError(
-                f"host {host!r} is not a mesh service and pass-through is off "
-                f"(services: {', '.join(self._services) or 'none'}).{_did_you_mean(host, self._services)}"
+            raise as_httpx_error(
+                MeshError(
+                    f"host {request.url.host!r} is not a mesh service and pass-through is off "
+                    f"(services: {', '.join(self._services) or 'none'})."
+                    f"{_did_you_mean(request.url.host, self._services)}"
+                ),
+                request,
             )
         if self._passthrough is None:
             self._passthrough = httpx.AsyncHTTPTransport()
@@ -117,8 +137,7 @@ class MeshTransport(httpx.AsyncBaseTransport):
                 f"Mesh services: {_listing(services)}.",
                 host=host, suggestions=suggestions, services=services,
             )
-            unknown.request = request
-            raise unknown from exc
+            raise as_httpx_error(unknown, request) from exc
 
     async def aclose(self) -> None:
         if self._passthrough is not None:

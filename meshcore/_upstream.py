@@ -19,6 +19,7 @@ import anyio
 
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot, make_outcome
 from ._errors import EndpointError, EndpointTimeout, MeshError, NoEndpoints
+from ._extensions import DEADLINE, ENDPOINT, EXCLUDE
 from ._service import compose, observer
 
 if TYPE_CHECKING:
@@ -279,7 +280,7 @@ class Upstream:
             raise NoEndpoints(f"service {self.name!r} has no endpoints: {why}", service=self.name)
         if self.balancer is not None:
             endpoint = self.balancer.pick(
-                snapshot, request, request.extensions.get("meshcore.exclude", ())
+                snapshot, request, request.extensions.get(EXCLUDE, ())
             )
         else:
             endpoint = snapshot.endpoints[0]
@@ -304,7 +305,7 @@ class Upstream:
             # a route timeout against the host; else an endpoint that always outlasts the
             # deadline would never be seen failing. Any other cancellation (the caller's own,
             # shutdown) is not the endpoint's doing and records nothing.
-            deadline = request.extensions.get("meshcore.deadline")
+            deadline = request.extensions.get(DEADLINE)
             if deadline is not None and clock() >= deadline:
                 error = EndpointTimeout(
                     f"{endpoint.id} had not answered when the request's deadline passed",
@@ -317,7 +318,7 @@ class Upstream:
             if stats is not None:
                 stats.in_flight -= 1
         now = clock()
-        response.extensions["meshcore.endpoint"] = endpoint
+        response.extensions[ENDPOINT] = endpoint
         counted = stats if self.stats is stats_map else self.stats.get(endpoint)
         self._record(
             counted,

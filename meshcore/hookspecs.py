@@ -31,7 +31,7 @@ Rules that hold for every hook:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ._check import CheckProbe
     from ._config import MeshConfig
     from ._endpoints import Endpoint, Outcome, Snapshot
+    from ._instance import Instance
     from ._mesh import Mesh
     from ._models import Request
     from ._plugins import Kind
@@ -212,6 +213,26 @@ def meshcore_local_health(mesh: Mesh) -> tuple[str, str] | None:
     Return ``(status, reason)`` with status ``"passing"``, ``"warning"`` or ``"critical"``, or
     None for no opinion. Must be cheap and must not block: return the result of a probe that a
     lifespan task runs (the sidecar probes its local app this way).
+    """
+
+
+@hookspec
+def meshcore_register(instance: Instance, mesh: Mesh) -> Any:
+    """Register the local instance in this plugin's registry while the mesh runs.
+
+    Called by the sidecar (``meshcore run``) when ``[sidecar] service`` is set: once per config
+    generation, after its mesh started (lifespans entered, the local app probed once), with
+    ``instance``, a ``meshcore.Instance``: the service ``name``, the ``address`` and ``port``
+    other instances reach it on (the advertised inbound listener) and an ``id`` unique to this
+    instance and generation. Every implementation is asked; none is first.
+
+    Return an async context manager that registers on entry and deregisters on exit (the
+    sidecar enters each answer in plugin order and exits them in reverse when the generation
+    retires, so a reload registers the new generation before the old one deregisters), or None
+    when this plugin does not register this instance (say, its config registers one
+    explicitly). Health for heartbeats comes from ``mesh.local_health()``. Must not block or do
+    I/O in the hook itself (register in ``__aenter__``, heartbeat on ``mesh.task_group``), and
+    must not raise because another plugin registers too: consul and etcd may both answer.
     """
 
 

@@ -283,7 +283,7 @@ class Demo:
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         from .._sidecar._runtime import Sidecar
-        from ..testing import UpstreamServer
+        from ._app import UpstreamServer
 
         plan = self.plan
         if plan.tls is not None:

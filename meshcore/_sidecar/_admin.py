@@ -1,4 +1,4 @@
-"""The admin listener: /live, /ready, /metrics (Prometheus text), /state (JSON), / (index).
+"""The admin listener: /live, /ready, /metrics (Prometheus text), /state (JSON), / (dashboard).
 
 Envoy's admin interface is the model (`/ready`, `/stats/prometheus`, `/clusters`,
 `/config_dump`); like Envoy's it is unauthenticated, so it binds to loopback unless the config
@@ -11,21 +11,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from .._models import Request, Response
+from ._dashboard import page
 from ._metrics import render
 
 if TYPE_CHECKING:
     from ._runtime import Sidecar
 
 __all__ = ["admin_handler"]
-
-_INDEX = b"""<!doctype html><title>meshcore sidecar</title>
-<h1>meshcore sidecar</h1><ul>
-<li><a href="/live">/live</a> process is up</li>
-<li><a href="/ready">/ready</a> every service has its first snapshot, not draining</li>
-<li><a href="/metrics">/metrics</a> Prometheus text format</li>
-<li><a href="/state">/state</a> services, endpoints, breakers, discovery, plugins (JSON)</li>
-</ul>
-"""
 
 
 def _text(status: int, body: str | bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
@@ -59,9 +51,7 @@ def admin_handler(sidecar: Sidecar) -> Any:
         if path == "/state":
             body = json.dumps(sidecar.state(), indent=2, default=str, sort_keys=True) + "\n"
             return _text(200, body, "application/json")
-        if path == "/":  # the live dashboard (meshcore/_demo/dashboard.html), reading /state
-            from .._demo._dashboard import page
-
+        if path == "/":  # the live dashboard (dashboard.html), reading /state
             return _text(200, page(), "text/html; charset=utf-8")
         return _text(404, f"not found: {path} (try /live, /ready, /metrics, /state)\n")
 

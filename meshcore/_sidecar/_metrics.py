@@ -41,12 +41,6 @@ BUCKETS = (
 _CLASSES = {i: f"{i}xx" for i in range(1, 6)}
 
 
-def status_class(status: int | None) -> str:
-    if status is None:
-        return "error"
-    return _CLASSES.get(status // 100, "other")
-
-
 class Histogram:
     __slots__ = ("counts", "sum", "count")
 

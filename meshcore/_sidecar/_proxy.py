@@ -12,11 +12,6 @@ them, so the application continues the trace.
 On the inbound side the sidecar is the only one who may say who the caller is: a client's own
 `X-Forwarded-Client-Cert` is dropped and, over mTLS, replaced with the verified peer identity
 (`URI=spiffe://...`, the field Envoy uses for the same purpose).
-
-Errors the sidecar answers itself carry `x-meshcore-error: <reason>` so an application can
-tell a mesh failure from its upstream's own status, and a text body saying what happened.
-Status codes follow Envoy's: 404 no route, 503 no healthy upstream / connect failure / breaker
-open, 504 upstream timeout, 502 anything else the upstream did wrong.
 """
 
 from __future__ import annotations
@@ -24,20 +19,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .._errors import (
-    CircuitOpen,
-    DeadlineExceeded,
-    EndpointConnectError,
-    EndpointError,
-    EndpointTimeout,
-    IdentityRejected,
-    MeshError,
-    NoEndpoints,
-    RetriesExhausted,
-)
 from .._models import Headers
 
-__all__ = ["classify", "request_headers", "response_headers", "peer_identity"]
+__all__ = ["peer_identity", "request_headers", "response_headers"]
 
 _HOP_BY_HOP = frozenset(
     {
@@ -218,24 +202,3 @@ def peer_identity(ssl_object: Any) -> bytes | None:
         if kind == "URI":
             return value.encode("ascii", "replace")
     return None
-
-
-def classify(exc: BaseException) -> tuple[int, str]:
-    """(status, reason) for a pipeline error the sidecar answers itself."""
-    if isinstance(exc, RetriesExhausted):
-        return 502, "retries_exhausted"
-    if isinstance(exc, (NoEndpoints,)):
-        return 503, "no_endpoints"
-    if isinstance(exc, CircuitOpen):
-        return 503, "circuit_open"
-    if isinstance(exc, (DeadlineExceeded, EndpointTimeout)):
-        return 504, "timeout"
-    if isinstance(exc, EndpointConnectError):
-        return 503, "connect_failed"
-    if isinstance(exc, IdentityRejected):
-        return 502, "identity_rejected"
-    if isinstance(exc, EndpointError):
-        return 502, "upstream_error"
-    if isinstance(exc, MeshError):
-        return 502, "mesh_error"
-    return 500, "internal"

@@ -20,10 +20,12 @@ Default numbers and where they come from:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._http import ServerLimits
 from .._settings import Setting
+
+if TYPE_CHECKING:
+    from .._http import ServerLimits
 
 __all__ = ["SETTINGS", "Address", "parse_address", "server_limits"]
 
@@ -121,6 +123,10 @@ SETTINGS: dict[str, Setting] = {
 
 
 def server_limits(settings: Any) -> ServerLimits:
+    # Imported here: this module is loaded with the plugin list (`meshcore --help` too), the
+    # engine only when a sidecar starts.
+    from .._http import ServerLimits
+
     return ServerLimits(
         max_request_line=settings.max_request_line,
         max_header_count=settings.max_header_count,

@@ -6,6 +6,7 @@ project that installs meshcore: `anyio_backend` (asyncio and trio), `upstream`,
 `meshcore.testing.conformance`.
 """
 
+from .._demo._app import Behaviour, UpstreamServer
 from ._helpers import (
     free_port,
     require_binary,
@@ -24,7 +25,6 @@ from ._scripted import (
     read_error,
     scripted_mesh,
 )
-from ._server import Behaviour, UpstreamServer
 
 __all__ = [
     "SCRIPTED_PORTS",

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from .._demo._app import UpstreamServer
 from ._helpers import require_binary as _require_binary
 from ._helpers import strict_integration
-from ._server import UpstreamServer
 
 TRIO_MISSING = (
     "trio is not installed, so this test ran on asyncio only: "

@@ -79,7 +79,7 @@ class Ejector:
         self.fp_min_hosts = failure_percentage_min_hosts
         self.fp_volume = failure_percentage_request_volume
         self.records: dict[meshcore.Endpoint, _Record] = {}
-        self._failure_statuses = classifier.statuses  # `classifier.status_failed`, inline
+        self._failure_statuses = classifier.statuses  # a failure when the status is in it
         self.ejections = 0
         self.skipped = 0  # ejections refused by the max-percent rule
         self._next_evaluation = -math.inf

@@ -44,8 +44,5 @@ class FailureClassifier:
         self.statuses = statuses
         self.errors = errors
 
-    def status_failed(self, status: int) -> bool:
-        return status in self.statuses
-
     def error_failed(self, exc: BaseException) -> bool:
         return error_kind(exc) in self.errors

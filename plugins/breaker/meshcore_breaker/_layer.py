@@ -71,7 +71,7 @@ class BreakerLayer:
         if circuit is None:
             return inner  # ejection alone works through the observer
         classifier = self.classifier
-        failure_statuses = classifier.statuses  # `classifier.status_failed`, inline
+        failure_statuses = classifier.statuses  # a failure when the status is in it
         slow_after = circuit.slow_call_duration
         refuse = self.refuse
         clock = getattr(self.upstream, "clock", anyio.current_time)  # anyio's clock

@@ -7,7 +7,9 @@ Kinds:
   `[services.X.consul]`);
 - section `consul-registration`: registers this instance with a TTL check while the mesh
   runs (`[consul-registration] name = "orders"  port = 8080`). A kind name is unique across
-  plugins and `consul` is the discovery kind, hence the longer name.
+  plugins and `consul` is the discovery kind, hence the longer name. Without `name`, it
+  answers `meshcore_register`: a sidecar's instance is registered with this section's agent,
+  TTL, tags and meta.
 
 `meshcore -p consul registry` runs the embedded single-node registry (a Consul-compatible
 subset); `meshcore_consul.Registry` is the same thing in-process.
@@ -135,6 +137,7 @@ def registration_of(mesh: Any) -> Registration | None:
 
 @meshcore.hookimpl
 def meshcore_lifespan(mesh: Any) -> Registration | None:
+    """The registration `[consul-registration]` configures itself (`name` set)."""
     settings = mesh.config.section(SECTION)
     if not settings.get("name"):
         return None
@@ -143,12 +146,30 @@ def meshcore_lifespan(mesh: Any) -> Registration | None:
             "required when `name` is set (the port this instance serves on)",
             source=mesh.config.source, path=f"{SECTION}.port",
         )
+    return _registration(
+        mesh, settings, name=settings.name, port=settings.port, id=settings.id, address=settings.address
+    )
+
+
+@meshcore.hookimpl
+def meshcore_register(instance: meshcore.Instance, mesh: Any) -> Registration | None:
+    """The instance a sidecar runs for, registered with `[consul-registration]`'s agent, TTL,
+    tags and meta; None when that section registers an instance of its own (`name` set)."""
+    settings = mesh.config.section(SECTION)
+    if settings.get("name"):
+        return None
+    return _registration(
+        mesh, settings, name=instance.name, port=instance.port, id=instance.id, address=instance.address
+    )
+
+
+def _registration(mesh: Any, settings: Any, *, name: str, port: int, id: str, address: str) -> Registration:
     registration = Registration(
         AgentConfig.from_settings(settings, address_key="agent"),
-        name=settings.name,
-        port=settings.port,
-        id=settings.id,
-        address=settings.address,
+        name=name,
+        port=port,
+        id=id,
+        address=address,
         tags=tuple(settings.tags),
         meta=settings.meta,
         weight_passing=settings.weight_passing,

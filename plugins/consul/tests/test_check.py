@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import meshcore_consul
 import pytest
 from consul_testkit import register
 
 import meshcore
-import meshcore_consul
 
 pytestmark = pytest.mark.anyio
 

@@ -24,11 +24,21 @@ from typing import Any
 import meshcore
 
 from ._budget import RetryBudget
-from ._retry import ERROR_KINDS, IDEMPOTENT, RetryLayer, RetryPolicy, error_kind, parse_retry_after
-from ._timeout import TimeoutLayer
+from ._retry import (
+    ERROR_KINDS,
+    IDEMPOTENT,
+    RETRY_EXTENSION,
+    RetryLayer,
+    RetryPolicy,
+    error_kind,
+    parse_retry_after,
+)
+from ._timeout import TIMEOUT_EXTENSION, TimeoutLayer
 
 __all__ = [
+    "RETRY_EXTENSION",
     "RETRY_SETTINGS",
+    "TIMEOUT_EXTENSION",
     "TIMEOUT_SETTINGS",
     "RetryBudget",
     "RetryLayer",

@@ -9,7 +9,7 @@ Why each rule (defaults from shared/reference/data-plane-anchors.md):
   (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, PUT, DELETE). Anything else is sent again only when the
   error says it provably never reached the server (`EndpointError.replayable`).
 - **Where a retry goes.** To a different endpoint when one exists: the endpoints already tried
-  go in `request.extensions["meshcore.exclude"]` (Envoy's `previous_hosts` predicate, on by
+  go in `request.extensions[meshcore.EXCLUDE]` (Envoy's `previous_hosts` predicate, on by
   default in Istio as `retry_ignore_previous_hosts`).
 - **When.** Exponential backoff with full jitter, retry n waiting U(0, (2^n - 1) x 25 ms),
   capped at 250 ms: Envoy's documented algorithm and defaults (so a fleet does not retry in
@@ -43,7 +43,10 @@ import meshcore
 
 from ._budget import RetryBudget
 
-__all__ = ["ERROR_KINDS", "IDEMPOTENT", "RetryLayer", "RetryPolicy"]
+__all__ = ["ERROR_KINDS", "IDEMPOTENT", "RETRY_EXTENSION", "RetryLayer", "RetryPolicy"]
+
+# request: this request's own retry policy (False: no retry; a dict: settings to override).
+RETRY_EXTENSION = "meshcore.retry"
 
 IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 ERROR_KINDS = meshcore.EndpointError.KINDS
@@ -220,7 +223,7 @@ class RetryLayer:
         """Send `request` through `inner` with retries; `policy` None: the layer's, or the
         request's own `extensions["meshcore.retry"]`."""
         if policy is None:
-            override = request.extensions.get("meshcore.retry")
+            override = request.extensions.get(RETRY_EXTENSION)
             policy = self.policy if override is None else self.override(override)
             if policy.attempts <= 1 and not policy.per_try_timeout:
                 return await inner(request)
@@ -248,7 +251,7 @@ class RetryLayer:
             timeout_ext = _per_try_timeouts(extensions0.get("timeout"), policy.per_try_timeout)
             request.extensions["timeout"] = timeout_ext
         idempotent = request.method in policy.methods
-        deadline = extensions0.get("meshcore.deadline")
+        deadline = extensions0.get(meshcore.DEADLINE)
         log: list[meshcore.Attempt] | None = None
         tried: list[meshcore.Endpoint] = []
         attempt = request
@@ -261,7 +264,7 @@ class RetryLayer:
                     request.method, request.url, meshcore.Headers(headers0), request.stream,
                     dict(extensions0),
                 )
-                attempt.extensions["meshcore.exclude"] = tuple(tried)
+                attempt.extensions[meshcore.EXCLUDE] = tuple(tried)
                 if timeout_ext is not None:
                     attempt.extensions["timeout"] = timeout_ext
                 began = self._clock()
@@ -293,7 +296,7 @@ class RetryLayer:
             now = self._clock()
             if log is None:
                 log = self._log(request)
-            endpoint = response.extensions.get("meshcore.endpoint")
+            endpoint = response.extensions.get(meshcore.ENDPOINT)
             if endpoint is not None:
                 tried.append(endpoint)
             log.append(meshcore.Attempt(endpoint, f"status {status}", now - began, status))
@@ -317,9 +320,9 @@ class RetryLayer:
     @staticmethod
     def _log(request: meshcore.Request) -> list[meshcore.Attempt]:
         """The attempt list shared with an outer `timeout` layer (same request object)."""
-        log = request.extensions.get("meshcore.attempts")
+        log = request.extensions.get(meshcore.ATTEMPTS)
         if log is None:
-            log = request.extensions["meshcore.attempts"] = []
+            log = request.extensions[meshcore.ATTEMPTS] = []
         return log
 
     def _raise(self, exc: BaseException, log: list[meshcore.Attempt], n: int,

@@ -4,7 +4,7 @@ Why a layer of its own: the deadline must sit *outside* retry (the recommended o
 `["timeout", "retry", "breaker"]`), so that it bounds the whole exchange as the caller sees it,
 as Envoy's route timeout does (15 s by default, which is this layer's default too; Linkerd's
 route timeout is 10 s, shared/reference/data-plane-anchors.md). It publishes the deadline in
-`request.extensions["meshcore.deadline"]` (an anyio clock time), so an inner retry layer does
+`request.extensions[meshcore.DEADLINE]` (an anyio clock time), so an inner retry layer does
 not start a backoff or honour a Retry-After that would end past it.
 
 The deadline covers the time until the response head arrives; reading a streamed body
@@ -19,7 +19,10 @@ import anyio
 
 import meshcore
 
-__all__ = ["TimeoutLayer"]
+__all__ = ["TIMEOUT_EXTENSION", "TimeoutLayer"]
+
+# request: this request's own deadline in seconds (None: none), instead of the setting.
+TIMEOUT_EXTENSION = "meshcore.timeout"
 
 
 class TimeoutLayer:
@@ -36,7 +39,7 @@ class TimeoutLayer:
     def seconds_for(self, request: meshcore.Request) -> float:
         """The deadline for this request: `extensions["meshcore.timeout"]` (seconds, or None
         or False for none) overrides the setting; bad input raises ValueError."""
-        value = request.extensions.get("meshcore.timeout", self.deadline)
+        value = request.extensions.get(TIMEOUT_EXTENSION, self.deadline)
         if value is None or value is False:
             return 0.0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -54,15 +57,15 @@ class TimeoutLayer:
             if not seconds:
                 return await inner(request)
             deadline = layer._clock() + seconds
-            outer = request.extensions.get("meshcore.deadline")
+            outer = request.extensions.get(meshcore.DEADLINE)
             if outer is not None and outer < deadline:
                 deadline = outer
-            request.extensions["meshcore.deadline"] = deadline
+            request.extensions[meshcore.DEADLINE] = deadline
             with anyio.CancelScope(deadline=deadline):
                 return await inner(request)
             # Only reached when the scope cancelled the inner call.
             layer.exceeded += 1
-            attempts = list(request.extensions.get("meshcore.attempts") or ())
+            attempts = list(request.extensions.get(meshcore.ATTEMPTS) or ())
             lines = [
                 (
                     f"service {layer.service_name!r}: deadline of {seconds:g} s exceeded "

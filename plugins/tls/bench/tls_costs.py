@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import anyio
-from anyio.streams.tls import TLSAttribute, TLSStream
-
 import meshcore
-import meshcore_tls
+from anyio.streams.tls import TLSAttribute, TLSStream
 from meshcore.testing import static_service
+
+import meshcore_tls
 
 
 async def serve(mesh: meshcore.Mesh, tls: bool, stream) -> None:

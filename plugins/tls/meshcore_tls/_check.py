@@ -7,11 +7,10 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import meshcore
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-
-import meshcore
 
 from ._ca import CA_CERT, CA_KEY, format_seconds, load_certs, load_key, spiffe_id, spiffe_ids_of
 

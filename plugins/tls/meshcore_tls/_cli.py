@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import click
-
 import meshcore
 
 from ._ca import CA, LEAF_TTL, ROOT_TTL, describe, load_certs, write_private

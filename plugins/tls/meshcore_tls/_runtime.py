@@ -42,10 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import meshcore
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
-import meshcore
 
 from ._ca import CA, Issued, cert_pem, key_pem, load_certs, spiffe_id, spiffe_ids_of
 from ._policy import Policy, parse_rules

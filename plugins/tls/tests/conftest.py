@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import meshcore
 import pytest
 from anyio.streams.tls import TLSStream
 from cryptography import x509
-
-import meshcore
 from meshcore.testing import static_service
+
 from meshcore_tls import CA, spiffe_ids_of
 
 

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import meshcore
+import pytest
+
 import meshcore_tls
 from meshcore_tls import CA
 

@@ -6,12 +6,12 @@ import json
 import ssl
 
 import anyio
+import meshcore
 import pytest
 from cryptography.hazmat.primitives import serialization
-
-import meshcore
-import meshcore_tls
 from meshcore.testing import static_service
+
+import meshcore_tls
 
 pytestmark = pytest.mark.anyio
 

@@ -14,9 +14,9 @@ import ssl
 
 import anyio
 import httpx
+import meshcore
 import pytest
 
-import meshcore
 import meshcore_tls
 
 pytestmark = pytest.mark.anyio

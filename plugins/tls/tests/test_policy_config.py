@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import meshcore
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import meshcore
 from meshcore_tls import parse_rules
 from meshcore_tls._policy import normalize_path
 

@@ -11,9 +11,9 @@ import logging
 
 import anyio
 import pytest
+from meshcore.testing import virtual_trio
 
 import meshcore_tls
-from meshcore.testing import virtual_trio
 
 pytestmark = pytest.mark.anyio
 

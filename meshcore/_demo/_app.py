@@ -1,4 +1,6 @@
-"""Real loopback upstream servers with scripted behaviour, for tests and benchmarks.
+"""Real loopback upstream servers with scripted behaviour: the demo's instances, and the test
+kit's `upstream` fixture (`meshcore.testing.UpstreamServer` is this class: the test kit uses the
+demo's app, never the other way round, and the runtime uses neither).
 
 Each `UpstreamServer` is a real HTTP/1.1 server (asyncio + httptools) in a thread of its own,
 so it is independent of the test's event loop, backend and virtual clock. Its behaviour can

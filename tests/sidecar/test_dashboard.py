@@ -16,8 +16,8 @@ import anyio
 import httpx
 import pytest
 
-from meshcore._demo._dashboard import page
 from meshcore._demo._scenario import _RotationPlugin
+from meshcore._sidecar._dashboard import page
 from meshcore._sidecar._runtime import Sidecar
 from meshcore.testing import require_binary
 

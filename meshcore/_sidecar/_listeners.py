@@ -1,0 +1,171 @@
+"""The listeners: bind, accept under `max_connections`, run each connection, stop accepting.
+
+Every connection is tracked (`connections_open` in /metrics and /state) so tests can see that
+bad input leaves nothing behind, and so drain can close the idle ones and cancel the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from .._errors import ConfigError
+from ._metrics import Telemetry
+from ._settings import Address
+
+__all__ = ["NAMES", "Connection", "Listeners"]
+
+log = logging.getLogger("meshcore.sidecar")
+
+NAMES = ("admin", "outbound", "inbound")  # in bind order
+PROXYING = ("outbound", "inbound")
+
+
+class Connection:
+    """One accepted client connection."""
+
+    __slots__ = ("listener", "scope", "busy", "done", "identity", "client_ip")
+
+    def __init__(self, listener: str) -> None:
+        self.listener = listener
+        self.scope = anyio.CancelScope()
+        self.busy = False
+        self.done: Callable[[], None] | None = None
+        self.identity: bytes | None = None
+        self.client_ip = b""
+
+
+class Listeners:
+    """The three listening sockets and the connections accepted on them."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.addresses: dict[str, Address] = {}
+        self.connections: dict[str, set[Connection]] = {name: set() for name in PROXYING + ("admin",)}
+        self._sockets: dict[str, Any] = {}
+        self._accepting: dict[str, anyio.CancelScope] = {}
+
+    async def bind(self, settings: Any, source: str) -> None:
+        """Bind all three (before the mesh starts anything, so a port in use fails first)."""
+        for name in NAMES:
+            address: Address = settings[name]
+            try:
+                listener = await anyio.create_tcp_listener(
+                    local_host=address.host, local_port=address.port, backlog=1024
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {address}: {exc.strerror or exc}",
+                    source=source,
+                    path=f"sidecar.{name}",
+                ) from None
+            self._sockets[name] = listener
+            port = listener.listeners[0].extra(SocketAttribute.local_port)
+            self.addresses[name] = Address(address.host, port)
+
+    def start(
+        self,
+        tg: anyio.abc.TaskGroup,
+        serve: Callable[[Connection, Any], Awaitable[None]],
+        max_connections: int,
+    ) -> None:
+        for name, multi in self._sockets.items():
+            scope = self._accepting[name] = anyio.CancelScope()
+            for listener in multi.listeners:  # one per address family of the host
+                tg.start_soon(
+                    self._accept, tg, name, listener, scope, serve, max_connections,
+                    name=f"accept:{name}",
+                )
+
+    async def _accept(
+        self,
+        tg: anyio.abc.TaskGroup,
+        name: str,
+        listener: Any,
+        scope: anyio.CancelScope,
+        serve: Callable[[Connection, Any], Awaitable[None]],
+        limit: int,
+    ) -> None:
+        conns = self.connections[name]
+        telemetry = self.telemetry
+        with scope:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
+                except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                    log.warning("accept on %s failed: %s", name, exc)
+                    await anyio.sleep(0.1)
+                    continue
+                if len(conns) >= limit:
+                    telemetry.connections_rejected[name] += 1
+                    await anyio.aclose_forcefully(stream)
+                    continue
+                conn = Connection(name)
+                conns.add(conn)
+                telemetry.connections_total[name] += 1
+                tg.start_soon(self._run, conn, stream, serve)
+        with anyio.CancelScope(shield=True):
+            await listener.aclose()
+
+    async def _run(
+        self, conn: Connection, stream: Any, serve: Callable[[Connection, Any], Awaitable[None]]
+    ) -> None:
+        try:
+            with conn.scope:
+                remote = stream.extra(SocketAttribute.remote_address, None)
+                if isinstance(remote, tuple):
+                    conn.client_ip = str(remote[0]).encode()
+                await serve(conn, stream)  # the engine's coroutine itself: no frame between
+        except Exception:
+            log.exception("connection on %s failed", conn.listener)
+        finally:
+            self.connections[conn.listener].discard(conn)
+            if conn.busy and conn.done is not None:
+                conn.done()  # a response the engine never got to write
+            if conn.scope.cancel_called:
+                await anyio.aclose_forcefully(stream)
+
+    async def close(self) -> None:
+        for listener in self._sockets.values():
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+
+    async def stop_accepting(self) -> None:
+        """Stop the proxying listeners; their sockets close now (new connections are refused
+        by the kernel), not when the accept task next runs."""
+        for name in PROXYING:
+            scope = self._accepting.get(name)
+            if scope is not None:
+                scope.cancel()
+            listener = self._sockets.get(name)
+            if listener is not None:
+                with anyio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    def close_idle(self) -> None:
+        for name in PROXYING:
+            for conn in list(self.connections[name]):
+                if not conn.busy:
+                    conn.scope.cancel()
+
+    async def cancel_proxying(self) -> None:
+        """Cancel every proxying connection and let them run their cleanup (bounded)."""
+        for name in PROXYING:
+            for conn in list(self.connections[name]):
+                conn.scope.cancel()
+        with anyio.move_on_after(1.0):
+            while self.connections["outbound"] or self.connections["inbound"]:
+                await anyio.sleep(0.005)
+
+    def close_admin(self) -> None:
+        if "admin" in self._accepting:
+            self._accepting["admin"].cancel()
+        for conn in list(self.connections["admin"]):
+            conn.scope.cancel()

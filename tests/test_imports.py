@@ -1,0 +1,104 @@
+"""What loads what: the CLI and the sidecar never import httpx, `meshcore --help` not the engine.
+
+httpx costs most of `import meshcore` (about 100 ms, with its own CLI when click and rich are
+installed), and the sidecar never builds an httpx object; library mode loads it with the first
+client. Each check runs in a fresh interpreter; `-X importtime` lists every module a real
+`meshcore` process imported.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshcore.testing import free_port
+
+MESHCORE = str(Path(sys.executable).with_name("meshcore"))
+
+
+def imported(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    return set(out.split())
+
+
+def importtime_modules(stderr: str) -> set[str]:
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+def test_import_meshcore_and_the_sidecar_do_not_import_httpx():
+    modules = imported("import meshcore, meshcore._sidecar._runtime, meshcore._cli")
+    assert "meshcore._sidecar._runtime" in modules
+    assert "httpx" not in modules
+
+
+def test_library_mode_loads_httpx_with_its_names():
+    modules = imported(
+        "import meshcore, httpx\n"
+        "assert issubclass(meshcore.MeshTransport, httpx.AsyncBaseTransport)\n"
+        "assert 'MeshTransport' in meshcore.__all__"
+    )
+    assert "meshcore._transport" in modules
+    with pytest.raises(subprocess.CalledProcessError):
+        imported("import meshcore; meshcore.NoSuchName")
+
+
+def test_meshcore_help_imports_neither_the_engine_nor_httpx():
+    done = subprocess.run(
+        [MESHCORE, "--help"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "MESHCORE_PLUGINS": ""},
+    )
+    assert done.returncode == 0 and "run" in done.stdout
+    modules = importtime_modules(done.stderr)
+    assert "meshcore._cli" in modules
+    assert not {m for m in modules if m.startswith(("meshcore._http", "httpx"))}
+
+
+def test_meshcore_run_serves_without_importing_httpx(tmp_path, upstream):
+    server = upstream()
+    ports = {name: free_port() for name in ("outbound", "inbound", "admin")}
+    config = tmp_path / "mesh.toml"
+    config.write_text(
+        "[sidecar]\n"
+        + "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in ports.items())
+        + f'[services.orders]\ndiscovery = "static"\n[services.orders.static]\nendpoints = ["{server.address}"]\n'
+    )
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [MESHCORE, "-c", str(config), "run", "--backend", "asyncio"],
+            stderr=err, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "MESHCORE_PLUGINS": ""},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "ready to accept" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "not ready in 30 s"
+                time.sleep(0.05)
+            outbound = f"http://127.0.0.1:{ports['outbound']}/"
+            # A proxied request, an answer of the sidecar's own, and the admin API.
+            assert httpx.get(outbound, headers={"host": "orders"}).status_code == 200
+            assert httpx.get(outbound, headers={"host": "nowhere"}).status_code == 404
+            assert httpx.get(f"http://127.0.0.1:{ports['admin']}/metrics").status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    modules = importtime_modules(log.read_text())
+    assert "meshcore._sidecar._handlers" in modules and "meshcore._http._server" in modules
+    assert not {m for m in modules if m.startswith("httpx")}
