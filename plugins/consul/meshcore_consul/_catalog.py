@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._address import address_problem
 from ._duration import parse_go_duration
 
 __all__ = ["Catalog", "RegistryError"]
@@ -50,10 +51,11 @@ _OTHER_CHECK_TYPES = (
 class RegistryError(Exception):
     """An error answered to a client: HTTP status and Consul's plain-text message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 def _norm(value: Any, what: str) -> dict[str, Any]:
@@ -179,6 +181,7 @@ class Catalog:
         self.checks: dict[str, CheckRecord] = {}
         self._name_index: dict[str, int] = {}
         self.closed = False
+        self._listeners: list[Callable[[], None]] = []
         self.load_error: str | None = None
         self.node_create_index = 1
         if self.data_dir is not None:
@@ -195,6 +198,19 @@ class Catalog:
     def _changed(self) -> None:
         self._persist()
         self.cond.notify_all()
+        for listener in list(self._listeners):
+            listener()
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change and at close (from the changing thread, with
+        the lock held: it must only hand the news over, e.g. `loop.call_soon_threadsafe`)."""
+        with self.cond:
+            self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[], None]) -> None:
+        with self.cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def register(self, body: Any, *, replace_existing_checks: bool = False) -> ServiceRecord:
         """PUT /v1/agent/service/register. Raises RegistryError(400) for bad input."""
@@ -224,9 +240,14 @@ class Catalog:
                        "Warning": _int(w.get("warning"), "Weights.Warning", 1)}
             if weights["Passing"] < 1 or weights["Warning"] < 0:
                 raise RegistryError(400, "Passing must be greater than 0")
+        # An absent Port is Consul's "no port" (0); one given must be a real port.
         port = _int(data.get("port"), "Port")
-        if not 0 <= port <= 65535:
-            raise RegistryError(400, f"Invalid service port: {port}")
+        if data.get("port") is not None and not 1 <= port <= 65535:
+            raise RegistryError(400, f"Invalid Service Port: expected 1..65535, got {port}")
+        address = _string(data.get("address"), "Address")
+        problem = address_problem(address) if address else None
+        if problem is not None:
+            raise RegistryError(400, f"Invalid Service Address {address[:80]!r}: {problem}")
         tagged = data.get("taggedaddresses") or {}
         if not isinstance(tagged, Mapping):
             raise RegistryError(400, "Request decode failed: TaggedAddresses: expected an object")
@@ -234,7 +255,7 @@ class Catalog:
             id=service_id,
             name=name,
             tags=_strings(data.get("tags"), "Tags"),
-            address=_string(data.get("address"), "Address"),
+            address=address,
             port=port,
             meta=meta,
             weights=weights,
@@ -414,17 +435,12 @@ class Catalog:
             return self.index
         return self._name_index.get(name, self.index)
 
-    def wait(self, name: str | None, index: int, timeout: float) -> None:
-        """Block until the index of `name` is past `index`, `timeout` passes, or close()."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            # An index past the registry's own can only come from before a restart that lost
-            # data: answer at once, so the client sees the index went backwards and resets.
-            while not self.closed and self._waited_index(name) <= index <= self.index:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                self.cond.wait(remaining)
+    def waiting(self, name: str | None, index: int) -> bool:
+        """Whether a blocking query on `name` at `index` still waits (call with the lock held).
+
+        An index past the registry's own can only come from before a restart that lost
+        data: answer at once, so the client sees the index went backwards and resets."""
+        return self._waited_index(name) <= index <= self.index
 
     def _waited_index(self, name: str | None) -> int:
         # A name never seen has not changed yet, whatever the global index did.
@@ -434,6 +450,8 @@ class Catalog:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+            for listener in list(self._listeners):
+                listener()
 
     def _status_of(self, service_id: str) -> list[CheckRecord]:
         return [c for c in self.checks.values() if c.service_id == service_id]
