@@ -36,17 +36,20 @@ import hmac
 import json
 import logging
 import random
+import secrets
 import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._catalog import MIN_DEREGISTER_AFTER, Catalog, RegistryError
 from ._duration import parse_go_duration
+from ._token import TOKEN_FILE, load_or_create_token
 
 __all__ = ["Registry"]
 
@@ -78,8 +81,13 @@ class Registry:
     ...     reg.url                                        # "http://127.0.0.1:54321"
 
     Also `async with Registry(...)` (starts in a thread, stops without blocking the loop).
-    `port=0` picks a free port. `token`, when set, is required on every write (and on reads
-    too with `read_protected`, Consul's `default_policy = "deny"`).
+    `port=0` picks a free port.
+
+    Writes need the ACL token (`registry.token`): `token` when given, else the one kept in
+    `<data_dir>/acl-token` (made 0600 at first start; `token_created` says this start made
+    it), else a random one for this process's lifetime. `read_protected` requires it on
+    reads too (Consul's `default_policy = "deny"`). `open_access=True` runs without any
+    token and logs a warning at start.
     """
 
     def __init__(
@@ -103,11 +111,23 @@ class Registry:
     ) -> None:
         self.host = host
         self.port = port
-        self.token = token or None
         self.read_protected = read_protected
         self.open_access = open_access
-        if read_protected and self.token is None:
-            raise ValueError("read_protected needs a token: without one nobody could read")
+        # The write token: given, or the data directory's (made at first start), or one for
+        # this process's lifetime when the registry keeps no files. None only when open.
+        self.token: str | None = None
+        self.token_file: Path | None = None
+        self.token_created = False
+        if open_access:
+            if token or read_protected:
+                raise ValueError("open_access runs without a token: do not also give a token or read_protected")
+        elif token:
+            self.token = token
+        elif data_dir is not None:
+            self.token_file = Path(data_dir) / TOKEN_FILE
+            self.token, self.token_created = load_or_create_token(Path(data_dir))
+        else:
+            self.token = secrets.token_urlsafe(32)
         self.max_conns_per_client = max_conns_per_client
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
@@ -145,6 +165,10 @@ class Registry:
         # not overflow it and wait out a 1 s SYN retransmit.
         sock = socket.create_server((self.host, self.port), family=family, backlog=512, reuse_port=False)
         self.port = sock.getsockname()[1]
+        if self.open_access:
+            log.warning(
+                "the registry at %s runs OPEN (no ACL token): any local process can deregister a "
+                "service and register itself in its place", self.url)
         front = _Front(self, sock)
         self._front = front
         serve = threading.Thread(target=front.run, name=f"registry-http:{self.port}", daemon=True)

@@ -18,7 +18,7 @@ from meshcore_consul import Registry
 
 @pytest.fixture
 def http(registry):
-    with httpx.Client(base_url=registry.url, timeout=10) as client:
+    with httpx.Client(base_url=registry.url, timeout=10, headers={"X-Consul-Token": registry.token}) as client:
         yield client
 
 
@@ -124,7 +124,7 @@ def test_blocking_query_waits_then_returns_on_change(registry, http):
 
 
 def test_many_blocking_queries_at_once(registry):
-    client = httpx.Client(base_url=registry.url, timeout=10,
+    client = httpx.Client(base_url=registry.url, timeout=10, headers={"X-Consul-Token": registry.token},
                           limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
     put(client, "/v1/agent/service/register", {"Name": "web", "ID": "w1", "Port": 1})
     index = int(client.get("/v1/health/service/web").headers["x-consul-index"])
@@ -142,7 +142,7 @@ def test_many_blocking_queries_at_once(registry):
         time.sleep(0.01)  # no event to wait on across the process boundary of a socket
     time.sleep(0.05)
     start = time.monotonic()
-    with httpx.Client(base_url=registry.url) as writer:
+    with httpx.Client(base_url=registry.url, headers={"X-Consul-Token": registry.token}) as writer:
         put(writer, "/v1/agent/service/deregister/w1")
     for t in threads:
         t.join(5)
@@ -244,3 +244,26 @@ def test_cli_persists_across_restart_and_reports_corruption(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
+
+
+def test_cli_makes_the_token_once_prints_it_once_and_open_warns(tmp_path):
+    def run(*args: str) -> str:
+        proc = _run_cli(["--data-dir", "data", *args], tmp_path, {"MESHCORE_REGISTRY_TOKEN": ""})
+        try:
+            url, lines = _read_url(proc)
+            if "--open" in args:
+                assert httpx.put(f"{url}/v1/agent/service/register", json={"Name": "w"}).status_code == 200
+            else:
+                assert httpx.put(f"{url}/v1/agent/service/register", json={"Name": "w"}).status_code == 403
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        return "".join(lines) + err
+
+    first = run()
+    token = (tmp_path / "data" / "acl-token").read_text().strip()
+    assert f"made the ACL token {token}" in first and "acl-token" in first
+    second = run()
+    assert token not in second and "writes need the ACL token in data/acl-token" in second
+    opened = run("--open")
+    assert "runs OPEN" in opened and "OPEN: no ACL token" in opened
