@@ -49,6 +49,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._catalog import MIN_DEREGISTER_AFTER, Catalog, RegistryError
 from ._duration import parse_go_duration
+from ._filter import Predicate, compile_filter
 from ._token import TOKEN_FILE, load_or_create_token
 
 __all__ = ["Registry"]
@@ -177,6 +178,9 @@ class Registry:
         for t in self._threads:
             t.start()
         front.ready.wait(10)
+        if front.failed is not None:
+            self.stop()
+            raise RuntimeError(f"the registry's HTTP front failed to start: {front.failed!r}")
         return self
 
     def stop(self) -> None:
@@ -315,9 +319,12 @@ class _Front:
         self.catalog = registry.catalog
         self.sock = sock
         self.ready = threading.Event()
+        self.failed: BaseException | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.per_client: dict[str, int] = {}
         self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.socks: set[socket.socket] = set()
         self._stopped: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self._route_table = self._routes()
@@ -327,9 +334,11 @@ class _Front:
     def run(self) -> None:
         try:
             asyncio.run(self._serve())
-        except Exception:  # pragma: no cover - a bug; never take the embedding process down
+        except Exception as exc:  # pragma: no cover - a bug; never take the embedding process down
+            self.failed = exc
             log.exception("registry HTTP front crashed")
         finally:
+            self.sock.close()
             self.ready.set()
 
     async def _serve(self) -> None:
@@ -337,16 +346,41 @@ class _Front:
         self._stopped = asyncio.Event()
         self._changed = asyncio.Event()
         self.catalog.listen(self._on_change)
-        server = await asyncio.start_server(self._connection, sock=self.sock, limit=MAX_HEAD)
+        self.sock.setblocking(False)
+        accept = self.loop.create_task(self._accept())
         self.ready.set()
         try:
             await self._stopped.wait()
         finally:
             self.catalog.unlisten(self._on_change)
-            server.close()
+            accept.cancel()
+            await asyncio.wait([accept])
+            self.sock.close()
             for writer in list(self.writers):
                 writer.transport.abort()
-            await asyncio.sleep(0)
+            for task in list(self.tasks):
+                task.cancel()
+            if self.tasks:
+                await asyncio.wait(list(self.tasks), timeout=2)
+            # Whatever a transport has not closed yet (the loop ends now) is closed here.
+            for conn in list(self.socks):
+                conn.close()
+
+    async def _accept(self) -> None:
+        """Accept connections ourselves (not asyncio.start_server), so each socket is ours
+        from the moment it exists and is closed at stop whatever state it is in."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and the like: keep serving who is connected
+                log.warning("registry: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.socks.add(conn)
+            task = loop.create_task(self._connection(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def stop(self) -> None:
         loop, stopped = self.loop, self._stopped
@@ -373,7 +407,21 @@ class _Front:
 
     # -- one connection ----------------------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _connection(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
+        except OSError:
+            self.socks.discard(sock)
+            sock.close()
+            return
+        self.writers.add(writer)
+        try:
+            await self._serve_connection(reader, writer)
+        finally:
+            self.writers.discard(writer)
+            self.socks.discard(sock)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = str(peer[0]) if peer else ""
         registry = self.registry
@@ -384,7 +432,6 @@ class _Front:
             return
         self.per_client[client] = self.per_client.get(client, 0) + 1
         registry.connections += 1
-        self.writers.add(writer)
         conn = _Connection(reader, writer)
         try:
             while await self._exchange(conn):
@@ -395,7 +442,6 @@ class _Front:
         except (OSError, asyncio.CancelledError):
             pass
         finally:
-            self.writers.discard(writer)
             registry.connections -= 1
             left = self.per_client[client] - 1
             if left:
@@ -475,6 +521,8 @@ class _Front:
         key2 = "/".join(parts[2:4])
         rest2 = "/".join(parts[4:])
         routes = self._route_table
+        if parts[2] in _OUT_OF_SCOPE or key2 in _OUT_OF_SCOPE:
+            raise RegistryError(501, f"{request.path}: {_NOT_SERVED}")
         for k, r in ((key, rest), (key2, rest2)):
             entry = routes.get(k)
             if entry is not None:
@@ -484,6 +532,8 @@ class _Front:
                                         {"Allow": ", ".join(m for m in methods if m != "HEAD")})
                 request.path = r  # what follows the route's prefix: a service or check id
                 return route
+        if key2 == "agent/service":  # GET /v1/agent/service/<id>: one service's definition
+            raise RegistryError(501, f"{request.path}: {_NOT_SERVED}")
         raise RegistryError(404, "404 page not found")
 
     def _routes(self) -> dict[str, tuple[tuple[str, ...], _Route]]:
@@ -491,19 +541,40 @@ class _Front:
         put, get = ("PUT",), ("GET", "HEAD")
         w = lambda handler, body=False: _Route(handler, "write", body)  # noqa: E731
         r = lambda handler: _Route(handler, "read")  # noqa: E731
+        c = self.catalog
         routes = {
             "agent/service/register": (put, w(self._register, body=True)),
             "agent/service/deregister": (put, w(self._deregister)),
+            "agent/service/maintenance": (put, w(self._maintenance(service=True))),
+            "agent/maintenance": (put, w(self._maintenance(service=False))),
+            "agent/check/register": (put, w(self._check_register, body=True)),
+            "agent/check/deregister": (put, w(self._check_deregister)),
             "agent/check/pass": (put, w(self._ttl("passing"))),
             "agent/check/warn": (put, w(self._ttl("warning"))),
             "agent/check/fail": (put, w(self._ttl("critical"))),
             "agent/check/update": (put, w(self._check_update, body=True)),
-            "agent/services": (get, r(self._agent_services)),
-            "agent/checks": (get, r(self._agent_checks)),
+            "agent/services": (get, r(self._read(lambda q: c.agent_services(), blocking=False))),
+            "agent/checks": (get, r(self._read(lambda q: c.agent_checks(), blocking=False))),
+            "agent/members": (get, r(self._members)),
             "agent/self": (get, r(self._agent_self)),
-            "health/service": (get, r(self._blocking("health/service"))),
-            "catalog/service": (get, r(self._blocking("catalog/service"))),
-            "catalog/services": (get, r(self._blocking("catalog/services"))),
+            "health/service": (get, r(self._read(
+                lambda q: c.health_service(q.path, passing=_flag(q.query, "passing", "Invalid value for ?passing"),
+                                           tags=q.query.get("tag", [])), named="service"))),
+            "health/checks": (get, r(self._read(lambda q: c.health_checks(q.path), named="service"))),
+            "health/state": (get, r(self._read(lambda q: c.health_state(q.path), named="state", watch_all=True))),
+            "health/node": (get, r(self._read(lambda q: c.health_node(q.path), named="node", watch_all=True))),
+            "catalog/service": (get, r(self._read(
+                lambda q: c.catalog_service(q.path, tags=q.query.get("tag", [])), named="service"))),
+            "catalog/services": (get, r(self._read(lambda q: c.catalog_services(), filtered=self._services_filtered))),
+            "catalog/nodes": (get, r(self._read(lambda q: c.catalog_nodes()))),
+            "catalog/node": (get, r(self._read(lambda q: c.catalog_node(q.path), named="node", watch_all=True,
+                                               filtered=self._node_filtered))),
+            "catalog/datacenters": (get, r(self._datacenters)),
+            # Connect proxies and gateways cannot be registered here (400), so the instances
+            # that serve a service through them are, truly, none.
+            "catalog/connect": (get, r(self._read(lambda q: [], named="service"))),
+            "health/connect": (get, r(self._read(lambda q: [], named="service"))),
+            "health/ingress": (get, r(self._read(lambda q: [], named="service"))),
             "status/leader": (get, _Route(self._leader, "")),
             "status/peers": (get, _Route(self._peers, "")),
         }
@@ -561,13 +632,9 @@ class _Front:
         self.catalog.update_check(request.path, status, output)
         return _Reply(200)
 
-    async def _agent_services(self, request: _Request) -> _Reply:
-        return self._json(request, self.catalog.agent_services())
-
-    async def _agent_checks(self, request: _Request) -> _Reply:
-        return self._json(request, self.catalog.agent_checks())
-
     async def _agent_self(self, request: _Request) -> _Reply:
+        if "filter" in request.query:
+            raise RegistryError(400, "?filter is not supported on /v1/agent/self")
         return self._json(request, _self(self.registry))
 
     async def _leader(self, request: _Request) -> _Reply:
@@ -576,7 +643,19 @@ class _Front:
     async def _peers(self, request: _Request) -> _Reply:
         return self._json(request, [self.registry.address])
 
-    def _blocking(self, what: str) -> Handler:
+    def _read(
+        self,
+        produce: Callable[[_Request], Any],
+        *,
+        named: str = "",
+        watch_all: bool = False,
+        blocking: bool = True,
+        filtered: Callable[[_Request, Predicate], Any] | None = None,
+    ) -> Handler:
+        """A catalog read: Consul's query checks, `?filter=` (applied to each item of a list or
+        to each value of a map; never ignored), and blocking on the index of the service named
+        in the path (`named="service"`) or of the whole catalog."""
+
         async def read(request: _Request) -> _Reply:
             catalog = self.catalog
             query = request.query
@@ -585,27 +664,80 @@ class _Front:
             dc = query.get("dc", [""])[-1]
             if dc and dc != catalog.datacenter:
                 raise RegistryError(500, "No path to datacenter")
-            name: str | None = None
-            if what != "catalog/services":
-                name = request.path
-                if not name:
-                    raise RegistryError(400, "Missing service name")
-            passing = _flag(query, "passing", "Invalid value for ?passing")
-            tags = query.get("tag", [])
+            if named and not request.path:
+                raise RegistryError(400, f"Missing {named} name")
+            predicate = compile_filter(query["filter"][-1]) if "filter" in query else None
+            watched = request.path if named == "service" and not watch_all else None
             index, wait = _blocking_params(query)
-            if index:
-                await self._wait(request, name, index, wait)
+            if index and blocking:
+                await self._wait(request, watched, index, wait)
             with catalog.cond:
-                current = catalog.index_for(name)
-                if what == "health/service":
-                    value: Any = catalog.health_service(name or "", passing=passing, tags=tags)
-                elif what == "catalog/service":
-                    value = catalog.catalog_service(name or "", tags=tags)
+                current = catalog.index_for(watched)
+                if named == "service" and query.get("peer", [""])[-1]:
+                    value: Any = []  # no cluster peerings here: a peer's instances are none
+                elif predicate is not None and filtered is not None:
+                    value = filtered(request, predicate)
                 else:
-                    value = catalog.catalog_services()
-            return self._json(request, value, current)
+                    value = produce(request)
+                    if predicate is not None:
+                        value = _apply(value, predicate)
+            return self._json(request, value, current if blocking else None)
 
         return read
+
+    def _services_filtered(self, request: _Request, predicate: Predicate) -> dict[str, list[str]]:
+        """`/v1/catalog/services?filter=`: Consul filters the instances (ServiceName,
+        ServiceTags, ...) and lists the services and tags of those that match."""
+        out: dict[str, list[str]] = {}
+        for name in sorted({s.name for s in self.catalog.services.values()}):
+            for entry in self.catalog.catalog_service(name):
+                if predicate(entry):
+                    tags = out.setdefault(name, [])
+                    tags.extend(t for t in entry["ServiceTags"] if t not in tags)
+        return out
+
+    def _node_filtered(self, request: _Request, predicate: Predicate) -> Any:
+        """`/v1/catalog/node/<node>?filter=` filters the node's `Services` map."""
+        node = self.catalog.catalog_node(request.path)
+        if node is not None:
+            node["Services"] = {k: v for k, v in node["Services"].items() if predicate(v)}
+        return node
+
+    async def _check_register(self, request: _Request) -> _Reply:
+        self.catalog.register_check(self._decode(request))
+        return _Reply(200)
+
+    async def _check_deregister(self, request: _Request) -> _Reply:
+        if not request.path:
+            raise RegistryError(400, "Missing check ID")
+        self.catalog.deregister_check(request.path)
+        return _Reply(200)
+
+    def _maintenance(self, *, service: bool) -> Handler:
+        async def maintenance(request: _Request) -> _Reply:
+            raw = request.query.get("enable", [None])[-1]
+            if raw is None or raw == "":
+                raise RegistryError(400, "Missing value for enable")
+            if raw not in ("true", "false"):
+                raise RegistryError(400, f"Invalid value for enable: {raw!r}")
+            if service and not request.path:
+                raise RegistryError(400, "Missing service ID")
+            self.catalog.maintenance(request.path if service else None, raw == "true",
+                                     request.query.get("reason", [""])[-1])
+            return _Reply(200)
+
+        return maintenance
+
+    async def _members(self, request: _Request) -> _Reply:
+        if "filter" in request.query:
+            raise RegistryError(400, "?filter is not supported on /v1/agent/members")
+        member = dict(_self(self.registry)["Member"])
+        if _flag(request.query, "wan", "Invalid value for ?wan"):
+            member["Name"] = f"{member['Name']}.{self.catalog.datacenter}"
+        return self._json(request, [member])
+
+    async def _datacenters(self, request: _Request) -> _Reply:
+        return self._json(request, [self.catalog.datacenter])
 
     async def _wait(self, request: _Request, name: str | None, index: int, wait: float) -> None:
         """Consul's blocking query: wait while the index of `name` is not past `index`.
@@ -749,6 +881,30 @@ def _token(request: _Request) -> str | None:
     return None
 
 
+# Consul APIs the embedded registry does not serve: answered 501 with this, never a wrong success.
+_OUT_OF_SCOPE = {
+    "kv", "session", "acl", "connect", "txn", "event", "query", "snapshot", "operator", "config",
+    "coordinate", "internal", "peering", "peerings", "namespace", "namespaces", "partition", "partitions",
+    "discovery-chain", "exported-services", "imported-services", "lock",
+    "catalog/register", "catalog/deregister", "catalog/gateway-services", "agent/token", "agent/leave", "agent/force-leave", "agent/reload",
+    "agent/metrics", "agent/monitor", "agent/join", "agent/connect", "agent/host", "agent/version",
+    "agent/health",
+}
+_NOT_SERVED = (
+    "not served by the embedded meshcore registry, which serves the agent, catalog and health "
+    "APIs for the services, checks and node of one node (docs/registry.md); use a Consul agent for it"
+)
+
+
+def _apply(value: Any, predicate: Predicate) -> Any:
+    """A filter over an answer: each item of a list, each value of a map."""
+    if isinstance(value, list):
+        return [item for item in value if predicate(item)]
+    if isinstance(value, dict):
+        return {key: item for key, item in value.items() if predicate(item)}
+    return value
+
+
 def _flag(query: dict[str, list[str]], name: str, error: str) -> bool:
     """Consul's bool query parameters: bare `?passing` is true, else strconv.ParseBool."""
     if name not in query:
@@ -803,5 +959,7 @@ def _self(registry: Registry) -> dict[str, Any]:
             "DelegateMin": 2, "DelegateMax": 5, "DelegateCur": 4,
         },
         "Meta": {"consul-network-segment": ""},
+        "Stats": {"consul": {"server": "true", "leader": "true", "leader_addr": registry.address,
+                             "bootstrap": "true", "known_datacenters": "1"}},
         "xDS": None,
     }
