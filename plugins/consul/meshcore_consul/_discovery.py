@@ -47,9 +47,12 @@ class ConsulUnreachable(Exception):
     """The agent could not be asked: connect, TLS, timeout. Names the agent and the cause."""
 
     def __init__(self, agent: AgentConfig, exc: BaseException) -> None:
-        detail, cause = str(exc), exc
-        while not detail and (cause := cause.__cause__ or cause.__context__) is not None:
-            detail = f"{type(cause).__name__}: {cause}" if str(cause) else ""
+        detail = str(exc)
+        cause: BaseException | None = exc
+        while not detail and cause is not None:
+            cause = cause.__cause__ or cause.__context__
+            if cause is not None and str(cause):
+                detail = f"{type(cause).__name__}: {cause}"
         super().__init__(f"{agent.address.url}: {type(exc).__name__}" + (f": {detail}" if detail else ""))
 
 
@@ -217,8 +220,8 @@ class ConsulDiscovery:
         self.filtered = 0
         self.status = "waiting"  # waiting, ok, filtered, error
 
-    def _params(self) -> list[tuple[str, str]]:
-        params: list[tuple[str, str]] = []
+    def _params(self) -> list[tuple[str, str | int | float | bool | None]]:
+        params: list[tuple[str, str | int | float | bool | None]] = []
         if not self.include_warning:
             params.append(("passing", "1"))
         params.extend(("tag", t) for t in self.tags)
