@@ -333,6 +333,7 @@ class Demo:
             # instance registers itself, as `meshcore run` does.
             config["consul-registration"] = {
                 "agent": self.registry.url,
+                "token": self.registry.token,  # the registry's write token (made at its start)
                 "meta": {"instance": name},
                 "ttl": 5.0,
             }
@@ -378,7 +379,7 @@ class Demo:
             },
         }
         if plan.consul is not None:
-            config["consul-registration"] = {"agent": self.registry.url, "ttl": 5.0}
+            config["consul-registration"] = {"agent": self.registry.url, "token": self.registry.token, "ttl": 5.0}
         if plan.tls is not None:
             config["tls"] = {"ca_dir": self._tmp, "service": "demo-client"}
         return config

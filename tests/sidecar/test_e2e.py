@@ -62,7 +62,7 @@ def sidecar_b_config(registry: Registry, ca_dir: Path, app: str) -> dict[str, An
     return {
         "sidecar": {**LOOPBACK, "service": "app-b", "app": app, "drain": 1.0},
         # name/address/port/id are filled in by the sidecar: its own inbound address
-        "consul-registration": {"agent": registry.url, "ttl": "10s"},
+        "consul-registration": {"agent": registry.url, "token": registry.token, "ttl": "10s"},
         "tls": {"ca_dir": str(ca_dir), "service": "app-b", "allow": [{"identities": [APP_A]}]},
     }
 

@@ -28,6 +28,7 @@ from ._catalog import Catalog, RegistryError
 from ._discovery import ConsulDiscovery, TokenBucket, next_index, parse_health
 from ._registration import Registration
 from ._server import Registry
+from ._token import TokenFileError
 
 __all__ = [
     "AgentConfig",
@@ -37,6 +38,7 @@ __all__ = [
     "Registration",
     "Registry",
     "RegistryError",
+    "TokenFileError",
     "TokenBucket",
     "next_index",
     "parse_health",
@@ -52,7 +54,12 @@ def _agent_settings(address_key: str) -> dict[str, Setting]:
             "str", parse_agent_address(DEFAULT_AGENT), "the Consul agent: http://host:port, https://host:port",
             convert=parse_agent_address,
         ),
-        "token": Setting("str", "", "ACL token sent as X-Consul-Token (empty: $CONSUL_HTTP_TOKEN)"),
+        "token": Setting(
+            "str", "", "ACL token sent as X-Consul-Token (empty: $CONSUL_HTTP_TOKEN, then "
+            "$MESHCORE_REGISTRY_TOKEN, then token_file)"),
+        "token_file": Setting(
+            "str", "", "file holding the token: the embedded registry's <data-dir>/acl-token "
+            "(empty: .meshcore-registry/acl-token when it exists)"),
         "ca_file": Setting("str", "", "CA bundle to verify an https agent"),
         "cert_file": Setting("str", "", "client certificate for an https agent"),
         "key_file": Setting("str", "", "client key for cert_file"),
@@ -115,7 +122,7 @@ def meshcore_discovery(kind: str, settings: Any, service: str) -> ConsulDiscover
     if kind != "consul":
         return None
     return ConsulDiscovery(
-        AgentConfig.from_settings(settings),
+        _agent_config(settings, "address", f"services.{service}.consul"),
         settings.service or service,
         tags=tuple(settings.tags),
         include_warning=settings.include_warning,
@@ -125,6 +132,13 @@ def meshcore_discovery(kind: str, settings: Any, service: str) -> ConsulDiscover
         churn_limit=settings.churn_limit,
         max_answer_size=settings.max_answer_size,
     )
+
+
+def _agent_config(settings: Any, address_key: str, where: str, source: str = "") -> AgentConfig:
+    try:
+        return AgentConfig.from_settings(settings, address_key=address_key)
+    except TokenFileError as exc:
+        raise meshcore.ConfigError(str(exc), source=source, path=f"{where}.token_file") from None
 
 
 _registrations: weakref.WeakKeyDictionary[Any, Registration] = weakref.WeakKeyDictionary()
@@ -165,7 +179,7 @@ def meshcore_register(instance: meshcore.Instance, mesh: Any) -> Registration | 
 
 def _registration(mesh: Any, settings: Any, *, name: str, port: int, id: str, address: str) -> Registration:
     registration = Registration(
-        AgentConfig.from_settings(settings, address_key="agent"),
+        _agent_config(settings, "agent", SECTION, mesh.config.source),
         name=name,
         port=port,
         id=id,

@@ -8,7 +8,6 @@ registration.
 from __future__ import annotations
 
 import json
-import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from ._token import client_token
 
 __all__ = ["AgentAddress", "AgentConfig", "ConsulAnswerError", "parse_agent_address", "read_json"]
 
@@ -72,9 +73,10 @@ class AgentConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], address_key: str = "address") -> AgentConfig:
-        # Like Consul's own CLI and SDKs, an empty token falls back to CONSUL_HTTP_TOKEN, so
-        # secrets need not be written into mesh.toml.
-        token = settings.get("token") or os.environ.get("CONSUL_HTTP_TOKEN", "")
+        # Like Consul's own CLI and SDKs, an empty token falls back to CONSUL_HTTP_TOKEN (then
+        # MESHCORE_REGISTRY_TOKEN, then the embedded registry's token file), so secrets need
+        # not be written into mesh.toml. TokenFileError names the file and the fix.
+        token = client_token(settings.get("token", ""), settings.get("token_file", ""))
         return cls(
             address=settings[address_key],
             token=token,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._address import address_problem
 from ._duration import parse_go_duration
 
 __all__ = ["Catalog", "RegistryError"]
@@ -50,10 +51,11 @@ _OTHER_CHECK_TYPES = (
 class RegistryError(Exception):
     """An error answered to a client: HTTP status and Consul's plain-text message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 def _norm(value: Any, what: str) -> dict[str, Any]:
@@ -96,6 +98,24 @@ def _int(value: Any, what: str, default: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise RegistryError(400, f"Request decode failed: {what}: expected an integer, got {_kind(value)}")
     return value
+
+
+def _tagged_addresses(value: Any) -> dict[str, Any]:
+    """Service TaggedAddresses: name -> {"Address", "Port"} (Consul's ServiceAddress), keys
+    matched case-insensitively as the rest of the body."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RegistryError(400, "Request decode failed: TaggedAddresses: expected an object")
+    out: dict[str, Any] = {}
+    for name, entry in value.items():
+        if isinstance(entry, Mapping):
+            fields = _norm(entry, f"TaggedAddresses[{name!r}]")
+            out[str(name)] = {"Address": _string(fields.get("address"), f"TaggedAddresses[{name!r}].Address"),
+                              "Port": _int(fields.get("port"), f"TaggedAddresses[{name!r}].Port")}
+        else:
+            out[str(name)] = _string(entry, f"TaggedAddresses[{name!r}]")
+    return out
 
 
 def _duration(value: Any, what: str) -> float | None:
@@ -179,6 +199,7 @@ class Catalog:
         self.checks: dict[str, CheckRecord] = {}
         self._name_index: dict[str, int] = {}
         self.closed = False
+        self._listeners: list[Callable[[], None]] = []
         self.load_error: str | None = None
         self.node_create_index = 1
         if self.data_dir is not None:
@@ -192,9 +213,30 @@ class Catalog:
             self._name_index[name] = self.index
         return self.index
 
+    def _bump_for(self, check: CheckRecord) -> int:
+        """Bump the index of what a check's change touches: its service, or for a node-level
+        check (maintenance, a check without ServiceID) every service on the node."""
+        if check.service_id:
+            service = self.services.get(check.service_id)
+            return self._bump(*([service.name] if service else []))
+        return self._bump(*{s.name for s in self.services.values()})
+
     def _changed(self) -> None:
         self._persist()
         self.cond.notify_all()
+        for listener in list(self._listeners):
+            listener()
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change and at close (from the changing thread, with
+        the lock held: it must only hand the news over, e.g. `loop.call_soon_threadsafe`)."""
+        with self.cond:
+            self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[], None]) -> None:
+        with self.cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def register(self, body: Any, *, replace_existing_checks: bool = False) -> ServiceRecord:
         """PUT /v1/agent/service/register. Raises RegistryError(400) for bad input."""
@@ -224,23 +266,31 @@ class Catalog:
                        "Warning": _int(w.get("warning"), "Weights.Warning", 1)}
             if weights["Passing"] < 1 or weights["Warning"] < 0:
                 raise RegistryError(400, "Passing must be greater than 0")
+        # An absent Port is Consul's "no port" (0); one given must be a real port.
         port = _int(data.get("port"), "Port")
-        if not 0 <= port <= 65535:
-            raise RegistryError(400, f"Invalid service port: {port}")
-        tagged = data.get("taggedaddresses") or {}
-        if not isinstance(tagged, Mapping):
-            raise RegistryError(400, "Request decode failed: TaggedAddresses: expected an object")
+        if data.get("port") is not None and not 1 <= port <= 65535:
+            raise RegistryError(400, f"Invalid Service Port: expected 1..65535, got {port}")
+        address = _string(data.get("address"), "Address")
+        problem = address_problem(address) if address else None
+        if problem is not None:
+            raise RegistryError(400, f"Invalid Service Address {address[:80]!r}: {problem}")
+        tagged = _tagged_addresses(data.get("taggedaddresses"))
+        kind = _string(data.get("kind"), "Kind")
+        if kind or data.get("proxy") or data.get("connect"):
+            raise RegistryError(
+                400, "Invalid service: Connect proxies, gateways and sidecars are not served by the "
+                "embedded meshcore registry (Kind, Proxy, Connect); point at a Consul agent for them")
         record = ServiceRecord(
             id=service_id,
             name=name,
             tags=_strings(data.get("tags"), "Tags"),
-            address=_string(data.get("address"), "Address"),
+            address=address,
             port=port,
             meta=meta,
             weights=weights,
-            tagged_addresses=dict(tagged),
+            tagged_addresses=tagged,
             enable_tag_override=bool(data.get("enabletagoverride", False)),
-            kind=_string(data.get("kind"), "Kind"),
+            kind=kind,
         )
         check_bodies: list[Any] = []
         if data.get("check") not in (None, {}):
@@ -365,8 +415,71 @@ class Catalog:
                 return
             check.status, check.output = status, output
             check.critical_since = now if status == "critical" else None
-            service = self.services.get(check.service_id)
-            check.modify_index = self._bump(*([service.name] if service else []))
+            check.modify_index = self._bump_for(check)
+            self._changed()
+
+    def register_check(self, body: Any) -> CheckRecord:
+        """PUT /v1/agent/check/register: a TTL check, of a service (`ServiceID`) or the node."""
+        data = _norm(body, "body")
+        name = _string(data.get("name"), "Name")
+        if not name:
+            raise RegistryError(400, "Missing check name")
+        service_id = _string(data.get("serviceid"), "ServiceID")
+        with self.cond:
+            service = self.services.get(service_id) if service_id else None
+            if service_id and service is None:
+                raise RegistryError(404, f'ServiceID "{service_id}" does not exist')  # Consul >= 1.11
+            owner = service or ServiceRecord(id="", name="")
+            check = self._check({**data, "checkid": data.get("checkid") or data.get("id") or name}, owner, 0)
+            check.name, check.service_id = name, service_id
+            existing = self.checks.get(check.id)
+            if not check.status:
+                check.status = existing.status if existing else "critical"
+            now = self.clock()
+            check.deadline = now + check.ttl if check.ttl is not None else None
+            check.critical_since = now if check.status == "critical" else None
+            check.create_index = existing.create_index if existing else 0
+            self.checks[check.id] = check
+            check.modify_index = self._bump_for(check)
+            check.create_index = check.create_index or check.modify_index
+            self._changed()
+            return check
+
+    def deregister_check(self, check_id: str) -> None:
+        with self.cond:
+            check = self.checks.get(check_id)
+            if check is None:
+                raise RegistryError(
+                    404, f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.')
+            del self.checks[check_id]
+            self._bump_for(check)
+            self._changed()
+
+    def maintenance(self, service_id: str | None, enable: bool, reason: str) -> None:
+        """Node (service_id None) or service maintenance: a critical check while enabled,
+        named as Consul names it (`_node_maintenance`, `_service_maintenance:<id>`)."""
+        with self.cond:
+            if service_id is not None and service_id not in self.services:
+                raise RegistryError(404, f'Unknown service ID "{service_id}"')
+            check_id = "_node_maintenance" if service_id is None else f"_service_maintenance:{service_id}"
+            if not enable:
+                check = self.checks.pop(check_id, None)
+                if check is not None:
+                    self._bump_for(check)
+                    self._changed()
+                return
+            what = "node" if service_id is None else "service"
+            check = CheckRecord(
+                id=check_id,
+                name="Node Maintenance Mode" if service_id is None else "Service Maintenance Mode",
+                service_id=service_id or "",
+                notes=reason or f"Maintenance mode is enabled for this {what}, but no reason was provided. "
+                                "This is a default message.",
+                status="critical",
+                critical_since=self.clock(),
+            )
+            self.checks[check_id] = check
+            check.modify_index = check.create_index = self._bump_for(check)
             self._changed()
 
     def expire(self) -> float | None:
@@ -386,8 +499,7 @@ class Catalog:
                         check.status = "critical"
                         check.output = f"TTL expired (last update more than {check.ttl_text} ago)"
                         check.critical_since = now
-                        service = self.services.get(check.service_id)
-                        check.modify_index = self._bump(*([service.name] if service else []))
+                        check.modify_index = self._bump_for(check)
                         changed = True
                     elif check.status != "critical":
                         upcoming.append(check.deadline)
@@ -414,17 +526,12 @@ class Catalog:
             return self.index
         return self._name_index.get(name, self.index)
 
-    def wait(self, name: str | None, index: int, timeout: float) -> None:
-        """Block until the index of `name` is past `index`, `timeout` passes, or close()."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            # An index past the registry's own can only come from before a restart that lost
-            # data: answer at once, so the client sees the index went backwards and resets.
-            while not self.closed and self._waited_index(name) <= index <= self.index:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                self.cond.wait(remaining)
+    def waiting(self, name: str | None, index: int) -> bool:
+        """Whether a blocking query on `name` at `index` still waits (call with the lock held).
+
+        An index past the registry's own can only come from before a restart that lost
+        data: answer at once, so the client sees the index went backwards and resets."""
+        return self._waited_index(name) <= index <= self.index
 
     def _waited_index(self, name: str | None) -> int:
         # A name never seen has not changed yet, whatever the global index did.
@@ -434,6 +541,8 @@ class Catalog:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+            for listener in list(self._listeners):
+                listener()
 
     def _status_of(self, service_id: str) -> list[CheckRecord]:
         return [c for c in self.checks.values() if c.service_id == service_id]
@@ -466,7 +575,8 @@ class Catalog:
             "Node": self.node, "CheckID": check.id, "Name": check.name, "Status": check.status,
             "Notes": check.notes, "Output": check.output, "ServiceID": check.service_id,
             "ServiceName": service.name if service else "",
-            "ServiceTags": list(service.tags) if service else [], "Type": "ttl",
+            "ServiceTags": list(service.tags) if service else [],
+            "Type": "ttl" if check.ttl is not None else "maintenance",
             "Interval": "", "Timeout": "", "ExposedPort": 0,
             "Definition": {"DeregisterCriticalServiceAfter": check.deregister_after_text or "0s"},
             "CreateIndex": check.create_index, "ModifyIndex": check.modify_index,
@@ -498,11 +608,51 @@ class Catalog:
             node = self.node_json()
             out = []
             for s in self._matching(name, tags):
-                checks = [self.check_json(c) for c in self._status_of(s.id)] + [self._serf_json()]
+                checks = [self.check_json(c) for c in self._status_of(s.id)] + self._node_checks()
                 if passing and any(c["Status"] != "passing" for c in checks):
                     continue
                 out.append({"Node": node, "Service": self.service_json(s), "Checks": checks})
             return out
+
+    def _node_checks(self) -> list[dict[str, Any]]:
+        """The node's own checks: serfHealth, maintenance, checks registered without a service."""
+        return [self._serf_json()] + [self.check_json(c) for c in sorted(
+            (c for c in self.checks.values() if not c.service_id), key=lambda c: c.id)]
+
+    def all_checks(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return self._node_checks() + [self.check_json(c) for c in sorted(
+                (c for c in self.checks.values() if c.service_id), key=lambda c: c.id)]
+
+    def health_state(self, state: str) -> list[dict[str, Any]]:
+        """GET /v1/health/state/<state>: every check in that state (`any`: all of them)."""
+        if state not in ("any", *STATUSES):
+            raise RegistryError(400, f"Invalid check state {state!r}: expected any, passing, warning or critical")
+        return [c for c in self.all_checks() if state == "any" or c["Status"] == state]
+
+    def health_node(self, node: str) -> list[dict[str, Any]]:
+        return self.all_checks() if node == self.node else []
+
+    def health_checks(self, name: str) -> list[dict[str, Any]]:
+        """GET /v1/health/checks/<service>: the checks of the service's instances."""
+        with self.cond:
+            ids = {s.id for s in self.services.values() if s.name == name}
+            return [self.check_json(c) for c in sorted(
+                (c for c in self.checks.values() if c.service_id in ids), key=lambda c: (c.service_id, c.id))]
+
+    def catalog_nodes(self) -> list[dict[str, Any]]:
+        with self.cond:
+            return [self.node_json()]
+
+    def catalog_node(self, node: str) -> dict[str, Any] | None:
+        """GET /v1/catalog/node/<node>: the node and its services; None (JSON null) if unknown."""
+        with self.cond:
+            if node != self.node:
+                return None
+            services = {}
+            for s in sorted(self.services.values(), key=lambda s: s.id):
+                services[s.id] = self.service_json(s)
+            return {"Node": self.node_json(), "Services": services}
 
     def catalog_service(self, name: str, *, tags: Iterable[str] = ()) -> list[dict[str, Any]]:
         with self.cond:
@@ -560,7 +710,7 @@ class Catalog:
                 for c in self.checks.values()
             ],
         }
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.data_dir / DATA_FILE
         tmp = path.with_suffix(".json.tmp")
         with open(tmp, "w", encoding="utf-8") as f:

@@ -12,6 +12,11 @@ The loop follows Consul's client rules for blocking queries (api-docs/features/b
 - rate-limit the loop with a token bucket of burst 2 rather than sleeping every iteration, so
   a churning registry costs a bounded number of requests while a lone change is seen at once.
 
+One malformed entry (`Port: 0`, an `Address` that is not a host name or IP literal) is skipped
+and counted and the rest are used. An answer emptied by ACLs (`X-Consul-Results-Filtered-By-ACLs:
+true`, no entries: the token lost read access) keeps the last good endpoints, is counted, and
+the plugin's state (`mesh.state()["services"][name]["consul"]["state"]`) says "filtered".
+
 Failures (unreachable agent, 5xx, 403, 429, non-JSON, wrong shape, huge answers) keep the last
 good endpoints: the error goes to `sink.error` (counted, shown in `mesh.state()`), and the
 loop backs off with full jitter: 250 ms doubling to 60 s, consul-template's retry defaults
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -29,9 +35,10 @@ import httpx
 
 import meshcore
 
+from ._address import address_problem
 from ._agent import AgentConfig, ConsulAnswerError, error_text, read_json
 
-__all__ = ["ConsulDiscovery", "TokenBucket", "next_index", "parse_health"]
+__all__ = ["Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "next_index", "parse_health"]
 
 STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
 
@@ -40,9 +47,12 @@ class ConsulUnreachable(Exception):
     """The agent could not be asked: connect, TLS, timeout. Names the agent and the cause."""
 
     def __init__(self, agent: AgentConfig, exc: BaseException) -> None:
-        detail, cause = str(exc), exc
-        while not detail and (cause := cause.__cause__ or cause.__context__) is not None:
-            detail = f"{type(cause).__name__}: {cause}" if str(cause) else ""
+        detail = str(exc)
+        cause: BaseException | None = exc
+        while not detail and cause is not None:
+            cause = cause.__cause__ or cause.__context__
+            if cause is not None and str(cause):
+                detail = f"{type(cause).__name__}: {cause}"
         super().__init__(f"{agent.address.url}: {type(exc).__name__}" + (f": {detail}" if detail else ""))
 
 
@@ -86,58 +96,95 @@ def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
-def parse_health(entries: Any, *, include_warning: bool = False) -> list[meshcore.Endpoint]:
-    """Endpoints from a /v1/health/service answer; ConsulAnswerError for a wrong shape.
+def parse_health(
+    entries: Any, *, include_warning: bool = False, skipped: list[str] | None = None
+) -> list[meshcore.Endpoint]:
+    """Endpoints from a /v1/health/service answer.
 
     Address: `Service.Address`, else `Node.Address`. Weight: `Weights.Warning` when any check
     is warning, else `Weights.Passing` (Consul DNS's findWeight; default 1). Entries with a
     critical check are dropped (with `?passing` the agent already dropped them, and warning
-    too unless `include_warning`). Zone: `Service.Meta["zone"]` when present. A wrong shape
-    anywhere rejects the whole answer: stale beats wrong.
+    too unless `include_warning`). Zone: `Service.Meta["zone"]` when present.
+
+    One malformed entry (`Port: 0`, an `Address` that is not a host name or IP literal, a
+    wrong type) is skipped and its reason appended to `skipped`: one bad instance must not
+    cost the good ones. An answer that is not a list, or whose every entry is malformed,
+    raises ConsulAnswerError: then stale beats wrong.
     """
     if not isinstance(entries, list):
         raise ConsulAnswerError(f"expected a JSON array of health entries, got {type(entries).__name__}")
     endpoints = []
+    reasons: list[str] = []
     for i, entry in enumerate(entries):
-        where = f"entry {i}"
-        if not isinstance(entry, Mapping):
-            raise ConsulAnswerError(f"{where}: expected an object, got {entry!r:.60}")
-        service = _field(entry, "Service", Mapping, where)
-        node = _field(entry, "Node", Mapping, where, {})
-        checks = _field(entry, "Checks", list, where, [])
-        where_s = f"{where}.Service"
-        port = _field(service, "Port", int, where_s)
-        if not 0 < port < 65536:
-            raise ConsulAnswerError(f"{where_s}.Port: expected 1..65535, got {port}")
-        address = _field(service, "Address", str, where_s, "") or _field(node, "Address", str, f"{where}.Node", "")
-        if not address:
-            raise ConsulAnswerError(f"{where}: neither Service.Address nor Node.Address is set")
-        tags = _field(service, "Tags", list, where_s, [])
-        if not all(isinstance(t, str) for t in tags):
-            raise ConsulAnswerError(f"{where_s}.Tags: expected strings")
-        meta = _field(service, "Meta", Mapping, where_s, {})
-        if not all(isinstance(v, str) for v in meta.values()):
-            raise ConsulAnswerError(f"{where_s}.Meta: expected string values")
-        weights = _field(service, "Weights", Mapping, where_s, {})
-        worst = 0
-        for j, check in enumerate(checks):
-            if not isinstance(check, Mapping):
-                raise ConsulAnswerError(f"{where}.Checks[{j}]: expected an object")
-            status = _field(check, "Status", str, f"{where}.Checks[{j}]")
-            worst = max(worst, STATUS_RANK.get(status, 2))
-        if worst >= 2 or (worst == 1 and not include_warning):
+        try:
+            endpoint = _entry_endpoint(entry, f"entry {i}", include_warning)
+        except ConsulAnswerError as exc:
+            reasons.append(str(exc))
             continue
-        key = "Warning" if worst == 1 else "Passing"
-        weight = weights.get(key, 1)
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-            raise ConsulAnswerError(f"{where_s}.Weights.{key}: expected an integer >= 0, got {weight!r}")
-        endpoints.append(
-            meshcore.Endpoint(
-                address, port, weight=weight, zone=meta.get("zone"), tags=tuple(tags),
-                metadata=tuple(sorted(meta.items())),
-            )
-        )
+        if endpoint is not None:
+            endpoints.append(endpoint)
+    if reasons and len(reasons) == len(entries):
+        raise ConsulAnswerError(f"every entry is malformed; {reasons[0]}")
+    if skipped is not None:
+        skipped.extend(reasons)
     return endpoints
+
+
+def _entry_endpoint(entry: Any, where: str, include_warning: bool) -> meshcore.Endpoint | None:
+    """One health entry's endpoint, None when its checks exclude it; raises when malformed."""
+    if not isinstance(entry, Mapping):
+        raise ConsulAnswerError(f"{where}: expected an object, got {entry!r:.60}")
+    service = _field(entry, "Service", Mapping, where)
+    node = _field(entry, "Node", Mapping, where, {})
+    checks = _field(entry, "Checks", list, where, [])
+    where_s = f"{where}.Service"
+    port = _field(service, "Port", int, where_s)
+    if not 0 < port < 65536:
+        raise ConsulAnswerError(f"{where_s}.Port: expected 1..65535, got {port}")
+    address = _field(service, "Address", str, where_s, "") or _field(node, "Address", str, f"{where}.Node", "")
+    if not address:
+        raise ConsulAnswerError(f"{where}: neither Service.Address nor Node.Address is set")
+    problem = address_problem(address)
+    if problem is not None:
+        raise ConsulAnswerError(f"{where}: address {address!r:.80} is {problem}")
+    tags = _field(service, "Tags", list, where_s, [])
+    if not all(isinstance(t, str) for t in tags):
+        raise ConsulAnswerError(f"{where_s}.Tags: expected strings")
+    meta = _field(service, "Meta", Mapping, where_s, {})
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise ConsulAnswerError(f"{where_s}.Meta: expected string values")
+    weights = _field(service, "Weights", Mapping, where_s, {})
+    worst = 0
+    for j, check in enumerate(checks):
+        if not isinstance(check, Mapping):
+            raise ConsulAnswerError(f"{where}.Checks[{j}]: expected an object")
+        status = _field(check, "Status", str, f"{where}.Checks[{j}]")
+        worst = max(worst, STATUS_RANK.get(status, 2))
+    if worst >= 2 or (worst == 1 and not include_warning):
+        return None
+    key = "Warning" if worst == 1 else "Passing"
+    weight = weights.get(key, 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+        raise ConsulAnswerError(f"{where_s}.Weights.{key}: expected an integer >= 0, got {weight!r}")
+    return meshcore.Endpoint(
+        address, port, weight=weight, zone=meta.get("zone"), tags=tuple(tags),
+        metadata=tuple(sorted(meta.items())),
+    )
+
+
+class ResultsFilteredByACLs(ConsulAnswerError):
+    """The answer was emptied by ACLs: the token cannot read the service's instances."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One health answer: its index, the usable endpoints, the reasons entries were skipped,
+    and whether ACLs emptied it (`X-Consul-Results-Filtered-By-ACLs: true` and no entries)."""
+
+    index: int
+    endpoints: list[meshcore.Endpoint]
+    skipped: list[str]
+    emptied_by_acls: bool
 
 
 class ConsulDiscovery:
@@ -168,6 +215,10 @@ class ConsulDiscovery:
         self.index = 0
         self.requests = 0
         self.errors = 0
+        self.skipped = 0
+        self.last_skipped: str | None = None
+        self.filtered = 0
+        self.status = "waiting"  # waiting, ok, filtered, error
 
     def _params(self) -> list[tuple[str, str | int | float | bool | None]]:
         params: list[tuple[str, str | int | float | bool | None]] = []
@@ -181,8 +232,8 @@ class ConsulDiscovery:
             params.append(("wait", f"{self.wait:g}s"))
         return params
 
-    async def query(self, client: httpx.AsyncClient) -> tuple[int, list[meshcore.Endpoint]]:
-        """One (blocking) query. Returns (X-Consul-Index, endpoints); raises on any failure."""
+    async def query(self, client: httpx.AsyncClient) -> Answer:
+        """One (blocking) query; raises on any failure of the whole answer."""
         timeout = self.agent.timeout
         read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
         self.requests += 1
@@ -201,13 +252,27 @@ class ConsulDiscovery:
                 raise ConsulAnswerError(error_text(response, body))
             data = await read_json(response, self.max_answer_size)
             raw_index = response.headers.get("x-consul-index", "")
+            filtered = response.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
         if not raw_index.isdigit():
             raise ConsulAnswerError(f"missing or invalid X-Consul-Index header {raw_index!r}")
-        return int(raw_index), parse_health(data, include_warning=self.include_warning)
+        skipped: list[str] = []
+        endpoints = parse_health(data, include_warning=self.include_warning, skipped=skipped)
+        return Answer(int(raw_index), endpoints, skipped, filtered and not data)
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready, shown in `mesh.state()["services"][<name>]["consul"]`."""
+        return {
+            "state": self.status, "requests": self.requests, "errors": self.errors,
+            "skipped_entries": self.skipped, "last_skipped": self.last_skipped,
+            "filtered_by_acls": self.filtered,
+        }
 
     async def watch(self, sink: meshcore.DiscoverySink) -> None:
         bucket = TokenBucket(self.churn_limit, burst=2)
         backoff = self.backoff
+        add_state = getattr(sink, "add_state", None)  # an Upstream offers it; a bare sink may not
+        if add_state is not None:
+            add_state("consul", self.state)
         # Each watch starts with a non-blocking query: this sink has been told nothing yet, and
         # an index kept from an earlier (cancelled) watch would block until the next change.
         self.index = 0
@@ -215,9 +280,10 @@ class ConsulDiscovery:
             while True:
                 await bucket.take()
                 try:
-                    index, endpoints = await self.query(client)
+                    answer = await self.query(client)
                 except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
                     self.errors += 1
+                    self.status = "error"
                     sink.error(exc if isinstance(exc, ConsulAnswerError) else ConsulUnreachable(self.agent, exc))
                     # The agent may have restarted without its data, at a lower index: a
                     # blocking query on the old index would then sit out the whole `wait`
@@ -228,5 +294,19 @@ class ConsulDiscovery:
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
                 backoff = self.backoff
-                sink.publish(endpoints)
-                self.index = next_index(self.index, index)
+                self.index = next_index(self.index, answer.index)
+                if answer.skipped:
+                    self.skipped += len(answer.skipped)
+                    self.last_skipped = answer.skipped[0]
+                if answer.emptied_by_acls:
+                    # The token may no longer read the service (revoked, policy changed): an
+                    # empty answer says nothing about the instances, so keep the last good ones.
+                    self.filtered += 1
+                    self.status = "filtered"
+                    sink.error(ResultsFilteredByACLs(
+                        f"{self.service}: the answer was emptied by ACLs "
+                        "(X-Consul-Results-Filtered-By-ACLs: true); keeping the last endpoints"
+                    ))
+                    continue
+                self.status = "ok"
+                sink.publish(answer.endpoints)

@@ -136,7 +136,7 @@ def test_lower_floor_for_tests_and_demos(clock):
         ([1, 2], 400, "expected an object"),
         ({"Name": "w", "Port": "80"}, 400, "Port: expected an integer"),
         ({"Name": "w", "Port": True}, 400, "Port: expected an integer"),
-        ({"Name": "w", "Port": 70000}, 400, "Invalid service port"),
+        ({"Name": "w", "Port": 70000}, 400, "Invalid Service Port"),
         ({"Name": "w", "Tags": "a"}, 400, "Tags"),
         ({"Name": "w", "Meta": {"bad key": "v"}}, 400, "Invalid Service Meta"),
         ({"Name": "w", "Meta": {"k": 1}}, 400, "Meta"),

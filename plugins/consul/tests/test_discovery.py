@@ -76,13 +76,38 @@ def test_unknown_fields_are_ignored_and_defaults_apply():
         (lambda e: e.__setitem__("Checks", {"a": 1}), "Checks"),
         (lambda e: e["Checks"][0].__setitem__("Status", 3), "Status"),
         (lambda e: (e["Service"].__setitem__("Address", ""), e["Node"].__setitem__("Address", "")), "Address"),
+        (lambda e: e["Service"].__setitem__("Address", "10.1.10.12:8000"), "host:port"),
     ],
 )
-def test_wrong_shapes_reject_the_whole_answer(mutate, text):
+def test_a_malformed_entry_is_skipped_and_the_rest_kept(mutate, text):
     good, bad = json.loads(CONSUL_SAMPLE), json.loads(CONSUL_SAMPLE)
     mutate(bad)
-    with pytest.raises(ConsulAnswerError, match=text):
-        parse_health([good, bad])
+    skipped: list[str] = []
+    [ep] = parse_health([good, bad], skipped=skipped)
+    assert (ep.address, ep.port) == ("10.1.10.12", 8000)
+    assert len(skipped) == 1 and text in skipped[0] and skipped[0].startswith("entry 1")
+    with pytest.raises(ConsulAnswerError, match=text):  # nothing usable at all: an error
+        parse_health([bad])
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["10.0.0.1:8080", "web\r\nX-Evil: 1", "[::1]", "host name", "a..b", "-bad.example", "x" * 254, ":::"],
+)
+def test_an_address_that_is_not_an_address_is_skipped(address):
+    good, bad = json.loads(CONSUL_SAMPLE), json.loads(CONSUL_SAMPLE)
+    bad["Service"]["Address"] = address
+    skipped: list[str] = []
+    assert [ep.address for ep in parse_health([bad, good], skipped=skipped)] == ["10.1.10.12"]
+    assert skipped and "entry 0: address" in skipped[0]
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "::1", "fe80::1%eth0", "api-1.node.dc1.consul", "db_1", "web."])
+def test_host_names_and_ip_literals_are_addresses(address):
+    entry = json.loads(CONSUL_SAMPLE)
+    entry["Service"]["Address"] = address
+    [ep] = parse_health([entry])
+    assert ep.address == address
 
 
 @pytest.mark.parametrize("answer", [{}, "x", None, 3, [1], [[]]])

@@ -148,3 +148,55 @@ async def test_https_agent_with_ca_file(tmp_path, raw_server, consul_mesh, watch
         error = mesh.upstreams["api"].discovery_status.last_error
         assert "ConnectError" in error and "CERTIFICATE_VERIFY_FAILED" in error, error
         assert mesh.upstreams["api"].snapshot.endpoints == ()
+
+
+# -- one bad entry, and answers emptied by ACLs (a real agent's answers, as exact bytes) ----
+
+MIXED = (
+    b'[{"Node":{"Address":"127.0.0.1"},"Service":{"ID":"a","Port":7001,"Address":""},"Checks":[]},'
+    b'{"Node":{"Address":"127.0.0.1"},"Service":{"ID":"b","Port":0,"Address":""},"Checks":[]},'
+    b'{"Node":{"Address":"127.0.0.1"},"Service":{"ID":"c","Port":7003,"Address":"10.0.0.3:7003"},"Checks":[]},'
+    b'{"Node":{"Address":"127.0.0.1"},"Service":{"ID":"d","Port":7004,"Address":"127.0.0.4"},"Checks":[]}]'
+)
+FILTERED_EMPTY = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"X-Consul-Index: 6\r\nX-Consul-Results-Filtered-By-ACLs: true\r\nContent-Length: 2\r\n\r\n[]"
+)
+
+
+async def test_bad_entries_are_skipped_and_counted_the_rest_used_from_the_first_answer(
+    raw_server, consul_mesh, watcher
+):
+    server = raw_server([response(MIXED, index=5)])
+    async with consul_mesh(server.url) as mesh:
+        snap = await watcher.until("api", lambda s: len(s) > 0)
+        state = mesh.state()["services"]["api"]
+    assert {(ep.address, ep.port) for ep in snap} == {("127.0.0.1", 7001), ("127.0.0.4", 7004)}
+    assert state["discovery"]["errors"] == 0 and state["discovery"]["state"] == "ok"
+    consul = state["consul"]
+    assert consul["skipped_entries"] >= 2 and consul["state"] == "ok"
+    assert "entry 1.Service.Port: expected 1..65535, got 0" in consul["last_skipped"]
+
+
+async def test_an_answer_emptied_by_acls_keeps_the_last_endpoints(raw_server, consul_mesh, watcher):
+    server = raw_server([response(GOOD, index=5), FILTERED_EMPTY])
+    async with consul_mesh(server.url, backoff=0.01) as mesh:
+        up = mesh.upstreams["api"]
+        await watcher.until("api", lambda s: ports(s) == {7001})
+        await wait_errors(up.discovery_status, 1)
+        state = mesh.state()["services"]["api"]
+        assert ports(up.snapshot) == {7001}
+        assert state["consul"]["state"] == "filtered" and state["consul"]["filtered_by_acls"] >= 1
+        assert state["discovery"]["state"] == "stale"
+        assert "emptied by ACLs" in up.discovery_status.last_error
+    history = [ports(s) for _, svc, s in watcher.history if svc == "api"]
+    assert history == [{7001}]
+
+
+async def test_after_a_filtered_answer_a_good_one_is_used_again(raw_server, consul_mesh, watcher):
+    server = raw_server([response(GOOD, index=5), FILTERED_EMPTY, response(NEWER, index=9)])
+    async with consul_mesh(server.url) as mesh:
+        await watcher.until("api", lambda s: ports(s) == {7002})
+        consul = mesh.state()["services"]["api"]["consul"]
+    assert consul["state"] == "ok" and consul["filtered_by_acls"] == 1
+    assert [ports(s) for _, svc, s in watcher.history if svc == "api"] == [{7001}, {7002}]

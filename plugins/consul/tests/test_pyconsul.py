@@ -23,7 +23,7 @@ pytestmark = pytest.mark.anyio
 
 
 def client(registry, **kw):
-    return consul.Consul(host="127.0.0.1", port=registry.port, **kw)
+    return consul.Consul(host="127.0.0.1", port=registry.port, **{"token": registry.token, **kw})
 
 
 def test_py_consul_register_heartbeat_query(registry):
@@ -74,7 +74,7 @@ def test_py_consul_with_acl_token():
 
     with Registry(port=0, token="tok") as registry:
         with pytest.raises(consul.ACLPermissionDenied):
-            client(registry).agent.service.register("web", port=1)
+            client(registry, token=None).agent.service.register("web", port=1)
         assert client(registry, token="tok").agent.service.register("web", port=1) is True
 
 

@@ -15,9 +15,16 @@ import meshcore
 pytestmark = pytest.mark.anyio
 
 
-def section(url: str, **extra):
+# Registries that restart in memory are given this token: a restart keeps it.
+TOKEN = "test-token"
+
+
+def section(registry_or_url, **extra):
+    """The section for a Registry (with its token) or a bare URL (with TOKEN)."""
+    url, token = (registry_or_url, TOKEN) if isinstance(registry_or_url, str) else (
+        registry_or_url.url, registry_or_url.token)
     return {"consul-registration": {"agent": url, "name": "orders", "address": "127.0.0.1",
-                                    "port": 8123, **extra}}
+                                    "port": 8123, "token": token, **extra}}
 
 
 async def until(predicate, timeout: float = 5.0) -> None:
@@ -27,7 +34,7 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 
 async def test_registers_heartbeats_and_deregisters(registry, mesh_factory):
-    config = section(registry.url, ttl="0.6s", tags=["v1"], meta={"zone": "a"},
+    config = section(registry, ttl="0.6s", tags=["v1"], meta={"zone": "a"},
                      deregister_critical_after="2m")
     async with mesh_factory(config, plugins=["consul"]) as mesh:
         reg = meshcore_consul.registration_of(mesh)
@@ -46,7 +53,7 @@ async def test_registers_heartbeats_and_deregisters(registry, mesh_factory):
 
 
 async def test_registration_status_is_mesh_state(registry, mesh_factory):
-    async with mesh_factory(section(registry.url, ttl="0.3s"), plugins=["consul"]) as mesh:
+    async with mesh_factory(section(registry, ttl="0.3s"), plugins=["consul"]) as mesh:
         reg = meshcore_consul.registration_of(mesh)
         state = mesh.state()["state"]["consul-registration"]
         assert state["id"] == reg.id == "orders-127.0.0.1-8123"
@@ -71,14 +78,14 @@ async def test_no_registration_no_mesh_state(mesh_factory):
 
 
 async def test_reregisters_when_the_registry_lost_it(mesh_factory):
-    first = Registry(port=0).start()  # in memory: a restart loses everything
+    first = Registry(port=0, token=TOKEN).start()  # in memory: a restart loses everything
     port = first.port
     try:
-        async with mesh_factory(section(first.url, ttl="0.3s"), plugins=["consul"]) as mesh:
+        async with mesh_factory(section(first, ttl="0.3s"), plugins=["consul"]) as mesh:
             reg = meshcore_consul.registration_of(mesh)
             await anyio.to_thread.run_sync(first.stop)
             await until(lambda: reg.status == "unreachable")
-            first = Registry(port=port).start()
+            first = Registry(port=port, token=TOKEN).start()
             assert first.catalog.services == {}
             await until(lambda: reg.registrations == 2)
             assert reg.status == "registered" and "registering again" in reg.last_error
@@ -95,14 +102,14 @@ async def test_registry_down_at_start_is_not_fatal(mesh_factory):
     async with mesh_factory(section(url, ttl="0.3s", timeout="1s"), plugins=["consul"]) as mesh:
         reg = meshcore_consul.registration_of(mesh)
         assert reg.status == "unreachable" and reg.errors >= 1
-        with Registry(port=port) as registry:
+        with Registry(port=port, token=TOKEN) as registry:
             await until(lambda: reg.status == "registered")
             assert reg.id in registry.catalog.services
 
 
 async def test_crashed_instance_goes_critical_then_is_reaped(mesh_factory):
     with Registry(port=0, min_deregister_after=0.3) as registry:
-        mesh = mesh_factory(section(registry.url, ttl="0.2s", deregister_critical_after="1s",
+        mesh = mesh_factory(section(registry, ttl="0.2s", deregister_critical_after="1s",
                                     heartbeat_ratio=0.3), plugins=["consul"])
         async with mesh:
             reg = meshcore_consul.registration_of(mesh)
@@ -117,9 +124,9 @@ async def test_crashed_instance_goes_critical_then_is_reaped(mesh_factory):
 
 async def test_acl_token_used_for_registration(mesh_factory):
     with Registry(port=0, token="w-token") as registry:
-        async with mesh_factory(section(registry.url, token="w-token"), plugins=["consul"]) as mesh:
+        async with mesh_factory(section(registry, token="w-token"), plugins=["consul"]) as mesh:
             assert meshcore_consul.registration_of(mesh).status == "registered"
-        async with mesh_factory(section(registry.url, token="bad"), plugins=["consul"]) as mesh:
+        async with mesh_factory(section(registry, token="bad"), plugins=["consul"]) as mesh:
             reg = meshcore_consul.registration_of(mesh)
             assert reg.status == "unreachable" and "ACL not found" in reg.last_error
 
@@ -168,7 +175,7 @@ class LocalHealth:
 async def test_heartbeats_report_the_local_health(registry, mesh_factory):
     health = LocalHealth()
     health.answer = ("critical", "app refuses connections")
-    config = section(registry.url, ttl="0.3s")
+    config = section(registry, ttl="0.3s")
     async with mesh_factory(config, plugins=["consul"], extra_plugins=[("health", health)]) as mesh:
         reg = meshcore_consul.registration_of(mesh)
         # registered as critical from the start: never in the passing answers

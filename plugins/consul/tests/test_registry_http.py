@@ -18,7 +18,7 @@ from meshcore_consul import Registry
 
 @pytest.fixture
 def http(registry):
-    with httpx.Client(base_url=registry.url, timeout=10) as client:
+    with httpx.Client(base_url=registry.url, timeout=10, headers={"X-Consul-Token": registry.token}) as client:
         yield client
 
 
@@ -63,7 +63,11 @@ def test_register_query_deregister_with_consul_headers(http):
         ("GET", "/v1/health/service/web", {"stale": "", "consistent": ""}, 400, "conflicting semantics"),
         ("GET", "/v1/health/service/web", {"dc": "elsewhere"}, 500, "No path to datacenter"),
         ("GET", "/v1/health/service/", None, 400, "Missing service name"),
-        ("GET", "/v1/kv/x", None, 404, "404 page not found"),
+        ("GET", "/v1/nope/x", None, 404, "404 page not found"),
+        ("GET", "/v1/kv/x", None, 501, "not served by the embedded meshcore registry"),
+        ("PUT", "/v1/session/create", None, 501, "use a Consul agent"),
+        ("GET", "/v1/health/service/web", {"filter": "Service.ID =="}, 400, "Failed to create boolean expression"),
+        ("GET", "/v1/health/state/sleepy", None, 400, "Invalid check state"),
     ],
 )
 def test_errors_are_consul_status_codes_with_plain_text(http, method, path, params, status, text):
@@ -124,7 +128,7 @@ def test_blocking_query_waits_then_returns_on_change(registry, http):
 
 
 def test_many_blocking_queries_at_once(registry):
-    client = httpx.Client(base_url=registry.url, timeout=10,
+    client = httpx.Client(base_url=registry.url, timeout=10, headers={"X-Consul-Token": registry.token},
                           limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
     put(client, "/v1/agent/service/register", {"Name": "web", "ID": "w1", "Port": 1})
     index = int(client.get("/v1/health/service/web").headers["x-consul-index"])
@@ -138,11 +142,11 @@ def test_many_blocking_queries_at_once(registry):
     for t in threads:
         t.start()
     deadline = time.monotonic() + 5
-    while len(registry._server.connections) < 50 and time.monotonic() < deadline:
+    while registry.connections < 50 and time.monotonic() < deadline:
         time.sleep(0.01)  # no event to wait on across the process boundary of a socket
     time.sleep(0.05)
     start = time.monotonic()
-    with httpx.Client(base_url=registry.url) as writer:
+    with httpx.Client(base_url=registry.url, headers={"X-Consul-Token": registry.token}) as writer:
         put(writer, "/v1/agent/service/deregister/w1")
     for t in threads:
         t.join(5)
@@ -244,3 +248,111 @@ def test_cli_persists_across_restart_and_reports_corruption(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=10)
+
+
+def test_cli_makes_the_token_once_prints_it_once_and_open_warns(tmp_path):
+    def run(*args: str) -> str:
+        proc = _run_cli(["--data-dir", "data", *args], tmp_path, {"MESHCORE_REGISTRY_TOKEN": ""})
+        try:
+            url, lines = _read_url(proc)
+            if "--open" in args:
+                assert httpx.put(f"{url}/v1/agent/service/register", json={"Name": "w"}).status_code == 200
+            else:
+                assert httpx.put(f"{url}/v1/agent/service/register", json={"Name": "w"}).status_code == 403
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        return "".join(lines) + err
+
+    first = run()
+    token = (tmp_path / "data" / "acl-token").read_text().strip()
+    assert f"made the ACL token {token}" in first and "acl-token" in first
+    second = run()
+    assert token not in second and "writes need the ACL token in data/acl-token" in second
+    opened = run("--open")
+    assert "runs OPEN" in opened and "OPEN: no ACL token" in opened
+
+
+def test_node_and_check_endpoints_with_consul_shapes(registry, http):
+    node = registry.catalog.node
+    assert put(http, "/v1/agent/service/register", {"Name": "web", "ID": "w1", "Port": 80,
+                                                    "Check": {"TTL": "10s", "Status": "passing"}}).status_code == 200
+    # a check of its own for the service, then a node-level one
+    assert put(http, "/v1/agent/check/register", {"Name": "disk", "ServiceID": "w1", "TTL": "10s",
+                                                  "Status": "passing"}).status_code == 200
+    r = put(http, "/v1/agent/check/register", {"Name": "x", "ServiceID": "nope", "TTL": "1s"})
+    assert (r.status_code, r.text) == (404, 'ServiceID "nope" does not exist')
+    r = put(http, "/v1/agent/check/register", {"Name": "x", "HTTP": "http://127.0.0.1:1/", "Interval": "1s"})
+    assert r.status_code == 400 and "TTL checks only" in r.text
+    assert [c["CheckID"] for c in http.get("/v1/health/checks/web").json()] == ["disk", "service:w1"]
+    assert {c["CheckID"] for c in http.get(f"/v1/health/node/{node}").json()} == {"serfHealth", "disk", "service:w1"}
+    assert http.get("/v1/health/node/elsewhere").json() == []
+    assert {c["CheckID"] for c in http.get("/v1/health/state/passing").json()} == {"serfHealth", "disk", "service:w1"}
+    assert http.get("/v1/health/state/critical").json() == []
+    [n] = http.get("/v1/catalog/nodes").json()
+    assert n["Node"] == node and n["Address"] == "127.0.0.1"
+    entry = http.get(f"/v1/catalog/node/{node}").json()
+    assert entry["Node"]["Node"] == node and set(entry["Services"]) == {"w1"}
+    assert http.get("/v1/catalog/node/elsewhere").json() is None
+    [member] = http.get("/v1/agent/members").json()
+    assert member == http.get("/v1/agent/self").json()["Member"] and member["Status"] == 1
+    assert http.get("/v1/agent/members", params={"wan": "1"}).json()[0]["Name"] == f"{node}.dc1"
+
+    # service maintenance: a critical check on that service, gone when disabled
+    assert put(http, "/v1/agent/service/maintenance/w1", params={"enable": "true", "reason": "deploy"}).status_code == 200
+    check = http.get("/v1/agent/checks").json()["_service_maintenance:w1"]
+    assert (check["Status"], check["Notes"], check["ServiceID"]) == ("critical", "deploy", "w1")
+    assert http.get("/v1/health/service/web", params={"passing": ""}).json() == []
+    assert put(http, "/v1/agent/service/maintenance/w1", params={"enable": "false"}).status_code == 200
+    assert len(http.get("/v1/health/service/web", params={"passing": ""}).json()) == 1
+    assert put(http, "/v1/agent/service/maintenance/nope", params={"enable": "true"}).status_code == 404
+    assert put(http, "/v1/agent/maintenance").status_code == 400  # enable is required
+    # node maintenance takes every service on the node out of ?passing
+    assert put(http, "/v1/agent/maintenance", params={"enable": "true"}).status_code == 200
+    assert "_node_maintenance" in http.get("/v1/agent/checks").json()
+    assert http.get("/v1/health/service/web", params={"passing": ""}).json() == []
+    assert put(http, "/v1/agent/maintenance", params={"enable": "false"}).status_code == 200
+    assert put(http, "/v1/agent/check/deregister/disk").status_code == 200
+    r = put(http, "/v1/agent/check/deregister/disk")
+    assert r.status_code == 404 and "Unknown check ID" in r.text
+    assert [c["CheckID"] for c in http.get("/v1/health/checks/web").json()] == ["service:w1"]
+
+
+def test_filters_are_applied_never_ignored(registry, http):
+    for i, tags in enumerate([["prod"], ["staging"]]):
+        put(http, "/v1/agent/service/register", {"Name": "web", "ID": f"w{i}", "Port": 80 + i, "Tags": tags,
+                                                "Meta": {"zone": f"z{i}"}})
+    get = lambda path, expr: http.get(path, params={"filter": expr})  # noqa: E731
+    assert [e["Service"]["ID"] for e in get("/v1/health/service/web", '"prod" in Service.Tags').json()] == ["w0"]
+    assert [e["ServiceID"] for e in get("/v1/catalog/service/web", 'ServiceMeta.zone == "z1"').json()] == ["w1"]
+    assert get("/v1/catalog/services", '"prod" in ServiceTags').json() == {"web": ["prod"]}
+    assert get("/v1/agent/services", "Port > 80").status_code == 400  # bexpr has no `>`
+    assert set(get("/v1/agent/services", 'Tags contains "staging"').json()) == {"w1"}
+    assert get("/v1/health/service/web", 'Service.Port == 81 and Service.ID matches "^w"').json()[0]["Service"]["ID"] == "w1"
+    r = get("/v1/health/service/web", 'Service.Nope == "x"')
+    assert r.status_code == 400 and 'Selector "Service.Nope" is not valid' in r.text
+    r = get("/v1/agent/members", "Name == x")
+    assert r.status_code == 400 and "not supported" in r.text
+
+
+def test_connect_registrations_are_refused_and_connect_lists_are_empty(http):
+    r = put(http, "/v1/agent/service/register", {"Name": "web-proxy", "Kind": "connect-proxy", "Port": 21000,
+                                                "Proxy": {"DestinationServiceName": "web"}})
+    assert r.status_code == 400 and "Connect proxies, gateways and sidecars are not served" in r.text
+    r = put(http, "/v1/agent/service/register", {"Name": "web", "Connect": {"SidecarService": {}}})
+    assert r.status_code == 400
+    assert http.get("/v1/health/connect/web").json() == []
+    assert http.get("/v1/catalog/connect/web").json() == []
+    r = http.put("/v1/catalog/register", json={"Node": "n1", "Address": "10.0.0.1"})
+    assert r.status_code == 501 and "not served by the embedded meshcore registry" in r.text
+
+
+def test_health_checks_blocks_on_the_service(registry, http):
+    put(http, "/v1/agent/service/register", {"Name": "web", "ID": "w1", "Port": 80, "Check": {"TTL": "10s"}})
+    index = int(http.get("/v1/health/checks/web").headers["x-consul-index"])
+    timer = threading.Timer(0.05, lambda: registry.catalog.update_check("service:w1", "passing"))
+    timer.start()
+    start = time.monotonic()
+    r = http.get("/v1/health/checks/web", params={"index": index, "wait": "10s"})
+    assert time.monotonic() - start < 2 and r.json()[0]["Status"] == "passing"
+    assert int(r.headers["x-consul-index"]) > index
