@@ -271,16 +271,18 @@ class PrefixWatch:
                 raise EtcdAnswerError(f"watch events[{i}]: expected an object with kv")
             int64(kv.get("mod_revision"), f"watch events[{i}].kv.mod_revision")
             key = unb64(kv.get("key"), f"watch events[{i}].kv.key")
+            kind = event.get("type", "PUT")
+            if kind not in ("PUT", "DELETE"):
+                raise EtcdAnswerError(f"watch events[{i}].type: expected PUT or DELETE, got {kind!r:.30}")
             parts = split_key(key, self.prefix)
             if parts is None:
                 continue
             service = parts[0]
             table = self.services.setdefault(service, {})
-            kind = event.get("type", "PUT")
             if kind == "DELETE":
                 if table.pop(key, None) is not None:
                     changed.add(service)
-            elif kind == "PUT":
+            else:
                 parsed = self._parse(key, unb64(kv.get("value", ""), f"watch events[{i}].kv.value"))
                 # A key rewritten into something unreadable no longer describes an instance.
                 if parsed is None:
@@ -289,8 +291,6 @@ class PrefixWatch:
                 elif table.get(key) != parsed[1]:
                     table[key] = parsed[1]
                     changed.add(service)
-            else:
-                raise EtcdAnswerError(f"watch events[{i}].type: expected PUT or DELETE, got {kind!r:.30}")
             if not table:
                 del self.services[service]
         self.revision = next_revision(self.revision, result)
