@@ -261,3 +261,23 @@ async def test_unreachable_cluster_reports_errors_and_publishes_nothing():
     assert sink.published == []  # never an empty set because of a failure
     assert isinstance(sink.errors[0], httpx.ConnectError)
     assert PrefixWatch._shared == {}
+
+
+async def test_isolated_member_is_left_snapshot_kept_and_recovered_after_the_heal(etcd, admin):
+    await admin.put_instance("orders", 7001)
+    sink = RecordingSink()
+    async with watching(EtcdDiscovery(options(etcd, admin), "orders"), sink) as shared:
+        watched = etcd.urls.index(shared.watching)
+        others = [i for i in range(3) if i != watched]
+        for i in others:  # the watched member is left alone: no quorum, soon no leader
+            etcd.freeze(i)
+        errors = len(sink.errors)
+        await sink.wait_for(lambda: len(sink.errors) > errors + 2, 5, "errors while no member has a leader")
+        assert any("no leader" in str(e) or "no status answer" in str(e) for e in sink.errors[errors:])
+        assert all(sink.published)  # stale beats empty: nothing published meanwhile
+        assert ports(sink) == {7001}
+        for i in others:
+            etcd.thaw(i)
+        await admin.put_instance("orders", 7002)
+        await sink.wait_for(lambda: ports(sink) == {7001, 7002}, 10, "the put after the heal")
+        assert shared.loads == 1
