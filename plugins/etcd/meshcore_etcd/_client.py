@@ -340,7 +340,7 @@ class Cluster:
             member = self.current
             try:
                 return await self.call(member, path, body, timeout=timeout)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, OSError) as exc:  # OSError: an ssl alert read mid-stream
                 attempts.append(f"{member}: {_describe(exc)}")
             except EtcdError as exc:
                 if not exc.retry_elsewhere:

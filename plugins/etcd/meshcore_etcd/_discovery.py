@@ -379,7 +379,7 @@ class PrefixWatch:
                 data = await cluster.call(member, "/v3/maintenance/status", {}, timeout=timeout)
         except TimeoutError:
             raise MemberSilent(f"{member}: no status answer within {timeout:g} s") from None
-        except (httpx.HTTPError, EtcdAnswerError) as exc:
+        except (httpx.HTTPError, OSError, EtcdAnswerError) as exc:
             raise MemberSilent(f"{member}: status probe failed: {describe(exc)}") from None
         if self.options.require_leader and str(data.get("leader", "0")) in ("0", ""):
             raise MemberSilent(f"{member}: reports no leader")

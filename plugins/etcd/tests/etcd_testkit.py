@@ -55,10 +55,11 @@ class Member:
     peer_port: int
     process: subprocess.Popen[bytes] | None = None
     frozen: bool = False
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -79,12 +80,17 @@ class EtcdCluster:
     binary: str
     root: str
     members: list[Member] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    # httpx keyword arguments for the kit's own calls (TLS: verify=, cert=)
+    client: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, binary: str, size: int = 3) -> EtcdCluster:
+    def create(cls, binary: str, size: int = 3, *, scheme: str = "http", extra: list[str] | None = None,
+               client: dict[str, Any] | None = None) -> EtcdCluster:
+        """`extra`: more etcd flags (TLS, auth token TTL); `client`: httpx arguments to reach it."""
         root = tempfile.mkdtemp(prefix="meshcore-etcd-")
-        cluster = cls(binary, root)
-        cluster.members = [Member(f"m{i + 1}", free_port(), free_port()) for i in range(size)]
+        cluster = cls(binary, root, extra=list(extra or []), client=dict(client or {}))
+        cluster.members = [Member(f"m{i + 1}", free_port(), free_port(), scheme=scheme) for i in range(size)]
         return cluster
 
     @property
@@ -99,7 +105,7 @@ class EtcdCluster:
             "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
             "--initial-cluster", initial, "--initial-cluster-state", "new",
             "--heartbeat-interval", "50", "--election-timeout", "500",
-            "--logger", "zap", "--log-level", "warn",
+            "--logger", "zap", "--log-level", "warn", *self.extra,
         ]
 
     def _spawn(self, m: Member) -> None:
@@ -159,7 +165,7 @@ class EtcdCluster:
     # -- looking at it (blocking: call from fixtures or through a thread) -------------------
 
     def status(self, i: int, timeout: float = 1.0) -> dict[str, Any]:
-        r = httpx.post(self.members[i].url + "/v3/maintenance/status", json={}, timeout=timeout)
+        r = httpx.post(self.members[i].url + "/v3/maintenance/status", json={}, timeout=timeout, **self.client)
         r.raise_for_status()
         return r.json()
 
@@ -191,7 +197,7 @@ class EtcdCluster:
                 if not m.alive:
                     raise RuntimeError(f"etcd {m.name} exited; see {self.root}/{m.name}.log")
                 try:
-                    if httpx.get(m.url + "/health", timeout=0.5).json().get("health") == "true":
+                    if httpx.get(m.url + "/health", timeout=0.5, **self.client).json().get("health") == "true":
                         break
                 except (httpx.HTTPError, ValueError):
                     pass
@@ -204,15 +210,17 @@ class EtcdCluster:
 class Admin:
     """The tests' own async gateway client: puts, deletes, leases, compaction, range."""
 
-    def __init__(self, cluster: EtcdCluster, prefix: str) -> None:
+    def __init__(self, cluster: EtcdCluster, prefix: str, token: str = "") -> None:
         self.cluster = cluster
         self.prefix = prefix
+        self.token = token
 
     async def call(self, path: str, body: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
         """POST to the members in turn until one answers 200 (retrying through elections)."""
         last: Exception | None = None
         with anyio.fail_after(20):
-            async with httpx.AsyncClient(timeout=timeout) as client:
+            headers = {"Authorization": self.token} if self.token else {}
+            async with httpx.AsyncClient(timeout=timeout, headers=headers, **self.cluster.client) as client:
                 for attempt in range(400):
                     m = self.cluster.members[attempt % len(self.cluster.members)]
                     if not m.alive or m.frozen:
