@@ -169,8 +169,8 @@ async def scale(cluster: EtcdCluster, services: int, instances: int, changes: in
                 name = f"s{rng.randrange(services)}"
                 port = 20000 + n
 
-                async def send(name: str = name, port: int = port) -> None:
-                    await put(client, cluster.urls[n % 3], f"{PREFIX}{name}/new{port}", port)
+                async def send(name: str = name, port: int = port, url: str = cluster.urls[n % 3]) -> None:
+                    await put(client, url, f"{PREFIX}{name}/new{port}", port)
 
                 samples.append(await watch.wait(name, port, send))
                 await anyio.sleep(0.01)
