@@ -170,7 +170,9 @@ class PrefixWatch:
 
     def subscribe(self, service: str) -> _Subscriber:
         sub = _Subscriber(service)
-        sub.dirty = self.loaded
+        if self.loaded:  # joining a running watch (a reload, another mesh): answer at once
+            sub.dirty = True
+            sub.wake()
         self.subscribers.setdefault(service, []).append(sub)
         return sub
 

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,28 +214,43 @@ class Admin:
         self.cluster = cluster
         self.prefix = prefix
         self.token = token
+        self._client: httpx.AsyncClient | None = None
 
-    async def call(self, path: str, body: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
+    async def __aenter__(self) -> Admin:
+        self._client = self._make_client()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _make_client(self) -> httpx.AsyncClient:
+        headers = {"Authorization": self.token} if self.token else {}
+        return httpx.AsyncClient(timeout=1.0, headers=headers, **self.cluster.client)
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST to the members in turn until one answers 200 (retrying through elections)."""
+        if self._client is None:
+            async with self:
+                return await self.call(path, body)
         last: Exception | None = None
         with anyio.fail_after(20):
-            headers = {"Authorization": self.token} if self.token else {}
-            async with httpx.AsyncClient(timeout=timeout, headers=headers, **self.cluster.client) as client:
-                for attempt in range(400):
-                    m = self.cluster.members[attempt % len(self.cluster.members)]
-                    if not m.alive or m.frozen:
-                        continue
-                    try:
-                        r = await client.post(m.url + path, json=body)
-                    except httpx.HTTPError as exc:
-                        last = exc
-                        continue
-                    if r.status_code == 200:
-                        return r.json()
-                    if r.status_code < 500:
-                        raise AssertionError(f"{path}: HTTP {r.status_code}: {r.text}")
-                    last = AssertionError(r.text)
-                    await anyio.sleep(0.05)
+            for attempt in range(400):
+                m = self.cluster.members[attempt % len(self.cluster.members)]
+                if not m.alive or m.frozen:
+                    continue
+                try:
+                    r = await self._client.post(m.url + path, json=body)
+                except httpx.HTTPError as exc:
+                    last = exc
+                    continue
+                if r.status_code == 200:
+                    return r.json()
+                if r.status_code < 500:
+                    raise AssertionError(f"{path}: HTTP {r.status_code}: {r.text}")
+                last = AssertionError(r.text)
+                await anyio.sleep(0.05)
         raise AssertionError(f"{path}: no member answered: {last}")
 
     def key(self, service: str, instance: str) -> str:
@@ -301,6 +316,7 @@ def etcd(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
 
 
 @pytest.fixture
-def admin(etcd: EtcdCluster) -> Admin:
+async def admin(etcd: EtcdCluster) -> AsyncIterator[Admin]:
     """An admin client on a prefix of the test's own (`t<n>/services/`)."""
-    return Admin(etcd, f"t{next(_counter)}-{os.getpid()}/services/")
+    async with Admin(etcd, f"t{next(_counter)}-{os.getpid()}/services/") as client:
+        yield client

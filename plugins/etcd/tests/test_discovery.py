@@ -281,3 +281,30 @@ async def test_isolated_member_is_left_snapshot_kept_and_recovered_after_the_hea
         await admin.put_instance("orders", 7002)
         await sink.wait_for(lambda: ports(sink) == {7001, 7002}, 10, "the put after the heal")
         assert shared.loads == 1
+
+
+async def test_a_service_joining_a_running_watch_is_answered_at_once(etcd, admin):
+    await admin.put_instance("orders", 7001)
+    await admin.put_instance("billing", 7100)
+    opts = options(etcd, admin)
+    first, late = RecordingSink(), RecordingSink()
+    async with watching(EtcdDiscovery(opts, "orders"), first) as shared:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(EtcdDiscovery(opts, "billing").watch, late)
+            await late.wait_for(lambda: ports(late) == {7100}, 1, "the late subscriber's snapshot")
+            tg.cancel_scope.cancel()
+        assert shared.loads == 1 and shared.watches == 1  # served from the running watch
+
+
+async def test_grpc_go_format_written_by_etcdctl_is_discovered(etcd, admin):
+    from meshcore.testing import require_binary
+
+    etcdctl = require_binary("etcdctl")
+    sink = RecordingSink()
+    async with watching(EtcdDiscovery(options(etcd, admin), "orders"), sink):
+        # what gRPC-Go's endpoints.Manager.AddEndpoint writes, through etcd's own gRPC client
+        value = json.dumps({"Op": 0, "Addr": "127.0.0.1:7020", "Metadata": None})
+        cmd = [etcdctl, "--endpoints", ",".join(etcd.urls), "put", admin.key("orders", "127.0.0.1:7020"), value]
+        result = await anyio.run_process(cmd, env={"ETCDCTL_API": "3"})
+        assert result.returncode == 0
+        await sink.wait_for(lambda: ports(sink) == {7020}, 3, "the etcdctl put")
