@@ -323,15 +323,16 @@ class PrefixWatch:
             cluster.member = self.member % len(cluster.members)
             while True:
                 member = cluster.current
+                self._made_progress = False
                 try:
                     if not self.revision:
                         await self._range(cluster, member)
                         failures, backoff = 0, options.backoff
                     await self._watch_member(cluster, member)
-                except Compacted as exc:
+                except Compacted:
+                    # etcd telling us to read again, not a failure: no error, no backoff
                     self.reloads += 1
                     self.revision = 0
-                    self.last_error = str(exc)
                     continue
                 except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
                     self._report(exc)
@@ -342,9 +343,10 @@ class PrefixWatch:
                         failures, backoff = 1, options.backoff
                     if failures >= len(cluster.members):
                         # Every member failed in a row: full jitter, so a fleet of watchers
-                        # does not hammer a recovering cluster in step.
+                        # does not hammer a recovering cluster in step; then a new round.
                         await anyio.sleep(backoff * random.random())
                         backoff = min(backoff * 2, options.max_backoff)
+                        failures = 0
 
     async def _range(self, cluster: Cluster, member: str) -> None:
         body = {"key": b64(self.prefix), "range_end": b64(prefix_end(self.prefix))}
@@ -353,7 +355,6 @@ class PrefixWatch:
     async def _watch_member(self, cluster: Cluster, member: str) -> None:
         """Watch from `self.revision` on `member`, probing it beside; returns only by raising."""
         failure: list[Exception] = []
-        self._made_progress = False
         async with anyio.create_task_group() as tg:
 
             async def probe() -> None:
