@@ -13,7 +13,9 @@ Starts a 3-member etcd cluster on loopback (tests/etcd_testkit.py), writes `--se
   `--changes` changes, each on a random service (bar: median 50 ms);
 - change -> snapshot latency with a single service (median, p99).
 
-`--consul` adds the same figures for the consul plugin against its embedded registry.
+`--consul` adds the same figures for the consul plugin against its embedded registry;
+`--sidecar` the ready time, connections and RSS of a `meshcore run` process with the same
+services.
 """
 
 from __future__ import annotations
@@ -90,26 +92,26 @@ class Changes:
         return time.perf_counter() - start
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
+def rss_mib(pid: str = "self") -> float:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def connections_to(ports: set[int]) -> int:
-    """Established TCP connections of this process whose remote port is one of `ports`."""
+def connections_to(ports: set[int], pid: str = "self") -> int:
+    """Established TCP connections of process `pid` whose remote port is one of `ports`."""
     inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
     count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
         with open(table) as f:
             next(f)
             for line in f:
@@ -195,6 +197,48 @@ async def latency(cluster: EtcdCluster, changes: int) -> list[float]:
         return samples
 
 
+def sidecar_scale(cluster: EtcdCluster, services: int, backend: str) -> dict[str, Any]:
+    """`meshcore run` with one etcd service per name (the keys are loaded already): spawn ->
+    /ready, then its RSS and connections to etcd, read from /proc."""
+    import subprocess
+    import tempfile
+
+    from meshcore.testing import free_port
+
+    admin_port = free_port()
+    lines = ["[mesh]", 'plugins = ["etcd"]', "[sidecar]", f'outbound = "127.0.0.1:{free_port()}"',
+             f'inbound = "127.0.0.1:{free_port()}"', f'admin = "127.0.0.1:{admin_port}"']
+    for s in range(services):
+        lines += [f"[services.s{s}]", 'discovery = "etcd"', f"[services.s{s}.etcd]",
+                  f"endpoints = {json.dumps(cluster.urls)}", f'prefix = "{PREFIX}"']
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "mesh.toml"
+        config.write_text("\n".join(lines) + "\n")
+        meshcore_bin = str(Path(sys.executable).with_name("meshcore"))
+        start = time.perf_counter()
+        proc = subprocess.Popen([meshcore_bin, "-c", str(config), "run", "--backend", backend],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                env={**os.environ, "MESHCORE_PLUGINS": ""})
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"meshcore run exited with {proc.returncode}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.02)
+            ready = time.perf_counter() - start
+            time.sleep(2.5)  # one status probe made
+            pid = str(proc.pid)
+            etcd_ports = {m.client_port for m in cluster.members}
+            return {"ready": ready, "connections": connections_to(etcd_ports, pid), "rss": rss_mib(pid)}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 async def consul_scale(services: int, instances: int) -> dict[str, Any]:
     from meshcore_consul import Registry
 
@@ -222,6 +266,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=10)
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--consul", action="store_true", help="also the consul plugin against its embedded registry")
+    parser.add_argument("--sidecar", action="store_true", help="also a `meshcore run` process with the same services")
     args = parser.parse_args()
     import shutil
 
@@ -242,6 +287,11 @@ def main() -> None:
               f"ready {r['ready']:.2f} s (bar 2 s), {r['connections']} connections to etcd (bar 4), "
               f"RSS {r['rss']:.0f} MiB (bar 100; {r['rss_before']:.0f} before the mesh), "
               f"propagation {summary(r['propagation'])} (bar: median 50 ms)")
+        if args.sidecar:
+            sc = sidecar_scale(cluster, args.services, args.backend)
+            print(f"etcd, `meshcore run` with {args.services} services ({args.backend}): process spawned -> /ready "
+                  f"{sc['ready']:.2f} s (Python start and imports included), {sc['connections']} connections to etcd, "
+                  f"RSS {sc['rss']:.0f} MiB")
     finally:
         cluster.stop()
 

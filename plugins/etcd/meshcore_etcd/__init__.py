@@ -48,9 +48,11 @@ __all__ = [
     "Registration",
     "WatchOptions",
     "encode_instance",
+    "make_registration",
     "next_revision",
     "parse_instance",
     "registration_of",
+    "watch_options",
 ]
 
 SECTION = "etcd-registration"

@@ -27,6 +27,7 @@ import httpx
 
 __all__ = [
     "Cluster",
+    "describe",
     "ClusterConfig",
     "EtcdAnswerError",
     "EtcdError",
@@ -228,11 +229,16 @@ def error_of(member: str, status: int, data: Any) -> EtcdError:
     return EtcdError(member, status, None, repr(data)[:200])
 
 
-def _describe(exc: BaseException) -> str:
-    detail, cause = str(exc), exc
-    while not detail and (cause := cause.__cause__ or cause.__context__) is not None:  # type: ignore[assignment]
-        detail = f"{type(cause).__name__}: {cause}" if str(cause) else ""
-    return f"{type(exc).__name__}" + (f": {detail}" if detail else "")
+def describe(exc: BaseException) -> str:
+    """`Type: message`, following the cause chain when the message is empty (httpx's
+    timeouts and connect errors often carry their reason only in their cause)."""
+    detail = str(exc)
+    cause: BaseException | None = exc
+    while not detail and cause is not None:
+        cause = cause.__cause__ or cause.__context__
+        if cause is not None and str(cause):
+            detail = f"{type(cause).__name__}: {cause}"
+    return type(exc).__name__ + (f": {detail}" if detail else "")
 
 
 class Cluster:
@@ -341,7 +347,7 @@ class Cluster:
             try:
                 return await self.call(member, path, body, timeout=timeout)
             except (httpx.HTTPError, OSError) as exc:  # OSError: an ssl alert read mid-stream
-                attempts.append(f"{member}: {_describe(exc)}")
+                attempts.append(f"{member}: {describe(exc)}")
             except EtcdError as exc:
                 if not exc.retry_elsewhere:
                     raise
@@ -368,8 +374,3 @@ class Cluster:
                     self._tokens.pop(member, None)
                 raise error
             yield response
-
-
-def describe(exc: BaseException) -> str:
-    """`Type: message`, following the cause chain when the message is empty."""
-    return _describe(exc)

@@ -35,6 +35,7 @@ cluster did on loopback (shared/reference/etcd.md, sections 3 and 4):
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,8 @@ class PrefixWatch:
     runs the loop at a time.
     """
 
-    _shared: dict[tuple[WatchOptions, int], PrefixWatch] = {}
+    # Keyed by thread too: anyio's events belong to one event loop, one per thread.
+    _shared: dict[tuple[WatchOptions, int, int], PrefixWatch] = {}
 
     def __init__(self, options: WatchOptions) -> None:
         self.options = options
@@ -152,9 +154,18 @@ class PrefixWatch:
 
     # -- sharing ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _key(options: WatchOptions) -> tuple[WatchOptions, int, int]:
+        return (options, id(options.cluster.transport), threading.get_ident())
+
+    @classmethod
+    def running(cls, options: WatchOptions) -> PrefixWatch | None:
+        """The shared watch of `options` in this thread, if a service is subscribed to it."""
+        return cls._shared.get(cls._key(options))
+
     @classmethod
     def acquire(cls, options: WatchOptions) -> PrefixWatch:
-        key = (options, id(options.cluster.transport))
+        key = cls._key(options)
         shared = cls._shared.get(key)
         if shared is None:
             shared = cls._shared[key] = cls(options)
@@ -164,7 +175,7 @@ class PrefixWatch:
     def release(self) -> None:
         self.users -= 1
         if self.users <= 0:
-            key = (self.options, id(self.options.cluster.transport))
+            key = self._key(self.options)
             if self._shared.get(key) is self:
                 del self._shared[key]
 

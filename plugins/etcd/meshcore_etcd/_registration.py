@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
-import httpx
 
 from ._client import Cluster, ClusterConfig, EtcdAnswerError, EtcdError, b64, describe, int64
 from ._keys import encode_instance
@@ -187,7 +186,7 @@ class Registration:
             self.lease = None
             try:
                 await self.register()
-            except (httpx.HTTPError, EtcdAnswerError, LeaseLost, Exception) as again:  # noqa: BLE001
+            except Exception as again:  # noqa: BLE001 - retried at the next tick
                 self.status = "unreachable"
                 self._failed(f"register: {describe(again)}")
         except Exception as exc:  # noqa: BLE001 - survived: retried at the next tick

@@ -45,7 +45,8 @@ async def watching(discovery: EtcdDiscovery, sink: RecordingSink) -> AsyncIterat
 
 async def watch_of(opts: WatchOptions) -> PrefixWatch:
     """The shared watch of `opts`, once its watch stream is open."""
-    shared = PrefixWatch._shared[(opts, id(None))]
+    shared = PrefixWatch.running(opts)
+    assert shared is not None
     await until(lambda: shared.watching is not None, 5, "the watch")
     return shared
 

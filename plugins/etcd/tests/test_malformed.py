@@ -118,9 +118,11 @@ async def run_against(gateway: FakeGateway, body: Callable[[RecordingSink, Prefi
         options = WatchOptions(cluster, prefix=PREFIX, probe_interval=30, probe_timeout=1, backoff=0.01, max_backoff=0.02)
         tg.start_soon(EtcdDiscovery(options, "orders").watch, sink)
         with anyio.fail_after(5):
-            while (options, id(None)) not in PrefixWatch._shared:
+            while PrefixWatch.running(options) is None:
                 await anyio.sleep(0.001)
-        await body(sink, PrefixWatch._shared[(options, id(None))])
+        shared = PrefixWatch.running(options)
+        assert shared is not None
+        await body(sink, shared)
         tg.cancel_scope.cancel()
     return sink
 
