@@ -309,3 +309,22 @@ async def test_grpc_go_format_written_by_etcdctl_is_discovered(etcd, admin):
         result = await anyio.run_process(cmd, env={"ETCDCTL_API": "3"})
         assert result.returncode == 0
         await sink.wait_for(lambda: ports(sink) == {7020}, 3, "the etcdctl put")
+
+
+async def test_hasleader_makes_an_isolated_member_cancel_the_watch(etcd, admin):
+    # The probe is kept out of the way (100 s), so what ends the watch is etcd itself: the
+    # gateway passes `Grpc-Metadata-hasleader: true` on as gRPC metadata, and a member that
+    # lost its leader cancels such watches ("etcdserver: no leader"); without it the watch
+    # would stay silent (shared/reference/etcd.md, 3.4).
+    sink = RecordingSink()
+    opts = options(etcd, admin)
+    opts = WatchOptions(opts.cluster, prefix=opts.prefix, probe_interval=100, probe_timeout=1,
+                        backoff=0.02, max_backoff=0.2)
+    async with watching(EtcdDiscovery(opts, "orders"), sink) as shared:
+        watched = etcd.urls.index(shared.watching)
+        for i in range(3):
+            if i != watched:
+                etcd.freeze(i)
+        await sink.wait_for(lambda: any("no leader" in str(e) for e in sink.errors), 8, "the watch canceled by etcd")
+        first = next(e for e in sink.errors if "no leader" in str(e))
+        assert etcd.urls[watched] in str(first)
