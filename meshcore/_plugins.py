@@ -132,6 +132,7 @@ FIRST_PARTY = {
     "dns": "meshcore-servicemesh-dns",
     "consul": "meshcore-servicemesh-consul",
     "tls": "meshcore-servicemesh-tls",
+    "etcd": "meshcore-servicemesh-etcd",
 }
 
 
