@@ -14,7 +14,17 @@ import click
 
 import meshcore
 
-from ._ca import CA, LEAF_TTL, ROOT_TTL, describe, load_certs, write_private
+from ._ca import (
+    CA,
+    INTERMEDIATE_TTL,
+    LEAF_TTL,
+    ROOT_TTL,
+    cert_pem,
+    describe,
+    key_pem,
+    load_certs,
+    write_private,
+)
 
 __all__ = ["ca"]
 
@@ -139,3 +149,62 @@ def inspect(file: Path) -> None:
             click.echo(f"[{i}]")
         for key, value in describe(cert).items():
             click.echo(f"{key:>10}: {value}")
+
+
+@ca.command("intermediate")
+@click.option(
+    "--ca",
+    "ca_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Root CA directory (ca.crt, ca.key), from `ca init`.",
+)
+@click.option(
+    "--ttl",
+    default=f"{INTERMEDIATE_TTL / 3600:.0f}h",
+    callback=_duration,
+    show_default=True,
+    help="Intermediate lifetime (Linkerd's issuer certificate: one year).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing intermediate (atomically: a running identity service reloads it).",
+)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def intermediate(ca_dir: Path, ttl: float, force: bool, directory: Path) -> None:
+    """Issue an intermediate CA into DIRECTORY, an identity service's directory.
+
+    Writes intermediate.crt, intermediate.key (0600) and adds the root to bundle.crt (the
+    roots workloads trust; never removed from here). The root's key stays where it is.
+    """
+    from ._identity_service import BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY
+
+    cert_path, key_path = directory / INTERMEDIATE_CERT, directory / INTERMEDIATE_KEY
+    if not force:
+        for p in (cert_path, key_path):
+            if p.exists():
+                _error(f"{p} already exists; pass --force to replace it (a rotation)")
+    try:
+        root = CA.load(ca_dir, need_key=True)
+        sub = root.issue_intermediate(ttl=ttl)
+    except ValueError as exc:
+        _error(str(exc))
+        return
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    bundle_path = directory / BUNDLE
+    bundle = bundle_path.read_bytes() if bundle_path.exists() else b""
+    root_pem = cert_pem(root.cert)
+    if root_pem not in bundle:
+        write_private(bundle_path, bundle + root_pem, overwrite=True)
+        bundle_path.chmod(0o644)
+    assert sub.key is not None
+    # Key first, as `ca issue` does: a reload between the two writes fails and keeps the old pair.
+    write_private(key_path, key_pem(sub.key), overwrite=force)
+    write_private(cert_path, cert_pem(sub.cert), overwrite=True)
+    cert_path.chmod(0o644)
+    click.echo(
+        f"created {cert_path} and {key_path} (0600), signed by {root.cert.subject.rfc4514_string()}; "
+        f"valid until {describe(sub.cert)['not after']}"
+    )
+    click.echo(f"trusted roots: {bundle_path}")
