@@ -240,7 +240,10 @@ class IdentityService:
                 len(self._roots),
             )
         elif time.time() >= self._own_renew_at:
-            self._renew_own()
+            try:
+                self._renew_own()
+            except (ValueError, ssl.SSLError) as exc:
+                log.warning("identity: cannot renew the serving certificate: %s", exc)
 
     def _lifetime(self) -> float:
         assert self.ca is not None
@@ -271,7 +274,7 @@ class IdentityService:
             wanted = request.get("spiffe_id")
             if not isinstance(csr_text, str) or not (wanted is None or isinstance(wanted, str)):
                 raise ValueError
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, RecursionError):
             raise _Denied(
                 400, 'expected JSON {"csr": "<PEM>", "spiffe_id": "<optional>"}', "bad_request"
             ) from None
@@ -403,6 +406,10 @@ class IdentityService:
             self.denied["timeout"] += 1
         except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream):
             pass
+        except Exception:
+            # One connection's surprise must not end the service (the listener's task group
+            # would take every other connection down with it).
+            log.exception("identity: a connection failed")
         finally:
             await anyio.aclose_forcefully(stream)
 

@@ -317,10 +317,23 @@ async def test_endpoints_bounds_and_the_bundle(service_dir, root_crt, ca_dir):
         missing = await client._exchange(ctx, "GET", "/v1/nothing", {}, b"")
         wrong_method = await client._exchange(ctx, "GET", "/v1/sign", {}, b"")
         huge_head = await client._exchange(ctx, "GET", "/v1/bundle", {"x-pad": "a" * 20000}, b"")
+        nested = await client._exchange(ctx, "POST", "/v1/sign", {}, b"[" * 60000)
+        # content-length and chunked at once (request smuggling's shape): refused
+        both_lengths = await client._exchange(
+            ctx, "POST", "/v1/sign", {"transfer-encoding": "chunked"}, b"ffffff\r\n" + b"a" * 70000
+        )
+        # plain TCP, and a TLS client that goes quiet: counted, nothing else happens
+        async with await anyio.connect_tcp("127.0.0.1", service.port) as plain:
+            await plain.send(b"GET /v1/health HTTP/1.1\r\n\r\n")
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await plain.receive()
         health = await client._exchange(ctx, "GET", "/v1/health", {}, b"")
+        status = service.status()
     assert bundle == (ca_dir / "ca.crt").read_bytes()
     assert (missing.status, wrong_method.status, huge_head.status) == (404, 405, 431)
+    assert (nested.status, both_lengths.status) == (400, 400)
     assert json.loads(health.body)["status"] == "ok"
+    assert status["denied"]["handshake"] == 1 and status["issued"] == 0
 
 
 # -- renewal ----------------------------------------------------------------------------------
