@@ -37,7 +37,7 @@ import meshcore
 
 from ._ca import CA, Issued, describe, parse_spiffe_id, spiffe_id, spiffe_ids_of
 from ._policy import Policy, parse_rules
-from ._identity_service import IdentityService
+from ._identity_service import IdentityService, make_identity_dir
 from ._runtime import MeshTLSContext, Workload, running
 from ._tokens import TokenStore
 
@@ -50,6 +50,7 @@ __all__ = [
     "TokenStore",
     "Workload",
     "describe",
+    "make_identity_dir",
     "parse_rules",
     "spiffe_id",
     "spiffe_ids_of",

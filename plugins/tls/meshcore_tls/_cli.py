@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from cryptography import x509
 
 import meshcore
 
@@ -19,9 +20,7 @@ from ._ca import (
     INTERMEDIATE_TTL,
     LEAF_TTL,
     ROOT_TTL,
-    cert_pem,
     describe,
-    key_pem,
     load_certs,
     write_private,
 )
@@ -178,33 +177,19 @@ def intermediate(ca_dir: Path, ttl: float, force: bool, directory: Path) -> None
     Writes intermediate.crt, intermediate.key (0600) and adds the root to bundle.crt (the
     roots workloads trust; never removed from here). The root's key stays where it is.
     """
-    from ._identity_service import BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY
+    from ._identity_service import BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, make_identity_dir
 
     cert_path, key_path = directory / INTERMEDIATE_CERT, directory / INTERMEDIATE_KEY
-    if not force:
-        for p in (cert_path, key_path):
-            if p.exists():
-                _error(f"{p} already exists; pass --force to replace it (a rotation)")
     try:
         root = CA.load(ca_dir, need_key=True)
-        sub = root.issue_intermediate(ttl=ttl)
-    except ValueError as exc:
+        make_identity_dir(root, directory, ttl=ttl, force=force)
+        sub = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (ValueError, OSError) as exc:
         _error(str(exc))
         return
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     bundle_path = directory / BUNDLE
-    bundle = bundle_path.read_bytes() if bundle_path.exists() else b""
-    root_pem = cert_pem(root.cert)
-    if root_pem not in bundle:
-        write_private(bundle_path, bundle + root_pem, overwrite=True)
-        bundle_path.chmod(0o644)
-    assert sub.key is not None
-    # Key first, as `ca issue` does: a reload between the two writes fails and keeps the old pair.
-    write_private(key_path, key_pem(sub.key), overwrite=force)
-    write_private(cert_path, cert_pem(sub.cert), overwrite=True)
-    cert_path.chmod(0o644)
     click.echo(
         f"created {cert_path} and {key_path} (0600), signed by {root.cert.subject.rfc4514_string()}; "
-        f"valid until {describe(sub.cert)['not after']}"
+        f"valid until {describe(sub)['not after']}"
     )
     click.echo(f"trusted roots: {bundle_path}")

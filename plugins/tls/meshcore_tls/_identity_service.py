@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ._ca import (
     CA,
+    INTERMEDIATE_TTL,
     LEAF_TTL,
     cert_pem,
     check_segment,
@@ -58,6 +59,7 @@ from ._ca import (
     load_key,
     parse_spiffe_id,
     spiffe_ids_of,
+    write_private,
 )
 from ._identity_http import HTTPFault, read_request, render
 from ._tokens import Grant, TokenError, TokenStore
@@ -67,6 +69,7 @@ __all__ = [
     "INTERMEDIATE_CERT",
     "INTERMEDIATE_KEY",
     "IdentityService",
+    "make_identity_dir",
     "service_spiffe_id",
 ]
 
@@ -79,6 +82,33 @@ TOKENS = "tokens"
 # A whole exchange (handshake, request, answer) within this, so a slow or stalled client
 # holds a connection no longer (uvicorn's and Go net/http's usual order of magnitude).
 EXCHANGE_TIMEOUT = 10.0
+
+
+def make_identity_dir(
+    root: CA, directory: str | Path, *, ttl: float = INTERMEDIATE_TTL, force: bool = False
+) -> Path:
+    """Issue an intermediate from `root` into `directory` (intermediate.crt, intermediate.key
+    0600) and add the root to its bundle.crt; what `ca intermediate` does. Without `force`
+    an existing intermediate is an error; with it, it is replaced atomically (a rotation)."""
+    directory = Path(directory)
+    cert_path, key_path = directory / INTERMEDIATE_CERT, directory / INTERMEDIATE_KEY
+    if not force:
+        for p in (cert_path, key_path):
+            if p.exists():
+                raise FileExistsError(f"{p} already exists; pass --force to replace it (a rotation)")
+    sub = root.issue_intermediate(ttl=ttl)
+    assert sub.key is not None
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    bundle_path = directory / BUNDLE
+    bundle = bundle_path.read_bytes() if bundle_path.exists() else b""
+    if cert_pem(root.cert) not in bundle:
+        write_private(bundle_path, bundle + cert_pem(root.cert), overwrite=True)
+        bundle_path.chmod(0o644)
+    # Key first: a reload between the two writes fails to pair them and keeps the old ones.
+    write_private(key_path, key_pem(sub.key), overwrite=force)
+    write_private(cert_path, cert_pem(sub.cert), overwrite=True)
+    cert_path.chmod(0o644)
+    return directory
 
 
 def service_spiffe_id(trust_domain: str) -> str:

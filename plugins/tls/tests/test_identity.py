@@ -27,7 +27,7 @@ import meshcore
 import meshcore_tls
 from meshcore.testing import virtual_trio
 from meshcore_tls import CA, IdentityService, TokenStore
-from meshcore_tls._ca import cert_pem, key_pem, write_private
+from meshcore_tls._ca import write_private
 from meshcore_tls._identity_client import IdentityClient, IdentityError, make_csr
 from meshcore_tls._identity_service import TOKENS, service_spiffe_id
 
@@ -41,17 +41,7 @@ ORDERS = "spiffe://example.org/ns/shop/sa/orders"
 
 def make_service_dir(root_dir: Path, out: Path) -> Path:
     """What `meshcore -p tls ca intermediate --ca root_dir out` writes."""
-    root = CA.load(root_dir, need_key=True)
-    sub = root.issue_intermediate()
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    assert sub.key is not None
-    write_private(out / "intermediate.key", key_pem(sub.key), overwrite=True)
-    write_private(out / "intermediate.crt", cert_pem(sub.cert), overwrite=True)
-    bundle = out / "bundle.crt"
-    old = bundle.read_bytes() if bundle.exists() else b""
-    if cert_pem(root.cert) not in old:
-        write_private(bundle, old + cert_pem(root.cert), overwrite=True)
-    return out
+    return meshcore_tls.make_identity_dir(CA.load(root_dir, need_key=True), out)
 
 
 @pytest.fixture
