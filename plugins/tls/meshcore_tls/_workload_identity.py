@@ -125,6 +125,7 @@ class IdentitySource:
                 raise ValueError(f"{paths[1]}: not a workload certificate")
             signed = Signed(ids[0], leaf, b"".join(cert_pem(c) for c in certs), bundle)
             self._apply(signed, key, save=False)
+            self.credential = "saved certificate"
         except (OSError, ValueError, ssl.SSLError) as exc:
             log.warning("tls: not using the saved certificate in %s: %s", self.dir, exc)
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -572,3 +574,50 @@ def test_cli_intermediate_token_and_their_errors(ca_dir, tmp_path):
     assert revoked.exit_code == 0
     missing = runner.invoke(group, ["identity", "serve", "--dir", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "intermediate.crt: missing" in missing.output
+
+
+# -- property: whatever the CSR and request say, the certificate is the token's --------------
+
+_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-.*/", min_size=1, max_size=30)
+_sans = st.lists(
+    st.one_of(
+        _names.map(lambda n: x509.DNSName(n)),
+        _names.map(lambda n: x509.UniformResourceIdentifier(f"spiffe://example.org/{n}")),
+        _names.map(lambda n: x509.UniformResourceIdentifier(f"spiffe://{n}")),
+        st.just(x509.UniformResourceIdentifier(ADMIN)),
+        st.ip_addresses().map(x509.IPAddress),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sans=_sans,
+    ca=st.booleans(),
+    cn=_names,
+    wanted=st.one_of(st.none(), st.just(WEB), st.just(ADMIN), _names.map(lambda n: f"spiffe://example.org/{n}")),
+    extra=st.dictionaries(st.sampled_from(["ttl", "not_after", "is_ca", "sans"]), st.integers() | st.text(max_size=5), max_size=3),
+)
+def test_fuzzed_requests_get_exactly_the_token_identity_or_nothing(
+    service_dir, sans, ca, cn, wanted, extra
+):
+    service = IdentityService(service_dir, port=0, ttl=1800)
+    _, token = TokenStore(service_dir / TOKENS).create(WEB)
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = {**extra, "csr": _csr(key, sans=sans, ca=ca, cn=cn).decode()}
+    if wanted is not None:
+        request["spiffe_id"] = wanted
+    try:
+        answer = service.sign(json.dumps(request).encode(), token, None)
+    except ValueError as exc:  # refused: only ever because another identity was asked for
+        assert wanted not in (None, WEB), exc
+        assert service.issued == 0
+        return
+    cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
+    assert wanted in (None, WEB)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.UniformResourceIdentifier(WEB)]
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(seconds=1860)
+    assert cert.public_key() == key.public_key()
