@@ -151,6 +151,7 @@ class IdentitySource:
         """One certificate from the service, installed; IdentityError when none came."""
         w = self.workload
         key = ec.generate_private_key(ec.SECP256R1())
+        ctx: ssl.SSLContext
         if w.cert is not None and w.seconds_left() > 0:
             ctx, token, credential = w.client, None, "certificate"
         elif self.token is not None:
