@@ -3,8 +3,10 @@
 Everything runs in this one process so that nothing can be left behind: the embedded registry
 (consul plugin) and the three demo upstreams each run in a thread of their own, the sidecars
 (one in front of each instance, terminating mTLS and registering it; one for the client) and
-the client load are tasks on the event loop. The only file is the demo CA's directory, a
-temporary directory removed on the way out, Ctrl-C and errors included.
+the client load are tasks on the event loop, and so is the tls plugin's identity service,
+which signs every sidecar's certificate. The only files (the service's directory, the root
+certificate, one join token) are in a temporary directory removed on the way out, Ctrl-C and
+errors included.
 
     client --HTTP--> sidecar outbound --mTLS--> instance sidecar inbound --HTTP--> u1/u2/u3
                      (discovery: consul          (registers itself in the
@@ -15,8 +17,8 @@ recovers at 75 %. Ejection times are scaled the same way (Envoy's 30 s base ejec
 outlast the whole demo), so a viewer sees u3 ejected, let back in, ejected again, and back.
 
 Plugins are found through their entry points, exactly as a mesh finds them; an installed
-plugin's module is used only for what has no hook (the embedded `Registry` class, the `CA`
-that makes the demo's root certificate). A plugin that is missing, or left out with
+plugin's module is used only for what has no hook (the embedded `Registry` class, the `CA`,
+`IdentityService` and `TokenStore` that set up the demo's identities). A plugin that is missing, or left out with
 `--without`, is left out of the demo and the demo says so.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import sys
@@ -247,6 +250,7 @@ class Demo:
         self._ports: dict[int, str] = {}
         self._stack: contextlib.AsyncExitStack | None = None
         self._tmp: str | None = None
+        self._identity_tls: dict[str, str] = {}
         self._servers: dict[str, Any] = {}
         self._instance_sidecars: dict[str, Any] = {}
         self.sidecar: Any = None
@@ -289,7 +293,7 @@ class Demo:
         if plan.tls is not None:
             self._tmp = tempfile.mkdtemp(prefix="meshcore-demo-")
             stack.callback(shutil.rmtree, self._tmp, True)
-            plan.tls.CA.create("demo.meshcore.local").save(self._tmp)
+            await self._start_identity_service(stack)
         if plan.consul is not None:
             # In memory only (data_dir=None): the registry writes no file.
             self.registry = plan.consul.Registry("127.0.0.1", 0, data_dir=None).start()
@@ -316,6 +320,27 @@ class Demo:
         # (deregistering while the registry still answers), upstreams, registry, CA files.
         await self._wait_for_endpoints()
 
+    async def _start_identity_service(self, stack: contextlib.AsyncExitStack) -> None:
+        """The identity service signs every workload's CSR; the root's key is never written
+        and is gone once it signed the service's intermediate, so no CA key is anywhere but
+        the identity service's directory. One join token for the demo's four workloads."""
+        tls = self.plan.tls
+        root = tls.CA.create("demo.meshcore.local")
+        service_dir = tls.make_identity_dir(root, f"{self._tmp}/identity")
+        service = await stack.enter_async_context(tls.IdentityService(service_dir, port=0))
+        _, token = tls.TokenStore(service_dir / "tokens").create(
+            "spiffe://demo.meshcore.local/ns/default/sa/*", uses=len(INSTANCES) + 1
+        )
+        with open(f"{self._tmp}/root.crt", "wb") as f:
+            f.write(service.bundle_pem)
+        with open(os.open(f"{self._tmp}/join.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(token)
+        self._identity_tls = {
+            "identity_service": service.address,
+            "ca": f"{self._tmp}/root.crt",
+            "join_token_file": f"{self._tmp}/join.token",
+        }
+
     async def _instance_sidecar(self, stack: contextlib.AsyncExitStack, Sidecar: Any, name: str) -> Any:
         plan = self.plan
         config: dict[str, Any] = {
@@ -338,7 +363,7 @@ class Demo:
                 "ttl": 5.0,
             }
         if plan.tls is not None:
-            config["tls"] = {"ca_dir": self._tmp, "service": SERVICE}
+            config["tls"] = {**self._identity_tls, "service": SERVICE}
         plugins = [p for p in ("consul", "tls") if p in plan.plugins]
         return await stack.enter_async_context(Sidecar(config, plugins))
 
@@ -381,7 +406,7 @@ class Demo:
         if plan.consul is not None:
             config["consul-registration"] = {"agent": self.registry.url, "token": self.registry.token, "ttl": 5.0}
         if plan.tls is not None:
-            config["tls"] = {"ca_dir": self._tmp, "service": "demo-client"}
+            config["tls"] = {**self._identity_tls, "service": "demo-client"}
         return config
 
     async def _client_sidecar(self, stack: contextlib.AsyncExitStack, Sidecar: Any) -> Any:

@@ -2,7 +2,10 @@
 
 Plugin name `tls`. It adds:
 
-- `meshcore -p tls ca init|issue|inspect` (the `cli` hook), see `_cli.py`;
+- `meshcore -p tls ca init|issue|inspect|intermediate` and `identity serve|token` (the `cli`
+  hook), see `_cli.py` and `_identity_cli.py`;
+- `IdentityService`, certificates by CSR against a join token or the current certificate
+  (`_identity_service.py`), and the workload's identity mode (`_workload_identity.py`);
 - the `[tls]` config section (the `section` kind below);
 - the security hooks: `client_tls`/`server_tls` give the workload's contexts, `check_peer`
   holds the server to the identity expected for the service, `authorize` applies the policy;
@@ -33,16 +36,21 @@ from typing import Any
 import meshcore
 
 from ._ca import CA, Issued, describe, parse_spiffe_id, spiffe_id, spiffe_ids_of
+from ._identity_service import IdentityService, make_identity_dir
 from ._policy import Policy, parse_rules
 from ._runtime import MeshTLSContext, Workload, running
+from ._tokens import TokenStore
 
 __all__ = [
     "CA",
+    "IdentityService",
     "Issued",
     "MeshTLSContext",
     "Policy",
+    "TokenStore",
     "Workload",
     "describe",
+    "make_identity_dir",
     "parse_rules",
     "spiffe_id",
     "spiffe_ids_of",
@@ -153,6 +161,26 @@ def meshcore_kinds() -> list[meshcore.Kind]:
                     "how often cert/key/ca files are checked for changes",
                     min=0.01,
                 ),
+                "identity_service": S(
+                    "str",
+                    "",
+                    "identity service address host:port (identity mode: certificates by CSR)",
+                ),
+                "identity_service_id": S(
+                    "str",
+                    "",
+                    "SPIFFE ID the identity service must present; default spiffe://<td>/meshcore/identity",
+                ),
+                "join_token_file": S(
+                    "str",
+                    "",
+                    "file holding the join token for the first certificate (else $MESHCORE_JOIN_TOKEN)",
+                ),
+                "identity_dir": S(
+                    "str",
+                    "",
+                    "where identity mode keeps its key (0600), certificate and bundle across restarts",
+                ),
                 "identities": S(
                     "table",
                     {},
@@ -172,7 +200,7 @@ def meshcore_kinds() -> list[meshcore.Kind]:
 
 
 def _enabled(settings: Any) -> bool:
-    return bool(settings.get("ca_dir") or settings.get("ca"))
+    return bool(settings.get("ca_dir") or settings.get("ca") or settings.get("identity_service"))
 
 
 @meshcore.hookimpl
@@ -228,5 +256,7 @@ def meshcore_checks(config: meshcore.MeshConfig) -> list[Any] | None:
 @meshcore.hookimpl
 def meshcore_cli(cli: Any) -> None:
     from ._cli import ca
+    from ._identity_cli import identity
 
     cli.add_command(ca)
+    cli.add_command(identity)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "CA",
     "Issued",
+    "INTERMEDIATE_TTL",
     "LEAF_TTL",
     "ROOT_TTL",
     "describe",
@@ -41,6 +42,8 @@ __all__ = [
 
 LEAF_TTL = 24 * 3600.0
 ROOT_TTL = 10 * 365 * 24 * 3600.0
+# Linkerd's documented issuer (intermediate) certificate: `--not-after 8760h`, one year.
+INTERMEDIATE_TTL = 365 * 24 * 3600.0
 CLOCK_SKEW = dt.timedelta(seconds=60)
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -170,6 +173,11 @@ class CA:
         ids = spiffe_ids_of(cert)
         self.trust_domain = parse_spiffe_id(ids[0])[0] if ids else ""
 
+    @property
+    def kind(self) -> str:
+        """"root" (self-signed) or "intermediate"."""
+        return "root" if self.cert.issuer == self.cert.subject else "intermediate"
+
     def __repr__(self) -> str:
         return f"CA(trust_domain={self.trust_domain!r}, signing={self.key is not None})"
 
@@ -275,19 +283,39 @@ class CA:
         if ttl <= 0:
             raise ValueError(f"ttl: expected a positive duration, got {ttl!r}")
         identity = spiffe_id(trust_domain or self.trust_domain, namespace, service)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self.sign(identity, key.public_key(), ttl=ttl, now=now, common_name=service)
+        return Issued(identity, cert, key)
+
+    def sign(
+        self,
+        identity: str,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        *,
+        ttl: float = LEAF_TTL,
+        now: dt.datetime | None = None,
+        common_name: str = "",
+    ) -> x509.Certificate:
+        """A workload (non-CA) certificate for `identity` and `public_key`, built from these
+        two alone: nothing of a requester's choosing besides the key gets into it."""
+        if self.key is None:
+            raise ValueError("this CA has no signing key")
+        if ttl <= 0:
+            raise ValueError(f"ttl: expected a positive duration, got {ttl!r}")
+        parse_spiffe_id(identity)
         now = now or _now()
         not_after = now + dt.timedelta(seconds=ttl)
         if not_after > self.cert.not_valid_after_utc:
             raise ValueError(
-                f"a {ttl:g} s certificate would outlive the root (root expires "
-                f"{self.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}); replace the root first"
+                f"a {ttl:g} s certificate would outlive the {self.kind} (it expires "
+                f"{self.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}); replace the {self.kind} first"
             )
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
+        name = common_name or identity.rpartition("/")[2]
+        return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
@@ -316,6 +344,67 @@ class CA:
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
                 critical=False,
             )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),  # type: ignore[arg-type]
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def issue_intermediate(
+        self, *, ttl: float = INTERMEDIATE_TTL, now: dt.datetime | None = None
+    ) -> CA:
+        """A signing CA below this one (path length 0: it signs workloads, never other CAs),
+        for an identity service, so the root's key can stay offline."""
+        if self.key is None:
+            raise ValueError("this CA has no signing key (ca.key)")
+        now = now or _now()
+        not_after = now + dt.timedelta(seconds=ttl)
+        if not_after > self.cert.not_valid_after_utc:
+            raise ValueError(
+                f"a {ttl:g} s intermediate would outlive the root (root expires "
+                f"{self.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ})"
+            )
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME,
+                    f"meshcore intermediate CA {self.trust_domain} {now:%Y%m%d%H%M%S}",
+                ),
+            ]
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{self.trust_domain}")]
+                ),
+                critical=False,
+            )
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
@@ -325,7 +414,7 @@ class CA:
             )
             .sign(self.key, hashes.SHA256())
         )
-        return Issued(identity, cert, key)
+        return CA(cert, key)
 
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -12,8 +12,17 @@ from pathlib import Path
 
 import click
 import meshcore
+from cryptography import x509
 
-from ._ca import CA, LEAF_TTL, ROOT_TTL, describe, load_certs, write_private
+from ._ca import (
+    CA,
+    INTERMEDIATE_TTL,
+    LEAF_TTL,
+    ROOT_TTL,
+    describe,
+    load_certs,
+    write_private,
+)
 
 __all__ = ["ca"]
 
@@ -138,3 +147,48 @@ def inspect(file: Path) -> None:
             click.echo(f"[{i}]")
         for key, value in describe(cert).items():
             click.echo(f"{key:>10}: {value}")
+
+
+@ca.command("intermediate")
+@click.option(
+    "--ca",
+    "ca_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Root CA directory (ca.crt, ca.key), from `ca init`.",
+)
+@click.option(
+    "--ttl",
+    default=f"{INTERMEDIATE_TTL / 3600:.0f}h",
+    callback=_duration,
+    show_default=True,
+    help="Intermediate lifetime (Linkerd's issuer certificate: one year).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing intermediate (atomically: a running identity service reloads it).",
+)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def intermediate(ca_dir: Path, ttl: float, force: bool, directory: Path) -> None:
+    """Issue an intermediate CA into DIRECTORY, an identity service's directory.
+
+    Writes intermediate.crt, intermediate.key (0600) and adds the root to bundle.crt (the
+    roots workloads trust; never removed from here). The root's key stays where it is.
+    """
+    from ._identity_service import BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY, make_identity_dir
+
+    cert_path, key_path = directory / INTERMEDIATE_CERT, directory / INTERMEDIATE_KEY
+    try:
+        root = CA.load(ca_dir, need_key=True)
+        make_identity_dir(root, directory, ttl=ttl, force=force)
+        sub = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (ValueError, OSError) as exc:
+        _error(str(exc))
+        return
+    bundle_path = directory / BUNDLE
+    click.echo(
+        f"created {cert_path} and {key_path} (0600), signed by {root.cert.subject.rfc4514_string()}; "
+        f"valid until {describe(sub)['not after']}"
+    )
+    click.echo(f"trusted roots: {bundle_path}")

@@ -16,7 +16,7 @@ contexts see the (same, refreshed) object too. The one thing in-place loading ca
 *remove* a trusted root: roots are only ever added while running (see docs/security.md,
 "Replacing the root").
 
-Two ways to get certificates:
+Three ways to get certificates:
 
 - *issue* mode: `ca_dir` holds the CA key (`meshcore ca init`), as in development, tests or a
   single-host deployment. The workload issues its own certificate in memory and renews it at
@@ -25,6 +25,10 @@ Two ways to get certificates:
   cert-manager, a Kubernetes secret). The files are checked every `reload_interval` and
   reloaded when their content changes; a pair that does not load (say, the key replaced but
   the certificate not yet) keeps the current certificate until the next check.
+- *identity* mode: `identity_service` names an identity service (`_identity_service.py`).
+  The workload makes its key in memory, sends a CSR with a join token the first time and
+  over mTLS with its current certificate afterwards, and installs leaf, chain and trust
+  bundle (`_workload_identity.py`). No CA key is anywhere near the workload.
 
 Nothing here logs or raises with key material: errors name files, identities and serials.
 """
@@ -48,6 +52,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ._ca import CA, Issued, cert_pem, key_pem, load_certs, spiffe_id, spiffe_ids_of
 from ._policy import Policy, parse_rules
+from ._workload_identity import IdentitySource
 
 __all__ = ["MeshTLSContext", "Workload", "running"]
 
@@ -130,12 +135,16 @@ class Workload:
         self._peer_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._scope: anyio.CancelScope | None = None
         self.rotated: anyio.Event | None = None
+        self.identity_source: IdentitySource | None = None
 
     # -- start -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Workload:
         self.rotated = anyio.Event()
         self._start()
+        if self.identity_source is not None and self.cert is None:
+            await self.identity_source.bootstrap()
+            self._finish_start()
         _WORKLOADS[self.mesh] = self
         # One identity per mesh: its certificate and counters are mesh-wide state; only the
         # server identity expected for each service is per service.
@@ -161,6 +170,26 @@ class Workload:
             raise _fail(
                 "`cert` and `key` go together: set both or neither", "cert" if s.key else "key"
             )
+        if s.identity_service:
+            self.mode = "identity"
+            if ca_dir is not None and (ca_dir / "ca.key").exists():
+                raise _fail(
+                    f"identity mode: {ca_dir} holds ca.key, which no workload should be able "
+                    "to read; give the workload only the root certificate as `ca`",
+                    "ca_dir",
+                )
+            if s.cert or s.key:
+                raise _fail(
+                    "identity mode gets its certificate from the service; drop `cert`/`key`",
+                    "cert",
+                )
+            try:
+                self.identity_source = IdentitySource(self, roots_path)
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                raise _fail(str(exc)) from None
+            if self.cert is not None:
+                self._finish_start()
+            return
         if s.cert:
             self.mode = "files"
         elif ca_dir is not None and (ca_dir / "ca.key").exists():
@@ -189,6 +218,9 @@ class Workload:
                 self._file_sig = sig
         except (OSError, ValueError, ssl.SSLError) as exc:
             raise _fail(str(exc)) from None
+        self._finish_start()
+
+    def _finish_start(self) -> None:
         if not self.trust_domain:
             ids = spiffe_ids_of(self.cert) if self.cert else []
             self.trust_domain = (self.ca.trust_domain if self.ca else "") or (
@@ -291,6 +323,8 @@ class Workload:
         with self._scope:
             if self.mode == "issue":
                 await self._renew_forever()
+            elif self.identity_source is not None:
+                await self.identity_source.renew_forever()
             else:
                 await self._watch_files()
 
@@ -420,6 +454,7 @@ class Workload:
             "allowed": self.allowed,
             "denied": self.denied,
             "rejected_servers": self.rejected_servers,
+            **(self.identity_source.status() if self.identity_source is not None else {}),
         }
 
     def state(self, service: str) -> dict[str, Any]:

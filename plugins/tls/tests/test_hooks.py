@@ -107,12 +107,13 @@ async def test_workload_state_is_mesh_wide_and_expected_server_per_service(ca_di
     assert "tls" not in state["state"] and "tls" not in state["services"]["orders"]
 
 
-def test_cli_hook_adds_the_ca_group():
+def test_cli_hook_adds_the_ca_and_identity_groups():
     import click
 
     group = click.Group("meshcore")
     meshcore_tls.meshcore_cli(group)
-    assert set(group.commands["ca"].commands) == {"init", "issue", "inspect"}
+    assert set(group.commands["ca"].commands) == {"init", "issue", "inspect", "intermediate"}
+    assert set(group.commands["identity"].commands) == {"serve", "token"}
 
 
 def test_section_kind_is_declared():

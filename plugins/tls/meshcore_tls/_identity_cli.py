@@ -1,0 +1,147 @@
+"""`meshcore -p tls identity ...`: run the identity service and manage its join tokens."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+import click
+
+from ._ca import LEAF_TTL, write_private
+from ._cli import _duration, _error
+from ._identity_client import parse_address
+from ._identity_service import TOKENS, IdentityService
+from ._tokens import DEFAULT_TOKEN_TTL, TokenStore
+
+__all__ = ["identity"]
+
+_DIR = click.option(
+    "--dir",
+    "directory",
+    default=".",
+    envvar="MESHCORE_IDENTITY_DIR",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The identity service's directory (from `ca intermediate`).",
+)
+
+
+@click.group()
+def identity() -> None:
+    """The identity service: workloads get certificates by CSR, no workload holds a CA key."""
+
+
+@identity.command("serve")
+@_DIR
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, help="host:port to serve on.")
+@click.option(
+    "--ttl",
+    default=f"{LEAF_TTL / 3600:.0f}h",
+    callback=_duration,
+    show_default=True,
+    help="Lifetime of every certificate issued (Linkerd and Istio: 24 h).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["asyncio", "trio"]),
+    default="asyncio",
+    show_default=True,
+)
+def serve(directory: Path, listen: str, ttl: float, backend: str) -> None:
+    """Serve certificate signing over HTTPS with the intermediate in --dir."""
+    try:
+        host, port = parse_address(listen)
+        service = IdentityService(directory, host, port, ttl=ttl)
+    except (ValueError, OSError) as exc:
+        _error(str(exc))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.serve)
+            click.echo(f"identity service {service.identity} on {service.address}", err=True)
+
+    try:
+        anyio.run(main, backend=backend)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        _error(f"cannot listen on {listen}: {exc.strerror}")
+
+
+@identity.group("token")
+def token() -> None:
+    """Join tokens: the credential of a workload's first certificate."""
+
+
+@token.command("create")
+@_DIR
+@click.option(
+    "--spiffe-id",
+    required=True,
+    help="Identity the token may obtain: exact, or a glob (spiffe://example.org/ns/shop/*).",
+)
+@click.option(
+    "--ttl",
+    default=f"{DEFAULT_TOKEN_TTL:.0f}s",
+    callback=_duration,
+    show_default=True,
+    help="How long the token may be used (SPIRE's default: 600 s).",
+)
+@click.option("--uses", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the token to this file (0600, must not exist) instead of printing it.",
+)
+def create(directory: Path, spiffe_id: str, ttl: float, uses: int, out: Path | None) -> None:
+    """Create a join token; it is shown once and stored only hashed."""
+    store = TokenStore(directory / TOKENS)
+    try:
+        token_id, secret = store.create(spiffe_id, ttl=ttl, uses=uses)
+    except (ValueError, OSError) as exc:
+        _error(str(exc))
+        return
+    if out is not None:
+        try:
+            write_private(out, (secret + "\n").encode())
+        except OSError as exc:
+            store.revoke(token_id)
+            _error(f"{out}: {exc.strerror}; token not created")
+            return
+        click.echo(f"token {token_id} for {spiffe_id} written to {out} (0600)", err=True)
+    else:
+        click.echo(secret)
+        click.echo(f"token {token_id} for {spiffe_id}, {uses} use(s), {ttl:g} s", err=True)
+
+
+@token.command("list")
+@_DIR
+def list_tokens(directory: Path) -> None:
+    """Token ids, identities, expiry and uses left (never the tokens)."""
+    try:
+        records = TokenStore(directory / TOKENS).list()
+    except (ValueError, OSError) as exc:
+        _error(str(exc))
+        return
+    for r in records:
+        click.echo(f"{r['id']}  {r['spiffe_id']}  uses_left={r['uses_left']}  expires_at={r['expires_at']:.0f}")
+
+
+@token.command("revoke")
+@_DIR
+@click.argument("token_id")
+def revoke(directory: Path, token_id: str) -> None:
+    """Delete a token by its id."""
+    try:
+        found = TokenStore(directory / TOKENS).revoke(token_id)
+    except (ValueError, OSError) as exc:
+        _error(str(exc))
+        return
+    if not found:
+        click.echo(f"meshcore: no token {token_id}", err=True)
+        sys.exit(1)
+    click.echo(f"revoked {token_id}")
