@@ -18,7 +18,7 @@ that are three inbound listeners. One shared sidecar B in front of three apps wo
 balancer inside the inbound side, which the sidecar does not have and production would not do.
 
 Why in process and not `meshcore run` subprocesses: `Sidecar` is exactly what `meshcore run`
-runs (`run_sidecar` wraps it in signal handling only), so in process loses nothing the test
+runs (the `run` command adds signal handling only), so in process loses nothing the test
 checks, runs on both backends, and shares no ports or PIDs with anything else; every listener
 binds port 0 on 127.0.0.1. Cleanup is by context manager, in dependency order: sidecar A, the
 sidecars B (they deregister while the registry still answers), the apps, the registry.
