@@ -115,19 +115,24 @@ class EtcdCluster:
         m.frozen = False
 
     def start(self) -> EtcdCluster:
-        for m in self.members:
-            self._spawn(m)
-        self.wait_healthy()
+        try:
+            for m in self.members:
+                self._spawn(m)
+            self.wait_healthy()
+        except BaseException:
+            self.stop(keep_logs=True)  # no member outlives a cluster that failed to start
+            raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
         for m in self.members:
             if m.process is not None and m.alive:
                 if m.frozen:
                     os.kill(m.pid, signal.SIGCONT)
                 m.process.kill()
                 m.process.wait(10)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     # -- faults -----------------------------------------------------------------------------
 
