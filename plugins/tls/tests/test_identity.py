@@ -621,3 +621,49 @@ def test_fuzzed_requests_get_exactly_the_token_identity_or_nothing(
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(seconds=1860)
     assert cert.public_key() == key.public_key()
+
+
+async def test_a_renewal_gets_only_the_presented_identity(
+    service_dir, root_crt, other_ca_dir, ca_dir
+):
+    async with IdentityService(service_dir, port=0) as service:
+        client = IdentityClient(service.address, service_spiffe_id(TD))
+        key = ec.generate_private_key(ec.SECP256R1())
+        # a valid mesh certificate for web (here straight from the root, as files mode has)
+        web = CA.load(ca_dir, need_key=True).issue("web", "shop")
+        ctx = bootstrap_context(root_crt, web.cert_pem, web.key_pem)
+        with pytest.raises(IdentityError) as other:
+            await client.sign(ctx, key, ADMIN)
+        renewed = await client.sign(ctx, key, None)
+        # a certificate from another root does not even get through the handshake
+        forged = CA.load(other_ca_dir, need_key=True).issue("web", "shop")
+        with pytest.raises(IdentityError):
+            await client.sign(bootstrap_context(root_crt, forged.cert_pem, forged.key_pem), key, None)
+        status = service.status()
+    assert (other.value.status, other.value.reason) == (403, "identity_not_allowed")
+    assert renewed.spiffe_id == WEB
+    assert status["renewed"] == 1 and status["issued"] == 0
+    assert status["denied"] == {"identity_not_allowed": 1, "handshake": 1}
+
+
+async def test_an_expired_saved_certificate_falls_back_to_the_join_token(
+    ca_dir, service_dir, root_crt, tmp_path, tls_mesh, caplog
+):
+    saved = tmp_path / "web-state"
+    saved.mkdir(mode=0o700)
+    old = CA.load(ca_dir, need_key=True).issue(
+        "web", "shop", ttl=60, now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    )
+    write_private(saved / "svid.key", old.key_pem)
+    write_private(saved / "svid.crt", old.cert_pem)
+    write_private(saved / "bundle.crt", (ca_dir / "ca.crt").read_bytes())
+    token = token_file(service_dir, tmp_path, WEB)
+    async with IdentityService(service_dir, port=0) as service:
+        tls = identity_tls(service, root_crt, token, service="web", identity_dir=str(saved))
+        async with tls_mesh({"tls": tls, "services": {}}) as mesh:
+            state = meshcore_tls.status(mesh)
+    assert state["credential"] == "join token" and state["serial"] != f"{old.cert.serial_number:x}"
+    assert "not using the saved certificate" in caplog.text and "expired" in caplog.text
+    assert x509.load_pem_x509_certificate((saved / "svid.crt").read_bytes()).serial_number != (
+        old.cert.serial_number
+    )
