@@ -667,3 +667,46 @@ async def test_an_expired_saved_certificate_falls_back_to_the_join_token(
     assert x509.load_pem_x509_certificate((saved / "svid.crt").read_bytes()).serial_number != (
         old.cert.serial_number
     )
+
+
+async def test_identity_serve_command_signs_for_a_token(service_dir, root_crt):
+    import subprocess
+    import sys
+
+    from meshcore.testing import free_port
+
+    port = free_port()
+    _, token = TokenStore(service_dir / TOKENS).create(WEB)
+    command = [
+        sys.executable, "-m", "meshcore", "-p", "tls", "identity", "serve",
+        "--dir", str(service_dir), "--listen", f"127.0.0.1:{port}", "--ttl", "2h",
+    ]
+    process = await anyio.open_process(command, stderr=subprocess.PIPE)
+    try:
+        client = IdentityClient(f"127.0.0.1:{port}", service_spiffe_id(TD))
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    assert process.returncode is None
+                    await anyio.sleep(0.05)
+            signed = await client.sign(
+                bootstrap_context(root_crt), ec.generate_private_key(ec.SECP256R1()), None, token
+            )
+    finally:
+        process.terminate()
+        await process.wait()
+        chunks = []
+        assert process.stderr is not None
+        async for chunk in process.stderr:
+            chunks.append(chunk)
+        stderr = b"".join(chunks).decode()
+    assert signed.spiffe_id == WEB
+    assert signed.cert.not_valid_after_utc - signed.cert.not_valid_before_utc == dt.timedelta(
+        hours=2, minutes=1
+    )
+    assert "identity service spiffe://example.org/meshcore/identity" in stderr
+    assert f"issued {WEB} serial {signed.cert.serial_number:x}" in stderr
+    assert token not in stderr and token.partition(".")[2] not in stderr
