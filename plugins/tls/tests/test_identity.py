@@ -710,3 +710,39 @@ async def test_identity_serve_command_signs_for_a_token(service_dir, root_crt):
     assert "identity service spiffe://example.org/meshcore/identity" in stderr
     assert f"issued {WEB} serial {signed.cert.serial_number:x}" in stderr
     assert token not in stderr and token.partition(".")[2] not in stderr
+
+
+async def test_after_expiry_the_workload_starts_over_with_a_new_token_from_its_file(
+    service_dir, root_crt, tmp_path, tls_mesh
+):
+    token = token_file(service_dir, tmp_path, WEB)
+
+    async def run(svc: IdentityService, scope: anyio.CancelScope, *, task_status: Any) -> None:
+        with scope:
+            await svc.serve(task_status=task_status)
+
+    async with anyio.create_task_group() as services:
+        down = anyio.CancelScope()
+        service = IdentityService(service_dir, port=0, ttl=2)
+        await services.start(run, service, down)
+        tls = identity_tls(service, root_crt, token, service="web", renew_at=0.5)
+        async with tls_mesh({"tls": tls, "services": {}}) as mesh:
+            workload = meshcore_tls.workload(mesh)
+            first = workload.cert.serial_number
+            down.cancel()
+            with anyio.fail_after(20):
+                while workload.seconds_left() > 0:
+                    await anyio.sleep(0.1)
+            # expired; the old token is spent, so the operator hands out a new one
+            _, new = TokenStore(service_dir / TOKENS).create(WEB)
+            write_private(token, new.encode(), overwrite=True)
+            rotated = workload.rotated
+            await services.start(
+                run, IdentityService(service_dir, port=service.port, ttl=60), anyio.CancelScope()
+            )
+            with anyio.fail_after(20):
+                await rotated.wait()
+            state = workload.status()
+        services.cancel_scope.cancel()
+    assert state["credential"] == "join token" and state["serial"] != f"{first:x}"
+    assert state["renew_errors"] >= 1 and state["seconds_left"] > 50
