@@ -11,13 +11,18 @@ Plugin name `tls`. It adds:
   holds the server to the identity expected for the service, `authorize` applies the policy;
 - a lifespan that loads the certificate at start and keeps it fresh (`_runtime.py`).
 
-Everything is inert until `[tls]` names a CA (`ca_dir` or `ca`): loading the plugin alone
-changes nothing.
+Everything is inert until `[tls]` names a CA (`ca_dir` or `ca`) or an identity service:
+loading the plugin alone changes nothing.
 
     [tls]
     ca_dir = "/etc/mesh/ca"          # from `meshcore -p tls ca init` (issue mode when ca.key is there)
     service = "orders"               # this workload's identity: .../ns/<namespace>/sa/orders
     namespace = "shop"
+
+    # or, across machines, no CA key on the workload (identity mode):
+    # identity_service = "identity.example.org:8443"
+    # ca = "/etc/mesh/root.crt"
+    # join_token_file = "/run/secrets/join-token"
 
     [tls.identities]                 # expected server identity per service (default: same
     payments = "spiffe://example.org/ns/billing/sa/payments"   # namespace, sa = service name)
@@ -127,7 +132,7 @@ def meshcore_kinds() -> list[meshcore.Kind]:
                 "service": S(
                     "str",
                     "",
-                    "this workload's service name (issue mode)",
+                    "this workload's service name (issue and identity modes)",
                     convert=_segment("service"),
                 ),
                 "namespace": S(

@@ -80,6 +80,7 @@ class IdentitySource:
         self.server_id = s.identity_service_id or service_spiffe_id(td)
         self.client = IdentityClient(s.identity_service, self.server_id)
         self.wanted = spiffe_id(td, workload.namespace, s.service) if s.service else None
+        self._token_file = s.join_token_file
         self.token = self._read_token(s.join_token_file)
         self.dir = Path(s.identity_dir) if s.identity_dir else None
         self.renewals = 0
@@ -110,6 +111,16 @@ class IdentitySource:
                 raise ValueError(f"join_token_file {path}: empty")
             return token
         return os.environ.get(JOIN_TOKEN_ENV, "").strip() or None
+
+    def _fresh_token(self) -> str | None:
+        """The join token, re-read from its file: an operator may have put a new one there
+        for a workload whose certificate expired."""
+        if self._token_file and self.workload.cert is not None:
+            try:
+                self.token = self._read_token(self._token_file)
+            except ValueError as exc:
+                log.warning("tls: %s", exc)
+        return self.token
 
     # -- saved state --------------------------------------------------------------------------
 
@@ -162,7 +173,7 @@ class IdentitySource:
         ctx: ssl.SSLContext
         if w.cert is not None and w.seconds_left() > 0:
             ctx, token, credential = w.client, None, "certificate"
-        elif self.token is not None:
+        elif self._fresh_token() is not None:
             ctx, token, credential = self._bootstrap_context(), self.token, "join token"
         else:
             raise IdentityError(

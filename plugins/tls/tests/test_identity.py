@@ -621,3 +621,128 @@ def test_fuzzed_requests_get_exactly_the_token_identity_or_nothing(
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(seconds=1860)
     assert cert.public_key() == key.public_key()
+
+
+async def test_a_renewal_gets_only_the_presented_identity(
+    service_dir, root_crt, other_ca_dir, ca_dir
+):
+    async with IdentityService(service_dir, port=0) as service:
+        client = IdentityClient(service.address, service_spiffe_id(TD))
+        key = ec.generate_private_key(ec.SECP256R1())
+        # a valid mesh certificate for web (here straight from the root, as files mode has)
+        web = CA.load(ca_dir, need_key=True).issue("web", "shop")
+        ctx = bootstrap_context(root_crt, web.cert_pem, web.key_pem)
+        with pytest.raises(IdentityError) as other:
+            await client.sign(ctx, key, ADMIN)
+        renewed = await client.sign(ctx, key, None)
+        # a certificate from another root does not even get through the handshake
+        forged = CA.load(other_ca_dir, need_key=True).issue("web", "shop")
+        with pytest.raises(IdentityError):
+            await client.sign(bootstrap_context(root_crt, forged.cert_pem, forged.key_pem), key, None)
+        status = service.status()
+    assert (other.value.status, other.value.reason) == (403, "identity_not_allowed")
+    assert renewed.spiffe_id == WEB
+    assert status["renewed"] == 1 and status["issued"] == 0
+    assert status["denied"] == {"identity_not_allowed": 1, "handshake": 1}
+
+
+async def test_an_expired_saved_certificate_falls_back_to_the_join_token(
+    ca_dir, service_dir, root_crt, tmp_path, tls_mesh, caplog
+):
+    saved = tmp_path / "web-state"
+    saved.mkdir(mode=0o700)
+    old = CA.load(ca_dir, need_key=True).issue(
+        "web", "shop", ttl=60, now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    )
+    write_private(saved / "svid.key", old.key_pem)
+    write_private(saved / "svid.crt", old.cert_pem)
+    write_private(saved / "bundle.crt", (ca_dir / "ca.crt").read_bytes())
+    token = token_file(service_dir, tmp_path, WEB)
+    async with IdentityService(service_dir, port=0) as service:
+        tls = identity_tls(service, root_crt, token, service="web", identity_dir=str(saved))
+        async with tls_mesh({"tls": tls, "services": {}}) as mesh:
+            state = meshcore_tls.status(mesh)
+    assert state["credential"] == "join token" and state["serial"] != f"{old.cert.serial_number:x}"
+    assert "not using the saved certificate" in caplog.text and "expired" in caplog.text
+    assert x509.load_pem_x509_certificate((saved / "svid.crt").read_bytes()).serial_number != (
+        old.cert.serial_number
+    )
+
+
+async def test_identity_serve_command_signs_for_a_token(service_dir, root_crt):
+    import subprocess
+    import sys
+
+    from meshcore.testing import free_port
+
+    port = free_port()
+    _, token = TokenStore(service_dir / TOKENS).create(WEB)
+    command = [
+        sys.executable, "-m", "meshcore", "-p", "tls", "identity", "serve",
+        "--dir", str(service_dir), "--listen", f"127.0.0.1:{port}", "--ttl", "2h",
+    ]
+    process = await anyio.open_process(command, stderr=subprocess.PIPE)
+    try:
+        client = IdentityClient(f"127.0.0.1:{port}", service_spiffe_id(TD))
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    assert process.returncode is None
+                    await anyio.sleep(0.05)
+            signed = await client.sign(
+                bootstrap_context(root_crt), ec.generate_private_key(ec.SECP256R1()), None, token
+            )
+    finally:
+        process.terminate()
+        await process.wait()
+        chunks = []
+        assert process.stderr is not None
+        async for chunk in process.stderr:
+            chunks.append(chunk)
+        stderr = b"".join(chunks).decode()
+    assert signed.spiffe_id == WEB
+    assert signed.cert.not_valid_after_utc - signed.cert.not_valid_before_utc == dt.timedelta(
+        hours=2, minutes=1
+    )
+    assert "identity service spiffe://example.org/meshcore/identity" in stderr
+    assert f"issued {WEB} serial {signed.cert.serial_number:x}" in stderr
+    assert token not in stderr and token.partition(".")[2] not in stderr
+
+
+async def test_after_expiry_the_workload_starts_over_with_a_new_token_from_its_file(
+    service_dir, root_crt, tmp_path, tls_mesh
+):
+    token = token_file(service_dir, tmp_path, WEB)
+
+    async def run(svc: IdentityService, scope: anyio.CancelScope, *, task_status: Any) -> None:
+        with scope:
+            await svc.serve(task_status=task_status)
+
+    async with anyio.create_task_group() as services:
+        down = anyio.CancelScope()
+        service = IdentityService(service_dir, port=0, ttl=2)
+        await services.start(run, service, down)
+        tls = identity_tls(service, root_crt, token, service="web", renew_at=0.5)
+        async with tls_mesh({"tls": tls, "services": {}}) as mesh:
+            workload = meshcore_tls.workload(mesh)
+            first = workload.cert.serial_number
+            down.cancel()
+            with anyio.fail_after(20):
+                while workload.seconds_left() > 0:
+                    await anyio.sleep(0.1)
+            # expired; the old token is spent, so the operator hands out a new one
+            _, new = TokenStore(service_dir / TOKENS).create(WEB)
+            write_private(token, new.encode(), overwrite=True)
+            rotated = workload.rotated
+            await services.start(
+                run, IdentityService(service_dir, port=service.port, ttl=60), anyio.CancelScope()
+            )
+            with anyio.fail_after(20):
+                await rotated.wait()
+            state = workload.status()
+        services.cancel_scope.cancel()
+    assert state["credential"] == "join token" and state["serial"] != f"{first:x}"
+    assert state["renew_errors"] >= 1 and state["seconds_left"] > 50
