@@ -101,7 +101,7 @@ async def test_consul_registers_the_sidecars_instance():
     async with Registry("127.0.0.1", 0, data_dir=None) as registry:
         config = {
             "sidecar": {**LOOPBACK, "service": "orders", "app_health_interval": 0},
-            "consul-registration": {"agent": registry.url, "ttl": "10s"},
+            "consul-registration": {"agent": registry.url, "ttl": "10s", "token": registry.token},
         }
         async with Sidecar(config, ["consul"]) as sidecar, httpx.AsyncClient() as client:
             port = sidecar.addresses["inbound"].port
@@ -120,7 +120,9 @@ async def test_consul_leaves_an_explicit_registration_to_its_section():
     async with Registry("127.0.0.1", 0, data_dir=None) as registry:
         config = {
             "sidecar": {**LOOPBACK, "service": "orders", "app_health_interval": 0},
-            "consul-registration": {"agent": registry.url, "name": "billing", "port": 9000, "id": "b-1"},
+            "consul-registration": {
+                "agent": registry.url, "name": "billing", "port": 9000, "id": "b-1", "token": registry.token,
+            },
         }
         async with Sidecar(config, ["consul"]), httpx.AsyncClient() as client:
             assert (await client.get(f"{registry.url}/v1/health/service/orders")).json() == []

@@ -72,7 +72,7 @@ async def _service_check(name: str, settings: Any) -> meshcore.Check:
     title = f"consul service {discovery.service!r} (services.{name})"
     try:
         async with discovery.agent.client() as client:
-            _, endpoints = await discovery.query(client)
+            endpoints = (await discovery.query(client)).endpoints
     except Exception as exc:  # noqa: BLE001 - every failure is a line
         return meshcore.Check(title, False, f"query failed: {type(exc).__name__}: {exc}",
                               f"{START_HINT}; check services.{name}.consul")

@@ -185,7 +185,7 @@ def _negate(negate: bool, pred: Predicate) -> Predicate:
     return (lambda item: not pred(item)) if negate else pred
 
 
-class _Many(list):  # type: ignore[type-arg]
+class _Many(list[object]):
     """Values collected through a list (`Checks.Status`): comparisons hold for any of them."""
 
 
@@ -225,7 +225,7 @@ def _equals(found: Any, value: Any) -> bool:
     if isinstance(found, _Many):
         return any(_equals(f, value) for f in found)
     if found is None:
-        return value == ""
+        return bool(value == "")
     return bool(found == _coerce(found, value))
 
 

@@ -539,8 +539,12 @@ class _Front:
     def _routes(self) -> dict[str, tuple[tuple[str, ...], _Route]]:
         """Path prefix (two or three segments after /v1/) -> allowed methods and route."""
         put, get = ("PUT",), ("GET", "HEAD")
-        w = lambda handler, body=False: _Route(handler, "write", body)  # noqa: E731
-        r = lambda handler: _Route(handler, "read")  # noqa: E731
+        def w(handler: Handler, body: bool = False) -> _Route:
+            return _Route(handler, "write", body)
+
+        def r(handler: Handler) -> _Route:
+            return _Route(handler, "read")
+
         c = self.catalog
         routes = {
             "agent/service/register": (put, w(self._register, body=True)),

@@ -346,7 +346,7 @@ class CA:
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),  # type: ignore[arg-type]
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),  # type: ignore[arg-type]  # the issuer key is a CA key type; cryptography types it as any public key
                 critical=False,
             )
             .sign(self.key, hashes.SHA256())

@@ -82,7 +82,7 @@ def make_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: str | None) -> str:
 
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Delay before retry `attempt` (0-based): equal jitter over min(cap, base * 2^attempt)."""
-    ceiling = min(cap, base * 2 ** min(attempt, 32))
+    ceiling: float = min(cap, base * 2.0 ** min(attempt, 32))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
