@@ -194,6 +194,23 @@ def meshcore_lifespan(mesh: Any) -> Registration | None:
     return registration
 
 
+@meshcore.hookimpl
+def meshcore_register(instance: meshcore.Instance, mesh: Any) -> Registration | None:
+    """The instance a sidecar runs for (`[sidecar] service`), put on a lease with
+    `[etcd-registration]`'s cluster, prefix, TTL, tags and meta; None when that section
+    registers an instance of its own (`name` set: the lifespan does it)."""
+    settings = mesh.config.section(SECTION)
+    if settings.get("name"):
+        return None
+    named = {**settings, "name": instance.name, "port": instance.port, "id": instance.id,
+             "address": instance.address}
+    registration = make_registration(named, source=mesh.config.source, task_group=_TaskGroupOf(mesh),
+                                     health=mesh.local_health)
+    _registrations[mesh] = registration
+    mesh.add_state(SECTION, registration.state)
+    return registration
+
+
 class _TaskGroupOf:
     """The mesh's task group, looked up when the lifespan is entered (it exists by then)."""
 

@@ -101,3 +101,44 @@ async def test_sidecar_under_load_while_the_leader_is_killed(etcd, admin, upstre
     assert counts["failed"] == 0, failures[:3]
     assert counts["ok"] > 50
     assert state["services"]["orders"]["etcd"]["loads"] == 1
+
+
+async def test_sidecar_registers_its_instance_through_the_register_hook(etcd, admin, tmp_path, anyio_backend_name):
+    """`[sidecar] service` with an `[etcd-registration]` that names no instance: the sidecar's
+    own instance (advertised inbound address) goes on a lease, and leaves when it stops."""
+    ports = {name: free_port() for name in ("outbound", "inbound", "admin")}
+    config = tmp_path / "mesh.toml"
+    config.write_text(f"""
+[mesh]
+plugins = ["etcd"]
+[sidecar]
+service = "orders"
+outbound = "127.0.0.1:{ports['outbound']}"
+inbound = "127.0.0.1:{ports['inbound']}"
+admin = "127.0.0.1:{ports['admin']}"
+app = "127.0.0.1:{free_port()}"
+app_health_interval = "0s"
+[etcd-registration]
+endpoints = {json.dumps(etcd.urls)}
+prefix = "{admin.prefix}"
+timeout = "0.5s"
+""")
+    log = open(tmp_path / "sidecar.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([MESHCORE, "-c", str(config), "run", "--backend", anyio_backend_name],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MESHCORE_PLUGINS": ""})
+    try:
+        with anyio.fail_after(15):
+            while True:
+                assert proc.poll() is None, (tmp_path / "sidecar.log").read_text()
+                keys = {k: v for k, v in (await admin.contents()).items() if "/orders/" in k}
+                if keys:
+                    break
+                await anyio.sleep(0.05)
+        [(key, value)] = keys.items()
+        assert key == admin.key("orders", f"orders-127.0.0.1-{ports['inbound']}-g1")
+        assert json.loads(value)["Addr"] == f"127.0.0.1:{ports['inbound']}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    assert not [k for k in await admin.contents() if "/orders/" in k], "the lease was revoked on stop"
