@@ -283,3 +283,32 @@ async def test_every_series_of_a_live_scrape_is_in_the_reference(upstream):
                     unlisted_labels.append((family, sorted(extra)))
     assert not missing, f"not in docs/metrics.md: {missing}"
     assert not unlisted_labels, f"labels not in docs/metrics.md: {sorted(set(map(str, unlisted_labels)))}"
+
+
+async def test_a_server_with_the_wrong_identity_is_counted(upstream, tmp_path):
+    import meshcore_tls
+
+    ca_dir = tmp_path / "ca"
+    meshcore_tls.CA.create("metrics.test").save(ca_dir)
+    app = upstream("app-b")
+    server_config = {
+        "sidecar": {**sidecar_config({})["sidecar"], "service": "app-b", "app": app.address},
+        "tls": {"ca_dir": str(ca_dir), "service": "app-b"},
+    }
+    async with Sidecar(server_config, ["tls"]) as server:
+        expected = meshcore_tls.spiffe_id("metrics.test", "default", "payments")
+        client_config = {
+            "services": {"app-b": static_service([str(server.addresses["inbound"])])},
+            "sidecar": sidecar_config({})["sidecar"],
+            "tls": {"ca_dir": str(ca_dir), "service": "app-a", "identities": {"app-b": expected}},
+        }
+        async with Sidecar(client_config, ["tls"]) as client_sidecar, httpx.AsyncClient() as client:
+            r = await client.get(url(client_sidecar, "outbound", "/"), headers={"host": "app-b"})
+            assert r.headers["x-meshcore-error"] == "identity_rejected"
+            m = samples(await scrape(client_sidecar))
+    assert m['meshcore_identity_rejections_total{service="app-b"}'] >= 1
+    assert m['meshcore_local_response_total{direction="outbound",service="app-b",reason="identity_rejected",status_code="502"}'] == 1
+    # No handshake passed the check: the hop is TLS, and no server identity was accepted.
+    key = ('meshcore_request_total{direction="outbound",service="app-b",status_code="502",'
+           'status_class="5xx",peer_identity="",tls="true"}')
+    assert m[key] == 1
