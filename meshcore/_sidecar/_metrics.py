@@ -219,6 +219,12 @@ class Telemetry:
                 seen[(svc, ep)] = now
             elif now - seen.setdefault((svc, ep), now) > ENDPOINT_TTL:
                 gone.add((svc, ep))
+        # Ejection states are kept per endpoint: those of endpoints long gone go too.
+        for svc, component, subject in list(self.states):
+            if component == "ejection" and (svc, subject) not in current:
+                if now - seen.setdefault((svc, subject), now) > ENDPOINT_TTL:
+                    gone.add((svc, subject))
+                    del self.states[(svc, component, subject)]
         if not gone:
             return
         for key in [k for k in self.responses if (k[0], k[1]) in gone]:

@@ -160,11 +160,14 @@ def test_endpoint_series_end_after_the_endpoint_left_and_are_capped(monkeypatch)
     for ep in ("a:1", "b:1"):
         t.attempt_finished(_outcome("orders", ep))
     t.pipeline_requests["orders"] = 2
+    t.meshcore_state_changed("orders", "ejection", "b:1", "active", "ejected")
     t.prune(_state(orders=["a:1", "b:1"]), now=0.0)
     t.prune(_state(orders=["a:1"]), now=10.0)  # b left: its series stays for a while
     assert ("orders", "b:1", "2xx") in t.responses
+    assert ("orders", "ejection", "b:1") in t.states
     t.prune(_state(orders=["a:1"]), now=10.0 + _metrics.ENDPOINT_TTL + 1)
     assert set(t.responses) == {("orders", "a:1", "2xx")}
+    assert not t.states
     # Counters computed from the dropped series do not go backwards.
     assert t.attempts == {"orders": 2} and t.retries() == {"orders": 0}
 
