@@ -274,7 +274,7 @@ async def test_every_series_of_a_live_scrape_is_in_the_reference(upstream):
     # and nothing documented that the sidecar does not emit
     assert set(documented) <= {family for family, _ in families}
     missing, unlisted_labels = [], []
-    for family, kind in families:
+    for family, _kind in families:
         if family not in documented:
             missing.append(family)
             continue
