@@ -3,7 +3,8 @@
 Names follow Linkerd's proxy metrics (`request_total`, `response_total`,
 `response_latency_ms`, `identity_cert_expiration_timestamp_seconds`) and Envoy's cluster
 stats (retries, ejections, breaker state), prefixed `meshcore_` and in base units (seconds)
-as Prometheus recommends. docs/sidecar.md lists every metric.
+as Prometheus recommends. docs/metrics.md lists every metric, its labels, which latency each
+histogram measures, and how label values are kept bounded.
 
 Breaker and ejection changes and discovery errors arrive through the mesh's event hooks
 (`meshcore_state_changed`, `meshcore_discovery_error`), implemented by `Telemetry`, which the
@@ -27,6 +28,8 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+import anyio
 
 from .._errors import IdentityRejected
 from .._plugins import hookimpl
@@ -366,7 +369,8 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
     w = _Writer()
     t = telemetry
 
-    t.prune(state.get("services", {}), time.monotonic())
+    # Expiry is a timing decision: anyio's clock (virtual under trio's MockClock in tests).
+    t.prune(state.get("services", {}), anyio.current_time())
 
     w.family("meshcore_request_total", "counter",
              "Requests the sidecar answered, by direction, service, status code and class, the "
