@@ -11,14 +11,15 @@ when a response is over) is the one handler below.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._http import BufferedBody, ConnectionInfo
 from .._http._server import RequestRejected
 from .._models import Request, Response
-from .._upstream import loop_clock
-from ._answers import CODES, Refused, Tracked, classify, first_line, local_response
+from ._answers import Refused, Tracked, classify, first_line, local_response
+from ._metrics import NO_PEER, REJECTED, UNKNOWN
 from ._proxy import peer_identity, request_headers, response_headers
 
 if TYPE_CHECKING:
@@ -59,10 +60,11 @@ class Outbound:
     def route(self, gen: Generation, request: Request, info: ConnectionInfo, conn: Connection) -> tuple[str, Send]:
         upstream = gen.mesh.route(request)
         if upstream is None:
-            service = request.url.host
+            host = request.url.host
             known = ", ".join(sorted(gen.mesh.upstreams)) or "none"
+            # Labelled UNKNOWN: a label per unknown Host would let any client add series.
             raise Refused(
-                "no_route", f"no route: {service!r} is not a mesh service (services: {known})", service
+                "no_route", f"no route: {host!r} is not a mesh service (services: {known})", UNKNOWN
             )
         request.headers = request_headers(request.headers, conn.client_ip)
         return upstream.name, upstream.send
@@ -103,17 +105,48 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
     route = direction.route
     pipeline = direction.pipeline
     renamed = direction.renamed
-    now = loop_clock()  # made in the connection's task: anyio's clock, bound to the loop
+    finished = telemetry.finished
+    server_peers = telemetry.server_peers
+    inbound = name == "inbound"
+    # A measurement, not a timing decision: a sub-millisecond clock on every backend.
+    now = time.perf_counter
+
+    def peer(service: str, info: ConnectionInfo) -> tuple[str, str]:
+        """(peer identity, tls) labels: the caller's on inbound, the server's on outbound."""
+        if not inbound:
+            return server_peers.get(service, NO_PEER)
+        ssl_object = info.ssl_object
+        if ssl_object is None:
+            return NO_PEER
+        identity = conn.identity
+        if identity is None:
+            identity = conn.identity = peer_identity(ssl_object) or b""
+        return identity.decode("ascii", "replace"), "true"
 
     def answer(
-        gen: Generation, code: str, service: str, message: str, start: float, extra: Any = ()
+        gen: Generation, code: str, service: str, message: str, start: float,
+        info: ConnectionInfo, extra: Any = (),
     ) -> Response:
         """The sidecar's own answer; the request stays counted until the engine wrote it."""
         telemetry.local_error(name, service, code)
-        observe(name, service, CODES[code], now() - start)
-        return local_response(code, message, done_callback(conn, gen), sidecar.draining, extra)
+        response = local_response(code, message, done_callback(conn, gen), sidecar.draining, extra)
+        elapsed = now() - start
+        observe(name, service, response.status_code, peer(service, info), elapsed)
+        finished(name, service, elapsed)
+        return response
 
-    async def finish(gen: Generation, response: Response, service: str, start: float) -> Response:
+    def timed(done: Callable[[], None], service: str, start: float) -> Callable[[], None]:
+        """`done`, recording the response's duration first (the last byte was written)."""
+
+        def over() -> None:
+            finished(name, service, now() - start)
+            done()
+
+        return over
+
+    async def finish(
+        gen: Generation, response: Response, service: str, start: float, info: ConnectionInfo
+    ) -> Response:
         """Hand a proxied response to the engine, knowing when it is over.
 
         A small body with a Content-Length (up to `_GLUE`) is read first, so the engine writes
@@ -132,15 +165,20 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                 except Exception as exc:
                     await response.aclose()
                     code = classify(exc)[0]
-                    return answer(gen, renamed.get(code, code), service, first_line(exc), start)
+                    return answer(gen, renamed.get(code, code), service, first_line(exc), start, info)
+                elapsed = now() - start
+                observe(name, service, response.status_code, peer(service, info), elapsed)
+                finished(name, service, elapsed)
                 conn.busy = False
                 release(gen)
                 return response
-        response.stream = Tracked(response.stream, done_callback(conn, gen))
+        observe(name, service, response.status_code, peer(service, info), now() - start)
+        response.stream = Tracked(response.stream, timed(done_callback(conn, gen), service, start))
         return response
 
     async def handle(request: Request, info: ConnectionInfo) -> Response:
         start = now()
+        service = UNKNOWN
         gen = sidecar.generation
         assert gen is not None
         conn.busy = True
@@ -150,7 +188,7 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
             try:
                 service, send = route(gen, request, info, conn)
             except Refused as refused:
-                return answer(gen, refused.code, refused.service, str(refused), start)
+                return answer(gen, refused.code, refused.service, str(refused), start, info)
             if pipeline:
                 if not isinstance(request.stream, bytes):
                     length = request.headers.get("content-length")
@@ -166,18 +204,22 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                 code = renamed.get(code, code)
                 if code == "internal":
                     log.exception("%s request to %s failed", name, service)
-                return answer(gen, code, service, first_line(exc), start, extra)
+                return answer(gen, code, service, first_line(exc), start, info, extra)
             response.headers = response_headers(response.headers)
-            observe(name, service, response.status_code, now() - start)
             if type(response.stream) is BufferedBody and not sidecar.draining:
                 # The whole body came with the head (the engine's usual case for small
                 # bodies): the response is over for the sidecar, and the engine writes the
                 # body in the same send as the head.
+                elapsed = now() - start
+                observe(name, service, response.status_code, peer(service, info), elapsed)
+                finished(name, service, elapsed)
                 conn.busy = False
                 release(gen)
                 return response
-            return await finish(gen, response, service, start)
-        except BaseException:
+            return await finish(gen, response, service, start, info)
+        except BaseException as exc:
+            if isinstance(exc, RequestRejected):  # the engine answers it (413, 408, 400)
+                telemetry.local_error(name, service, REJECTED.get(exc.status, "bad_request"))
             if conn.done is None:
                 conn.busy = False
                 release(gen)

@@ -3,7 +3,8 @@
 Names follow Linkerd's proxy metrics (`request_total`, `response_total`,
 `response_latency_ms`, `identity_cert_expiration_timestamp_seconds`) and Envoy's cluster
 stats (retries, ejections, breaker state), prefixed `meshcore_` and in base units (seconds)
-as Prometheus recommends. docs/sidecar.md lists every metric.
+as Prometheus recommends. docs/metrics.md lists every metric, its labels, which latency each
+histogram measures, and how label values are kept bounded.
 
 Breaker and ejection changes and discovery errors arrive through the mesh's event hooks
 (`meshcore_state_changed`, `meshcore_discovery_error`), implemented by `Telemetry`, which the
@@ -28,9 +29,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .._plugins import hookimpl
+import anyio
 
-__all__ = ["Telemetry", "render"]
+from .._errors import IdentityRejected
+from .._plugins import hookimpl
+from ._answers import CODES
+from ._proxy import peer_identity
+
+__all__ = ["NO_PEER", "REJECTED", "UNKNOWN", "Telemetry", "render"]
 
 # Latency buckets in seconds: Linkerd's response_latency_ms buckets (1, 2, 3, 4, 5, 10, 20, 30,
 # 40, 50, 100, ... 50000 ms), thinned to the boundaries that separate proxy overhead
@@ -55,19 +61,61 @@ class Histogram:
         self.count += 1
 
 
+# The label value for everything that is not a configured service (an unknown `Host`), so a
+# client sending random host names adds no series (Istio writes "unknown" the same way).
+UNKNOWN = "unknown"
+# Series bounds: distinct peer identities per (direction, service), and endpoints per service
+# in `meshcore_response_total`; past them the label reads "overflow".
+MAX_PEERS = 100
+MAX_ENDPOINTS = 500
+OVERFLOW = "overflow"
+# An endpoint that left the discovery snapshot keeps its series this long (seconds) so the
+# last increase is scraped and rate() windows (5 min is usual) see it end, then they go.
+ENDPOINT_TTL = 900.0
+# The sidecar's own answers that the engine makes (a request that broke a limit), by status:
+# reasons in the same `local_response_total` family as the `x-meshcore-error` codes.
+REJECTED = {
+    400: "bad_request",
+    408: "request_timeout",
+    413: "body_too_large",
+    414: "uri_too_long",
+    431: "headers_too_large",
+}
+NO_PEER = ("", "false")
+# reason -> status of the sidecar's own answers (handshake_failed answers nothing: "")
+_STATUS_OF = {**CODES, **{reason: status for status, reason in REJECTED.items()}}
+
+
 class Telemetry:
     """Everything the sidecar counts. One instance lives as long as the process, across
-    reloads, so counters never go backwards."""
+    reloads, so counters never go backwards.
+
+    Latency is measured with `time.perf_counter` rather than the event loop's clock: it is a
+    measurement, not a timing decision (those use anyio's clock, virtual in tests), and uvloop's
+    `loop.time()` moves in 1 ms steps, too coarse for sub-millisecond buckets.
+    """
 
     def __init__(self) -> None:
-        # (direction, service, status class) -> count of client requests the sidecar answered
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
+        # (direction, service, status code, peer identity, tls) -> requests answered
+        self.requests: dict[tuple[str, str, int, str, str], int] = {}
+        self._peers: dict[tuple[str, str], set[str]] = defaultdict(set)
+        # to the response head handed to the client (Linkerd's response_latency_ms)
         self.latency: dict[tuple[str, str], Histogram] = {}
+        # to the last byte of the response body (Envoy's upstream_rq_time)
+        self.duration: dict[tuple[str, str], Histogram] = {}
         # (service, endpoint id, status class) -> attempts that ended that way
         self.responses: dict[tuple[str, str, str], int] = defaultdict(int)
+        self._endpoints: dict[str, set[str]] = defaultdict(set)
+        self._endpoint_seen: dict[tuple[str, str], float] = {}
+        # attempts of endpoints whose series were dropped: keeps retries_total monotonic
+        self._pruned_attempts: dict[str, int] = defaultdict(int)
         self.pipeline_requests: dict[str, int] = defaultdict(int)
         # (direction, service, reason) -> requests the sidecar answered itself
         self.local_errors: dict[tuple[str, str, str], int] = defaultdict(int)
+        # (service) -> outbound TLS handshakes whose server identity a plugin refused
+        self.identity_rejections: dict[str, int] = defaultdict(int)
+        # service -> (server identity, tls) of the last outbound handshake checked
+        self.server_peers: dict[str, tuple[str, str]] = {}
         self.state_changes: dict[tuple[str, str, str], int] = defaultdict(int)
         # (service, component, subject) -> current state as the last event told it
         self.states: dict[tuple[str, str, str], str] = {}
@@ -82,14 +130,43 @@ class Telemetry:
 
     @hookimpl
     def meshcore_mesh_started(self, mesh: Any) -> None:
-        for upstream in mesh.upstreams.values():
+        for name, upstream in mesh.upstreams.items():
             upstream.add_observer(self.attempt_finished)
+            connector = upstream.connector
+            if getattr(connector, "ssl_context", None) is not None:
+                self.server_peers.setdefault(name, ("", "true"))
+            else:
+                self.server_peers.pop(name, None)
+
+    @hookimpl(wrapper=True)
+    def meshcore_check_peer(self, service: str, endpoint: Any, peer: Any, mesh: Any) -> Any:
+        """Around the security plugins' check of an outbound server: its identity for the
+        `peer_identity` label when accepted, a count when refused."""
+        try:
+            result = yield
+        except IdentityRejected:
+            self.identity_rejections[service] += 1
+            raise
+        identity = peer_identity(peer)
+        self.server_peers[service] = (identity.decode("ascii", "replace") if identity else "", "true")
+        return result
 
     def attempt_finished(self, outcome: Any) -> None:
         """One attempt to one endpoint ended (an upstream observer: every request, inline)."""
         status = outcome.status_code
         cls = "error" if status is None else _CLASSES.get(status // 100, "other")
-        self.responses[(outcome.service, outcome.endpoint.id, cls)] += 1
+        key = (outcome.service, outcome.endpoint.id, cls)
+        responses = self.responses
+        if key in responses:
+            responses[key] += 1
+            return
+        known = self._endpoints[key[0]]
+        if key[1] not in known:
+            if len(known) >= MAX_ENDPOINTS:
+                key = (key[0], OVERFLOW, cls)
+            else:
+                known.add(key[1])
+        responses[key] += 1
 
     @hookimpl
     def meshcore_state_changed(
@@ -104,16 +181,60 @@ class Telemetry:
 
     # -- the request path ---------------------------------------------------------------------
 
-    def observe(self, direction: str, service: str, status: int, elapsed: float) -> None:
-        self.requests[(direction, service, _CLASSES.get(status // 100, "other"))] += 1
-        key = (direction, service)
-        hist = self.latency.get(key)
+    def observe(
+        self, direction: str, service: str, status: int, peer: tuple[str, str], elapsed: float
+    ) -> None:
+        """A response head was handed to the client `elapsed` s after its request head came."""
+        key = (direction, service, status, *peer)
+        requests = self.requests
+        n = requests.get(key)
+        if n is None:
+            seen = self._peers[(direction, service)]
+            if peer[0] not in seen:
+                if len(seen) >= MAX_PEERS:
+                    key = (direction, service, status, OVERFLOW, peer[1])
+                else:
+                    seen.add(peer[0])
+            n = requests.get(key, 0)
+        requests[key] = n + 1
+        hist = self.latency.get((direction, service))
         if hist is None:
-            hist = self.latency[key] = Histogram()
+            hist = self.latency[(direction, service)] = Histogram()
+        hist.observe(elapsed)
+
+    def finished(self, direction: str, service: str, elapsed: float) -> None:
+        """The last byte of a response went to the client `elapsed` s after its request head."""
+        hist = self.duration.get((direction, service))
+        if hist is None:
+            hist = self.duration[(direction, service)] = Histogram()
         hist.observe(elapsed)
 
     def local_error(self, direction: str, service: str, reason: str) -> None:
         self.local_errors[(direction, service, reason)] += 1
+
+    def prune(self, services: dict[str, Any], now: float) -> None:
+        """Drop the series of endpoints out of the snapshot for longer than ENDPOINT_TTL."""
+        current = {(svc, ep["id"]) for svc, s in services.items() for ep in s.get("endpoints", ())}
+        seen = self._endpoint_seen
+        gone: set[tuple[str, str]] = set()
+        for svc, ep, _cls in self.responses:
+            if (svc, ep) in current or ep == OVERFLOW:
+                seen[(svc, ep)] = now
+            elif now - seen.setdefault((svc, ep), now) > ENDPOINT_TTL:
+                gone.add((svc, ep))
+        # Ejection states are kept per endpoint: those of endpoints long gone go too.
+        for svc, component, subject in list(self.states):
+            if component == "ejection" and (svc, subject) not in current:
+                if now - seen.setdefault((svc, subject), now) > ENDPOINT_TTL:
+                    gone.add((svc, subject))
+                    del self.states[(svc, component, subject)]
+        if not gone:
+            return
+        for key in [k for k in self.responses if (k[0], k[1]) in gone]:
+            self._pruned_attempts[key[0]] += self.responses.pop(key)
+        for svc, ep in gone:
+            self._endpoints[svc].discard(ep)
+            seen.pop((svc, ep), None)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -136,7 +257,7 @@ class Telemetry:
     def attempts(self) -> dict[str, int]:
         """Attempts per service (every endpoint, every outcome), summed from `responses` when
         read rather than counted a second time per request."""
-        out: dict[str, int] = defaultdict(int)
+        out: dict[str, int] = defaultdict(int, self._pruned_attempts)
         for (service, _, _), n in self.responses.items():
             out[service] += n
         return dict(out)
@@ -232,26 +353,39 @@ def _plugin_numbers(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str
         yield ".".join(path), float(tree)
 
 
+def _histograms(w: _Writer, name: str, hists: dict[tuple[str, str], Histogram], help: str) -> None:
+    w.family(name, "histogram", help)
+    for (direction, svc), hist in sorted(hists.items()):
+        cumulative = 0
+        for bound, count in zip((*BUCKETS, math.inf), hist.counts):
+            cumulative += count
+            w.sample(f"{name}_bucket", cumulative, ("direction", "service", "le"), (direction, svc, _num(bound)))
+        w.sample(f"{name}_sum", hist.sum, ("direction", "service"), (direction, svc))
+        w.sample(f"{name}_count", hist.count, ("direction", "service"), (direction, svc))
+
+
 def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any]) -> str:
     """The whole /metrics page from the counters, `mesh.state()` and sidecar stats."""
     w = _Writer()
     t = telemetry
 
-    w.family("meshcore_request_total", "counter",
-             "Requests the sidecar answered, by direction, service and status class.")
-    for (direction, svc, cls), n in sorted(t.requests.items()):
-        w.sample("meshcore_request_total", n, ("direction", "service", "status_class"), (direction, svc, cls))
+    # Expiry is a timing decision: anyio's clock (virtual under trio's MockClock in tests).
+    t.prune(state.get("services", {}), anyio.current_time())
 
-    w.family("meshcore_response_latency_seconds", "histogram",
-             "Time from request head received to response head sent, by direction and service.")
-    for (direction, svc), hist in sorted(t.latency.items()):
-        cumulative = 0
-        for bound, count in zip((*BUCKETS, math.inf), hist.counts):
-            cumulative += count
-            w.sample("meshcore_response_latency_seconds_bucket", cumulative,
-                     ("direction", "service", "le"), (direction, svc, _num(bound)))
-        w.sample("meshcore_response_latency_seconds_sum", hist.sum, ("direction", "service"), (direction, svc))
-        w.sample("meshcore_response_latency_seconds_count", hist.count, ("direction", "service"), (direction, svc))
+    w.family("meshcore_request_total", "counter",
+             "Requests the sidecar answered, by direction, service, status code and class, the "
+             "peer's identity (caller inbound, server outbound) and whether the hop was mTLS.")
+    for (direction, svc, code, peer, tls), n in sorted(t.requests.items()):
+        w.sample("meshcore_request_total", n,
+                 ("direction", "service", "status_code", "status_class", "peer_identity", "tls"),
+                 (direction, svc, code, _CLASSES.get(code // 100, "other"), peer, tls))
+
+    _histograms(w, "meshcore_response_latency_seconds", t.latency,
+                "Seconds from the request head received to the response head handed to the "
+                "client (time to first byte, Linkerd's response_latency_ms).")
+    _histograms(w, "meshcore_response_duration_seconds", t.duration,
+                "Seconds from the request head received to the last byte of the response body "
+                "written to the client (Envoy's upstream_rq_time).")
 
     w.family("meshcore_response_total", "counter",
              "Attempts sent to endpoints, by service, endpoint and status class (error = no response).")
@@ -264,9 +398,17 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
         w.sample("meshcore_retries_total", n, ("service",), (svc,))
 
     w.family("meshcore_local_response_total", "counter",
-             "Requests the sidecar answered itself (no route, no endpoints, breaker open, ...).")
+             "Requests the sidecar answered itself (no route, no endpoints, breaker open, a "
+             "request over a limit, ...), by reason (the x-meshcore-error code) and status code.")
     for (direction, svc, reason), n in sorted(t.local_errors.items()):
-        w.sample("meshcore_local_response_total", n, ("direction", "service", "reason"), (direction, svc, reason))
+        w.sample("meshcore_local_response_total", n, ("direction", "service", "reason", "status_code"),
+                 (direction, svc, reason, _STATUS_OF.get(reason, "")))
+
+    w.family("meshcore_identity_rejections_total", "counter",
+             "Outbound TLS connections refused because the server's identity was not the one "
+             "expected for the service.")
+    for svc, n in sorted(t.identity_rejections.items()):
+        w.sample("meshcore_identity_rejections_total", n, ("service",), (svc,))
 
     w.family("meshcore_inbound_denied_total", "counter",
              "Inbound requests refused by authorization (403).")

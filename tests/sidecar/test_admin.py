@@ -95,12 +95,12 @@ async def test_metrics_count_requests_attempts_states_and_plugin_state(upstream)
             r = await client.get(url(sidecar, "admin", "/metrics"))
         assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
         m = _samples(r.text)
-    assert m['meshcore_request_total{direction="outbound",service="orders",status_class="2xx"}'] == 3
-    assert m['meshcore_request_total{direction="outbound",service="flaky",status_class="5xx"}'] == 1
-    assert m['meshcore_request_total{direction="outbound",service="elsewhere",status_class="4xx"}'] == 1
-    assert m['meshcore_request_total{direction="inbound",service="me",status_class="5xx"}'] == 1
-    assert m['meshcore_local_response_total{direction="inbound",service="me",reason="app_unreachable"}'] == 1
-    assert m['meshcore_local_response_total{direction="outbound",service="elsewhere",reason="no_route"}'] == 1
+    assert m['meshcore_request_total{direction="outbound",service="orders",status_code="200",status_class="2xx",peer_identity="",tls="false"}'] == 3
+    assert m['meshcore_request_total{direction="outbound",service="flaky",status_code="503",status_class="5xx",peer_identity="",tls="false"}'] == 1
+    assert m['meshcore_request_total{direction="outbound",service="unknown",status_code="404",status_class="4xx",peer_identity="",tls="false"}'] == 1
+    assert m['meshcore_request_total{direction="inbound",service="me",status_code="503",status_class="5xx",peer_identity="",tls="false"}'] == 1
+    assert m['meshcore_local_response_total{direction="inbound",service="me",reason="app_unreachable",status_code="503"}'] == 1
+    assert m['meshcore_local_response_total{direction="outbound",service="unknown",reason="no_route",status_code="404"}'] == 1
     assert m[f'meshcore_response_total{{service="orders",endpoint="{ok.address}",status_class="2xx"}}'] == 3
     assert m[f'meshcore_response_total{{service="flaky",endpoint="{failing.address}",status_class="5xx"}}'] == 1
     assert m['meshcore_response_latency_seconds_count{direction="outbound",service="orders"}'] == 3

@@ -80,7 +80,7 @@ def sidecar_a_config(registry: Registry, ca_dir: Path) -> dict[str, Any]:
 def inbound_requests(sidecar: Sidecar) -> int:
     """Requests sidecar B answered on its inbound side, whatever the status."""
     return sum(
-        n for (direction, _, _), n in sidecar.telemetry.requests.items() if direction == "inbound"
+        n for (direction, *_), n in sidecar.telemetry.requests.items() if direction == "inbound"
     )
 
 
@@ -221,6 +221,21 @@ async def test_app_to_app_through_two_sidecars_survives_an_instance_kill(upstrea
         )
         assert metrics['meshcore_plugin_state{service="",plugin="tls",key="denied"}'] == 0
         assert not [k for k in metrics if 'plugin="tls"' in k and 'service=""' not in k]
+        # The golden metrics name the peer over mTLS: B counts A's calls by A's identity, A
+        # counts its calls to B by B's identity (what the tls plugin verified).
+        inbound_ok = (
+            'meshcore_request_total{direction="inbound",service="app-b",status_code="200",'
+            f'status_class="2xx",peer_identity="{APP_A}",tls="true"}}'
+        )
+        assert metrics[inbound_ok] >= 1
+        async with httpx.AsyncClient() as admin:
+            a_metrics = samples((await admin.get(url(sidecar_a, "admin", "/metrics"))).text)
+        outbound_ok = (
+            'meshcore_request_total{direction="outbound",service="app-b",status_code="200",'
+            f'status_class="2xx",peer_identity="{APP_B}",tls="true"}}'
+        )
+        assert a_metrics[outbound_ok] >= 1
+        assert not [k for k in a_metrics if k.startswith("meshcore_request_total") and 'tls="false"' in k]
 
         # mTLS all the way: app B saw A's verified identity, sidecar B allowed only that.
         for app in apps:
