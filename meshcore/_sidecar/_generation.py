@@ -72,6 +72,7 @@ class Generation:
         self.send_to_app = functools.partial(self.app_connector.send, self.app)
         self.authorize = mesh.plugins.implements("meshcore_authorize")
         self.service = s.service or "local"
+        self.warnings: list[str] = []  # shown in /state (Sidecar._check_plaintext)
         self.retired = anyio.Event()
         self.stopped = anyio.Event()
 

@@ -132,6 +132,19 @@ class Sidecar:
                 path="sidecar.admin",
             )
 
+    def _check_plaintext(self, gen: Generation) -> None:
+        """Warn (log and /state `warnings`) when the inbound listener takes plain HTTP from
+        beyond this host: anyone who reaches the address reaches the app, unauthenticated."""
+        inbound = self.addresses.get("inbound", gen.settings.inbound)
+        gen.warnings = []
+        if not inbound.loopback and gen.mesh.plugins.server_tls(gen.mesh) is None:
+            text = (
+                f"inbound listener on {inbound} (not loopback) without TLS: anyone who reaches "
+                "it reaches the app unauthenticated; enable the tls plugin or bind to loopback"
+            )
+            gen.warnings.append(text)
+            log.warning("%s", text)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Sidecar:
@@ -147,6 +160,7 @@ class Sidecar:
             await self.listeners.bind(self.settings, mesh.config.source)
             self.generation = self._generation(mesh)
             await self._tg.start(self.generation.run, name="generation:1")
+            self._check_plaintext(self.generation)
             stack.push_async_callback(self._stop_generation)
             self.listeners.start(self._tg, self._serve, self.settings.max_connections)
         except BaseException:
@@ -270,6 +284,7 @@ class Sidecar:
             gen = self._generation(mesh)
             assert self._tg is not None
             await self._tg.start(gen.run, name=f"generation:{gen.number}")
+            self._check_plaintext(gen)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old config
             self.telemetry.reloads["refused"] += 1
             log.error("reload refused, keeping config generation %s: %s",
@@ -306,6 +321,7 @@ class Sidecar:
             "registration": self.registration,
             "listeners": {name: str(a) for name, a in self.addresses.items()},
             "connections_open": {name: len(c) for name, c in self.connections.items()},
+            "warnings": list(gen.warnings) if gen else [],
         }
 
     def state(self) -> dict[str, Any]:

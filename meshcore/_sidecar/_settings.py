@@ -12,6 +12,12 @@ Default numbers and where they come from:
 - retry_buffer 64 KiB: Linkerd never retries requests whose body is larger than 64 KiB, so the
   sidecar holds a body in memory (making it replayable) only up to that size and streams larger
   ones.
+- path_normalization BASE, path_with_escaped_slashes_action REJECT_REQUEST: Istio's secure
+  defaults after CVE-2021-31920 / CVE-2021-39156 (see meshcore/_paths.py, docs/sidecar.md).
+- headers_with_underscores_action DROP_HEADER: nginx's default (`underscores_in_headers off`
+  ignores such fields), so a client cannot spell a sidecar-set header `X_Forwarded_Client_Cert`
+  and have a WSGI/CGI app read it as the sidecar's; a request is still answered, unlike Envoy's
+  REJECT_REQUEST, since legitimate clients that send such names lose only those fields.
 - drain 20 s: below Kubernetes' default 30 s termination grace period, so a drain that uses its
   whole deadline still ends with exit 0 rather than a SIGKILL (Istio's own
   `terminationDrainDuration` is 5 s; ours waits for in-flight requests, not a fixed time).
@@ -22,12 +28,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._paths import ESCAPED_SLASH_ACTIONS, PATH_NORMALIZATIONS
 from .._settings import Setting
 
 if TYPE_CHECKING:
     from .._http import ServerLimits
 
-__all__ = ["SETTINGS", "Address", "parse_address", "server_limits"]
+UNDERSCORE_ACTIONS = ("DROP_HEADER", "REJECT_REQUEST", "ALLOW")
+
+__all__ = ["SETTINGS", "UNDERSCORE_ACTIONS", "Address", "parse_address", "server_limits"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,22 @@ SETTINGS: dict[str, Setting] = {
         convert=_optional_address,
     ),
     "admin": _address("127.0.0.1:15000", "health, metrics and state listener"),
+    "admin_hosts": Setting(
+        "list[str]", [], "Host names the admin listener answers besides localhost and IP "
+        "literals (any other Host is refused: DNS rebinding)"
+    ),
+    "path_normalization": Setting(
+        "str", "BASE", "inbound path normalization before authorization and forwarding "
+        "(Istio's meshConfig.pathNormalization)", choices=PATH_NORMALIZATIONS
+    ),
+    "path_with_escaped_slashes_action": Setting(
+        "str", "REJECT_REQUEST", "inbound paths with %2F or %5C (Envoy's "
+        "path_with_escaped_slashes_action)", choices=ESCAPED_SLASH_ACTIONS
+    ),
+    "headers_with_underscores_action": Setting(
+        "str", "DROP_HEADER", "inbound header names with '_' (Envoy's "
+        "headers_with_underscores_action)", choices=UNDERSCORE_ACTIONS
+    ),
     "admin_bind_any": Setting(
         "bool", False, "allow the admin listener on a non-loopback address (it is unauthenticated)"
     ),
