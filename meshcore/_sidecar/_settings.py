@@ -36,28 +36,41 @@ if TYPE_CHECKING:
 
 UNDERSCORE_ACTIONS = ("DROP_HEADER", "REJECT_REQUEST", "ALLOW")
 
-__all__ = ["SETTINGS", "UNDERSCORE_ACTIONS", "Address", "parse_address", "server_limits"]
+__all__ = [
+    "SETTINGS",
+    "UNDERSCORE_ACTIONS",
+    "Address",
+    "parse_address",
+    "parse_listen_address",
+    "server_limits",
+]
 
 
 @dataclass(frozen=True)
 class Address:
-    """A listener or app address: host and port (port 0 = any free port, for tests)."""
+    """A listener or app address: host and port (port 0 = any free port, for tests), or the
+    `path` of a UNIX socket (`"unix:/run/mesh/outbound.sock"`, outbound only)."""
 
     host: str
     port: int
+    path: str = ""
 
     def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
     def loopback(self) -> bool:
-        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+        return bool(self.path) or self.host in ("localhost", "::1") or self.host.startswith("127.")
 
 
 def parse_address(text: Any) -> Address:
     """`"host:port"`, `"[v6]:port"` or `":port"` (all interfaces) to an Address."""
     if not isinstance(text, str):
         raise ValueError(f'expected "host:port", got {text!r}')
+    if text.startswith("unix:"):
+        raise ValueError(f'expected "host:port" (a UNIX socket only for outbound), got {text!r}')
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -67,6 +80,16 @@ def parse_address(text: Any) -> Address:
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ValueError(f'expected "host:port" (port 0-65535), got {text!r}')
     return Address(host, int(port_text))
+
+
+def parse_listen_address(text: Any) -> Address:
+    """What `parse_address` takes, or `"unix:/absolute/path"` for a UNIX socket."""
+    if isinstance(text, str) and text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError(f'expected "unix:/absolute/path", got {text!r}')
+        return Address("", 0, path)
+    return parse_address(text)
 
 
 def _optional_address(text: Any) -> Address | None:
@@ -82,7 +105,18 @@ SETTINGS: dict[str, Setting] = {
         "str", "", "name of the local service: registered with discovery, used in metrics"
     ),
     "app": _address("127.0.0.1:8080", "the local application the inbound listener forwards to"),
-    "outbound": _address("127.0.0.1:15001", "listener the local app sends mesh requests to"),
+    "outbound": Setting(
+        "str", parse_address("127.0.0.1:15001"), 'listener the local app sends mesh requests to '
+        '("host:port", or "unix:/path" for a UNIX socket)', convert=parse_listen_address,
+    ),
+    "outbound_mode": Setting(
+        "int", 0o660, "file mode of a UNIX-socket outbound listener (who may send as this "
+        "workload)", min=0, max=0o777
+    ),
+    "outbound_uids": Setting(
+        "list[int]", [], "UNIX-socket outbound only: user ids allowed to connect, checked with "
+        "SO_PEERCRED (empty = whoever the file mode lets in)"
+    ),
     "inbound": _address("0.0.0.0:15006", "listener other sidecars reach this service on"),
     "advertise": Setting(
         "str",
