@@ -148,7 +148,7 @@ def normalize_path(
         return path
     if normalization != "BASE":
         path = _merge_slashes(path)
-    if "." in path:
+    if "/." in path:  # a dot segment always follows a `/` (the path starts with one)
         path = _remove_dot_segments(path)
     return path
 
