@@ -238,7 +238,8 @@ class NginxApp:
             wait_listening(port)
         except RuntimeError:
             self.proc.kill()
-            raise RuntimeError(f"nginx did not start: {self.proc.stderr.read().decode()}") from None  # type: ignore[union-attr]
+            stderr = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            raise RuntimeError(f"nginx did not start: {stderr}") from None
 
 
 @pytest.fixture(scope="module")
