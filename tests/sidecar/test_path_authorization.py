@@ -362,6 +362,21 @@ async def test_no_spelling_reaches_a_denied_wsgi_handler(anyio_backend, mesh_ca,
     assert results["/admin/../public"][2] == "public /public\n"
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_without_normalization_the_policy_refuses_dot_segments(anyio_backend, mesh_ca, wsgi_app):
+    """`path_normalization = "NONE"` forwards the target as sent, so the policy (which then
+    sees the raw path) denies what a router could resolve elsewhere."""
+    ca_dir, ctx = mesh_ca
+    before = len(wsgi_app.served)
+    async with mtls_sidecar(ca_dir, wsgi_app.address, path_normalization="NONE") as sidecar:
+        results = await run_corpus(sidecar, ctx)
+    assert reached_admin(results) == []
+    assert [s for s in wsgi_app.served[before:] if s[0] == "admin"] == []
+    assert results["/admin/../public"][1]["x-meshcore-error"] == "denied"
+    assert "dot segments" in results["/admin/../public"][2]
+    assert results["/public/%61"][2] == "public /public/a\n"  # forwarded raw, decoded by wsgiref
+
+
 @pytest.mark.parametrize("anyio_backend", BACKENDS)
 async def test_no_spelling_reaches_a_denied_starlette_route(anyio_backend, mesh_ca, starlette_app):
     ca_dir, ctx = mesh_ca
@@ -382,6 +397,7 @@ async def test_no_spelling_reaches_a_denied_starlette_route(anyio_backend, mesh_
         {"path_with_escaped_slashes_action": "KEEP_UNCHANGED"},
         {"path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD"},
         {"path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT"},
+        {"path_normalization": "NONE"},  # forwarded as sent: the policy refuses what is unsafe
     ],
     ids=lambda s: "-".join(s.values()) or "defaults",
 )

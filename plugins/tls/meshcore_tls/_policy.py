@@ -16,8 +16,10 @@ decoded): the sidecar forwards exactly that normalized path (docs/sidecar.md, "P
 normalization"), so `/orders/../admin` is judged as `/admin` and the app receives `/admin`. A
 path holding `%2F` or `%5C` (only possible when the sidecar keeps them,
 `path_with_escaped_slashes_action = "KEEP_UNCHANGED"`) is allowed only when both spellings are:
-the escapes kept and decoded to `/` (CVE-2021-31920). A path that cannot be judged (`#`, a raw
-backslash, a bad escape) is denied.
+the escapes kept and decoded to `/` (CVE-2021-31920); one holding `//` only when its
+slash-merged spelling is allowed too. A path that cannot be judged (`#`, a raw backslash, a bad
+escape, or dot segments, which only reach the policy under `path_normalization = "NONE"`) is
+denied.
 
 Everything is precomputed at load: exact identities go into a set, so a check is a few set
 and prefix tests per rule.
@@ -43,6 +45,14 @@ _EXAMPLE = '{ identities = ["spiffe://example.org/ns/shop/sa/web"], methods = ["
 def normalize_path(path: str) -> str:
     """The path as judged (see the module docstring); raises meshcore.PathRejected."""
     return meshcore.normalize_path(path, "BASE", "KEEP_UNCHANGED")
+
+
+def _has_dot_segment(path: str) -> bool:
+    """Whether a `.` or `..` segment (also spelled `%2e`) is in `path`."""
+    for segment in path.split("?")[0].split("/"):
+        if segment and segment.lower().replace("%2e", ".") in (".", ".."):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,17 @@ class Policy:
         if not self.rules:
             return None
         try:
+            if ("/." in path or "%2" in path) and _has_dot_segment(path):
+                raise meshcore.PathRejected(
+                    "dot segments (the app may resolve them differently; the sidecar "
+                    "removes them unless path_normalization = NONE)"
+                )
             normal = normalize_path(path)
             spellings = [normal]
             if meshcore.has_escaped_slash(normal):
                 spellings.append(meshcore.normalize_path(path, "BASE", "UNESCAPE_AND_FORWARD"))
+            if "//" in normal:  # nginx and others merge slashes
+                spellings.append(meshcore.normalize_path(normal, "MERGE_SLASHES", "KEEP_UNCHANGED"))
         except meshcore.PathRejected as exc:
             return f"the path cannot be judged: {exc}"
         for rule in self.rules:
