@@ -33,6 +33,7 @@ from ._extensions import ATTEMPTS, DEADLINE, ENDPOINT, EXCLUDE
 from ._instance import Instance
 from ._mesh import Mesh
 from ._models import URL, Headers, Request, Response
+from ._paths import PathRejected, has_escaped_slash, normalize_path, normalize_target
 from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
 from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compose
 from ._settings import Setting, Settings, parse_duration
@@ -76,6 +77,7 @@ __all__ = [
     "MeshTransport",
     "NoEndpoints",
     "Outcome",
+    "PathRejected",
     "PluginError",
     "PluginInfo",
     "Plugins",
@@ -91,8 +93,11 @@ __all__ = [
     "UnknownService",
     "Upstream",
     "compose",
+    "has_escaped_slash",
     "hookimpl",
     "installed_plugins",
+    "normalize_path",
+    "normalize_target",
     "parse_duration",
 ]
 

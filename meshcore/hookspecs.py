@@ -186,6 +186,8 @@ def meshcore_authorize(request: Request, peer: ssl.SSLObject | None, mesh: Mesh)
     Called per inbound request of ``mesh``'s sidecar, *firstresult*. ``peer`` is the client's
     ``ssl.SSLObject`` (None for plain connections). Return None to allow or a short reason
     string to deny (answered with 403). Must be fast: precompute policies at start.
+    ``request.url.target`` is already normalized (``meshcore.normalize_target``, the sidecar's
+    path settings) and is exactly the target the app receives: judge it as it is.
     """
 
 

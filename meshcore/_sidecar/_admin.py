@@ -3,11 +3,19 @@
 Envoy's admin interface is the model (`/ready`, `/stats/prometheus`, `/clusters`,
 `/config_dump`); like Envoy's it is unauthenticated, so it binds to loopback unless the config
 says `admin_bind_any = true`. Only GET and HEAD are answered.
+
+Binding to loopback does not stop a web page: DNS rebinding points the page's own host name at
+127.0.0.1, and the browser then lets it read `/state`. The page's request still carries its
+host name in `Host`, so only `localhost`, IP literals and the names in `admin_hosts` are
+answered; any other `Host` gets 403 (the defence Kubernetes' and Consul's local APIs use, and
+what the Chromium/Jupyter advisories on DNS rebinding recommend).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._models import Request, Response
@@ -29,8 +37,28 @@ def _text(status: int, body: str | bytes, content_type: str = "text/plain; chars
     )
 
 
+def host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    """Whether the admin listener answers a request for `host` (already without port and
+    brackets): localhost, an IP literal, or a configured admin host."""
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost") or host in allowed:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def admin_handler(sidecar: Sidecar) -> Any:
     async def handle(request: Request, info: Any) -> Response:
+        allowed = sidecar.settings.admin_hosts
+        if not host_allowed(request.url.host, allowed):
+            return _text(
+                403,
+                f"forbidden: Host {request.url.host[:64]!r} is not localhost, an IP literal or "
+                "one of [sidecar] admin_hosts (DNS rebinding guard)\n",
+            )
         if request.method not in ("GET", "HEAD"):
             response = _text(405, "method not allowed\n")
             response.headers.append((b"allow", b"GET, HEAD"))

@@ -33,6 +33,9 @@ __all__ = ["CODES", "Refused", "Tracked", "classify", "first_line", "local_respo
 
 # code -> status
 CODES: dict[str, int] = {
+    "bad_path": 400,
+    "bad_header": 400,
+    "path_redirect": 307,
     "no_route": 404,
     "denied": 403,
     "no_endpoints": 503,
@@ -52,10 +55,13 @@ CODES: dict[str, int] = {
 class Refused(Exception):
     """A request the sidecar answers itself before sending it anywhere (no route, denied)."""
 
-    def __init__(self, code: str, message: str, service: str) -> None:
+    def __init__(
+        self, code: str, message: str, service: str, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.service = service
+        self.extra = extra
 
 
 def _retry_after(seconds: float) -> tuple[tuple[bytes, bytes], ...]:

@@ -23,7 +23,9 @@ from ._registration import registered
 __all__ = ["Generation", "LISTENER_KEYS", "build_mesh", "sidecar_connector"]
 
 # Settings that need new sockets: a reload that changes them is refused.
-LISTENER_KEYS = ("outbound", "inbound", "admin", "admin_bind_any", "max_connections")
+LISTENER_KEYS = (
+    "outbound", "outbound_mode", "inbound", "admin", "admin_bind_any", "max_connections"
+)
 
 # Keep every pooled connection idle-able: with the engine's default of 20 idle per endpoint,
 # 32 concurrent clients on one endpoint closed and reopened 12 connections per round
@@ -72,6 +74,7 @@ class Generation:
         self.send_to_app = functools.partial(self.app_connector.send, self.app)
         self.authorize = mesh.plugins.implements("meshcore_authorize")
         self.service = s.service or "local"
+        self.warnings: list[str] = []  # shown in /state (Sidecar._check_plaintext)
         self.retired = anyio.Event()
         self.stopped = anyio.Event()
 

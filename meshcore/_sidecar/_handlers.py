@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._http import BufferedBody, ConnectionInfo
 from .._http._server import RequestRejected
-from .._models import Request, Response
+from .._models import Headers, Request, Response
+from .._paths import PathRejected, has_escaped_slash, normalize_target
 from ._answers import Refused, Tracked, classify, first_line, local_response
 from ._metrics import NO_PEER, REJECTED, UNKNOWN
-from ._proxy import peer_identity, request_headers, response_headers
+from ._proxy import SET_INBOUND, peer_identity, request_headers, response_headers
 
 if TYPE_CHECKING:
     from ._generation import Generation
@@ -37,6 +38,35 @@ Handler = Callable[[Request, ConnectionInfo], Awaitable[Response]]
 # Responses up to this size are read whole before being written (see `finish`); the same
 # threshold the engine's client uses to glue a request body to its head.
 _GLUE = 16384
+
+
+def underscored_headers(headers: Headers, action: str, service: str) -> Headers:
+    """Header fields whose names hold `_`, per `headers_with_underscores_action` (Envoy's).
+
+    CGI and WSGI servers map `X_Forwarded_Client_Cert` and `X-Forwarded-Client-Cert` onto the
+    same `HTTP_X_FORWARDED_CLIENT_CERT`, so such a field could pass for one the sidecar sets.
+    ALLOW still drops the spellings of the fields the sidecar sets itself.
+    """
+    if action == "REJECT_REQUEST":
+        for name, _ in headers:
+            if b"_" in name:
+                shown = name[:64].decode("latin-1")
+                raise Refused(
+                    "bad_header",
+                    f"header name with '_' refused: {shown!r} "
+                    "(headers_with_underscores_action = REJECT_REQUEST)",
+                    service,
+                )
+        return headers
+    out = Headers()
+    for pair in headers:
+        name = pair[0]
+        if b"_" in name and (
+            action == "DROP_HEADER" or name.lower().replace(b"_", b"-") in SET_INBOUND
+        ):
+            continue
+        out.append(pair)
+    return out
 
 
 class Direction(Protocol):
@@ -79,6 +109,29 @@ class Inbound:
         self.telemetry = sidecar.telemetry
 
     def route(self, gen: Generation, request: Request, info: ConnectionInfo, conn: Connection) -> tuple[str, Send]:
+        settings = gen.settings
+        url = request.url
+        target = url.target
+        try:
+            normal = normalize_target(
+                target, settings.path_normalization, settings.path_with_escaped_slashes_action
+            )
+        except PathRejected as exc:
+            raise Refused("bad_path", f"bad path: {exc}", gen.service) from None
+        if normal != target:
+            if settings.path_with_escaped_slashes_action == "UNESCAPE_AND_REDIRECT" and (
+                has_escaped_slash(target.partition("?")[0])
+            ):
+                raise Refused(
+                    "path_redirect", f"escaped slashes in the path: see {normal}", gen.service,
+                    ((b"location", normal.encode("latin-1")),),
+                )
+            url.target = normal  # the app receives exactly the path the policy judges
+        # one join and one search: measured at half the cost of a generator over the names
+        if b"_" in b" ".join([pair[0] for pair in request.headers]):
+            request.headers = underscored_headers(
+                request.headers, settings.headers_with_underscores_action, gen.service
+            )
         if gen.authorize:
             reason = gen.mesh.plugins.authorize(request, info.ssl_object, gen.mesh)
             if reason:
@@ -188,7 +241,9 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
             try:
                 service, send = route(gen, request, info, conn)
             except Refused as refused:
-                return answer(gen, refused.code, refused.service, str(refused), start, info)
+                return answer(
+                    gen, refused.code, refused.service, str(refused), start, info, refused.extra
+                )
             if pipeline:
                 if not isinstance(request.stream, bytes):
                     length = request.headers.get("content-length")

@@ -6,7 +6,11 @@ bad input leaves nothing behind, and so drain can close the idle ones and cancel
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +28,20 @@ log = logging.getLogger("meshcore.sidecar")
 
 NAMES = ("admin", "outbound", "inbound")  # in bind order
 PROXYING = ("outbound", "inbound")
+
+
+# struct ucred (Linux): pid, uid, gid
+_UCRED = struct.Struct("3i")
+
+
+class _Single:
+    """A UNIX-socket listener shaped like anyio's MultiListener (a `.listeners` list)."""
+
+    def __init__(self, listener: Any) -> None:
+        self.listeners = [listener]
+
+    async def aclose(self) -> None:
+        await self.listeners[0].aclose()
 
 
 class Connection:
@@ -49,12 +67,23 @@ class Listeners:
         self.connections: dict[str, set[Connection]] = {name: set() for name in PROXYING + ("admin",)}
         self._sockets: dict[str, Any] = {}
         self._accepting: dict[str, anyio.CancelScope] = {}
+        # `outbound_uids` of the current config (set by the sidecar at start and on reload).
+        self.peer_uids: frozenset[int] = frozenset()
 
     async def bind(self, settings: Any, source: str) -> None:
         """Bind all three (before the mesh starts anything, so a port in use fails first)."""
         for name in NAMES:
             address: Address = settings[name]
             try:
+                if address.path:
+                    # The mode is set before listen(), so no connection is accepted under the
+                    # umask's permissions (anyio: bind, chmod, then listen).
+                    unix = await anyio.create_unix_listener(
+                        address.path, mode=settings.outbound_mode, backlog=1024
+                    )
+                    self._sockets[name] = _Single(unix)
+                    self.addresses[name] = address
+                    continue
                 listener = await anyio.create_tcp_listener(
                     local_host=address.host, local_port=address.port, backlog=1024
                 )
@@ -107,12 +136,29 @@ class Listeners:
                     telemetry.connections_rejected[name] += 1
                     await anyio.aclose_forcefully(stream)
                     continue
+                if self.peer_uids and name == "outbound" and not self._peer_allowed(stream):
+                    telemetry.local_error(name, "unix", "peer_uid_refused")
+                    await anyio.aclose_forcefully(stream)
+                    continue
                 conn = Connection(name)
                 conns.add(conn)
                 telemetry.connections_total[name] += 1
                 tg.start_soon(self._run, conn, stream, serve)
         with anyio.CancelScope(shield=True):
             await listener.aclose()
+
+    def _peer_allowed(self, stream: Any) -> bool:
+        """Whether the process at the other end of a UNIX socket runs as an allowed user
+        (`outbound_uids`): the kernel's SO_PEERCRED, taken when the peer connected."""
+        raw = stream.extra(SocketAttribute.raw_socket, None)
+        if raw is None or raw.family != socket.AF_UNIX:
+            return False
+        creds = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        uid = _UCRED.unpack(creds)[1]
+        if uid in self.peer_uids:
+            return True
+        log.info("outbound: refused a connection from uid %d (outbound_uids)", uid)
+        return False
 
     async def _run(
         self, conn: Connection, stream: Any, serve: Callable[[Connection, Any], Awaitable[None]]
@@ -136,6 +182,10 @@ class Listeners:
         for listener in self._sockets.values():
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
+        for address in self.addresses.values():
+            if address.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(address.path)
 
     async def stop_accepting(self) -> None:
         """Stop the proxying listeners; their sockets close now (new connections are refused

@@ -21,7 +21,7 @@ from typing import Any
 
 from .._models import Headers
 
-__all__ = ["peer_identity", "request_headers", "response_headers"]
+__all__ = ["SET_INBOUND", "peer_identity", "request_headers", "response_headers"]
 
 _HOP_BY_HOP = frozenset(
     {
@@ -46,6 +46,9 @@ _RESPONSE_FIELDS[b"connection"] = _CONNECTION
 _RESPONSE_FIELDS[b"via"] = _VIA
 _REQUEST_FIELDS = {**_RESPONSE_FIELDS, b"x-forwarded-for": _XFF, b"x-request-id": _REQUEST_ID}
 _INBOUND_FIELDS = {**_REQUEST_FIELDS, b"x-forwarded-client-cert": _XFCC}
+# The fields the sidecar sets or appends to on inbound: their `_` spellings never reach the
+# app (see `underscored_headers` in _handlers.py).
+SET_INBOUND = frozenset({b"x-forwarded-client-cert", b"x-forwarded-for", b"x-request-id", b"via"})
 # Lengths of those names: most fields (Host, Date, Content-Length ...) are passed on after a
 # len() and a set lookup, without being lowercased.
 _REQUEST_LENGTHS = frozenset(map(len, _INBOUND_FIELDS))

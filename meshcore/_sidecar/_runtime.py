@@ -78,6 +78,7 @@ class Sidecar:
         self.settings = self._pending.config.section("sidecar")
         self.limits: ServerLimits = server_limits(self.settings)
         self._check_admin(self.settings, self._pending.config.source)
+        self._check_outbound(self.settings, self._pending.config.source)
         self.generation: Generation | None = None
         self.listeners = Listeners(self.telemetry)
         self.requests = InFlight()
@@ -132,6 +133,30 @@ class Sidecar:
                 path="sidecar.admin",
             )
 
+    @staticmethod
+    def _check_outbound(settings: Any, source: str) -> None:
+        if settings.outbound_uids and not settings.outbound.path:
+            raise ConfigError(
+                f"outbound_uids needs a UNIX-socket outbound listener (outbound = "
+                f'"unix:/path"), got {settings.outbound}: the peer user of a TCP connection '
+                "is not known to the kernel's SO_PEERCRED",
+                source=source,
+                path="sidecar.outbound_uids",
+            )
+
+    def _check_plaintext(self, gen: Generation) -> None:
+        """Warn (log and /state `warnings`) when the inbound listener takes plain HTTP from
+        beyond this host: anyone who reaches the address reaches the app, unauthenticated."""
+        inbound = self.addresses.get("inbound", gen.settings.inbound)
+        gen.warnings = []
+        if not inbound.loopback and gen.mesh.plugins.server_tls(gen.mesh) is None:
+            text = (
+                f"inbound listener on {inbound} (not loopback) without TLS: anyone who reaches "
+                "it reaches the app unauthenticated; enable the tls plugin or bind to loopback"
+            )
+            gen.warnings.append(text)
+            log.warning("%s", text)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Sidecar:
@@ -147,7 +172,9 @@ class Sidecar:
             await self.listeners.bind(self.settings, mesh.config.source)
             self.generation = self._generation(mesh)
             await self._tg.start(self.generation.run, name="generation:1")
+            self._check_plaintext(self.generation)
             stack.push_async_callback(self._stop_generation)
+            self.listeners.peer_uids = frozenset(self.settings.outbound_uids)
             self.listeners.start(self._tg, self._serve, self.settings.max_connections)
         except BaseException:
             await stack.aclose()
@@ -267,9 +294,11 @@ class Sidecar:
                         source=mesh.config.source,
                         path=f"sidecar.{key}",
                     )
+            self._check_outbound(settings, mesh.config.source)
             gen = self._generation(mesh)
             assert self._tg is not None
             await self._tg.start(gen.run, name=f"generation:{gen.number}")
+            self._check_plaintext(gen)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old config
             self.telemetry.reloads["refused"] += 1
             log.error("reload refused, keeping config generation %s: %s",
@@ -278,6 +307,7 @@ class Sidecar:
         old, self.generation = self.generation, gen
         self.settings = settings
         self.limits = server_limits(settings)
+        self.listeners.peer_uids = frozenset(settings.outbound_uids)
         self.telemetry.reloads["ok"] += 1
         log.info("reloaded: config generation %d, services: %s", gen.number,
                  ", ".join(gen.mesh.upstreams) or "none")
@@ -306,6 +336,7 @@ class Sidecar:
             "registration": self.registration,
             "listeners": {name: str(a) for name, a in self.addresses.items()},
             "connections_open": {name: len(c) for name, c in self.connections.items()},
+            "warnings": list(gen.warnings) if gen else [],
         }
 
     def state(self) -> dict[str, Any]:

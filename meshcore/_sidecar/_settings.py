@@ -12,6 +12,12 @@ Default numbers and where they come from:
 - retry_buffer 64 KiB: Linkerd never retries requests whose body is larger than 64 KiB, so the
   sidecar holds a body in memory (making it replayable) only up to that size and streams larger
   ones.
+- path_normalization BASE, path_with_escaped_slashes_action REJECT_REQUEST: Istio's secure
+  defaults after CVE-2021-31920 / CVE-2021-39156 (see meshcore/_paths.py, docs/sidecar.md).
+- headers_with_underscores_action DROP_HEADER: nginx's default (`underscores_in_headers off`
+  ignores such fields), so a client cannot spell a sidecar-set header `X_Forwarded_Client_Cert`
+  and have a WSGI/CGI app read it as the sidecar's; a request is still answered, unlike Envoy's
+  REJECT_REQUEST, since legitimate clients that send such names lose only those fields.
 - drain 20 s: below Kubernetes' default 30 s termination grace period, so a drain that uses its
   whole deadline still ends with exit 0 rather than a SIGKILL (Istio's own
   `terminationDrainDuration` is 5 s; ours waits for in-flight requests, not a fixed time).
@@ -22,33 +28,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._paths import ESCAPED_SLASH_ACTIONS, PATH_NORMALIZATIONS
 from .._settings import Setting
 
 if TYPE_CHECKING:
     from .._http import ServerLimits
 
-__all__ = ["SETTINGS", "Address", "parse_address", "server_limits"]
+UNDERSCORE_ACTIONS = ("DROP_HEADER", "REJECT_REQUEST", "ALLOW")
+
+__all__ = [
+    "SETTINGS",
+    "UNDERSCORE_ACTIONS",
+    "Address",
+    "parse_address",
+    "parse_listen_address",
+    "server_limits",
+]
 
 
 @dataclass(frozen=True)
 class Address:
-    """A listener or app address: host and port (port 0 = any free port, for tests)."""
+    """A listener or app address: host and port (port 0 = any free port, for tests), or the
+    `path` of a UNIX socket (`"unix:/run/mesh/outbound.sock"`, outbound only)."""
 
     host: str
     port: int
+    path: str = ""
 
     def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
     def loopback(self) -> bool:
-        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+        return bool(self.path) or self.host in ("localhost", "::1") or self.host.startswith("127.")
 
 
 def parse_address(text: Any) -> Address:
     """`"host:port"`, `"[v6]:port"` or `":port"` (all interfaces) to an Address."""
     if not isinstance(text, str):
         raise ValueError(f'expected "host:port", got {text!r}')
+    if text.startswith("unix:"):
+        raise ValueError(f'expected "host:port" (a UNIX socket only for outbound), got {text!r}')
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -58,6 +80,16 @@ def parse_address(text: Any) -> Address:
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ValueError(f'expected "host:port" (port 0-65535), got {text!r}')
     return Address(host, int(port_text))
+
+
+def parse_listen_address(text: Any) -> Address:
+    """What `parse_address` takes, or `"unix:/absolute/path"` for a UNIX socket."""
+    if isinstance(text, str) and text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError(f'expected "unix:/absolute/path", got {text!r}')
+        return Address("", 0, path)
+    return parse_address(text)
 
 
 def _optional_address(text: Any) -> Address | None:
@@ -73,7 +105,18 @@ SETTINGS: dict[str, Setting] = {
         "str", "", "name of the local service: registered with discovery, used in metrics"
     ),
     "app": _address("127.0.0.1:8080", "the local application the inbound listener forwards to"),
-    "outbound": _address("127.0.0.1:15001", "listener the local app sends mesh requests to"),
+    "outbound": Setting(
+        "str", parse_address("127.0.0.1:15001"), 'listener the local app sends mesh requests to '
+        '("host:port", or "unix:/path" for a UNIX socket)', convert=parse_listen_address,
+    ),
+    "outbound_mode": Setting(
+        "int", 0o660, "file mode of a UNIX-socket outbound listener (who may send as this "
+        "workload)", min=0, max=0o777
+    ),
+    "outbound_uids": Setting(
+        "list[int]", [], "UNIX-socket outbound only: user ids allowed to connect, checked with "
+        "SO_PEERCRED (empty = whoever the file mode lets in)"
+    ),
     "inbound": _address("0.0.0.0:15006", "listener other sidecars reach this service on"),
     "advertise": Setting(
         "str",
@@ -83,6 +126,22 @@ SETTINGS: dict[str, Setting] = {
         convert=_optional_address,
     ),
     "admin": _address("127.0.0.1:15000", "health, metrics and state listener"),
+    "admin_hosts": Setting(
+        "list[str]", [], "Host names the admin listener answers besides localhost and IP "
+        "literals (any other Host is refused: DNS rebinding)"
+    ),
+    "path_normalization": Setting(
+        "str", "BASE", "inbound path normalization before authorization and forwarding "
+        "(Istio's meshConfig.pathNormalization)", choices=PATH_NORMALIZATIONS
+    ),
+    "path_with_escaped_slashes_action": Setting(
+        "str", "REJECT_REQUEST", "inbound paths with %2F or %5C (Envoy's "
+        "path_with_escaped_slashes_action)", choices=ESCAPED_SLASH_ACTIONS
+    ),
+    "headers_with_underscores_action": Setting(
+        "str", "DROP_HEADER", "inbound header names with '_' (Envoy's "
+        "headers_with_underscores_action)", choices=UNDERSCORE_ACTIONS
+    ),
     "admin_bind_any": Setting(
         "bool", False, "allow the admin listener on a non-loopback address (it is unauthenticated)"
     ),

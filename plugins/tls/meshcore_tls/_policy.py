@@ -11,9 +11,15 @@ everything else is denied. Rules only ever allow, so their order does not matter
     paths = ["/orders"]                                      # optional prefixes, default any
 
 Paths are matched on whole segments (`/orders` matches `/orders` and `/orders/7`, not
-`/ordersx`) after percent-decoding and removing dot segments, so `/orders/../admin` is judged
-as `/admin`: an allow rule cannot be bypassed by spelling a path differently than the
-application will resolve it.
+`/ordersx`) after `meshcore.normalize_path` (RFC 3986 dot segments removed, unreserved escapes
+decoded): the sidecar forwards exactly that normalized path (docs/sidecar.md, "Path
+normalization"), so `/orders/../admin` is judged as `/admin` and the app receives `/admin`. A
+path holding `%2F` or `%5C` (only possible when the sidecar keeps them,
+`path_with_escaped_slashes_action = "KEEP_UNCHANGED"`) is allowed only when both spellings are:
+the escapes kept and decoded to `/` (CVE-2021-31920); one holding `//` only when its
+slash-merged spelling is allowed too. A path that cannot be judged (`#`, a raw backslash, a bad
+escape, or dot segments, which only reach the policy under `path_normalization = "NONE"`) is
+denied.
 
 Everything is precomputed at load: exact identities go into a set, so a check is a few set
 and prefix tests per rule.
@@ -22,12 +28,12 @@ and prefix tests per rule.
 from __future__ import annotations
 
 import fnmatch
-import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+
+import meshcore
 
 __all__ = ["Policy", "Rule", "normalize_path", "parse_rules"]
 
@@ -37,16 +43,16 @@ _EXAMPLE = '{ identities = ["spiffe://example.org/ns/shop/sa/web"], methods = ["
 
 
 def normalize_path(path: str) -> str:
-    """The path as an application will resolve it: decoded, dot segments and `//` removed."""
-    decoded = unquote(path)
-    if "\\" in decoded:
-        decoded = decoded.replace("\\", "/")
-    normal = posixpath.normpath("/" + decoded.lstrip("/"))
-    if normal.startswith("//"):
-        normal = "/" + normal.lstrip("/")
-    if decoded.endswith("/") and normal != "/":
-        normal += "/"
-    return normal
+    """The path as judged (see the module docstring); raises meshcore.PathRejected."""
+    return meshcore.normalize_path(path, "BASE", "KEEP_UNCHANGED")
+
+
+def _has_dot_segment(path: str) -> bool:
+    """Whether a `.` or `..` segment (also spelled `%2e`) is in `path`."""
+    for segment in path.split("?")[0].split("/"):
+        if segment and segment.lower().replace("%2e", ".") in (".", ".."):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,22 @@ class Policy:
     def check(self, identity: str, method: str, path: str) -> str | None:
         if not self.rules:
             return None
-        normal = normalize_path(path)
+        try:
+            if ("/." in path or "%2" in path) and _has_dot_segment(path):
+                raise meshcore.PathRejected(
+                    "dot segments (the app may resolve them differently; the sidecar "
+                    "removes them unless path_normalization = NONE)"
+                )
+            normal = normalize_path(path)
+            spellings = [normal]
+            if meshcore.has_escaped_slash(normal):
+                spellings.append(meshcore.normalize_path(path, "BASE", "UNESCAPE_AND_FORWARD"))
+            if "//" in normal:  # nginx and others merge slashes
+                spellings.append(meshcore.normalize_path(normal, "MERGE_SLASHES", "KEEP_UNCHANGED"))
+        except meshcore.PathRejected as exc:
+            return f"the path cannot be judged: {exc}"
         for rule in self.rules:
-            if rule.matches(identity, method, normal):
+            if all(rule.matches(identity, method, p) for p in spellings):
                 return None
         shown = normal if len(normal) <= 64 else normal[:61] + "..."
         return f"{identity} is not allowed to {method} {shown}"
@@ -135,7 +154,13 @@ def parse_rules(value: Any) -> Policy:
             for p in paths:
                 if not p.startswith("/"):
                     raise ValueError(f"{where}: paths: {p!r} must start with '/'")
-            paths = [normalize_path(p).rstrip("/") or "/" for p in paths]
+            try:
+                paths = [
+                    meshcore.normalize_path(p, "MERGE_SLASHES", "REJECT_REQUEST").rstrip("/") or "/"
+                    for p in paths
+                ]
+            except meshcore.PathRejected as exc:
+                raise ValueError(f"{where}: paths: {exc}") from None
         rules.append(
             Rule(
                 exact=frozenset(i for i in identities if not _is_glob(i)),

@@ -145,3 +145,15 @@ async def test_plugin_is_inert_without_a_tls_section(upstream):
         async with mesh.client() as client:
             assert (await client.get("http://orders/")).status_code == 200
         assert "tls" not in mesh.state()["services"]["orders"]
+
+
+def test_a_path_that_cannot_be_judged_is_denied_and_escaped_slashes_need_both_spellings():
+    """The sidecar normalizes before the policy; called with a raw path (another caller, or
+    `path_with_escaped_slashes_action = "KEEP_UNCHANGED"`), the policy still never allows a
+    spelling that an app decoding `%2F` resolves outside the rule."""
+    policy = parse_rules([{"identities": [WEB], "paths": ["/orders"]}])
+    assert "cannot be judged" in policy.check(WEB, "GET", "/orders#/../admin")
+    assert "cannot be judged" in policy.check(WEB, "GET", "/orders\\x")
+    assert policy.check(WEB, "GET", "/orders/..%2Fadmin") is not None  # decoded: /admin
+    assert policy.check(WEB, "GET", "/orders/a%2Fb") is None  # both spellings under /orders
+    assert policy.check(WEB, "GET", "/%6Frders/7") is None  # unreserved escapes decoded
