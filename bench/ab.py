@@ -52,7 +52,9 @@ def interleave(
     return runs
 
 
-def proxy_runs(trees: dict[str, Path], backend: str, args: argparse.Namespace) -> dict[str, list[Sample]]:
+def proxy_runs(
+    trees: dict[str, Path], backend: str, args: argparse.Namespace
+) -> dict[str, list[Sample]]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with nginx(3) as upstreams:
@@ -60,8 +62,14 @@ def proxy_runs(trees: dict[str, Path], backend: str, args: argparse.Namespace) -
             for name, tree in trees.items():
                 port = free_port()
                 proc = subprocess.Popen(
-                    [sys.executable, str(tree / "bench" / "engine_proxy.py"), "serve", backend,
-                     str(port), *map(str, upstreams)]
+                    [
+                        sys.executable,
+                        str(tree / "bench" / "engine_proxy.py"),
+                        "serve",
+                        backend,
+                        str(port),
+                        *map(str, upstreams),
+                    ]
                 )
                 procs.append(proc)
                 wait_listening(port)
@@ -81,7 +89,9 @@ def proxy_runs(trees: dict[str, Path], backend: str, args: argparse.Namespace) -
             proc.wait(10)
 
 
-def sidecar_runs(trees: dict[str, Path], backend: str, args: argparse.Namespace) -> dict[str, list[Sample]]:
+def sidecar_runs(
+    trees: dict[str, Path], backend: str, args: argparse.Namespace
+) -> dict[str, list[Sample]]:
     opts = argparse.Namespace(backend=backend, connections=32, duration=args.duration)
     bench = sidecar.Bench(opts)
     try:
@@ -135,8 +145,11 @@ def main() -> None:
     args = parser.parse_args()
     trees = {"base": args.base.resolve(), "new": args.new.resolve()}
     benches = {"proxy": proxy_runs, "sidecar": sidecar_runs}
-    print(f"base {trees['base']}  new {trees['new']}; wrk -t1 -c32 -d{args.duration}s, "
-          f"{args.rounds} interleaved rounds; medians, spread = (max-min)/median", flush=True)
+    print(
+        f"base {trees['base']}  new {trees['new']}; wrk -t1 -c32 -d{args.duration}s, "
+        f"{args.rounds} interleaved rounds; medians, spread = (max-min)/median",
+        flush=True,
+    )
     for bench, backend in itertools.product(args.benches.split(","), args.backends.split(",")):
         report(bench, backend, benches[bench](trees, backend, args))
 

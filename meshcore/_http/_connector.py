@@ -27,15 +27,16 @@ from .._endpoints import Endpoint
 from .._errors import EndpointReadError
 from .._models import Request, Response
 from ._error_map import IO_ERRORS, endpoint_error
+from ._http11 import serialize_head
 from ._loop import socket_for
 from ._pool import Pool, PoolLimits
 from ._socket import Socket, start_tls
-from ._http11 import serialize_head
 
 __all__ = ["HTTPConnector", "Timeouts"]
 
 # RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_DEFAULT_LIMITS = PoolLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,7 @@ class HTTPConnector:
     def __init__(
         self,
         *,
-        limits: PoolLimits = PoolLimits(),
+        limits: PoolLimits = _DEFAULT_LIMITS,
         timeouts: Timeouts = Timeouts(),
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,

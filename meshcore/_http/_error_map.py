@@ -83,8 +83,10 @@ def endpoint_error(
             replayable=True,
         )
     if isinstance(exc, anyio.EndOfStream):
-        where = "in the middle of the response body" if phase == "body" else (
-            "before a complete response head"
+        where = (
+            "in the middle of the response body"
+            if phase == "body"
+            else ("before a complete response head")
         )
         return EndpointReadError(f"{eid} closed the connection {where}", endpoint=endpoint)
     return EndpointReadError(

@@ -33,7 +33,7 @@ _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _GLUE_BODY = 16384
 
 
-class Pool(Protocol):
+class Owner(Protocol):
     """What a connection needs of its pool (`_pool.Pool`)."""
 
     checkpoint: Callable[[], Awaitable[None]]
@@ -68,7 +68,7 @@ class HTTP11Connection:
         "status",
     )
 
-    def __init__(self, io: Socket, endpoint: Endpoint, pool: Pool) -> None:
+    def __init__(self, io: Socket, endpoint: Endpoint, pool: Owner) -> None:
         self.io = io
         self.sock = io.sock
         self.endpoint = endpoint

@@ -92,13 +92,9 @@ def backend_checkpoint() -> Callable[[], Awaitable[None]]:
 class SendBatch:
     """Sends held until the end of the event loop's pass, then made one after the other.
 
-    Why: on loopback every `send` wakes the peer's process, and on a virtual machine waking a
-    halted CPU is what costs (an interprocess interrupt; in the kernel profile, the time spent
-    in `sock_def_readable`). A proxy that sends as it goes sends once per request between two
-    stretches of Python, so nearly every send wakes a peer that went back to sleep; sends made
-    back to back find it awake. Measured on the sidecar (uvloop, wrk -c32, 2 CPUs, interleaved
-    A/B): 49.4 -> 34.6 µs of CPU per request, most of it system time (docs/data-path.md,
-    "Fourth pass").
+    Why: on loopback every `send` wakes the peer's process, and waking a CPU that went idle is
+    what costs on a virtual machine; sends made back to back find the peer awake (a quarter
+    less CPU per request in the sidecar: docs/data-path.md, "Figures").
 
     The contract, for a writer that hands over `data` with `add(io, data)`: the writer yields
     to the loop (a bare checkpoint) before it uses the connection again, and then sends
@@ -148,8 +144,8 @@ def send_batch(loop: asyncio.AbstractEventLoop) -> SendBatch:
 
 def _trio_wait(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable[..., Any]:
     """`wait(sock)` on trio with an optional time limit: a cancel scope only when there is
-    one, and trio's own (`anyio.fail_after` around the same wait cost 77 against 65 µs of CPU
-    per request in a sidecar whose upstream reads nearly always wait; docs/data-path.md)."""
+    one, and trio's own (anyio's wrapper scope around it costs several µs per wait;
+    docs/data-path.md, "Figures")."""
     import trio
 
     move_on_after = trio.move_on_after
@@ -209,7 +205,7 @@ async def take_socket(stream: Any) -> Socket | None:
         if transport.is_closing() or protocol.is_at_eof or protocol.exception is not None:
             return None
         raw = transport.get_extra_info("socket")
-        if isinstance(transport, asyncio.selector_events._SelectorSocketTransport):
+        if isinstance(transport, asyncio.selector_events._SelectorSocketTransport):  # type: ignore[attr-defined]
             raw = raw._sock  # asyncio's TransportSocket wrapper refuses recv()
         elif type(transport).__module__ != "uvloop.loop":
             return None
@@ -252,28 +248,31 @@ async def take_socket(stream: Any) -> Socket | None:
 class _LoopWaiter:
     """Waits for one socket to become readable (or writable) on an asyncio or uvloop loop, for
     one task at a time (the connection's): `wait(timeout)`, raising TimeoutError when the time
-    is up. What `anyio.wait_readable` in `anyio.fail_after` does, without its context
-    variable, its closures and the cancel scope (~7 µs of CPU on asyncio), and without what
-    every wait would otherwise pay again:
+    is up: what `anyio.wait_readable` in `anyio.fail_after` does, without the cancel scope,
+    and without paying again on every wait for what can stay (a proxy waits on nearly every
+    upstream read when the upstream takes a millisecond; docs/data-path.md, "Figures"):
 
-    - **The registration stays** (`persistent`, readers) from one wait to the next. A proxy's
-      upstream read waits on nearly every request when the upstream takes a millisecond to
-      answer; registering and unregistering the descriptor each time is two `epoll_ctl` calls
-      and a poll handle per wait. It ends when the socket turns readable while nobody waits
-      (the epoll set is level-triggered: the callback would run on every pass until the task
-      reads), and at `release()`, which must run before the socket is closed.
+    - **The registration stays** (`persistent`, readers) from one wait to the next, sparing
+      two `epoll_ctl` calls per wait. It ends when the socket turns readable while nobody
+      waits (the epoll set is level-triggered: the callback would run on every pass until the
+      task reads), and at `release()`, which must run before the socket is closed.
     - **The timer stays too.** A wait records its deadline; the one loop timer fires at the
       earliest deadline it was set for and, if the wait then running has a later one (it was
       renewed since), sets itself again for that. So a connection waiting every millisecond
       with a 60 s limit arms a timer about once a minute instead of once per wait.
-
-    Measured with two sidecars in a chain (the outbound one waits for the inbound one on
-    every request): 51-54 -> 41 µs of CPU per request, about half of it from each
-    (docs/data-path.md).
     """
 
-    __slots__ = ("add", "deadline", "fd", "future", "loop", "persistent", "registered", "remove",
-                 "timer")
+    __slots__ = (
+        "add",
+        "deadline",
+        "fd",
+        "future",
+        "loop",
+        "persistent",
+        "registered",
+        "remove",
+        "timer",
+    )
 
     def __init__(
         self,

@@ -4,7 +4,8 @@ One task per connection reads requests with httptools and answers them strictly 
 pipelined requests need no bookkeeping beyond a queue of parsed heads. Bodies stream both ways:
 the handler gets `request.stream` as an async iterator that reads the connection on demand
 (sending `100 Continue` first when the client asked for it), and the response body is written
-as the handler's iterator yields it.
+as the handler's iterator yields it. `ServerConnection` parses and serves in order; each
+request's state, from its head to its response, is one `RequestResponseCycle`.
 
 Bad input ends the connection with an answer (RFC 9112 §2.2 lets a server close after an
 error): 400 for unparseable requests, 414 for an oversized request line, 431 for too many or too
@@ -160,9 +161,7 @@ class RequestResponseCycle:
         request.url = url
         request.headers = self.headers
         request.stream = body
-        request.extensions = {
-            "http_version": b"HTTP/1.1" if self.version == "1.1" else b"HTTP/1.0"
-        }
+        request.extensions = {"http_version": b"HTTP/1.1" if self.version == "1.1" else b"HTTP/1.0"}
         return request
 
     async def receive_body(self) -> None:
@@ -348,7 +347,7 @@ class ServerConnection:
         self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
         self.io: Socket = None  # type: ignore[assignment]  # made in serve()
         self.now = anyio.current_time
-        self.checkpoint = anyio.lowlevel.checkpoint
+        self.checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
         # The current request went through the scheduler at least once.
         self.waited = True
 

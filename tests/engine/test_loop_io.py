@@ -22,7 +22,6 @@ import pytest
 
 from meshcore._http._loop import _LoopWaiter, send_batch
 from meshcore._http._socket import Socket
-from meshcore._http._socket import Socket
 
 pytestmark = pytest.mark.anyio
 
