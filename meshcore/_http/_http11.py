@@ -148,15 +148,6 @@ class HTTP11Connection:
             ) from exc
 
     # I/O -----------------------------------------------------------------------------------
-    async def recv(self, timeout: float | None) -> bytes:
-        """The next bytes from the server (EndOfStream at its end, TimeoutError when nothing
-        came in time). The limit costs something only when the read has to wait (under load
-        2 % of reads do: docs/data-path.md)."""
-        data = await receive(self.io, _READ_SIZE, timeout)
-        if data:
-            return data
-        raise anyio.EndOfStream
-
     def peer_closed(self) -> bool:
         """True when the idle connection has data or EOF pending: the server gave up on it."""
         try:
@@ -213,13 +204,14 @@ class HTTP11Connection:
             phase = "read"
             feed = self.feed
             while not self.headers_done:
-                try:  # inline as well; `recv` waits when nothing is there yet
+                try:  # inline as well; `receive` waits when nothing is there yet
                     data = sock.recv(_READ_SIZE)
                 except BlockingIOError:
-                    data = await self.recv(read_timeout)
-                else:
-                    if not data:
-                        raise anyio.EndOfStream
+                    # A limit costs something only when the read has to wait (under load
+                    # 2 % of reads do: docs/data-path.md).
+                    data = await receive(io, _READ_SIZE, read_timeout)
+                if not data:
+                    raise anyio.EndOfStream
                 feed(data)
         except BaseException as exc:
             await self.pool.discard(self)
@@ -285,15 +277,15 @@ class HTTP11Connection:
     async def receive_body(self, timeout: float | None) -> None:
         """Read more of the response body into `chunks` (or learn that it ended)."""
         try:
-            data = await self.recv(timeout)
-        except anyio.EndOfStream as exc:
-            if self.close_delimited:
-                self.complete = True
-                return
-            raise endpoint_error(exc, self.endpoint, "body", timeout) from None
+            data = await receive(self.io, _READ_SIZE, timeout)
         except IO_ERRORS as exc:
             raise endpoint_error(exc, self.endpoint, "body", timeout) from exc
-        self.feed(data)
+        if data:
+            self.feed(data)
+        elif self.close_delimited:
+            self.complete = True
+        else:
+            raise endpoint_error(anyio.EndOfStream(), self.endpoint, "body", timeout)
 
     async def finish(self) -> None:
         await self.pool.finish(self)
