@@ -30,7 +30,7 @@ from ._error_map import IO_ERRORS, endpoint_error
 from ._http11 import serialize_head
 from ._loop import socket_for
 from ._pool import Pool, PoolLimits
-from ._socket import Socket, start_tls
+from ._socket import Socket, close_stream, start_tls
 
 __all__ = ["HTTPConnector", "Timeouts"]
 
@@ -139,10 +139,7 @@ class HTTPConnector:
                             server_hostname=self.server_hostname or endpoint.address,
                         )
                 except BaseException:
-                    if io is None:
-                        await stream.aclose()
-                    else:
-                        await io.aclose()
+                    await (close_stream(stream) if io is None else io.aclose())
                     raise
         except IO_ERRORS as exc:
             raise endpoint_error(exc, endpoint, "connect", timeout) from exc

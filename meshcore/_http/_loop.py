@@ -164,9 +164,18 @@ def _trio_wait(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable
 
 async def socket_for(stream: anyio.abc.AnyByteStream) -> Socket:
     """The `Socket` the engine drives `stream` with: its own socket when `take_socket` can
-    have it, else the stream itself (`StreamSocket`)."""
+    have it, else the stream itself (`adapt_stream`)."""
     io = await take_socket(stream)
-    return adapt(stream) if io is None else io
+    return adapt_stream(stream) if io is None else io
+
+
+def adapt_stream(stream: anyio.abc.AnyByteStream) -> Socket:
+    """`stream` through `StreamSocket`, which peeks (the pool's liveness check) at the socket
+    under the stream: on asyncio the one inside the transport's `TransportSocket` wrapper,
+    which refuses `recv` itself."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    raw = getattr(raw, "_sock", raw)
+    return adapt(stream, raw if isinstance(raw, socket.socket) else None)
 
 
 async def take_socket(stream: Any) -> Socket | None:

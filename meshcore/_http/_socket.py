@@ -136,13 +136,15 @@ class StreamSocket:
     `recv` hands out what the last `wait_readable` received (BlockingIOError when nothing is
     there); `send` keeps the bytes and raises BlockingIOError, `wait_writable` sends them, and
     the writer's next `send` of the same bytes reports them taken (the `TLSSocket` protocol).
-    A peek (`flags`) sees only what is already received: a stream has no peek of its own.
+    A peek (`flags`, the pool's liveness check) sees what is already received, then looks at
+    `peek`, the socket under the stream when there is one (a stream has no peek of its own).
     """
 
-    __slots__ = ("buffer", "eof", "owed", "stash", "stream")
+    __slots__ = ("buffer", "eof", "owed", "peek", "stash", "stream")
 
-    def __init__(self, stream: anyio.abc.AnyByteStream) -> None:
+    def __init__(self, stream: anyio.abc.AnyByteStream, peek: SocketLike | None = None) -> None:
         self.stream = stream
+        self.peek = peek
         self.buffer = b""
         self.eof = False
         self.stash: bytes | None = None
@@ -160,6 +162,8 @@ class StreamSocket:
             return buffer[:size]
         if self.eof:
             return b""
+        if flags and self.peek is not None:
+            return self.peek.recv(size, flags)
         raise BlockingIOError
 
     def send(self, data: bytes | memoryview, /) -> int:
@@ -194,9 +198,9 @@ class StreamSocket:
         """Nothing to do: `Socket.aclose` closes the stream."""
 
 
-def adapt(stream: anyio.abc.AnyByteStream) -> Socket:
-    """A `Socket` over `stream`, whatever it is (`StreamSocket`)."""
-    sock = StreamSocket(stream)
+def adapt(stream: anyio.abc.AnyByteStream, peek: SocketLike | None = None) -> Socket:
+    """A `Socket` over `stream`, whatever it is (`StreamSocket`; `peek`: see there)."""
+    sock = StreamSocket(stream, peek)
     return Socket(sock, sock.wait_readable, sock.wait_writable, stream)
 
 

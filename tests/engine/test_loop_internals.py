@@ -138,3 +138,29 @@ async def test_a_moved_internal_is_reported_not_silent(
     messages = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert len(messages) == 2 and "the clock" in messages[0]
     caplog.clear()  # (the autouse guard would fail on these, rightly elsewhere)
+
+
+async def test_a_stream_that_stays_a_stream_can_still_be_peeked() -> None:
+    """`adapt_stream` finds the socket under the stream for the pool's liveness peek: trio's
+    own, asyncio's inside `TransportSocket._sock` (uvloop's pseudo-socket has none)."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, await anyio.connect_tcp("127.0.0.1", port) as client:
+        server = await listener.listeners[0].accept()  # type: ignore[attr-defined]
+        io = _loop.adapt_stream(client)
+        assert isinstance(io.sock, StreamSocket)
+        uvloop = type(client._transport).__module__ == "uvloop.loop" if not on_trio() else False  # type: ignore[attr-defined]
+        if uvloop:
+            assert io.sock.peek is None
+            return
+        assert isinstance(io.sock.peek, socket.socket)
+        with pytest.raises(BlockingIOError):  # alive, nothing pending
+            io.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        await server.aclose()
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    assert io.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                    break
+                except BlockingIOError:
+                    await anyio.sleep(0.01)
