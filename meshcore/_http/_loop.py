@@ -154,7 +154,8 @@ def _trio_wait(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable
         if timeout is None:
             await wait(sock)
             return
-        with move_on_after(timeout) as scope:
+        # A deadline already past is a limit of 0 (trio refuses a negative one).
+        with move_on_after(timeout if timeout > 0 else 0) as scope:
             await wait(sock)
         if scope.cancelled_caught:
             raise TimeoutError

@@ -111,6 +111,8 @@ async def test_the_socket_of_a_tcp_stream_is_taken_with_what_was_read_before() -
         assert await client.receive() == b"late"
         with pytest.raises(TimeoutError):  # the wait's own limit
             await io.wait_readable(0.01)
+        with pytest.raises(TimeoutError):  # a deadline already past (a slow head's)
+            await io.wait_readable(-0.5)
         await io.aclose()
         with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
             await client.receive()
