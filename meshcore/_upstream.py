@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot, make_outcome
+from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
 from ._errors import EndpointError, EndpointTimeout, MeshError, NoEndpoints
 from ._extensions import DEADLINE, ENDPOINT, EXCLUDE
 from ._service import compose, observer
@@ -322,7 +322,7 @@ class Upstream:
         counted = stats if self.stats is stats_map else self.stats.get(endpoint)
         self._record(
             counted,
-            make_outcome(self.name, endpoint, request.method, response.status_code, None, now - start),
+            Outcome(self.name, endpoint, request.method, response.status_code, None, now - start),
             now,
         )
         return response
@@ -339,7 +339,7 @@ class Upstream:
         now = self.clock()
         # Discovery may have replaced the endpoint set meanwhile: count where it is now.
         counted = stats if self.stats is stats_map else self.stats.get(endpoint)
-        outcome = make_outcome(self.name, endpoint, request.method, None, error, now - start)
+        outcome = Outcome(self.name, endpoint, request.method, None, error, now - start)
         self._record(counted, outcome, now)
 
     # -- state --------------------------------------------------------------------------------

@@ -34,14 +34,15 @@ def test_an_endpoint_from_another_process_keys_the_same_table() -> None:
     assert theirs == ours and {ours: "pool"}[theirs] == "pool"
 
 
-def test_make_outcome_is_the_same_as_the_constructor() -> None:
-    from meshcore._endpoints import Outcome, make_outcome
+def test_an_outcome_is_immutable_and_compares_by_value() -> None:
+    from meshcore._endpoints import Outcome
 
     ep = Endpoint("10.0.0.1", 80)
     error = ValueError("x")
-    fast = make_outcome("svc", ep, "GET", None, error, 0.25)
-    slow = Outcome("svc", ep, "GET", None, error, 0.25)
-    assert type(fast) is Outcome and fast == slow and repr(fast) == repr(slow)
-    assert hash(make_outcome("svc", ep, "GET", 200, None, 0.5)) == hash(Outcome("svc", ep, "GET", 200, None, 0.5))
-    with pytest.raises(AttributeError):  # still frozen
-        fast.status_code = 200  # type: ignore[misc]
+    one = Outcome("svc", ep, "GET", None, error, 0.25)
+    assert one == Outcome("svc", ep, "GET", None, error, 0.25)
+    assert one.status_code is None and one.error is error and one.elapsed == 0.25
+    assert repr(one).startswith("Outcome(service='svc', endpoint=")
+    assert hash(Outcome("svc", ep, "GET", 200, None, 0.5)) == hash(Outcome("svc", ep, "GET", 200, None, 0.5))
+    with pytest.raises(AttributeError):  # frozen: observers share one outcome
+        one.status_code = 200  # type: ignore[misc]

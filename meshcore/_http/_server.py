@@ -4,7 +4,8 @@ One task per connection reads requests with httptools and answers them strictly 
 pipelined requests need no bookkeeping beyond a queue of parsed heads. Bodies stream both ways:
 the handler gets `request.stream` as an async iterator that reads the connection on demand
 (sending `100 Continue` first when the client asked for it), and the response body is written
-as the handler's iterator yields it.
+as the handler's iterator yields it. `ServerConnection` parses and serves in order; each
+request's state, from its head to its response, is one `RequestResponseCycle`.
 
 Bad input ends the connection with an answer (RFC 9112 §2.2 lets a server close after an
 error): 400 for unparseable requests, 414 for an oversized request line, 431 for too many or too
@@ -34,15 +35,10 @@ from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
-from ._client import BufferedBody
-from ._parse import (
-    DirectSocket,
-    backend_checkpoint,
-    backend_clock,
-    close_stream,
-    take_socket,
-    tls_handshake,
-)
+from ._bodies import BufferedBody, RequestBody
+from ._error_map import IO_ERRORS, RequestRejected, client_error
+from ._loop import backend_checkpoint, backend_clock, socket_for
+from ._socket import Socket, close_stream, receive, send_all, start_tls
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
 
@@ -52,7 +48,6 @@ _new_headers = Headers.__new__
 _new_object = object.__new__
 _READ_SIZE = 65536
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
-_BROKEN = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 # Unread request body a keep-alive connection will read and drop after the response; more
 # than this and closing is cheaper (nginx discards bodies the same way, `lingering_close`).
 _MAX_DRAIN = 1 << 20
@@ -102,25 +97,20 @@ class ConnectionInfo:
 Handler = Callable[[Request, ConnectionInfo], Awaitable[Response]]
 
 
-class RequestRejected(Exception):
-    """The request broke a limit or the protocol; the connection answers `status` and closes.
+class RequestResponseCycle:
+    """One request and its response on a server connection (uvicorn's `RequestResponseCycle`):
+    what the parser learned of the request, its body as it arrives, and how it is answered.
 
-    Raised out of `request.stream` when the body is bad (chunk syntax, too large) or the client
-    went away; a handler that lets it propagate gets the right answer sent for it.
+    Made by `ServerConnection.on_message_begin` with its fields set in place (no __init__:
+    one per request on the hot path); pipelined requests wait in `ServerConnection.ready`.
     """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Incoming:
-    """One request as it is parsed; made by `_ServerConnection.on_message_begin`."""
 
     __slots__ = (
         "body_size",
         "chunks",
         "complete",
+        "conn",
+        "continue_sent",
         "expect",
         "header_bytes",
         "headers",
@@ -131,6 +121,7 @@ class _Incoming:
         "url",
         "version",
     )
+    conn: ServerConnection
     url: bytes
     headers: Headers
     host: bytes | None
@@ -138,38 +129,199 @@ class _Incoming:
     headers_done: bool
     complete: bool
     expect: bool
+    continue_sent: bool
     keep_alive: bool
     body_size: int
     header_bytes: int
     method: str
     version: str
 
+    def request(self) -> Request:
+        """The request to hand to the handler (ValueError for a bad Host)."""
+        conn = self.conn
+        target = self.url.decode("latin-1")
+        if target.startswith("/") or target == "*":
+            # A keep-alive client sends the same Host every time: split it once.
+            if conn.last_host[0] == self.host:
+                host, port = conn.last_host[1]
+            else:
+                host, port = _split_host(self.host, conn.info, conn.scheme)
+                conn.last_host = (self.host, (host, port))
+            url = URL(conn.scheme, host, port, target)
+        elif "://" in target:  # absolute-form (RFC 9112 §3.2.2): it wins over Host
+            url = URL.parse(target)
+        else:  # authority-form (CONNECT)
+            host, port = _split_host(self.url, conn.info, conn.scheme)
+            url = URL(conn.scheme, host, port, "/")
+        body: Any = b"" if self.complete and not self.chunks else RequestBody(self)
+        # Built without Request.__init__ (the method is the parser's, already upper case, and
+        # the headers are a Headers): the hot path.
+        request = _new_object(Request)
+        request.method = self.method
+        request.url = url
+        request.headers = self.headers
+        request.stream = body
+        request.extensions = {"http_version": b"HTTP/1.1" if self.version == "1.1" else b"HTTP/1.0"}
+        return request
 
-class _ServerConnection:
+    async def receive_body(self) -> None:
+        """Read more of the request body into `chunks` (sending `100 Continue` first when the
+        client waits for it)."""
+        conn = self.conn
+        limits = conn.limits
+        if self.expect and not self.continue_sent:
+            self.continue_sent = True
+            try:
+                await send_all(conn.io, b"HTTP/1.1 100 Continue\r\n\r\n", limits.write_timeout)
+            except IO_ERRORS as exc:
+                raise RequestRejected(400, f"cannot send 100 Continue: {exc!r}") from None
+        timeout = limits.body_timeout
+        try:
+            data = await receive(conn.io, _READ_SIZE, timeout)  # a limit only when it waits
+        except IO_ERRORS as exc:
+            raise client_error(exc, "sending the request body", timeout) from None
+        if not data:
+            raise RequestRejected(400, "client went away during the request body")
+        conn.feed(data)
+        if conn.upgraded and not self.complete:
+            self.complete = True
+
+    async def drain(self) -> bool:
+        """Read and drop the rest of a body the handler left, within a budget."""
+        budget = _MAX_DRAIN
+        chunks = self.chunks
+        try:
+            while not self.complete:
+                budget -= sum(map(len, chunks))
+                chunks.clear()
+                if budget < 0:
+                    return False
+                await self.receive_body()
+        except RequestRejected:
+            return False
+        chunks.clear()
+        return True
+
+    async def respond(self, response: Response, keep_alive: bool) -> bool:
+        """Write the response; returns whether the connection may carry another request."""
+        conn = self.conn
+        status = response.status_code
+        body = response.stream
+        reason = response.extensions.get("reason_phrase") or _REASONS.get(status, b"")
+        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+        append = lines.append
+        has_length = False
+        for name, value in response.headers:
+            n = len(name)
+            if n == 10 or n == 14 or n == 17:
+                low = name.lower()
+                if low == b"content-length":
+                    has_length = True
+                elif low == b"transfer-encoding":
+                    continue  # we decide the framing ourselves
+                elif low == b"connection":
+                    if b"close" in value.lower():
+                        keep_alive = False
+                    continue
+            append(name + b": " + value)
+        method = self.method
+        no_body = method == "HEAD" or status < 200 or status == 204 or status == 304
+        chunked = False
+        if type(body) is BufferedBody:  # a whole upstream body: send it with the head
+            body = body.data or b""
+        elif isinstance(body, (bytearray, memoryview)):
+            body = bytes(body)
+        if isinstance(body, bytes):
+            bodiless_status = status < 200 or status == 204 or status == 304
+            if not has_length and not bodiless_status and (body or method != "HEAD"):
+                append(b"Content-Length: %d" % len(body))
+        elif not has_length and not no_body:
+            if self.version == "1.1":
+                chunked = True
+                append(b"Transfer-Encoding: chunked")
+            else:
+                keep_alive = False  # HTTP/1.0 without a length: the body ends at close
+        if not keep_alive:
+            append(b"Connection: close")
+        elif self.version != "1.1":
+            append(b"Connection: keep-alive")
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
+            await _close_body(body)
+            log.error("response header contains CR or LF; answering 502 instead")
+            await conn.send_error(502, "invalid response header from the handler")
+            return False
+        io = conn.io
+        timeout = conn.limits.write_timeout
+        try:
+            if isinstance(body, bytes):
+                data = head + body if body and not no_body else head
+                if keep_alive and self.complete and io.batch is not None:
+                    # Sent with the others at the end of the loop's pass (SendBatch); the
+                    # serve loop yields before it reads again, then sends what is left.
+                    io.batch.add(io, data)
+                else:  # `send_all`, inline for the usual case: the socket takes it all
+                    try:
+                        sent = io.sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(data):
+                        await send_all(io, memoryview(data)[sent:], timeout)
+            elif no_body:
+                await send_all(io, head, timeout)
+            else:
+                # Glue the head to the first chunk: one send for a typical small response.
+                iterator = body.__aiter__()
+                chunk = b""
+                while not chunk:
+                    try:
+                        chunk = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if chunk and chunked:
+                    await send_all(io, head + b"%x\r\n%b\r\n" % (len(chunk), chunk), timeout)
+                else:
+                    await send_all(io, head + chunk, timeout)
+                async for chunk in iterator:
+                    if not chunk:
+                        continue
+                    data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                    await send_all(io, data, timeout)
+                if chunked:
+                    await send_all(io, b"0\r\n\r\n", timeout)
+        except IO_ERRORS as exc:
+            raise client_error(exc, "receiving the response") from None
+        except RequestRejected:
+            raise
+        except Exception:
+            log.exception("response body failed for %s", method)
+            raise RequestRejected(500, "response body failed") from None
+        finally:
+            if not isinstance(body, bytes):
+                await _close_body(body)
+        return keep_alive
+
+
+class ServerConnection:
+    """One server connection: the httptools callbacks that parse its requests into
+    `RequestResponseCycle`s, and the task that serves them in order (`serve`)."""
+
     __slots__ = (
-        "armed",
         "checkpoint",
-        "continue_sent",
         "cur",
-        "direct",
         "in_head",
         "info",
         "io",
         "last_host",
         "limits",
         "now",
+        "on_tls_error",
         "parser",
         "ready",
-        "receive",
         "scheme",
-        "scope",
-        "send",
         "stream",
         "tls",
-        "on_tls_error",
         "upgraded",
-        "wait_readable",
-        "wait_writable",
         "waited",
     )
 
@@ -184,44 +336,30 @@ class _ServerConnection:
         self.stream = stream
         self.tls = tls
         self.on_tls_error = on_tls_error
-        self.receive = stream.receive
-        self.send = stream.send
         self.limits = limits
         self.info = info
         self.scheme = "https" if info.ssl_object is not None else "http"
         self.parser = httptools.HttpRequestParser(self)
-        self.cur: _Incoming | None = None
-        self.ready: deque[_Incoming] = deque()
-        self.continue_sent = False
+        self.cur: RequestResponseCycle | None = None
+        self.ready: deque[RequestResponseCycle] = deque()
         self.upgraded = False
         self.in_head = False
         self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
-        # One cancel scope for the connection's life; each phase (waiting for a head, writing
-        # a response) moves its deadline. Cheaper than a scope per phase, and any timeout
-        # ends the connection anyway.
-        self.scope: anyio.CancelScope = None  # type: ignore[assignment]  # made in run()
+        self.io: Socket = None  # type: ignore[assignment]  # made in serve()
         self.now = anyio.current_time
-        # The deadline is only moved when a read or write has to wait (`armed`: it is finite
-        # now): a request whose head is already there and whose answer fits the socket buffer
-        # costs no deadline update at all. Each update is about 1.5 µs of trio's CPU.
-        self.armed = False
-        # plain TCP on trio or asyncio: non-blocking calls straight on the socket (see
-        # DirectSocket, set up in run()); `waited` says the current request went through the
-        # scheduler at least once.
-        self.io: DirectSocket | None = None
-        self.direct: Any = None
+        self.checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
+        # The current request went through the scheduler at least once.
         self.waited = True
-        self.checkpoint = anyio.lowlevel.checkpoint
 
     # httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        # The fields set here, not in an __init__: a frame less on every request.
-        cur = self.cur = _new_object(_Incoming)
+        cur = self.cur = _new_object(RequestResponseCycle)
+        cur.conn = self
         cur.url = b""
         cur.headers = _new_headers(Headers)
         cur.host = None
         cur.chunks = []
-        cur.headers_done = cur.complete = cur.expect = False
+        cur.headers_done = cur.complete = cur.expect = cur.continue_sent = False
         cur.keep_alive = True
         cur.body_size = cur.header_bytes = 0
         self.in_head = True
@@ -294,108 +432,45 @@ class _ServerConnection:
         except httptools.HttpParserError as exc:
             raise RequestRejected(400, f"bad request: {exc}") from exc
 
-    def arm(self, deadline: float) -> None:
-        """Move the connection's deadline (skipped when it stays infinite)."""
-        if deadline != _INF or self.armed:
-            self.scope.deadline = deadline
-            self.armed = deadline != _INF
-
-    def first_deadline(self) -> float:
-        limits = self.limits
-        timeout = limits.header_timeout if self.in_head else limits.idle_timeout
-        return _INF if timeout is None else self.now() + timeout
-
     async def read_head(self) -> bool:
-        """Read until a request head is parsed; False when the connection should just end."""
+        """Read until a request head is parsed; False when the connection should just end.
+
+        The idle (or header) deadline is computed only before a first wait, so a head that is
+        already there costs no clock read; the limit is per wait, no cancel scope.
+        """
         limits = self.limits
-        # The idle (or header) deadline is computed and set only before a first wait: a head
-        # that is already there costs no clock read.
+        io = self.io
+        sock = io.sock
         deadline: float | None = None
-        armed = False  # this head's deadline is in force (set before the first wait)
-        sock = self.direct
         while not self.ready:
             if self.upgraded:
                 return False
-            if sock is not None:
+            try:
+                data = sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                if deadline is None:
+                    timeout = limits.header_timeout if self.in_head else limits.idle_timeout
+                    deadline = _INF if timeout is None else self.now() + timeout
                 try:
-                    data = sock.recv(_READ_SIZE)
-                except BlockingIOError:
-                    # A limit per wait, no cancel scope: the deadline is the head's.
-                    if deadline is None:  # first_deadline(), inline: once per request
-                        timeout = limits.header_timeout if self.in_head else limits.idle_timeout
-                        deadline = _INF if timeout is None else self.now() + timeout
-                    try:
-                        await self.wait_readable(
-                            None if deadline == _INF else deadline - self.now()
-                        )
-                    except TimeoutError:
-                        if self.in_head:
-                            raise RequestRejected(408, _HEAD_TIMEOUT) from None
-                        return False  # idle: close quietly
-                    except _BROKEN:
-                        return False
-                    self.waited = True
-                    continue
-                except OSError:
-                    return False
-                if not data:
-                    return False
-            else:
-                if not armed:
-                    if deadline is None:
-                        deadline = self.first_deadline()
-                    self.arm(deadline)
-                    armed = True
-                try:
-                    data = await self.receive(_READ_SIZE)
-                except _BROKEN:
+                    await io.wait_readable(None if deadline == _INF else deadline - self.now())
+                except TimeoutError:
+                    if self.in_head:
+                        raise RequestRejected(408, _HEAD_TIMEOUT) from None
+                    return False  # idle: close quietly
+                except IO_ERRORS:
                     return False
                 self.waited = True
+                continue
+            except OSError:
+                return False
+            if not data:
+                return False
             was_in_head = self.in_head
             self.feed(data)
             if not was_in_head and self.in_head and limits.header_timeout is not None:
                 # a head started and is not complete yet: it has header_timeout to arrive
                 deadline = self.now() + limits.header_timeout
-                if armed:
-                    self.arm(deadline)
         return True
-
-    async def read_body(self, msg: _Incoming) -> None:
-        """Read more of the current request's body into `msg.chunks`."""
-        if msg.expect and not self.continue_sent:
-            self.continue_sent = True
-            try:
-                with anyio.fail_after(self.limits.write_timeout):
-                    await self.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            except (TimeoutError, *_BROKEN) as exc:
-                raise RequestRejected(400, f"cannot send 100 Continue: {exc!r}") from None
-        timeout = self.limits.body_timeout
-        sock = self.direct
-        try:
-            if sock is not None:
-                while True:
-                    try:
-                        data = sock.recv(_READ_SIZE)
-                        break
-                    except BlockingIOError:
-                        pass
-                    await self.wait_readable(timeout)  # a limit only when it has to wait
-                if not data:
-                    raise RequestRejected(400, "client went away during the request body")
-            elif timeout is None:
-                data = await self.receive(_READ_SIZE)
-            else:
-                with anyio.fail_after(timeout):
-                    data = await self.receive(_READ_SIZE)
-        except TimeoutError:
-            raise RequestRejected(408, f"no request body data for {timeout} s") from None
-        except _BROKEN as exc:
-            raise RequestRejected(
-                400, f"client went away during the request body: {exc!r}"
-            ) from None
-        self.feed(data)
-        if self.upgraded and not msg.complete:
-            msg.complete = True
 
     async def send_error(self, status: int, message: str) -> None:
         body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
@@ -405,355 +480,118 @@ class _ServerConnection:
             % (status, _REASONS.get(status, b""), len(body))
         )
         try:
-            with anyio.move_on_after(self.limits.write_timeout or 5.0):
-                await self.send_all(head + body)
-        except _BROKEN:
+            await send_all(self.io, head + body, self.limits.write_timeout or 5.0)
+        except IO_ERRORS:
             pass
 
-    def build_request(self, msg: _Incoming) -> Request:
-        target = msg.url.decode("latin-1")
-        if target.startswith("/") or target == "*":
-            # A keep-alive client sends the same Host every time: split it once.
-            if self.last_host[0] == msg.host:
-                host, port = self.last_host[1]
-            else:
-                host, port = _split_host(msg.host, self.info, self.scheme)
-                self.last_host = (msg.host, (host, port))
-            url = URL(self.scheme, host, port, target)
-        elif "://" in target:  # absolute-form (RFC 9112 §3.2.2): it wins over Host
-            url = URL.parse(target)
-        else:  # authority-form (CONNECT)
-            host, port = _split_host(msg.url, self.info, self.scheme)
-            url = URL(self.scheme, host, port, "/")
-        if msg.complete and not msg.chunks:
-            body: Any = b""
-        else:
-            body = _RequestBody(self, msg)
-        # Built without Request.__init__ (the method is the parser's, already upper case, and
-        # the headers are a Headers): a frame less on every request.
-        request = _new_object(Request)
-        request.method = msg.method
-        request.url = url
-        request.headers = msg.headers
-        request.stream = body
-        request.extensions = {"http_version": b"HTTP/1.1" if msg.version == "1.1" else b"HTTP/1.0"}
-        return request
+    async def send_unsent(self) -> bool:
+        """Send what the loop's `SendBatch` could not; False when the client went away."""
+        io = self.io
+        try:
+            await send_all(io, io.take_unsent(), self.limits.write_timeout)
+        except IO_ERRORS as exc:
+            log.debug("client went away before its response was written: %r", exc)
+            return False
+        return True
 
     async def serve(self, handler: Handler) -> None:
         """Serve requests until the connection ends, then close it.
 
-        One coroutine from the task down to the handler call (no helper frames): every time
-        the task resumes, each frame of its await chain resumes too, and a proxied request
-        resumes it twice (the yields before reading the response and the next head).
+        One coroutine from the task down to the handler call (no helper frames): each time the
+        task resumes, every frame of its await chain resumes too, and a proxied request
+        resumes it twice (docs/data-path.md).
         """
         io = None
         try:
-            scope = self.scope = anyio.CancelScope()
             self.now = backend_clock()
-            self.checkpoint = backend_checkpoint()
-            io = self.io = await take_socket(self.stream)
+            checkpoint = self.checkpoint = backend_checkpoint()
+            io = self.io = await socket_for(self.stream)
             if self.tls is not None and not await self.handshake(io):
                 return
-            if io is not None:
-                self.direct = io.sock
-                self.wait_readable = io.wait_readable
-                self.wait_writable = io.wait_writable
-                if io.pending:  # bytes asyncio's transport had read before the socket was taken
+            if io.pending:  # bytes asyncio's transport had read before the socket was taken
+                try:
+                    self.feed(io.pending)
+                except RequestRejected as exc:
+                    await self.send_error(exc.status, str(exc))
+                    return
+            while True:
+                if not self.ready:
+                    # Others first: the next request is then nearly always there (99.7 % of
+                    # reads behind wrk -c32), which spares a failed `recv` and a wait.
+                    await checkpoint()
+                    self.waited = True
+                    if io.unsent is not None and not await self.send_unsent():
+                        return
                     try:
-                        self.feed(io.pending)
+                        if not await self.read_head():
+                            return
                     except RequestRejected as exc:
                         await self.send_error(exc.status, str(exc))
                         return
-            with scope:
-                direct = self.direct
-                checkpoint = self.checkpoint
-                while True:
-                    if not self.ready:
-                        if direct is not None:
-                            # Others first: the next request is then nearly always there
-                            # (measured behind wrk -c32: 99.7 % of reads find it), which
-                            # spares a failed `recv` and a wait. Here, not in read_head: a
-                            # frame less to resume.
-                            await checkpoint()
-                            self.waited = True
-                            if io.unsent is not None and not await self.send_unsent(io):
-                                return
-                        try:
-                            if not await self.read_head():
-                                return
-                        except RequestRejected as exc:
-                            await self.send_error(exc.status, str(exc))
-                            return
-                    if not self.waited:
-                        # Nothing this request did went through the scheduler (its head
-                        # was already there and the direct socket calls never blocked): yield
-                        # once, so a client that pipelines requests cannot starve the others,
-                        # and cancellation (drain) is seen.
-                        await self.checkpoint()
-                        if io.unsent is not None and not await self.send_unsent(io):
-                            return
-                    self.waited = self.direct is None
-                    msg = self.ready.popleft()
-                    if msg.host is None and msg.version == "1.1":
-                        await self.send_error(400, "HTTP/1.1 request without Host")
+                if not self.waited:
+                    # Nothing this request did went through the scheduler (its head was
+                    # already there and no call blocked): yield once, so a client that
+                    # pipelines requests cannot starve the others, and cancellation is seen.
+                    await checkpoint()
+                    if io.unsent is not None and not await self.send_unsent():
                         return
-                    self.continue_sent = False
-                    try:
-                        request = self.build_request(msg)
-                    except ValueError as exc:
-                        await self.send_error(400, str(exc))
-                        return
-                    if self.armed:  # no limit on the handler
-                        scope.deadline = _INF
-                        self.armed = False
-                    try:
-                        response = await handler(request, self.info)
-                    except RequestRejected as exc:
-                        await self.send_error(exc.status, str(exc))
-                        return
-                    except Exception:
-                        log.exception("handler failed for %s %s", msg.method, request.url)
-                        await self.send_error(500, "the handler failed")
-                        return
-                    keep_alive = msg.keep_alive and not self.upgraded
-                    if keep_alive and not msg.complete and msg.expect and not self.continue_sent:
-                        keep_alive = False  # the client may or may not send the body now: close
-                    try:
-                        keep_alive = await self.write_response(msg, response, keep_alive)
-                    except RequestRejected:
-                        return
-                    if not keep_alive:
-                        return
-                    if not msg.complete and not await self.drain(msg):
-                        return
-            if scope.cancelled_caught and self.in_head:
-                await self.send_error(408, _HEAD_TIMEOUT)
+                self.waited = False
+                cycle = self.ready.popleft()
+                if cycle.host is None and cycle.version == "1.1":
+                    await self.send_error(400, "HTTP/1.1 request without Host")
+                    return
+                try:
+                    request = cycle.request()
+                except ValueError as exc:
+                    await self.send_error(400, str(exc))
+                    return
+                try:
+                    response = await handler(request, self.info)
+                except RequestRejected as exc:
+                    await self.send_error(exc.status, str(exc))
+                    return
+                except Exception:
+                    log.exception("handler failed for %s %s", cycle.method, request.url)
+                    await self.send_error(500, "the handler failed")
+                    return
+                keep_alive = cycle.keep_alive and not self.upgraded
+                if keep_alive and not cycle.complete and cycle.expect and not cycle.continue_sent:
+                    keep_alive = False  # the client may or may not send the body now: close
+                try:
+                    keep_alive = await cycle.respond(response, keep_alive)
+                except RequestRejected:
+                    return
+                if not keep_alive:
+                    return
+                if not cycle.complete and not await cycle.drain():
+                    return
         except Exception:
             log.exception("HTTP connection failed")
         finally:
-            if io is not None and io.owned:
-                # The asyncio transport: closed here, unsent bytes flushed first (closing the
-                # stream would abort it and drop them).
+            if io is None:
+                await close_stream(self.stream)
+            else:
                 if io.unsent is not None:  # cancelled before sending what the batch left
                     with contextlib.suppress(OSError):
                         io.sock.send(io.take_unsent())
-                io.close()
-            else:
-                await close_stream(self.stream)
+                await io.aclose()
 
-    async def handshake(self, io: DirectSocket | None) -> bool:
+    async def handshake(self, io: Socket) -> bool:
         """Run the server side of the TLS handshake (within `handshake_timeout`); False when
-        it failed, which `on_tls_error` hears of (else it is logged).
-
-        On a connection the engine drives directly the socket becomes a `TLSSocket`, so TLS
-        takes the same direct path as plain TCP; anything else is wrapped in anyio's TLS
-        stream.
-        """
+        it failed, which `on_tls_error` hears of (else it is logged)."""
         assert self.tls is not None
         try:
             with anyio.fail_after(self.limits.handshake_timeout):
-                stream, ssl_object = await tls_handshake(self.stream, io, self.tls, server_side=True)
-        except (TimeoutError, *_BROKEN) as exc:
+                ssl_object = await start_tls(io, self.tls, server_side=True)
+        except IO_ERRORS as exc:
             if self.on_tls_error is not None:
                 self.on_tls_error(self.info, exc)
             else:
                 log.info("TLS handshake with %s failed: %r", self.info.client, exc)
             return False
-        if stream is not self.stream:  # anyio's TLS stream around one the engine cannot take
-            self.stream, self.receive, self.send = stream, stream.receive, stream.send
         self.info = dataclasses.replace(self.info, ssl_object=ssl_object)
         self.scheme = "https"
         return True
-
-    async def send_unsent(self, io: DirectSocket) -> bool:
-        """Send what the loop's `SendBatch` could not; False when the client went away."""
-        try:
-            await self.write(io.take_unsent())
-        except _BROKEN as exc:
-            log.debug("client went away before its response was written: %r", exc)
-            return False
-        return True
-
-    async def drain(self, msg: _Incoming) -> bool:
-        """Read and drop the rest of a body the handler left, within a budget."""
-        budget = _MAX_DRAIN
-        try:
-            while not msg.complete:
-                budget -= sum(map(len, msg.chunks))
-                msg.chunks.clear()
-                if budget < 0:
-                    return False
-                await self.read_body(msg)
-        except RequestRejected:
-            return False
-        msg.chunks.clear()
-        return True
-
-    async def write_response(self, msg: _Incoming, response: Response, keep_alive: bool) -> bool:
-        """Write the response; returns whether the connection may carry another request."""
-        status = response.status_code
-        body = response.stream
-        reason = response.extensions.get("reason_phrase") or _REASONS.get(status, b"")
-        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
-        append = lines.append
-        has_length = False
-        for name, value in response.headers:
-            n = len(name)
-            if n == 10 or n == 14 or n == 17:
-                low = name.lower()
-                if low == b"content-length":
-                    has_length = True
-                elif low == b"transfer-encoding":
-                    continue  # we decide the framing ourselves
-                elif low == b"connection":
-                    if b"close" in value.lower():
-                        keep_alive = False
-                    continue
-            append(name + b": " + value)
-        no_body = msg.method == "HEAD" or status < 200 or status == 204 or status == 304
-        chunked = False
-        if type(body) is BufferedBody:  # a whole upstream body: send it with the head
-            body = body.data or b""
-        elif isinstance(body, (bytearray, memoryview)):
-            body = bytes(body)
-        if isinstance(body, bytes):
-            bodiless_status = status < 200 or status == 204 or status == 304
-            if not has_length and not bodiless_status and (body or msg.method != "HEAD"):
-                append(b"Content-Length: %d" % len(body))
-        elif not has_length and not no_body:
-            if msg.version == "1.1":
-                chunked = True
-                append(b"Transfer-Encoding: chunked")
-            else:
-                keep_alive = False  # HTTP/1.0 without a length: the body ends at close
-        if not keep_alive:
-            append(b"Connection: close")
-        elif msg.version != "1.1":
-            append(b"Connection: keep-alive")
-        head = b"\r\n".join(lines) + b"\r\n\r\n"
-        if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
-            await _close_body(body)
-            log.error("response header contains CR or LF; answering 502 instead")
-            await self.send_error(502, "invalid response header from the handler")
-            return False
-        send = self.write
-        try:
-            if isinstance(body, bytes):
-                data = head + body if body and not no_body else head
-                sock = self.direct
-                if sock is None:
-                    await send(data)
-                elif keep_alive and msg.complete and self.io.batch is not None:  # type: ignore[union-attr]
-                    # Sent with the others at the end of the loop's pass (SendBatch); the
-                    # serve loop yields before it reads again, then sends what is left.
-                    self.io.batch.add(self.io, data)  # type: ignore[union-attr]
-                else:  # `write`, inline for the usual case: the socket takes it all
-                    try:
-                        sent = sock.send(data)
-                    except BlockingIOError:
-                        sent = 0
-                    if sent < len(data):
-                        await send(memoryview(data)[sent:])
-            elif no_body:
-                await send(head)
-            else:
-                # Glue the head to the first chunk: one send for a typical small response.
-                iterator = body.__aiter__()
-                chunk = b""
-                while not chunk:
-                    try:
-                        chunk = await iterator.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if chunk and chunked:
-                    await send(head + b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                else:
-                    await send(head + chunk)
-                async for chunk in iterator:
-                    if not chunk:
-                        continue
-                    await send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                if chunked:
-                    await send(b"0\r\n\r\n")
-        except _BROKEN as exc:
-            raise RequestRejected(400, f"client went away: {exc!r}") from None
-        except RequestRejected:
-            raise
-        except Exception:
-            log.exception("response body failed for %s", msg.method)
-            raise RequestRejected(500, "response body failed") from None
-        finally:
-            if not isinstance(body, bytes):
-                await _close_body(body)
-        return keep_alive
-
-    async def write(self, data: bytes | memoryview) -> None:
-        """Send `data`; the write timeout (time between two successful writes) is only armed
-        when the socket cannot take it all at once."""
-        sock = self.direct
-        if sock is None:
-            timeout = self.limits.write_timeout
-            if timeout is not None:
-                self.scope.deadline = self.now() + timeout
-                self.armed = True
-            await self.send(data)
-            return
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent >= len(data):
-            return
-        view = memoryview(data)[sent:]
-        timeout = self.limits.write_timeout
-        wait = self.wait_writable
-        while view:
-            await wait(timeout)  # TimeoutError (an OSError): the client went away
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                pass
-
-    async def send_all(self, data: bytes) -> None:
-        """Send `data` with no limit of its own (the caller bounds it)."""
-        sock = self.direct
-        if sock is None:
-            await self.send(data)
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                await self.wait_writable(None)
-
-
-class _RequestBody:
-    """`request.stream` on the server: reads the connection as the handler iterates."""
-
-    __slots__ = ("_conn", "_msg")
-
-    def __init__(self, conn: _ServerConnection, msg: _Incoming) -> None:
-        self._conn = conn
-        self._msg = msg
-
-    def __aiter__(self) -> _RequestBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        msg = self._msg
-        while True:
-            chunks = msg.chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                return data
-            if msg.complete:
-                raise StopAsyncIteration
-            await self._conn.read_body(msg)
-
-    async def aclose(self) -> None:
-        """Nothing to release: the connection drains or closes after the response."""
 
 
 def _split_host(value: bytes | None, info: ConnectionInfo, scheme: str) -> tuple[str, int | None]:
@@ -795,7 +633,7 @@ def serve_connection(
     """
     if info is None:
         info = ConnectionInfo.from_stream(stream)
-    return _ServerConnection(stream, limits, info, tls, on_tls_error).serve(handler)
+    return ServerConnection(stream, limits, info, tls, on_tls_error).serve(handler)
 
 
 async def serve_http(

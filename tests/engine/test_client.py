@@ -12,10 +12,25 @@ from meshcore._errors import (
     EndpointReadError,
     EndpointTimeout,
 )
-from meshcore._http import HTTPConnector, PoolLimits, Timeouts
+from meshcore._http import HTTPConnector, PoolLimits, Timeouts, _connector
+from meshcore._http._loop import adapt_stream
+from meshcore._http._socket import StreamSocket
 from meshcore._models import Request
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["socket", "stream"], autouse=True)
+def client_io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every client test runs twice: on the socket the engine takes from the loop, and on the
+    connection's anyio stream (the adapter any other stream goes through), one I/O path."""
+    if request.param == "stream":
+
+        async def adapted(stream):  # type: ignore[no-untyped-def]
+            return adapt_stream(stream)
+
+        monkeypatch.setattr(_connector, "socket_for", adapted)
+    return request.param  # type: ignore[no-any-return]
 
 
 def ep(server) -> Endpoint:  # type: ignore[no-untyped-def]
@@ -420,13 +435,15 @@ async def test_idle_connection_closed_by_server_is_detected() -> None:
 # direct sockets: timeouts cost a cancel scope only when a read or write waits ---------------
 
 
-async def test_connections_use_the_direct_socket(nginx) -> None:  # type: ignore[no-untyped-def]
-    """Plain TCP on trio and asyncio goes through DirectSocket (the fast path the benchmarks
-    measure); the tests around it would otherwise silently exercise the stream path only."""
+async def test_connections_use_the_direct_socket(nginx, client_io: str) -> None:  # type: ignore[no-untyped-def]
+    """Plain TCP on trio and asyncio drives the socket itself (the fast path the benchmarks
+    measure); the tests around it would otherwise silently exercise the stream adapter only."""
+    import socket
+
     async with HTTPConnector() as connector:
         await get(connector, nginx, "/")
         (conn,) = connector._pools[ep(nginx)].idle
-        assert conn.io is not None and conn.direct is not None
+        assert type(conn.io.sock) is (socket.socket if client_io == "socket" else StreamSocket)
 
 
 @pytest.mark.parametrize(

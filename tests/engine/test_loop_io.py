@@ -20,7 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshcore._http._parse import DirectSocket, _LoopWaiter, send_batch
+from meshcore._http._loop import _LoopWaiter, send_batch
+from meshcore._http._socket import Socket
 
 pytestmark = pytest.mark.anyio
 
@@ -51,8 +52,8 @@ async def _never(timeout: float | None = None) -> None:
     raise AssertionError("the batch never waits")
 
 
-def direct(sock: socket.socket) -> DirectSocket:
-    return DirectSocket(sock, _never, _never, False, batch=send_batch(asyncio.get_running_loop()))
+def direct(sock: socket.socket) -> Socket:
+    return Socket(sock, _never, _never, batch=send_batch(asyncio.get_running_loop()))
 
 
 def received(sock: socket.socket) -> bytes:
@@ -115,12 +116,12 @@ def test_one_batch_per_loop_and_none_kept_for_a_closed_loop() -> None:
         other.close()
     finally:
         loop.close()
-    from meshcore._http import _parse
+    from meshcore._http import _loop
 
-    count = len(_parse._batches)
+    count = len(_loop._batches)
     del loop, other
     gc.collect()
-    assert len(_parse._batches) <= count - 2  # the batch did not keep its loop alive
+    assert len(_loop._batches) <= count - 2  # the batch did not keep its loop alive
 
 
 # _LoopWaiter -----------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from meshcore._endpoints import Endpoint
 from meshcore._errors import EndpointProtocolError
-from meshcore._http._client import _Connection
-from meshcore._http._server import ConnectionInfo, RequestRejected, ServerLimits, _ServerConnection
+from meshcore._http._http11 import HTTP11Connection
+from meshcore._http._server import ConnectionInfo, RequestRejected, ServerConnection, ServerLimits
+from meshcore._http._socket import adapt
 
 
 class _NoStream:
@@ -78,7 +79,7 @@ def test_response_glue_any_split(
         wire = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes)
     else:
         wire = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
-    conn = _Connection(_NoStream(), Endpoint("127.0.0.1", 1))  # type: ignore[arg-type]
+    conn = HTTP11Connection(adapt(_NoStream()), Endpoint("127.0.0.1", 1), None)  # type: ignore[arg-type]
     for _ in range(2):  # the same connection parses a second response after the first
         conn.start(False)
         for piece in split(wire, cuts):
@@ -102,7 +103,7 @@ def test_bad_chunk_sizes_are_protocol_errors(size_text: bytes) -> None:
         + size_text
         + b"\r\nabc\r\n0\r\n\r\n"
     )
-    conn = _Connection(_NoStream(), Endpoint("127.0.0.1", 1))  # type: ignore[arg-type]
+    conn = HTTP11Connection(adapt(_NoStream()), Endpoint("127.0.0.1", 1), None)  # type: ignore[arg-type]
     conn.start(False)
     try:
         conn.feed(wire)
@@ -137,7 +138,7 @@ def test_pipelined_requests_glue_any_split(
             wire += head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes)
         else:
             wire += head + b"Content-Length: %d\r\n\r\n" % len(body) + body
-    conn = _ServerConnection(_NoStream(), ServerLimits(), ConnectionInfo())  # type: ignore[arg-type]
+    conn = ServerConnection(_NoStream(), ServerLimits(), ConnectionInfo())  # type: ignore[arg-type]
     for piece in split(wire, cuts):
         conn.feed(piece)
     assert len(conn.ready) == len(bodies)
@@ -151,7 +152,7 @@ def test_pipelined_requests_glue_any_split(
 @given(count=st.integers(0, 40), value_size=st.integers(0, 300))
 def test_header_limits(count: int, value_size: int) -> None:
     limits = ServerLimits(max_header_count=20, max_header_bytes=2000)
-    conn = _ServerConnection(_NoStream(), limits, ConnectionInfo())  # type: ignore[arg-type]
+    conn = ServerConnection(_NoStream(), limits, ConnectionInfo())  # type: ignore[arg-type]
     wire = (
         b"GET / HTTP/1.1\r\nHost: h\r\n"
         + b"".join(b"X-%d: %s\r\n" % (i, b"v" * value_size) for i in range(count))

@@ -68,10 +68,54 @@ async def app(request: Request, conn: ConnectionInfo) -> Response:
     return Response(200, [], f"{request.method} {request.url.target}".encode())
 
 
-@pytest.fixture
-async def server(anyio_backend: str) -> AsyncIterator[int]:
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+class Wrapped(anyio.abc.ByteStream):
+    """A TCP stream the engine cannot take the socket of: it goes through `StreamSocket`."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.inner = stream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self.inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def extra_attributes(self):  # type: ignore[no-untyped-def]
+        return self.inner.extra_attributes
+
+
+class WrappingListener(anyio.abc.Listener[anyio.abc.ByteStream]):
+    def __init__(self, inner: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        self.inner = inner
+
+    async def serve(self, handler, task_group=None) -> None:  # type: ignore[no-untyped-def,override]
+        await self.inner.serve(lambda stream: handler(Wrapped(stream)), task_group)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def extra_attributes(self):  # type: ignore[no-untyped-def]
+        return self.inner.extra_attributes
+
+
+@pytest.fixture(params=["socket", "stream"])
+async def server(anyio_backend: str, request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    """Every server test runs twice: on the socket the engine takes from the event loop, and
+    on a stream it cannot take (the stream adapter), so both follow the one I/O path."""
+    listener: anyio.abc.Listener[anyio.abc.ByteStream] = await anyio.create_tcp_listener(
+        local_host="127.0.0.1"
+    )
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    if request.param == "stream":
+        listener = WrappingListener(listener)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: serve_http(listener, app, limits=LIMITS))
         yield port

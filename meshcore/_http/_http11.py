@@ -1,0 +1,339 @@
+"""One client HTTP/1.1 connection: its request's head, its `exchange`, its response's parse.
+
+`exchange` writes the request and reads until the response head is parsed; a body that came
+with the head is handed out whole (`BufferedBody`, the connection already back in its pool),
+anything longer streams through `ResponseBody`. Every I/O error goes through the error map
+(`_error_map.endpoint_error`).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import anyio
+import httptools
+
+from .._endpoints import Endpoint
+from .._errors import EndpointProtocolError
+from .._models import Headers, Request, Response
+from ._bodies import BufferedBody, ResponseBody
+from ._error_map import IO_ERRORS, Phase, endpoint_error
+from ._socket import Socket, receive, send_all
+
+_new_headers = Headers.__new__
+_new_object = object.__new__
+
+# Methods that carry no body by default: no `Content-Length: 0` for them when the body is empty.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+_READ_SIZE = 65536
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+# Bodies up to this size are written in the same send as the head (one syscall).
+_GLUE_BODY = 16384
+
+
+class Owner(Protocol):
+    """What a connection needs of its pool (`_pool.Pool`)."""
+
+    checkpoint: Callable[[], Awaitable[None]]
+
+    async def finish(self, conn: HTTP11Connection) -> None: ...
+
+    async def discard(self, conn: HTTP11Connection) -> None: ...
+
+
+class HTTP11Connection:
+    """One HTTP/1.1 connection to an endpoint, and the httptools callbacks that parse its
+    responses (one at a time: `start` before each)."""
+
+    __slots__ = (
+        "chunks",
+        "close_delimited",
+        "complete",
+        "endpoint",
+        "framed",
+        "got_bytes",
+        "head",
+        "headers",
+        "headers_done",
+        "idle_since",
+        "interim",
+        "io",
+        "keep_alive",
+        "parser",
+        "pool",
+        "reason",
+        "sock",
+        "status",
+    )
+
+    def __init__(self, io: Socket, endpoint: Endpoint, pool: Owner) -> None:
+        self.io = io
+        self.sock = io.sock
+        self.endpoint = endpoint
+        self.pool = pool
+        self.parser = httptools.HttpResponseParser(self)
+        self.idle_since = 0.0
+        self.chunks: list[bytes] = []
+
+    def start(self, head: bool) -> None:
+        self.head = head
+        self.status = 0
+        self.reason = b""
+        self.chunks = []
+        self.headers = _new_headers(Headers)
+        self.headers_done = self.complete = self.interim = False
+        self.framed = self.close_delimited = False
+        self.keep_alive = True
+        self.got_bytes = False
+
+    # httptools callbacks -------------------------------------------------------------------
+    def on_status(self, status: bytes) -> None:
+        self.reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        n = len(name)
+        if n == 14 or n == 17:
+            low = name.lower()
+            if low == b"content-length" or low == b"transfer-encoding":
+                self.framed = True
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise EndpointProtocolError(
+                    "101 Switching Protocols is not supported", endpoint=self.endpoint
+                )
+            self.interim = True  # 1xx: llhttp completes it as a bodiless message; skip it
+            return
+        self.status = status
+        self.headers_done = True
+        if self.head:
+            # llhttp does not know the request was HEAD and would wait for Content-Length bytes.
+            self.complete = True
+            self.keep_alive = self.parser.should_keep_alive()
+        elif not self.framed and status != 204 and status != 304:
+            self.close_delimited = True  # body ends when the server closes (RFC 9112 §6.3)
+            self.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self.head:
+            self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:  # the real response's head starts afresh
+            self.interim = self.framed = False
+            self.headers = _new_headers(Headers)
+            return
+        if not self.complete:
+            self.complete = True
+            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+
+    def feed(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, EndpointProtocolError):
+                raise exc.__context__ from None
+            raise EndpointProtocolError(
+                f"invalid HTTP response from {self.endpoint.id}: {exc}", endpoint=self.endpoint
+            ) from exc
+        except httptools.HttpParserError as exc:
+            raise EndpointProtocolError(
+                f"invalid HTTP response from {self.endpoint.id}: {exc}", endpoint=self.endpoint
+            ) from exc
+
+    # I/O -----------------------------------------------------------------------------------
+    def peer_closed(self) -> bool:
+        """True when the idle connection has data or EOF pending: the server gave up on it."""
+        try:
+            self.sock.recv(1, _PEEK_FLAGS)  # b"" (EOF) or stray bytes: either way, unusable
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    async def exchange(
+        self,
+        request: Request,
+        head: bytes,
+        body: Any,
+        chunked: bool,
+        close: bool,
+        write_timeout: float | None,
+        read_timeout: float | None,
+        reused: bool,
+    ) -> Response:
+        """Send `request` (its `head` and `body` from `serialize_head`) and read the response
+        head; the limits are per wait, so "between two reads/writes" holds."""
+        self.start(request.method == "HEAD")
+        io = self.io
+        sock = self.sock
+        phase: Phase = "write"
+        try:
+            if isinstance(body, bytes):
+                if len(body) <= _GLUE_BODY:
+                    data = head + body if body else head
+                    if io.batch is not None:
+                        # Sent with the others at the end of the loop's pass (SendBatch); we
+                        # yield below before reading.
+                        io.batch.add(io, data)
+                    else:
+                        try:  # the usual case inline: the socket takes it all at once
+                            sent = sock.send(data)
+                        except BlockingIOError:
+                            sent = 0
+                        if sent < len(data):
+                            await send_all(self.io, memoryview(data)[sent:], write_timeout)
+                else:
+                    await send_all(self.io, head, write_timeout)
+                    await send_all(self.io, body, write_timeout)
+            else:
+                await send_all(self.io, head, write_timeout)
+                await self.send_streamed(body, chunked, request, write_timeout)
+            # Others first (as trio's own send would have let them): the answer is then often
+            # there already, which spares a failed recv and a wait.
+            await self.pool.checkpoint()
+            if io.unsent is not None:
+                await send_all(self.io, io.take_unsent(), write_timeout)
+            phase = "read"
+            feed = self.feed
+            while not self.headers_done:
+                try:  # inline as well; `receive` waits when nothing is there yet
+                    data = sock.recv(_READ_SIZE)
+                except BlockingIOError:
+                    # A limit costs something only when the read has to wait (under load
+                    # 2 % of reads do: docs/data-path.md).
+                    data = await receive(io, _READ_SIZE, read_timeout)
+                if not data:
+                    raise anyio.EndOfStream
+                feed(data)
+        except BaseException as exc:
+            await self.pool.discard(self)
+            if isinstance(exc, IO_ERRORS):
+                stale = reused and not self.got_bytes and not isinstance(exc, TimeoutError)
+                limit = write_timeout if phase == "write" else read_timeout
+                raise endpoint_error(exc, self.endpoint, phase, limit, stale=stale) from exc
+            raise
+        if close:  # `Connection: close` from our side ends reuse too
+            self.keep_alive = False
+        extensions = {
+            "http_version": b"HTTP/1.1" if self.parser.get_http_version() == "1.1" else b"HTTP/1.0",
+            "reason_phrase": self.reason,
+        }
+        if self.complete:
+            # The whole body came with the head (most small responses): give the connection
+            # back now and hand out the bytes. Take what the response needs first: once given
+            # back (`finish` may yield), another task may start an exchange on this connection.
+            chunks = self.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.chunks = []
+            status, headers = self.status, self.headers
+            await self.pool.finish(self)
+            # Built without their __init__ (the fields are what it would set): the proxy's
+            # hot path (docs/data-path.md).
+            buffered = _new_object(BufferedBody)
+            buffered.data = data
+            response = _new_object(Response)
+            response.status_code = status
+            response.headers = headers
+            response.stream = buffered
+            response.extensions = extensions
+            return response
+        return Response(self.status, self.headers, ResponseBody(self, read_timeout), extensions)
+
+    async def send_streamed(
+        self, body: Any, chunked: bool, request: Request, write_timeout: float | None
+    ) -> None:
+        """Write a streamed body; the write timeout applies to each wait, not the upload."""
+        io = self.io
+        if chunked:
+            async for chunk in body:
+                if chunk:
+                    await send_all(io, b"%x\r\n%b\r\n" % (len(chunk), chunk), write_timeout)
+            await send_all(io, b"0\r\n\r\n", write_timeout)
+            return
+        declared = int(request.headers.get("content-length") or 0)
+        sent = 0
+        async for chunk in body:
+            if chunk:
+                sent += len(chunk)
+                if sent > declared:
+                    break
+                await send_all(io, chunk, write_timeout)
+        if sent != declared:
+            raise EndpointProtocolError(
+                f"request body is {'longer' if sent > declared else 'shorter'} than its "
+                f"Content-Length ({declared})",
+                endpoint=self.endpoint,
+            )
+
+    # the streamed response body (`ResponseBody`) ---------------------------------------------
+    async def receive_body(self, timeout: float | None) -> None:
+        """Read more of the response body into `chunks` (or learn that it ended)."""
+        try:
+            data = await receive(self.io, _READ_SIZE, timeout)
+        except IO_ERRORS as exc:
+            raise endpoint_error(exc, self.endpoint, "body", timeout) from exc
+        if data:
+            self.feed(data)
+        elif self.close_delimited:
+            self.complete = True
+        else:
+            raise endpoint_error(anyio.EndOfStream(), self.endpoint, "body", timeout)
+
+    async def finish(self) -> None:
+        await self.pool.finish(self)
+
+    async def discard(self) -> None:
+        await self.pool.discard(self)
+
+
+def serialize_head(request: Request) -> tuple[bytes, Any, bool, bool]:
+    """The request head as bytes, the body to send, whether it goes chunked, and whether the
+    request says `Connection: close` (the connection is not reused after it)."""
+    method = request.method
+    url = request.url
+    body = request.stream
+    has_host = has_length = has_te = close = False
+    lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), url.target.encode("latin-1"))]
+    append = lines.append
+    for name, value in request.headers:
+        n = len(name)
+        if n == 4 or n == 10 or n == 14 or n == 17:
+            low = name.lower()
+            if low == b"host":
+                has_host = True
+            elif low == b"content-length":
+                has_length = True
+            elif low == b"transfer-encoding":
+                has_te = True
+            elif low == b"connection" and b"close" in value.lower():
+                close = True
+        append(name + b": " + value)
+    if not has_host:
+        append(b"Host: " + url.authority.encode("idna" if not url.host.isascii() else "ascii"))
+    chunked = False
+    if isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    if isinstance(body, bytes):
+        if has_te:
+            # The caller asked for chunked framing of a body we hold in full: one chunk.
+            body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
+        elif not has_length and (body or method not in _NO_BODY_METHODS):
+            append(b"Content-Length: %d" % len(body))
+    elif not has_length:
+        chunked = True
+        if not has_te:
+            append(b"Transfer-Encoding: chunked")
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    # One C-level scan instead of one per header: a CR or LF inside a name or value would
+    # let a caller smuggle a header or a second request (RFC 9110 §5.5).
+    if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
+        raise EndpointProtocolError("CR or LF inside a request header or target")
+    return head, body, chunked, close

@@ -1,0 +1,353 @@
+"""Everything the engine takes from inside anyio, asyncio, uvloop and trio, in one place.
+
+- `backend_clock` and `backend_checkpoint`: the running backend's own clock and yield, fetched
+  once per connection (anyio looks the backend up on every call of its public ones).
+- `take_socket`: the socket under an anyio TCP stream, for the engine to call directly (on
+  asyncio and uvloop the transport's descriptor is duplicated and the transport closed).
+- `SendBatch`: sends held to the end of the asyncio loop's pass.
+- `_LoopWaiter` (asyncio, uvloop) and `_trio_wait` (trio): waits that carry their own limit.
+
+Each reach into a private name is guarded by tests/engine/test_loop_internals.py, which fails
+when the name moves. At run time a moved internal is not silent either: the engine logs a
+warning once (`_drifted`) and falls back to the public API (anyio's clock and checkpoint, the
+stream through `_socket.StreamSocket`), slower but correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import types
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from ._socket import Socket, adapt
+
+log = logging.getLogger("meshcore.http")
+_warned: set[str] = set()
+
+
+def _drifted(what: str, exc: BaseException) -> None:
+    """An internal this module relies on moved: say so once, the caller falls back."""
+    if what not in _warned:
+        _warned.add(what)
+        log.warning(
+            "meshcore's HTTP engine falls back to anyio's public API for %s (%r): an anyio, "
+            "asyncio, uvloop or trio internal it uses moved (meshcore/_http/_loop.py)",
+            what,
+            exc,
+        )
+
+
+def _backend_module() -> str:
+    """The module of the running anyio backend class (`anyio._backends._trio`, ...)."""
+    from anyio._core._eventloop import get_async_backend
+
+    return get_async_backend().__module__
+
+
+def backend_clock() -> Callable[[], float]:
+    """The running backend's clock: `anyio.current_time` without its per-call backend lookup
+    (the same clock: trio's, which `MockClock` drives, or the loop's). From async context."""
+    try:
+        if _backend_module() == "anyio._backends._trio":
+            import trio
+
+            return trio.current_time  # what anyio's trio backend calls
+        return asyncio.get_running_loop().time  # what anyio's asyncio backend calls
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        _drifted("the clock", exc)
+        return anyio.current_time
+
+
+@types.coroutine
+def _yield_to_loop() -> Any:
+    """What `asyncio.sleep(0)` does (a bare yield: the task runs again on the loop's next
+    pass, and a cancellation lands here), two frames less."""
+    yield
+
+
+def backend_checkpoint() -> Callable[[], Awaitable[None]]:
+    """`anyio.lowlevel.checkpoint` without its per-call backend lookup (the engine yields twice
+    per proxied request). From async context."""
+    try:
+        if _backend_module() == "anyio._backends._trio":
+            import trio
+
+            return trio.lowlevel.checkpoint  # what anyio's trio backend awaits
+        asyncio.get_running_loop()
+        return _yield_to_loop
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        _drifted("the checkpoint", exc)
+        return anyio.lowlevel.checkpoint
+
+
+class SendBatch:
+    """Sends held until the end of the event loop's pass, then made one after the other.
+
+    Why: on loopback every `send` wakes the peer's process, and waking a CPU that went idle is
+    what costs on a virtual machine; sends made back to back find the peer awake (a quarter
+    less CPU per request in the sidecar: docs/data-path.md, "Figures").
+
+    The contract, for a writer that hands over `data` with `add(io, data)`: the writer yields
+    to the loop (a bare checkpoint) before it uses the connection again, and then sends
+    `io.unsent` itself if that is set. `flush` runs before that yield returns (it was queued
+    first: asyncio and uvloop run callbacks in order), and tries each send once: what the
+    socket did not take, or a send that failed, is left in `unsent`, so waiting for the socket,
+    its time limit and the error all stay with the connection's own task. A writer that closes
+    the connection right after writing sends at once instead.
+    """
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Socket, bytes]] = []
+
+    def add(self, io: Socket, data: bytes) -> None:
+        """Send `data` on `io` at the end of this pass of the loop (see the class)."""
+        if not self.queue:
+            # Once per pass. The loop is looked up, not kept: a batch must not keep its loop
+            # (the key of `_batches`) alive.
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.queue.append((io, data))
+
+    def flush(self) -> None:
+        queue, self.queue = self.queue, []
+        for io, data in queue:
+            try:
+                sent = io.sock.send(data)
+            except OSError:  # would block, or failed: the owner's own send finds out which
+                sent = 0
+            if sent < len(data):
+                io.unsent = memoryview(data)[sent:] if sent else data
+
+
+_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def send_batch(loop: asyncio.AbstractEventLoop) -> SendBatch:
+    """The running loop's `SendBatch` (one per loop, so one flush per pass of the loop)."""
+    batch = _batches.get(loop)
+    if batch is None:
+        batch = _batches[loop] = SendBatch()
+    return batch
+
+
+def _trio_wait(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable[..., Any]:
+    """`wait(sock)` on trio with an optional time limit: a cancel scope only when there is
+    one, and trio's own (anyio's wrapper scope around it costs several µs per wait;
+    docs/data-path.md, "Figures")."""
+    import trio
+
+    move_on_after = trio.move_on_after
+
+    async def limited(timeout: float | None = None) -> None:
+        if timeout is None:
+            await wait(sock)
+            return
+        # A deadline already past is a limit of 0 (trio refuses a negative one).
+        with move_on_after(timeout if timeout > 0 else 0) as scope:
+            await wait(sock)
+        if scope.cancelled_caught:
+            raise TimeoutError
+
+    return limited
+
+
+async def socket_for(stream: anyio.abc.AnyByteStream) -> Socket:
+    """The `Socket` the engine drives `stream` with: its own socket when `take_socket` can
+    have it, else the stream itself (`adapt_stream`)."""
+    io = await take_socket(stream)
+    return adapt_stream(stream) if io is None else io
+
+
+def adapt_stream(stream: anyio.abc.AnyByteStream) -> Socket:
+    """`stream` through `StreamSocket`, which peeks (the pool's liveness check) at the socket
+    under the stream: on asyncio the one inside the transport's `TransportSocket` wrapper,
+    which refuses `recv` itself."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    raw = getattr(raw, "_sock", raw)
+    return adapt(stream, raw if isinstance(raw, socket.socket) else None)
+
+
+async def take_socket(stream: Any) -> Socket | None:
+    """A `Socket` on the socket of a plain TCP stream on trio, asyncio or uvloop, else None.
+
+    None (the stream is used as it is) under TLS, for UNIX sockets on asyncio and for other
+    event loops. On asyncio and uvloop the transport's reading is paused before its
+    descriptor is duplicated and the transport aborted: pausing takes the descriptor out of
+    epoll (and libuv unregisters it when closing), so the closed original never lingers in the
+    epoll set while our duplicate keeps the connection open. On trio the stream keeps its
+    socket (trio keeps no buffer in front of it) and closes it at the end.
+    """
+    module = type(stream).__module__
+    if module == "anyio._backends._trio":
+        if not isinstance(stream, anyio.abc.SocketStream):
+            return None
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+            return None
+        try:
+            from anyio._core._eventloop import get_async_backend
+
+            backend = get_async_backend()
+            waits = _trio_wait(backend.wait_readable, sock), _trio_wait(backend.wait_writable, sock)
+        except (ImportError, AttributeError) as exc:
+            _drifted("trio's socket waits", exc)
+            return None
+        return Socket(sock, *waits, stream)
+    if module != "anyio._backends._asyncio" or type(stream).__name__ != "SocketStream":
+        return None
+    try:
+        import asyncio.selector_events
+
+        transport = stream._transport
+        protocol = stream._protocol
+        if transport.is_closing() or protocol.is_at_eof or protocol.exception is not None:
+            return None
+        raw = transport.get_extra_info("socket")
+        if isinstance(transport, asyncio.selector_events._SelectorSocketTransport):  # type: ignore[attr-defined]
+            raw = raw._sock  # asyncio's TransportSocket wrapper refuses recv()
+        elif type(transport).__module__ != "uvloop.loop":
+            return None
+        if raw.type != socket.SOCK_STREAM or raw.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        queue = protocol.read_queue
+    except (ImportError, AttributeError) as exc:
+        _drifted("asyncio's transport", exc)
+        return None
+    # Stop the transport's reading first: the descriptor leaves epoll before it is
+    # closed (a closed descriptor whose duplicate lives on would otherwise stay in it).
+    transport.pause_reading()
+    try:
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+    except OSError:  # out of descriptors, say: the stream stays as it was
+        transport.resume_reading()
+        return None
+    pending = b"".join(queue)
+    queue.clear()
+    sock.setblocking(False)
+    try:
+        await stream.aclose()  # aborts the transport, which closes its descriptor, not ours
+    except BaseException:
+        sock.close()
+        raise
+    loop = asyncio.get_running_loop()
+    reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
+    # A socket is nearly always writable: a writer registration kept would fire on every pass.
+    writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
+
+    def release() -> None:
+        reader.release()
+        writer.release()
+
+    return Socket(
+        sock, reader.wait, writer.wait, pending=pending, batch=send_batch(loop), on_close=release
+    )
+
+
+class _LoopWaiter:
+    """Waits for one socket to become readable (or writable) on an asyncio or uvloop loop, for
+    one task at a time (the connection's): `wait(timeout)`, raising TimeoutError when the time
+    is up: what `anyio.wait_readable` in `anyio.fail_after` does, without the cancel scope,
+    and without paying again on every wait for what can stay (a proxy waits on nearly every
+    upstream read when the upstream takes a millisecond; docs/data-path.md, "Figures"):
+
+    - **The registration stays** (`persistent`, readers) from one wait to the next, sparing
+      two `epoll_ctl` calls per wait. It ends when the socket turns readable while nobody
+      waits (the epoll set is level-triggered: the callback would run on every pass until the
+      task reads), and at `release()`, which must run before the socket is closed.
+    - **The timer stays too.** A wait records its deadline; the one loop timer fires at the
+      earliest deadline it was set for and, if the wait then running has a later one (it was
+      renewed since), sets itself again for that. So a connection waiting every millisecond
+      with a 60 s limit arms a timer about once a minute instead of once per wait.
+    """
+
+    __slots__ = (
+        "add",
+        "deadline",
+        "fd",
+        "future",
+        "loop",
+        "persistent",
+        "registered",
+        "remove",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        add: Callable[..., Any],
+        remove: Callable[[Any], Any],
+        sock: socket.socket,
+        persistent: bool,
+    ) -> None:
+        self.loop = loop
+        self.add = add
+        self.remove = remove
+        self.fd = sock.fileno()
+        self.persistent = persistent
+        self.registered = False
+        self.future: asyncio.Future[None] | None = None
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def wait(self, timeout: float | None = None) -> None:
+        loop = self.loop
+        future = self.future = loop.create_future()
+        if not self.registered:
+            self.add(self.fd, self._ready)
+            self.registered = True
+        if timeout is None:
+            self.deadline = None
+        else:
+            deadline = self.deadline = loop.time() + timeout
+            timer = self.timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self.timer = loop.call_at(deadline, self._expire)
+        try:
+            await future
+        finally:
+            self.future = None
+            if not self.persistent and self.registered:
+                self.remove(self.fd)
+                self.registered = False
+
+    def _ready(self) -> None:
+        future = self.future
+        if future is None:  # readable with nobody waiting: stop listening until the next wait
+            self.remove(self.fd)
+            self.registered = False
+        elif not future.done():
+            future.set_result(None)
+
+    def _expire(self) -> None:
+        self.timer = None
+        future, deadline = self.future, self.deadline
+        if future is None or deadline is None or future.done():
+            return  # nobody waits, or with no limit: the timer lapses
+        if deadline > self.loop.time():  # the wait running now was set later: follow it
+            self.timer = self.loop.call_at(deadline, self._expire)
+            return
+        future.set_exception(TimeoutError())
+
+    def release(self) -> None:
+        """Stop listening and drop the timer; before the socket closes."""
+        if self.registered:
+            self.registered = False
+            self.remove(self.fd)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
