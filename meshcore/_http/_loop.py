@@ -215,7 +215,7 @@ async def take_socket(stream: Any) -> Socket | None:
         if transport.is_closing() or protocol.is_at_eof or protocol.exception is not None:
             return None
         raw = transport.get_extra_info("socket")
-        if isinstance(transport, asyncio.selector_events._SelectorSocketTransport):  # type: ignore[attr-defined]
+        if isinstance(transport, asyncio.selector_events._SelectorSocketTransport):  # type: ignore[attr-defined]  # private to asyncio; guarded by test_loop_internals
             raw = raw._sock  # asyncio's TransportSocket wrapper refuses recv()
         elif type(transport).__module__ != "uvloop.loop":
             return None

@@ -366,56 +366,56 @@ class ServerConnection:
 
     def on_url(self, part: bytes) -> None:
         cur = self.cur
-        cur.url += part  # type: ignore[union-attr]
-        if len(cur.url) > self.limits.max_request_line:  # type: ignore[union-attr]
+        cur.url += part  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        if len(cur.url) > self.limits.max_request_line:  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
             raise RequestRejected(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         cur = self.cur
-        headers = cur.headers  # type: ignore[union-attr]
+        headers = cur.headers  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         headers.append((name, value))
-        cur.header_bytes += len(name) + len(value) + 4  # type: ignore[union-attr]
+        cur.header_bytes += len(name) + len(value) + 4  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         limits = self.limits
         if len(headers) > limits.max_header_count:
             raise RequestRejected(431, f"more than {limits.max_header_count} header fields")
-        if cur.header_bytes > limits.max_header_bytes:  # type: ignore[union-attr]
+        if cur.header_bytes > limits.max_header_bytes:  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
             raise RequestRejected(431, f"header fields larger than {limits.max_header_bytes} bytes")
         n = len(name)
         if n == 4 or n == 6:
             low = name.lower()
             if low == b"host":
-                if cur.host is not None:  # type: ignore[union-attr]
+                if cur.host is not None:  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
                     raise RequestRejected(400, "more than one Host header")  # RFC 9112 §3.2
-                cur.host = value  # type: ignore[union-attr]
+                cur.host = value  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
             elif low == b"expect" and value.lower() == b"100-continue":
-                cur.expect = True  # type: ignore[union-attr]
+                cur.expect = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
 
     def on_headers_complete(self) -> None:
         cur = self.cur
         parser = self.parser
-        cur.method = parser.get_method().decode("ascii")  # type: ignore[union-attr]
-        cur.version = parser.get_http_version()  # type: ignore[union-attr]
-        cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
-        cur.headers_done = True  # type: ignore[union-attr]
+        cur.method = parser.get_method().decode("ascii")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        cur.version = parser.get_http_version()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        cur.headers_done = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         self.in_head = False
         max_body = self.limits.max_body
         if max_body is not None:
-            length = cur.headers.get("content-length")  # type: ignore[union-attr]
+            length = cur.headers.get("content-length")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
             if length is not None and length.isdigit() and int(length) > max_body:
                 raise RequestRejected(413, f"request body larger than {max_body} bytes")
-        self.ready.append(cur)  # type: ignore[arg-type]
+        self.ready.append(cur)  # type: ignore[arg-type]  # cur is set by on_message_begin before any other callback
 
     def on_body(self, body: bytes) -> None:
         cur = self.cur
-        cur.chunks.append(body)  # type: ignore[union-attr]
+        cur.chunks.append(body)  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         max_body = self.limits.max_body
         if max_body is not None:
-            cur.body_size += len(body)  # type: ignore[union-attr]
-            if cur.body_size > max_body:  # type: ignore[union-attr]
+            cur.body_size += len(body)  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+            if cur.body_size > max_body:  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
                 raise RequestRejected(413, f"request body larger than {max_body} bytes")
 
     def on_message_complete(self) -> None:
-        self.cur.complete = True  # type: ignore[union-attr]
+        self.cur.complete = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
 
     # ----------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:

@@ -133,7 +133,7 @@ class Tracked:
         body = self.body
         if isinstance(body, bytes):
             return _once(body)
-        return body.__aiter__()  # type: ignore[no-any-return]
+        return body.__aiter__()  # type: ignore[no-any-return]  # the body is any async iterable of bytes
 
     async def aclose(self) -> None:
         try:

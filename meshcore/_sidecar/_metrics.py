@@ -26,7 +26,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -239,7 +239,7 @@ class Telemetry:
     # -- state --------------------------------------------------------------------------------
 
     def as_dict(self) -> dict[str, Any]:
-        def by(d: dict[tuple[str, ...], int]) -> list[dict[str, Any]]:
+        def by(d: Mapping[Any, int]) -> list[dict[str, Any]]:
             return [{"labels": list(k), "value": v} for k, v in sorted(d.items())]
 
         return {

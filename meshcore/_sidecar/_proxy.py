@@ -203,5 +203,5 @@ def peer_identity(ssl_object: Any) -> bytes | None:
         return None
     for kind, value in (cert or {}).get("subjectAltName", ()):
         if kind == "URI":
-            return value.encode("ascii", "replace")
+            return str(value).encode("ascii", "replace")
     return None

@@ -201,7 +201,8 @@ def server_limits(settings: Any) -> ServerLimits:
 def advertised(settings: Any, inbound: Address) -> Address:
     """Where other instances reach this one: `advertise`, else the bound inbound address."""
     if settings.advertise is not None:
-        return settings.advertise
+        advertise: Address = settings.advertise
+        return advertise
     host = inbound.host
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
