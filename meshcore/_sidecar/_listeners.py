@@ -50,13 +50,25 @@ class Listeners:
         self._sockets: dict[str, Any] = {}
         self._accepting: dict[str, anyio.CancelScope] = {}
 
-    async def bind(self, settings: Any, source: str) -> None:
-        """Bind all three (before the mesh starts anything, so a port in use fails first)."""
+    async def bind(
+        self,
+        settings: Any,
+        source: str,
+        *,
+        reuse_port: bool = False,
+        overrides: dict[str, Address] | None = None,
+    ) -> None:
+        """Bind all three (before the mesh starts anything, so a port in use fails first).
+
+        `reuse_port`: the proxying listeners set SO_REUSEPORT, so the workers of one
+        `meshcore run --workers N` each accept on the same ports; `overrides` replaces
+        configured addresses (a worker's private admin listener)."""
         for name in NAMES:
-            address: Address = settings[name]
+            address: Address = (overrides or {}).get(name) or settings[name]
             try:
                 listener = await anyio.create_tcp_listener(
-                    local_host=address.host, local_port=address.port, backlog=1024
+                    local_host=address.host, local_port=address.port, backlog=1024,
+                    reuse_port=reuse_port and name in PROXYING,
                 )
             except OSError as exc:
                 raise ConfigError(
