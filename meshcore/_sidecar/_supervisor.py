@@ -160,6 +160,10 @@ class Supervisor:
                 tg.cancel_scope.cancel()
         return 2 if self.fatal else 0
 
+    def _stopping(self) -> bool:
+        """`stopping`, read afresh after an await (another task sets it)."""
+        return self.stopping
+
     def _stopped(self) -> anyio.Event:
         assert self._stop is not None, "the supervisor is running"
         return self._stop
@@ -175,7 +179,7 @@ class Supervisor:
             self._stopped().set()
             return
 
-    def _send_all(self, signum: int) -> None:
+    def _send_all(self, signum: signal.Signals) -> None:
         for slot in self.slots:
             if slot.process is not None and slot.process.returncode is None:
                 try:
@@ -210,14 +214,14 @@ class Supervisor:
                     start_new_session=True,
                 )
                 slot.process = process
-                if self.stopping:
+                if self._stopping():  # SIGTERM came while it was being spawned
                     process.send_signal(signal.SIGTERM)
                 code = await process.wait()
                 announced = read_announcement(self.directory, slot.index)
                 was_up = announced is not None and announced.get("pid") == process.pid
                 slot.process = None
                 slot.last_exit = code
-                if self.stopping:
+                if self._stopping():
                     break
                 if code == 2 and not was_up and slot.restarts == 0:
                     # A config or bind error on first start: restarting cannot fix it.
