@@ -47,8 +47,7 @@ def run_command(
     from .._config import MeshConfig
     from .._errors import ConfigError, PluginError
     from ._runtime import Sidecar
-    from ._supervisor import worker_count
-    from ._workers import WorkerRole, announce, watch_parent
+    from ._workers import WorkerRole, announce, watch_parent, worker_count
 
     import anyio
 

@@ -47,7 +47,7 @@ from .._models import Request, Response
 from ._settings import Address
 from ._workers import read_announcement
 
-__all__ = ["Supervisor", "merge_metrics", "merge_state", "supervise", "worker_count"]
+__all__ = ["Supervisor", "merge_metrics", "merge_state", "supervise"]
 
 log = logging.getLogger("meshcore.sidecar")
 
@@ -67,18 +67,6 @@ SUMMED_GAUGES = frozenset({
     "process_resident_memory_bytes",
 })
 _SUMMED_KINDS = frozenset({"counter", "histogram", "summary"})
-
-
-def worker_count(text: str) -> int:
-    """`--workers`: a positive number, or `auto` (the cores this process may run on)."""
-    if text == "auto":
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            return os.cpu_count() or 1
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"expected a number of workers (1 or more) or 'auto', got {text!r}")
-    return int(text)
 
 
 @dataclass
@@ -145,7 +133,9 @@ class Supervisor:
         self.address = Address(self.admin.host, port)
         with tempfile.TemporaryDirectory(prefix="meshcore-workers-") as directory:
             self.directory = Path(directory)
-            async with httpx.AsyncClient(timeout=5.0) as client, anyio.create_task_group() as tg:
+            # trust_env off: a proxy from the environment must not sit between us and loopback.
+            client_cm = httpx.AsyncClient(timeout=5.0, trust_env=False)
+            async with client_cm as client, anyio.create_task_group() as tg:
                 self._client = client
                 tg.start_soon(self._serve_admin, listener, tg)
                 for slot in self.slots:

@@ -23,13 +23,25 @@ import anyio
 
 from ._settings import Address
 
-__all__ = ["WorkerRole", "announce", "announcement", "read_announcement", "watch_parent"]
+__all__ = ["WorkerRole", "announce", "announcement", "read_announcement", "watch_parent", "worker_count"]
 
 log = logging.getLogger("meshcore.sidecar")
 
 # How often a worker checks that its supervisor still lives: an orphaned worker drains and
 # exits within this, and a check is one getppid() call.
 _PARENT_CHECK = 1.0
+
+
+def worker_count(text: str) -> int:
+    """`--workers`: a positive number, or `auto` (the cores this process may run on)."""
+    if text == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a number of workers (1 or more) or 'auto', got {text!r}")
+    return int(text)
 
 
 @dataclass(frozen=True)
