@@ -70,10 +70,21 @@ class Listeners:
         # `outbound_uids` of the current config (set by the sidecar at start and on reload).
         self.peer_uids: frozenset[int] = frozenset()
 
-    async def bind(self, settings: Any, source: str) -> None:
-        """Bind all three (before the mesh starts anything, so a port in use fails first)."""
+    async def bind(
+        self,
+        settings: Any,
+        source: str,
+        *,
+        reuse_port: bool = False,
+        overrides: dict[str, Address] | None = None,
+    ) -> None:
+        """Bind all three (before the mesh starts anything, so a port in use fails first).
+
+        `reuse_port`: the proxying listeners set SO_REUSEPORT, so the workers of one
+        `meshcore run --workers N` each accept on the same ports; `overrides` replaces
+        configured addresses (a worker's private admin listener)."""
         for name in NAMES:
-            address: Address = settings[name]
+            address: Address = (overrides or {}).get(name) or settings[name]
             try:
                 if address.path:
                     # The mode is set before listen(), so no connection is accepted under the
@@ -85,7 +96,8 @@ class Listeners:
                     self.addresses[name] = address
                     continue
                 listener = await anyio.create_tcp_listener(
-                    local_host=address.host, local_port=address.port, backlog=1024
+                    local_host=address.host, local_port=address.port, backlog=1024,
+                    reuse_port=reuse_port and name in PROXYING,
                 )
             except OSError as exc:
                 raise ConfigError(

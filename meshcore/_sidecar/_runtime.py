@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -43,6 +44,7 @@ from ._listeners import Connection, Listeners
 from ._metrics import Telemetry
 from ._registration import local_instance
 from ._settings import Address, advertised, server_limits
+from ._workers import WorkerRole
 
 __all__ = ["Sidecar"]
 
@@ -64,7 +66,9 @@ class Sidecar:
         *,
         config_path: str | None = None,
         extra_plugins: Sequence[tuple[str, Any]] = (),
+        worker: WorkerRole | None = None,
     ) -> None:
+        self.worker = worker  # one of `meshcore run --workers N` (docs/sidecar.md, "Workers")
         self.telemetry = Telemetry()
         self.plugins = list(plugins) if plugins else None
         self.config_path = config_path
@@ -121,6 +125,8 @@ class Sidecar:
         self._number += 1
         settings = mesh.config.section("sidecar")
         instance = local_instance(settings, self.addresses["inbound"], self._number)
+        if self.worker is not None and not self.worker.registers:
+            instance = None  # the group registers once, through its first worker
         return Generation(self._number, mesh, instance)
 
     @staticmethod
@@ -169,7 +175,11 @@ class Sidecar:
             mesh, self._pending = self._pending, None
             assert mesh is not None, "a Sidecar runs once"
             stack.push_async_callback(self.listeners.close)
-            await self.listeners.bind(self.settings, mesh.config.source)
+            worker = self.worker
+            await self.listeners.bind(
+                self.settings, mesh.config.source,
+                reuse_port=worker is not None, overrides=worker.overrides if worker else None,
+            )
             self.generation = self._generation(mesh)
             await self._tg.start(self.generation.run, name="generation:1")
             self._check_plaintext(self.generation)
@@ -327,6 +337,8 @@ class Sidecar:
             "started": self.telemetry.started,
             "uptime": now - self.telemetry.started,
             "generation": gen.number if gen else 0,
+            "worker": self.worker.index if self.worker else None,
+            "pid": os.getpid(),
             "draining": self.draining,
             "ready": self.ready,
             "in_flight": self.requests.count,
