@@ -33,6 +33,7 @@ from ._extensions import ATTEMPTS, DEADLINE, ENDPOINT, EXCLUDE
 from ._instance import Instance
 from ._mesh import Mesh
 from ._models import URL, Headers, Request, Response
+from ._routing import FaultPolicy, MatchContext, RouteFilter, RouteMatch, Router
 from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
 from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compose
 from ._settings import Setting, Settings, parse_duration
@@ -63,12 +64,14 @@ __all__ = [
     "EndpointReadError",
     "EndpointStats",
     "EndpointTimeout",
+    "FaultPolicy",
     "Headers",
     "IdentityRejected",
     "Instance",
     "Kind",
     "Layer",
     "LocalRefusal",
+    "MatchContext",
     "Mesh",
     "MeshConfig",
     "MeshError",
@@ -82,6 +85,9 @@ __all__ = [
     "Request",
     "Response",
     "RetriesExhausted",
+    "RouteFilter",
+    "RouteMatch",
+    "Router",
     "Service",
     "ServiceConfig",
     "Setting",

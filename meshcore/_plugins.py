@@ -37,7 +37,7 @@ __all__ = ["Kind", "PluginInfo", "Plugins", "hookimpl", "installed_plugins", "re
 
 GROUP = "meshcore"
 FAMILIES = ("discovery", "balancer", "layer", "section")
-BUILTIN = ("static", "sidecar", "demo")
+BUILTIN = ("static", "sidecar", "demo", "routing")
 
 hookimpl = pluggy.HookimplMarker("meshcore")
 
@@ -391,6 +391,8 @@ _FAMILY_OF_HOOK = {
     "meshcore_discovery": "discovery",
     "meshcore_balancer": "balancing",
     "meshcore_layer": "resilience",
+    "meshcore_route_matches": "routing",
+    "meshcore_route_filters": "routing",
     "meshcore_client_tls": "security",
     "meshcore_server_tls": "security",
     "meshcore_check_peer": "security",
