@@ -30,6 +30,14 @@ _MIRROR_TIMEOUT = 10.0
 MIRROR_CONCURRENCY = 64
 
 
+def _exact(value: str) -> Callable[[str | None], bool]:
+    return lambda got: got == value
+
+
+def _regex(pattern: re.Pattern[str]) -> Callable[[str | None], bool]:
+    return lambda got: got is not None and pattern.fullmatch(got) is not None
+
+
 def _string_matches(spec: Any, what: str) -> list[tuple[str, Callable[[str | None], bool]]]:
     """`[{ name, value, type }]` to (name, test) pairs; names compare case-insensitively."""
     if not isinstance(spec, list):
@@ -42,13 +50,12 @@ def _string_matches(spec: Any, what: str) -> list[tuple[str, Callable[[str | Non
         if not isinstance(name, str) or not name or not isinstance(value, str):
             raise ValueError(f"{what}[{i}]: `name` and `value` must be strings, got {item!r}")
         if kind == "Exact":
-            test: Callable[[str | None], bool] = lambda got, v=value: got == v
+            test = _exact(value)
         elif kind == "RegularExpression":
             try:
-                pattern = re.compile(value)
+                test = _regex(re.compile(value))
             except re.error as exc:
                 raise ValueError(f"{what}[{i}].value: regular expression does not compile: {exc}") from None
-            test = lambda got, p=pattern: got is not None and p.fullmatch(got) is not None
         else:
             raise ValueError(f'{what}[{i}].type: expected "Exact" or "RegularExpression", got {kind!r}')
         out.append((name, test))

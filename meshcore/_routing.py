@@ -125,12 +125,15 @@ def check_subsets(svc: ServiceConfig, source: str) -> dict[str, Callable[[Any], 
             raise ConfigError(f"expected a list of strings, got {tags!r}", source=source, path=f"{where}.tags")
         if not metadata and not tags:
             raise ConfigError("a subset selects endpoints by `metadata` and/or `tags`; both are empty", source=source, path=where)
-        want_meta = frozenset(metadata.items())
-        want_tags = frozenset(tags)
-        selectors[name] = (
-            lambda ep, m=want_meta, t=want_tags: m <= set(ep.metadata) and t <= set(ep.tags)
-        )
+        selectors[name] = _selector(frozenset(metadata.items()), frozenset(tags))
     return selectors
+
+
+def _selector(metadata: frozenset[tuple[str, str]], tags: frozenset[str]) -> Callable[[Any], bool]:
+    def selects(endpoint: Any) -> bool:
+        return metadata <= set(endpoint.metadata) and tags <= set(endpoint.tags)
+
+    return selects
 
 
 def subset_config(svc: ServiceConfig, subset: str) -> ServiceConfig:
@@ -168,7 +171,7 @@ def _prefix_key(value: str) -> str:
 class RouteTable:
     """The compiled matcher of one service: exact paths, prefixes and regexes, in precedence."""
 
-    __slots__ = ("exact", "prefix", "regex", "routes", "_prefix_lengths")
+    __slots__ = ("exact", "prefix", "regex", "routes")
 
     def __init__(self, routes: Sequence[Route], entries: Sequence[RouteMatch]) -> None:
         self.routes = tuple(routes)
@@ -182,12 +185,13 @@ class RouteTable:
                 prefix.setdefault(_prefix_key(entry.path_value), []).append(entry)
             else:
                 regex.append((re.compile(entry.path_value), entry))
-        order = lambda e: (*e.rank, e.index)  # noqa: E731
+        def order(e: RouteMatch) -> tuple[int, ...]:
+            return (*e.rank, e.index)
+
         self.exact = {k: tuple(sorted(v, key=order)) for k, v in exact.items()}
         self.prefix = {k: tuple(sorted(v, key=order)) for k, v in prefix.items()}
         regex.sort(key=lambda pair: order(pair[1]))
         self.regex = tuple(regex)
-        self._prefix_lengths = frozenset(len(k) for k in self.prefix)
 
     def match(self, request: Request) -> RouteMatch | None:
         """The winning match for `request`, or None."""
@@ -567,7 +571,10 @@ def _match(
         predicates.append(_call_factory(factory, value_spec, ctx, source))
         if key not in ("method", "headers", "queryParams"):
             extra += 1
-    count = lambda k: len(match.get(k) or ()) if isinstance(match.get(k), list) else 0  # noqa: E731
+    def count(key: str) -> int:
+        value = match.get(key)
+        return len(value) if isinstance(value, list) else 0
+
     # Ascending sort: a method match first, then more headers, more query params, more others.
     rank = (0 if "method" in match else 1, -count("headers"), -count("queryParams"), -extra)
     return RouteMatch(route, path_type, value, tuple(predicates), rank, index)
