@@ -148,7 +148,7 @@ class RouteMatch:
     """One compiled entry of a route's `matches`: the path part is the index; the rest are
     predicates, all of which must hold. `rank` orders ties within one path bucket."""
 
-    __slots__ = ("route", "path_type", "path_value", "predicates", "rank", "index")
+    __slots__ = ("route", "path_type", "path_value", "predicates", "rank", "index", "test")
 
     def __init__(
         self, route: Route, path_type: str, path_value: str,
@@ -160,6 +160,11 @@ class RouteMatch:
         self.predicates = predicates
         self.rank = rank
         self.index = index
+        # The predicates as one call (None: none), so the common cases cost one call or none.
+        self.test: Callable[[Request], bool] | None = (
+            None if not predicates else predicates[0] if len(predicates) == 1
+            else lambda request: all(p(request) for p in predicates)
+        )
 
 
 def _prefix_key(value: str) -> str:
@@ -168,10 +173,26 @@ def _prefix_key(value: str) -> str:
     return value.rstrip("/") or "/"
 
 
+def _combine(patterns: Sequence[re.Pattern[str]]) -> tuple[re.Pattern[str] | None, dict[int, int]]:
+    """One alternation of every path regex, and which regex each outer group stands for; None
+    when a pattern refers to its own groups (a backreference would shift) or there is one."""
+    if len(patterns) < 2 or any(re.search(r"\\[1-9]|\(\?P=|\(\?\(", p.pattern) for p in patterns):
+        return None, {}
+    index: dict[int, int] = {}
+    group = 1
+    for i, p in enumerate(patterns):
+        index[group] = i
+        group += 1 + p.groups
+    try:
+        return re.compile("|".join(f"({p.pattern})" for p in patterns)), index
+    except re.error:  # e.g. the same group name in two patterns
+        return None, {}
+
+
 class RouteTable:
     """The compiled matcher of one service: exact paths, prefixes and regexes, in precedence."""
 
-    __slots__ = ("exact", "prefix", "regex", "routes")
+    __slots__ = ("exact", "prefix", "regex", "routes", "combined", "group_index")
 
     def __init__(self, routes: Sequence[Route], entries: Sequence[RouteMatch]) -> None:
         self.routes = tuple(routes)
@@ -192,6 +213,7 @@ class RouteTable:
         self.prefix = {k: tuple(sorted(v, key=order)) for k, v in prefix.items()}
         regex.sort(key=lambda pair: order(pair[1]))
         self.regex = tuple(regex)
+        self.combined, self.group_index = _combine([p for p, _ in self.regex])
 
     def match(self, request: Request) -> RouteMatch | None:
         """The winning match for `request`, or None."""
@@ -199,26 +221,37 @@ class RouteTable:
         found = self.exact.get(path)
         if found is not None:
             for entry in found:
-                if all(p(request) for p in entry.predicates):
+                if entry.test is None or entry.test(request):
                     return entry
-        if self.prefix:
-            prefix = self.prefix
+        prefix = self.prefix
+        if prefix:
             # Walk the path's element prefixes, longest first: "/a/b/c", "/a/b", "/a", "/".
             end = len(path.rstrip("/"))
             while True:
-                key = path[:end] if end else "/"
-                found = prefix.get(key)
+                found = prefix.get(path[:end] if end > 0 else "/")
                 if found is not None:
                     for entry in found:
-                        if all(p(request) for p in entry.predicates):
+                        if entry.test is None or entry.test(request):
                             return entry
-                if not end:
+                if end <= 0:
                     break
                 end = path.rfind("/", 0, end)
-                if end < 0:
-                    break
-        for pattern, entry in self.regex:
-            if pattern.fullmatch(path) and all(p(request) for p in entry.predicates):
+        if self.regex:
+            return self._match_regex(path, request)
+        return None
+
+    def _match_regex(self, path: str, request: Request) -> RouteMatch | None:
+        start = 0
+        combined = self.combined
+        if combined is not None:
+            # One call finds the first regex that matches (alternation is tried in order);
+            # only if its predicates fail does the scan go on from there.
+            m = combined.fullmatch(path)
+            if m is None:
+                return None
+            start = self.group_index[m.lastindex or 0]
+        for pattern, entry in self.regex[start:]:
+            if pattern.fullmatch(path) and (entry.test is None or entry.test(request)):
                 return entry
         return None
 
