@@ -401,3 +401,21 @@ def test_a_kind_registered_twice_is_an_error():
                 return {"headers": lambda spec, ctx: (lambda request: True)}
 
         meshcore.Mesh(service_with([]), extra_plugins=[("again", Again())])
+
+
+async def test_the_canary_example_of_docs_routing_md_runs(upstream):
+    import re
+    import tomllib
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "routing.md").read_text()
+    block = re.findall(r"```toml\n(.*?)```", doc, re.S)[0]
+    v1, v2 = upstream("v1"), upstream("v2")
+    config = tomllib.loads(block.replace("127.0.0.1:8001", v1.address).replace("127.0.0.1:8002", v2.address))
+    async with meshcore.Mesh(config, ["round-robin"]) as mesh:
+        async with mesh.client() as client:
+            for _ in range(500):
+                assert (await client.get("http://orders/")).status_code == 200
+            pinned = {(await client.get("http://orders/", headers={"x-canary": "always"})).headers["x-upstream"] for _ in range(20)}
+    assert pinned == {"v2"}
+    assert 0.85 <= v1.requests / 500 <= 0.95
