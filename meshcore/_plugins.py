@@ -341,6 +341,16 @@ class Plugins:
         reason: str | None = self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
         return reason
 
+    def route_kinds(self, hook: str) -> list[tuple[str, Any]]:
+        """(plugin, answer) of each plugin's `meshcore_route_matches` or `meshcore_route_filters`
+        (a mapping of kind name to factory, or None), in plugin-list order."""
+        found: list[tuple[str, Any]] = []
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            if not (impl.wrapper or impl.hookwrapper):
+                answers = self._call_only(impl.plugin_name, hook)
+                found.extend((impl.plugin_name, a) for a in answers)
+        return found
+
     def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         return list(self._call("meshcore_lifespan", mesh=mesh))
 

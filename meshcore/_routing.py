@@ -450,21 +450,19 @@ def route_kinds(plugins: Plugins) -> tuple[dict[str, RouteMatchFactory], dict[st
     found: list[dict[str, Any]] = [{}, {}]
     for i, hook in enumerate(("meshcore_route_matches", "meshcore_route_filters")):
         owners: dict[str, str] = {}
-        for impl in getattr(plugins.pm.hook, hook).get_hookimpls():
-            if impl.wrapper or impl.hookwrapper:
-                continue
-            answer = plugins._call_only(impl.plugin_name, hook)
-            for table in answer if isinstance(answer, list) else (answer,):
-                for name, factory in (table or {}).items():
-                    if name in owners:
-                        raise PluginError(
-                            f"{hook}: kind {name!r} is registered by two plugins: "
-                            f"{owners[name]!r} and {impl.plugin_name!r}"
-                        )
-                    if not callable(factory):
-                        raise PluginError(f"plugin {impl.plugin_name!r}: {hook}[{name!r}] is not callable")
-                    owners[name] = impl.plugin_name
-                    found[i][name] = factory
+        for plugin, table in plugins.route_kinds(hook):
+            if table is not None and not isinstance(table, Mapping):
+                raise PluginError(f"plugin {plugin!r}: {hook} must return a mapping of name to factory, got {table!r}")
+            for name, factory in (table or {}).items():
+                if name in owners:
+                    raise PluginError(
+                        f"{hook}: kind {name!r} is registered by two plugins: "
+                        f"{owners[name]!r} and {plugin!r}"
+                    )
+                if not callable(factory):
+                    raise PluginError(f"plugin {plugin!r}: {hook}[{name!r}] is not callable")
+                owners[name] = plugin
+                found[i][name] = factory
     return found[0], found[1]
 
 

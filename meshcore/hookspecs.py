@@ -157,8 +157,8 @@ def meshcore_route_matches() -> Mapping[str, RouteMatchFactory] | None:
     """Register route match kinds: ``{name: factory}``, the keys a user writes in a route's
     ``matches`` tables next to ``path`` (built-ins: ``method``, ``headers``, ``queryParams``).
 
-    Called once each time a mesh loads its config (start, reload), before any request. For
-    each match table naming the kind, the core calls ``factory(value, ctx)`` with the value
+    Called when a mesh is made (to check its config, so a bad route fails at load) and again
+    when it starts (and on every reload), never per request. For each match table naming the kind, the core calls ``factory(value, ctx)`` with the value
     from the config and a ``meshcore.MatchContext`` (``mesh``, ``service``, ``route``, and
     ``path``, the key path); it returns ``predicate(request) -> bool``. Bad ``value`` raises
     ValueError, which the core reports with the file and key path. The predicate runs on the
@@ -174,7 +174,8 @@ def meshcore_route_filters() -> Mapping[str, RouteFilterFactory] | None:
     ``filters`` (built-ins: ``RequestHeaderModifier``, ``ResponseHeaderModifier``,
     ``URLRewrite``, ``RequestRedirect``, ``RequestMirror``).
 
-    Called once each time a mesh loads its config. A filter entry is
+    Called, like ``meshcore_route_matches``, when a mesh is made and when it starts, never per
+    request; factories likewise. A filter entry is
     ``{ type = "Name", name = {...} }`` (HTTPRoute's shape: the table's key is the type with a
     lowercase first letter); the core calls ``factory(table, ctx)`` with a
     ``meshcore.MatchContext`` and ValueError becomes a config error at the key path. The
