@@ -318,6 +318,14 @@ def _fault(table: Any, source: str, path: str) -> FaultPolicy | None:
 # -- routes -----------------------------------------------------------------------------------
 
 
+_ABORT_BODY = b"fault filter abort\n"
+_ABORT_HEADERS = (
+    (b"content-type", b"text/plain"),
+    (b"content-length", b"%d" % len(_ABORT_BODY)),
+    (b"x-meshcore-fault", b"abort"),
+)
+
+
 @dataclass
 class RouteStats:
     matched: int = 0
@@ -379,11 +387,7 @@ class Route:
                 await anyio.sleep(delay)
             if status:
                 stats.aborted += 1
-                return Response(
-                    status,
-                    [(b"content-type", b"text/plain"), (b"x-meshcore-fault", b"abort")],
-                    b"fault filter abort\n",
-                )
+                return Response(status, _ABORT_HEADERS, _ABORT_BODY)
         for extension, value in self.extensions.items():
             request.extensions.setdefault(extension, value)
         for f in self.filters:

@@ -27,6 +27,8 @@ def orders(v1: Any, v2: Any, weights: tuple[int, int], **route: Any) -> dict[str
             "routes": [
                 {"name": "testers", "matches": [{"headers": [{"name": "x-tester", "value": "1"}]}],
                  "backendRefs": [{"subset": "v2"}], "fault": {"abort": {"percent": 0, "httpStatus": 503}}},
+                {"name": "chaos", "matches": [{"headers": [{"name": "x-chaos", "value": "1"}]}],
+                 "fault": {"abort": {"percent": 100, "httpStatus": 503}}},
                 {"name": "split", "backendRefs": [
                     {"subset": "v1", "weight": weights[0]}, {"subset": "v2", "weight": weights[1]}], **route},
             ],
@@ -47,16 +49,19 @@ async def test_outbound_routes_split_and_pin_and_count(upstream):
                 r = await client.get(url(sidecar, "outbound", "/"), headers={"host": "orders"})
                 assert r.status_code == 200
             pinned = await client.get(url(sidecar, "outbound", "/"), headers={"host": "orders", "x-tester": "1"})
+            aborted = await client.get(url(sidecar, "outbound", "/"), headers={"host": "orders", "x-chaos": "1"})
             metrics = (await client.get(url(sidecar, "admin", "/metrics"))).text
         state = await admin_json(sidecar)
     assert pinned.headers["x-upstream"] == "v2"
+    assert aborted.status_code == 503 and aborted.text == "fault filter abort\n"
     assert 0.85 <= v1.requests / 400 <= 0.95  # the 2,000-request bound is in tests/test_routing.py
     routes = state["services"]["orders"]["routing"]["routes"]
     assert routes[0]["FAULT_INJECTION"]["abort"]["httpStatus"] == 503
-    assert sum(b["requests"] for b in routes[1]["backends"]) == 400
+    assert sum(b["requests"] for b in routes[2]["backends"]) == 400
     line = f'meshcore_route_requests_total{{service="orders",route="split",backend="orders/v1"}} {v1.requests}'
     assert line in metrics
     assert 'meshcore_route_faults_total{service="orders",route="testers",fault="abort"} 0' in metrics
+    assert 'meshcore_route_faults_total{service="orders",route="chaos",fault="abort"} 1' in metrics
 
 
 async def test_a_reload_moves_traffic_without_dropping_requests(upstream):
@@ -86,3 +91,24 @@ async def test_a_reload_moves_traffic_without_dropping_requests(upstream):
     assert v1.requests >= 100
     # requests already routed by the old generation finish there; everything after is v2
     assert after[-50:] == ["v2"] * 50
+
+
+async def test_outbound_mirror_gets_copies_of_bodiless_and_small_bodies(upstream):
+    primary, shadow = upstream("primary"), upstream("shadow")
+    services = {
+        "orders": {"discovery": "static", "static": {"endpoints": [primary.address]},
+                   "routes": [{"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow"}}}]}]},
+        "shadow": {"discovery": "static", "static": {"endpoints": [shadow.address]}},
+    }
+    async with running_sidecar(sidecar_config(services)) as sidecar:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for _ in range(5):
+                r = await client.get(url(sidecar, "outbound", "/"), headers={"host": "orders"})
+                assert r.headers["x-upstream"] == "primary"
+            r = await client.post(url(sidecar, "outbound", "/"), headers={"host": "orders"}, content=b"order")
+            assert r.headers["x-upstream"] == "primary"
+        with anyio.fail_after(5):
+            while shadow.requests < 6:
+                await anyio.sleep(0.01)
+        mirror = (await admin_json(sidecar))["services"]["orders"]["routing"]["routes"][0]["filters"][0]
+    assert mirror["sent"] == 6 and mirror["dropped"] == 0
