@@ -112,3 +112,15 @@ async def test_outbound_mirror_gets_copies_of_bodiless_and_small_bodies(upstream
                 await anyio.sleep(0.01)
         mirror = (await admin_json(sidecar))["services"]["orders"]["routing"]["routes"][0]["filters"][0]
     assert mirror["sent"] == 6 and mirror["dropped"] == 0
+
+
+async def test_a_reload_with_a_bad_route_is_refused_with_the_key_path(upstream):
+    pytest.importorskip("meshcore_roundrobin")
+    v1, v2 = upstream("v1"), upstream("v2")
+    async with running_sidecar(config(v1, v2, (100, 0))) as sidecar:
+        error = await sidecar.reload(config(v1, v2, (0, 0)))
+        assert error is not None and "services.orders.routes[2].backendRefs" in str(error)
+        assert "sum to 0" in str(error)
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.get(url(sidecar, "outbound", "/"), headers={"host": "orders"})
+        assert r.headers["x-upstream"] == "v1"  # the old routes keep serving
