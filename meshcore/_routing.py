@@ -525,6 +525,7 @@ def compile_routes(mesh: Mesh, config: MeshConfig, backends: Mapping[str, Any]) 
                 route.extensions[RETRY_EXTENSION] = {**route.extensions.get(RETRY_EXTENSION, {}), **retry}
             if "fault" in spec:
                 route.fault = _fault(spec["fault"], source, f"{base}.fault")
+            _check_layers(config, route, source, base)
         tables[name] = RouteTable(routes, entries)
     return tables
 
@@ -643,6 +644,26 @@ def _filters(
             resp.append(compiled)
     route.filters = tuple(req)
     route.response_filters = tuple(resp)
+
+
+def _check_layers(config: MeshConfig, route: Route, source: str, base: str) -> None:
+    """A route's timeouts and retry act through the `timeout` and `retry` layers: a backend
+    without them would silently ignore the setting, so say so at load."""
+    needs = []
+    if TIMEOUT_EXTENSION in route.extensions:
+        needs.append(("timeout", "timeouts.request"))
+    if RETRY_EXTENSION in route.extensions:
+        key = "retry" if "retry" in route.spec else "timeouts.backendRequest"
+        needs.append(("retry", key))
+    for layer, key in needs:
+        for backend in route.backends:
+            service = backend.name.partition("/")[0]
+            if layer not in config.services[service].resilience:
+                raise ConfigError(
+                    f"needs the {layer!r} layer in services.{service}.resilience (backend "
+                    f"{backend.name!r} has {list(config.services[service].resilience)})",
+                    source=source, path=f"{base}.{key}",
+                )
 
 
 def _timeouts(route: Route, spec: Any, source: str, path: str) -> None:

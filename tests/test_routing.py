@@ -276,6 +276,8 @@ def service_with(routes: Any, **extra: Any) -> dict[str, Any]:
          "services.orders.routes[0].filters[0].requestMirror.backendRef.name", "unknown backend service 'x'"),
         ([{"fault": {"abort": {"percent": 150, "httpStatus": 503}}}], "services.orders.routes[0].fault.abort.percent", "percentage"),
         ([{"timeouts": {"request": "soon"}}], "services.orders.routes[0].timeouts.request", "duration"),
+        ([{"timeouts": {"request": "1s"}}], "services.orders.routes[0].timeouts.request", "needs the 'timeout' layer"),
+        ([{"retry": {"attempts": 2}}], "services.orders.routes[0].retry", "needs the 'retry' layer"),
         ([{"backendRef": []}], "services.orders.routes[0]", "unknown key(s) ['backendRef']"),
         ("x", "services.orders.routes", "array of tables"),
     ],
