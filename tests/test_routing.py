@@ -421,3 +421,24 @@ async def test_the_canary_example_of_docs_routing_md_runs(upstream):
             pinned = {(await client.get("http://orders/", headers={"x-canary": "always"})).headers["x-upstream"] for _ in range(20)}
     assert pinned == {"v2"}
     assert 0.85 <= v1.requests / 500 <= 0.95
+
+
+def test_weighted_pick_gives_each_backend_exactly_its_share_of_the_unit_interval():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(deadline=None, max_examples=30)
+    @given(st.lists(st.integers(min_value=0, max_value=100), min_size=1, max_size=20).filter(any))
+    def check(weights: list[int]) -> None:
+        route = Route("r", "s")
+        backends = [BackendName(f"b{i}") for i in range(len(weights))]
+        route.set_backends(list(zip(backends, weights)))  # type: ignore[arg-type]
+        total = sum(weights)
+        n = total * 7
+        counts: dict[str, int] = {}
+        for k in range(n):  # evenly spaced draws over [0, 1), off the bucket edges
+            name = route.pick(lambda k=k: (k + 0.5) / n).name
+            counts[name] = counts.get(name, 0) + 1
+        assert counts == {b.name: w * 7 for b, w in zip(backends, weights) if w}
+
+    check()
