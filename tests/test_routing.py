@@ -442,3 +442,30 @@ def test_weighted_pick_gives_each_backend_exactly_its_share_of_the_unit_interval
         assert counts == {b.name: w * 7 for b, w in zip(backends, weights) if w}
 
     check()
+
+
+async def test_the_plugin_example_of_docs_routing_md_runs(upstream):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "routing.md").read_text()
+    plugin_code, suite_code = re.findall(r"```python\n(.*?)```", doc, re.S)
+    namespace: dict[str, Any] = {}
+    exec(compile(plugin_code, "docs/routing.md", "exec"), namespace)
+    exec(compile(suite_code, "docs/routing.md", "exec"), namespace)
+    assert issubclass(namespace["TestCookies"], RouteMatchConformance)
+    primary, beta = upstream("primary"), upstream("beta")
+    config = {"services": {
+        "orders": {"discovery": "static", "static": {"endpoints": [primary.address]}, "routes": [
+            {"matches": [{"cookies": [{"name": "beta", "value": "1"}]}], "backendRefs": [{"name": "beta"}],
+             "filters": [{"type": "Stamp", "stamp": {"value": "doc"}}]}]},
+        "beta": {"discovery": "static", "static": {"endpoints": [beta.address]}},
+    }}
+    async with meshcore.Mesh(config, extra_plugins=[("cookies", namespace["Cookies"]())]) as mesh:
+        async with mesh.client() as client:
+            r = await client.get("http://orders/", headers={"cookie": "beta=1"})
+    assert r.headers["x-upstream"] == "beta" and beta.seen[-1][2]["x-stamp"] == "doc"
+    with pytest.raises(ConfigError) as info:
+        meshcore.Mesh({"services": {"orders": {**config["services"]["orders"], "routes": [
+            {"matches": [{"cookies": "x"}]}]}}}, extra_plugins=[("cookies", namespace["Cookies"]())])
+    assert info.value.path == "services.orders.routes[0].matches[0].cookies"
