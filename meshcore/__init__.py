@@ -33,8 +33,8 @@ from ._extensions import ATTEMPTS, DEADLINE, ENDPOINT, EXCLUDE
 from ._instance import Instance
 from ._mesh import Mesh
 from ._models import URL, Headers, Request, Response
-from ._routing import FaultPolicy, MatchContext, RouteFilter, RouteMatch, Router
 from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
+from ._routing import FaultPolicy, MatchContext, RouteFilter, RouteMatch, Router
 from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compose
 from ._settings import Setting, Settings, parse_duration
 from ._upstream import Upstream
