@@ -218,6 +218,20 @@ async def test_a_slow_or_down_mirror_does_not_touch_the_caller(upstream):
         assert mesh.mirrors_in_flight == 0
 
 
+async def test_mirror_copies_past_the_concurrency_bound_are_dropped_and_counted(upstream, monkeypatch):
+    import meshcore._route_kinds as kinds
+
+    monkeypatch.setattr(kinds, "MIRROR_CONCURRENCY", 2)
+    primary, slow = upstream("primary"), upstream("slow", delay=3.0)
+    async with mesh_of(mirrored(primary, slow)) as mesh:
+        async with mesh.client() as client:
+            for _ in range(5):
+                assert (await client.get("http://orders/")).status_code == 200
+        state = mesh.state()["services"]["orders"]["routing"]["routes"][0]["filters"][0]
+        assert mesh.mirrors_in_flight == 2
+    assert state["sent"] == 2 and state["dropped"] == 3
+
+
 # -- fault injection --------------------------------------------------------------------------
 
 
