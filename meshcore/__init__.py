@@ -35,6 +35,7 @@ from ._mesh import Mesh
 from ._models import URL, Headers, Request, Response
 from ._paths import PathRejected, has_escaped_slash, normalize_path, normalize_target
 from ._plugins import Kind, PluginInfo, Plugins, hookimpl, installed_plugins
+from ._routing import FaultPolicy, MatchContext, RouteFilter, RouteMatch, Router
 from ._service import Balancer, Discovery, DiscoverySink, Layer, Service, compose
 from ._settings import Setting, Settings, parse_duration
 from ._upstream import Upstream
@@ -64,12 +65,14 @@ __all__ = [
     "EndpointReadError",
     "EndpointStats",
     "EndpointTimeout",
+    "FaultPolicy",
     "Headers",
     "IdentityRejected",
     "Instance",
     "Kind",
     "Layer",
     "LocalRefusal",
+    "MatchContext",
     "Mesh",
     "MeshConfig",
     "MeshError",
@@ -84,6 +87,9 @@ __all__ = [
     "Request",
     "Response",
     "RetriesExhausted",
+    "RouteFilter",
+    "RouteMatch",
+    "Router",
     "Service",
     "ServiceConfig",
     "Setting",

@@ -39,6 +39,8 @@ MESH_SETTINGS: dict[str, Setting] = {
 }
 
 _PIPELINE_KEYS = {"discovery", "balancer", "resilience"}
+# Per-service only (never merged from [defaults]): traffic management, see docs/routing.md.
+_ROUTING_KEYS = {"routes", "subsets"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class ServiceConfig:
     resilience: tuple[str, ...]
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     settings: Mapping[str, Settings] = field(default_factory=dict)
+    # Raw `routes` (HTTPRoute rules, in order) and `subsets` tables; the mesh compiles them
+    # (meshcore._routing), because match and filter kinds come from plugins.
+    routes: tuple[Mapping[str, Any], ...] = ()
+    subsets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def settings_for(self, kind: str) -> Settings:
         return self.settings.get(kind, Settings())
@@ -94,6 +100,11 @@ class MeshConfig:
         mesh = validate_settings(MESH_SETTINGS, mesh_table, source=source, path="mesh")
         defaults = data.get("defaults", {})
         _expect_table(defaults, source, "defaults")
+        for key in _ROUTING_KEYS & set(defaults):
+            raise ConfigError(
+                f"{key} are per service: move them to [services.<name>.{key}]",
+                source=source, path=f"defaults.{key}",
+            )
         services_table = data.get("services", {})
         _expect_table(services_table, source, "services")
         services = {
@@ -139,7 +150,8 @@ class MeshConfig:
                     )
                 settings[kind] = _kind_settings(declared, svc.tables.get(kind, {}), src, path)
             services[name] = ServiceConfig(
-                svc.name, svc.discovery, svc.balancer, svc.resilience, svc.tables, settings
+                svc.name, svc.discovery, svc.balancer, svc.resilience, svc.tables, settings,
+                svc.routes, svc.subsets,
             )
         section_settings = {}
         for name, table in self.sections.items():
@@ -202,6 +214,8 @@ def _service(
     for key, value in defaults.items():
         merged[key] = dict(value) if isinstance(value, Mapping) else value
     for key, value in table.items():
+        if key in _ROUTING_KEYS:
+            continue
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = {**merged[key], **value}
         else:
@@ -247,7 +261,36 @@ def _service(
                 path=where(key),
             )
         tables[key] = value
-    return ServiceConfig(name, discovery, balancer, tuple(resilience), tables)
+    return ServiceConfig(
+        name, discovery, balancer, tuple(resilience), tables,
+        routes=_routes(table.get("routes", []), source, f"{base}.routes"),
+        subsets=_subsets(table.get("subsets", {}), source, f"{base}.subsets"),
+    )
+
+
+def _routes(value: Any, source: str, path: str) -> tuple[Mapping[str, Any], ...]:
+    """`[[services.X.routes]]` (a list, in order) or `[services.X.routes.<name>]` (named)."""
+    if isinstance(value, Mapping):
+        out = []
+        for name, route in value.items():
+            _expect_table(route, source, f"{path}.{name}")
+            out.append({"name": name, **route})
+        return tuple(out)
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"expected an array of tables [[...routes]] or a table of named routes, got {value!r}",
+            source=source, path=path,
+        )
+    for i, route in enumerate(value):
+        _expect_table(route, source, f"{path}[{i}]")
+    return tuple(value)
+
+
+def _subsets(value: Any, source: str, path: str) -> Mapping[str, Mapping[str, Any]]:
+    _expect_table(value, source, path)
+    for name, table in value.items():
+        _expect_table(table, source, f"{path}.{name}")
+    return dict(value)
 
 
 def _check_kind(plugins: Plugins, kind: str, family: str, source: str, path: str) -> None:

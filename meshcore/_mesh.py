@@ -20,6 +20,7 @@ from ._config import MeshConfig
 from ._errors import MeshNotRunning, PluginError
 from ._models import Request, Response
 from ._plugins import Plugins, installed_plugins, resolve_plugin_list
+from ._routing import BackendName, Router, check_subsets, compile_routes, subset_config
 from ._upstream import Upstream
 
 if TYPE_CHECKING:
@@ -57,11 +58,40 @@ class Mesh:
         self.plugins: Plugins = Plugins(self._plugin_names, extra=self._extra)
         self.config = config.resolve(self.plugins)
         self.upstreams: dict[str, Upstream] = {}
+        # Subset upstreams by "service/subset", and the routers of services with routes
+        # (docs/routing.md); both are rebuilt on every start.
+        self.subsets: dict[str, Upstream] = {}
+        self.routers: dict[str, Router] = {}
+        self.mirrors_in_flight = 0
         self.task_group: anyio.abc.TaskGroup | None = None
         self.running = False
         self._stack: contextlib.AsyncExitStack | None = None
         self._state_providers: dict[str, Any] = {}
         self._check_balancers()
+        # Subsets and routes are checked (and compiled, then dropped) now, so a bad one fails
+        # when the config loads; the mesh compiles them again for its upstreams at start.
+        backends: dict[str, Any] = {}
+        for name, svc in self.config.services.items():
+            backends[name] = BackendName(name)
+            for subset in check_subsets(svc, self.config.source):
+                backends[f"{name}/{subset}"] = BackendName(f"{name}/{subset}")
+        compile_routes(self, self.config, backends)
+
+    def _build_upstreams(self) -> None:
+        """One Upstream per service and per subset, their pipelines, and the routers."""
+        self.upstreams, self.subsets, self.routers = {}, {}, {}
+        for name, svc in self.config.services.items():
+            upstream = Upstream(self, svc)
+            upstream.build()
+            self.upstreams[name] = upstream
+            for subset, selects in check_subsets(svc, self.config.source).items():
+                derived = Upstream(self, subset_config(svc, subset))
+                derived.build()
+                upstream.subsets.append((derived, selects))
+                self.subsets[derived.name] = derived
+        backends = {**self.upstreams, **self.subsets}
+        for name, table in compile_routes(self, self.config, backends).items():
+            self.routers[name] = Router(self.upstreams[name], table)
 
     @classmethod
     def from_config(
@@ -78,10 +108,7 @@ class Mesh:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
-            for name, svc in self.config.services.items():
-                upstream = Upstream(self, svc)
-                upstream.build()
-                self.upstreams[name] = upstream
+            self._build_upstreams()
             self.task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self.task_group.cancel_scope.cancel)
             for lifespan in self.plugins.lifespans(self):
@@ -89,6 +116,8 @@ class Mesh:
             for name, upstream in self.upstreams.items():
                 upstream.connector = self._make_connector(name)
                 stack.push_async_callback(upstream.connector.aclose)
+                for subset, _ in upstream.subsets:
+                    subset.connector = upstream.connector  # same endpoints, same pools
             for name, upstream in self.upstreams.items():
                 svc = self.config.services[name]
                 discovery = self.plugins.discovery(
@@ -156,11 +185,17 @@ class Mesh:
                 f"no service {service!r} in this mesh (services: {', '.join(self.upstreams) or 'none'})"
             ) from None
 
-    def route(self, request: Request) -> Upstream | None:
-        """The upstream `request` goes to: its host's service, or None for a host outside the
-        mesh (library mode passes it through, the sidecar answers 404). Raises MeshNotRunning
-        for a mesh service while the mesh is not running."""
-        upstream = self.upstreams.get(request.url.host)
+    def route(self, request: Request) -> Upstream | Router | None:
+        """Where `request` goes: its host's service (its Router when the service has routes,
+        which picks a route's backend per request), or None for a host outside the mesh
+        (library mode passes it through, the sidecar answers 404). Both have `name` and
+        `send(request)`. Raises MeshNotRunning for a mesh service while the mesh is not
+        running."""
+        host = request.url.host
+        router = self.routers.get(host)
+        if router is not None and self.running:
+            return router
+        upstream = self.upstreams.get(host)
         if upstream is not None and self.running:
             return upstream
         if request.url.host in self.config.services:
@@ -221,8 +256,19 @@ class Mesh:
             "running": self.running,
             "plugins": list(self.plugins.names),
             "state": {name: provider() for name, provider in self._state_providers.items()},
-            "services": {name: up.state() for name, up in self.upstreams.items()},
+            "services": {name: self._service_state(name, up) for name, up in self.upstreams.items()},
         }
+
+    def _service_state(self, name: str, upstream: Upstream) -> dict[str, Any]:
+        state = upstream.state()
+        if upstream.subsets:
+            state["subsets"] = {
+                sub.name.partition("/")[2]: sub.state() for sub, _ in upstream.subsets
+            }
+        router = self.routers.get(name)
+        if router is not None:
+            state["routing"] = router.state()
+        return state
 
 
 def default_connector(mesh: Mesh, service: str, ssl_context: Any) -> Any:

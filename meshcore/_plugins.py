@@ -37,7 +37,7 @@ __all__ = ["Kind", "PluginInfo", "Plugins", "hookimpl", "installed_plugins", "re
 
 GROUP = "meshcore"
 FAMILIES = ("discovery", "balancer", "layer", "section")
-BUILTIN = ("static", "sidecar", "demo")
+BUILTIN = ("static", "sidecar", "demo", "routing")
 
 hookimpl = pluggy.HookimplMarker("meshcore")
 
@@ -341,6 +341,16 @@ class Plugins:
         reason: str | None = self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
         return reason
 
+    def route_kinds(self, hook: str) -> list[tuple[str, Any]]:
+        """(plugin, answer) of each plugin's `meshcore_route_matches` or `meshcore_route_filters`
+        (a mapping of kind name to factory, or None), in plugin-list order."""
+        found: list[tuple[str, Any]] = []
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            if not (impl.wrapper or impl.hookwrapper):
+                answers = self._call_only(impl.plugin_name, hook)
+                found.extend((impl.plugin_name, a) for a in answers)
+        return found
+
     def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         return list(self._call("meshcore_lifespan", mesh=mesh))
 
@@ -391,6 +401,8 @@ _FAMILY_OF_HOOK = {
     "meshcore_discovery": "discovery",
     "meshcore_balancer": "balancing",
     "meshcore_layer": "resilience",
+    "meshcore_route_matches": "routing",
+    "meshcore_route_filters": "routing",
     "meshcore_client_tls": "security",
     "meshcore_server_tls": "security",
     "meshcore_check_peer": "security",

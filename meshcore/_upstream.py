@@ -106,6 +106,9 @@ class Upstream:
         self.clock: Callable[[], float] = loop_clock()
         self._events = mesh.plugins.events
         self._fire_finished = mesh.plugins.implements("meshcore_request_finished")
+        # Subsets of this service (meshcore._routing): each gets the part of every snapshot
+        # its selector keeps.
+        self.subsets: list[tuple[Upstream, Callable[[Endpoint], bool]]] = []
 
     # -- building -----------------------------------------------------------------------------
 
@@ -145,6 +148,8 @@ class Upstream:
         for ep in [ep for ep in self._ejected if ep not in self.stats]:
             del self._ejected[ep]
         self._events.meshcore_endpoints_changed(service=self.name, snapshot=self.snapshot)
+        for subset, selects in self.subsets:
+            subset.publish([ep for ep in new if selects(ep)])
 
     def error(self, exc: BaseException) -> None:
         """Count a discovery failure; the last good snapshot stays in use."""

@@ -37,7 +37,7 @@ import pluggy
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
     import click
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ._mesh import Mesh
     from ._models import Request
     from ._plugins import Kind
+    from ._routing import RouteFilterFactory, RouteMatchFactory
     from ._service import Balancer, Discovery, Layer
     from ._settings import Settings
     from ._upstream import Upstream
@@ -144,6 +145,46 @@ def meshcore_layer(kind: str, settings: Settings, upstream: Upstream) -> Layer |
     must not hold a lock across the inner call, must give back what it holds for a request
     (a concurrency slot, a budget token) in ``finally`` (a cancelled request raises no
     ``Exception``), and must release a response it discards (``await response.aclose()``).
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# routing
+
+
+@hookspec
+def meshcore_route_matches() -> Mapping[str, RouteMatchFactory] | None:
+    """Register route match kinds: ``{name: factory}``, the keys a user writes in a route's
+    ``matches`` tables next to ``path`` (built-ins: ``method``, ``headers``, ``queryParams``).
+
+    Called when a mesh is made (to check its config, so a bad route fails at load) and again
+    when it starts (and on every reload), never per request. For each match table naming the kind, the core calls ``factory(value, ctx)`` with the value
+    from the config and a ``meshcore.MatchContext`` (``mesh``, ``service``, ``route``, and
+    ``path``, the key path); it returns ``predicate(request) -> bool``. Bad ``value`` raises
+    ValueError, which the core reports with the file and key path. The predicate runs on the
+    request path: plain, synchronous, no I/O, must not change the request. A match with a
+    plugin kind ranks after header and query matches in precedence, by how many it has. A
+    name registered by two plugins is a startup error.
+    """
+
+
+@hookspec
+def meshcore_route_filters() -> Mapping[str, RouteFilterFactory] | None:
+    """Register route filter kinds: ``{type: factory}``, the ``type`` of an entry of a route's
+    ``filters`` (built-ins: ``RequestHeaderModifier``, ``ResponseHeaderModifier``,
+    ``URLRewrite``, ``RequestRedirect``, ``RequestMirror``).
+
+    Called, like ``meshcore_route_matches``, when a mesh is made and when it starts, never per
+    request; factories likewise. A filter entry is
+    ``{ type = "Name", name = {...} }`` (HTTPRoute's shape: the table's key is the type with a
+    lowercase first letter); the core calls ``factory(table, ctx)`` with a
+    ``meshcore.MatchContext`` and ValueError becomes a config error at the key path. The
+    object returned has ``request(request, matched) -> Response | None`` (change the request
+    in place; return a Response to answer without sending, as a redirect does) and/or
+    ``response(request, response) -> None``; both are synchronous and must not block. Work
+    that needs awaiting (a mirror's copy) goes to ``ctx.mesh.task_group`` with
+    ``start_soon`` and must catch its own errors. ``state()``, if present, is shown under
+    the route in ``mesh.state()``.
     """
 
 

@@ -63,7 +63,7 @@ def test_a_ready_config_passes_every_check(tmp_path: Path):
     result = meshcore_check(cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert "✓ plugins: loaded: static, sidecar, demo" in lines
+    assert "✓ plugins: loaded: static, sidecar, demo, routing" in lines
     assert "✓ config mesh.toml: valid, 1 service" in lines
     assert f"✓ listener outbound 127.0.0.1:{port}: free" in lines
     assert "✓ listener inbound 127.0.0.1:0: port 0: a free port is picked at start" in lines

@@ -71,7 +71,7 @@ def test_plugins_before_and_after_the_subcommand_accumulate(config: Path):
     needs("retry", "breaker")
     result = meshcore_cli("-p", "retry", "check-config", "-p", "breaker", cwd=config.parent)
     assert result.returncode == 0, result.stderr
-    assert "plugins: static, sidecar, demo, retry, breaker" in result.stdout
+    assert "plugins: static, sidecar, demo, routing, retry, breaker" in result.stdout
 
 
 def test_the_subcommand_config_wins_over_the_group_and_the_environment(config: Path):
@@ -204,7 +204,7 @@ def test_check_config_output_json(config: Path):
     assert json.loads(result.stdout) == {
         "ok": True,
         "path": "mesh.toml",
-        "plugins": ["static", "sidecar", "demo", "retry", "breaker"],
+        "plugins": ["static", "sidecar", "demo", "routing", "retry", "breaker"],
         "services": [{"name": "orders", "discovery": "static", "endpoints": 1, "balancer": None,
                       "resilience": ["retry", "breaker"]}],
         "error": None,

@@ -339,7 +339,7 @@ def test_an_unknown_kind_names_the_plugin_list_instead_of_asking_to_add_a_listed
     with pytest.raises(meshcore.ConfigError) as info:
         meshcore.Mesh(config, [], extra_plugins=[("stamp", Quiet())])
     message = str(info.value)
-    assert "unknown layer kind 'stamp': no plugin in the plugin list (static, sidecar, demo, stamp)" in message
+    assert "unknown layer kind 'stamp': no plugin in the plugin list (static, sidecar, demo, routing, stamp)" in message
     assert "check that plugin's meshcore_kinds" in message
 
 

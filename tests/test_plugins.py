@@ -118,7 +118,7 @@ def test_hook_returning_awaitable_is_rejected():
 def test_plugin_list_precedence(monkeypatch):
     from meshcore._plugins import BUILTIN, resolve_plugin_list
 
-    assert BUILTIN == ("static", "sidecar", "demo")
+    assert BUILTIN == ("static", "sidecar", "demo", "routing")
     monkeypatch.setenv("MESHCORE_PLUGINS", "env-a, env-b")
     assert resolve_plugin_list(["cli"], ["cfg"]) == [*BUILTIN, "cli"]
     assert resolve_plugin_list(None, ["cfg"]) == [*BUILTIN, "env-a", "env-b"]

@@ -55,9 +55,12 @@ def _admin(value: str) -> str:
               help="Leave an installed plugin out, to see what it does (repeatable).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=default_backend,
               show_default=DEFAULT_HELP, help="Event loop.")
+@click.option("--scenario", type=click.Choice(["default", "canary"]), default="default", show_default=True,
+              help="canary: a 90/10 -> 50/50 -> 0/100 split between two versions moved by reloads "
+              "(docs/routing.md).")
 @click.pass_context
 def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool, admin: str,
-                 without: tuple[str, ...], backend: str) -> None:
+                 without: tuple[str, ...], backend: str, scenario: str) -> None:
     """Show what the mesh does: three instances, one turns slow, one fails and recovers.
 
     Starts the embedded registry, three instances that register themselves, a sidecar with
@@ -69,6 +72,19 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
     from .._errors import ConfigError, PluginError
     from ._scenario import Demo, make_plan
 
+    result: dict[str, Any] = {}
+    if scenario == "canary":
+        from ._canary import run_canary
+
+        async def canary() -> None:
+            result["canary"] = await run_canary(duration, rate, lambda line: print(line, flush=True))
+
+        try:
+            run(canary, backend)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        sys.exit(1 if result["canary"]["errors"] else 0)
+
     plain = no_tty or not sys.stdout.isatty()
     handler = _Collect()
     root = logging.getLogger()
@@ -79,7 +95,6 @@ def demo_command(ctx: click.Context, duration: float, rate: float, no_tty: bool,
         click.echo(f"meshcore demo: error: {exc}", err=True)
         sys.exit(2)
     explicit_admin = ctx.get_parameter_source("admin") != click.core.ParameterSource.DEFAULT
-    result: dict[str, Any] = {}
 
     async def main() -> None:
         from ._view import event_line, render, setup_lines, status_line, summary_lines

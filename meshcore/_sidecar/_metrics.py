@@ -339,6 +339,7 @@ def _find_expiry(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, f
 
 _CORE_SERVICE_KEYS = {
     "discovery", "balancer", "resilience", "panics", "snapshot_version", "endpoints",
+    "routing", "subsets",
 }
 
 
@@ -362,6 +363,29 @@ def _histograms(w: _Writer, name: str, hists: dict[tuple[str, str], Histogram], 
             w.sample(f"{name}_bucket", cumulative, ("direction", "service", "le"), (direction, svc, _num(bound)))
         w.sample(f"{name}_sum", hist.sum, ("direction", "service"), (direction, svc))
         w.sample(f"{name}_count", hist.count, ("direction", "service"), (direction, svc))
+
+
+def _routing(w: _Writer, services: dict[str, Any]) -> None:
+    """Routed requests by route and backend (a subset is `service/subset`), faults, mirrors."""
+    routed = [(svc, r) for svc, s in sorted(services.items()) for r in s.get("routing", {}).get("routes", ())]
+    w.family("meshcore_route_requests_total", "counter",
+             "Requests a route sent, by service, route and backend (service or service/subset).")
+    for svc, r in routed:
+        for b in r["backends"]:
+            w.sample("meshcore_route_requests_total", b["requests"], ("service", "route", "backend"), (svc, r["name"], b["backend"]))
+    w.family("meshcore_route_faults_total", "counter", "Injected faults, by service, route and fault (delay, abort).")
+    for svc, r in routed:
+        fault = r.get("FAULT_INJECTION")
+        if fault is not None:
+            for kind, key in (("delay", "delayed"), ("abort", "aborted")):
+                w.sample("meshcore_route_faults_total", fault[key], ("service", "route", "fault"), (svc, r["name"], kind))
+    w.family("meshcore_route_mirror_total", "counter",
+             "Mirrored copies, by service, route and result (sent, completed, failed, dropped).")
+    for svc, r in routed:
+        for f in r.get("filters", ()):
+            if f.get("type") == "RequestMirror":
+                for result in ("sent", "completed", "failed", "dropped"):
+                    w.sample("meshcore_route_mirror_total", f[result], ("service", "route", "result"), (svc, r["name"], result))
 
 
 def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any]) -> str:
@@ -442,6 +466,8 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
              "Picks made among ejected endpoints because every endpoint was ejected.")
     for svc, s in sorted(services.items()):
         w.sample("meshcore_balancer_panics_total", s.get("panics", 0), ("service",), (svc,))
+
+    _routing(w, services)
 
     w.family("meshcore_discovery_errors_total", "counter", "Discovery failures, by service.")
     for svc, s in sorted(services.items()):

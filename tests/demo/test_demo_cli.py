@@ -183,3 +183,16 @@ def test_explicit_admin_port_in_use_is_an_error(tmp_path):
     assert result.returncode == 2
     assert "cannot listen" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_canary_scenario_moves_the_split_by_reloads(tmp_path, backend):
+    result = run_demo(tmp_path, "--scenario", "canary", "--duration", "4", "--rate", "200", "--backend", backend)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    shares = [(int(a), int(b)) for a, b in re.findall(r"split: v1 (\d+)%  v2 (\d+)%", out)]
+    assert len(shares) == 4, out
+    assert shares[0] == (100, 0) and shares[-1] == (0, 100)
+    assert 75 <= shares[1][0] <= 99  # 90/10 over about 100 requests
+    assert out.count("testers: {'v2':") == 4  # pinned testers only ever reach v2
+    assert "canary done: 4 steps, 0 client errors" in out
