@@ -38,6 +38,7 @@ __all__ = [
     "parse_spiffe_id",
     "spiffe_id",
     "spiffe_ids_of",
+    "svid_problem",
     "open_private",
     "write_private",
 ]
@@ -99,6 +100,53 @@ def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
         for u in san.get_values_for_type(x509.UniformResourceIdentifier)
         if u.startswith("spiffe://")
     ]
+
+
+def svid_problem(cert: x509.Certificate) -> str | None:
+    """Why `cert` is not a valid leaf X.509-SVID, or None when it is one.
+
+    The SPIFFE X509-SVID spec: exactly one URI SAN and it is a SPIFFE ID with a path (§2),
+    basicConstraints CA=false (§4.1), keyUsage with digitalSignature and without keyCertSign
+    or cRLSign (§4.3), and an extendedKeyUsage, when present, with serverAuth and clientAuth
+    (§4.4). One URI is what makes the identity unambiguous: with two, the policy could judge
+    one while the application is told the other.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "no subjectAltName: an X.509-SVID has exactly one URI SAN spiffe://<td>/<path>"
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        shown = ", ".join(uris[:3]) + (", ..." if len(uris) > 3 else "")
+        return f"{len(uris)} URI SANs ({shown or 'none'}): an X.509-SVID has exactly one"
+    try:
+        _, path = parse_spiffe_id(uris[0])
+    except ValueError:
+        return f"the URI SAN {uris[0][:100]!r} is not a SPIFFE ID"
+    if not path or path == "/":
+        return f"{uris[0]} names a trust domain, not a workload"
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "a CA certificate (basicConstraints CA=true) is not a workload identity"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return "no keyUsage: an X.509-SVID leaf sets digitalSignature"
+    if not usage.digital_signature:
+        return "keyUsage lacks digitalSignature"
+    if usage.key_cert_sign or usage.crl_sign:
+        return "keyUsage has keyCertSign or cRLSign, which a leaf must not have"
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    missing = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} - set(eku)
+    if missing:
+        names = sorted("serverAuth" if m == ExtendedKeyUsageOID.SERVER_AUTH else "clientAuth" for m in missing)
+        return f"extendedKeyUsage lacks {' and '.join(names)}"
+    return None
 
 
 def _now() -> dt.datetime:
