@@ -125,9 +125,9 @@ def _new_context(purpose: int, workload: Workload) -> MeshTLSContext:
     if purpose == ssl.PROTOCOL_TLS_SERVER:
         # No session resumption: a resumed session skips certificate verification, so a
         # ticket (OpenSSL's lifetime: 2 h) would outlive the client certificate it was made
-        # with and a root removed from the bundle. No TLS 1.3 tickets, no TLS 1.2 tickets;
-        # TLS 1.2 session-ID resumption, which Python cannot switch off, is caught by the
-        # expiry check in `Workload._peer` and ends with the context when roots change.
+        # with and a root removed from the bundle. No TLS 1.3 tickets, no TLS 1.2 tickets,
+        # and CPython's server contexts keep no session-ID cache; `Workload._peer` checks
+        # expiry again all the same.
         ctx.num_tickets = 0
         ctx.options |= ssl.OP_NO_TICKET
     ctx.workload = workload

@@ -18,7 +18,7 @@ import meshcore
 import pytest
 from anyio.streams.tls import TLSStream
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -184,3 +184,111 @@ async def test_outbound_refuses_a_server_that_is_not_one_svid(variant, ca_dir, t
     assert BAD[variant][4] in str(info.value)
     assert info.value.actual == ""
     assert state["rejected_servers"] == 1
+
+
+# -- resumption cannot outlive the client certificate -----------------------------------------
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_no_resumption_after_the_client_certificate_expired(version, ca_dir, kit, tls_mesh):
+    # A client certificate that expires 2 s from now (issued "58 s ago" with a 60 s life).
+    issued = CA.load(ca_dir, need_key=True).issue(
+        "web", ttl=60, now=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=58)
+    )
+    out = ca_dir.parent / "short"
+    out.mkdir()
+    cert, key = out / "web.crt", out / "web.key"
+    write_private(key, issued.key_pem)
+    write_private(cert, issued.cert_pem)
+    max_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else None
+    ctx = client_ctx(ca_dir / "ca.crt", cert, key, max_version)
+    config = kit.server_config(ca_dir, "orders", min_tls_version=version)
+    async with tls_mesh(config) as mesh, kit.mtls_server(mesh) as server:
+        server_ctx = mesh.plugins.server_tls(mesh)
+        assert server_ctx.num_tickets == 0 and server_ctx.options & ssl.OP_NO_TICKET
+        first, session, _ = await anyio.to_thread.run_sync(request, server.port, ctx)
+        assert first.startswith(b"HTTP/1.1 200")
+        assert session is not None and not session.has_ticket  # the server issued none
+        # OpenSSL checks validity against the wall clock, so the test waits for the real
+        # expiry; nothing signals it.
+        left = (issued.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+        await anyio.sleep(max(0.0, left) + 0.2)
+        again, _, reused = await anyio.to_thread.run_sync(request, server.port, ctx, session)
+    # Nothing to resume (no ticket, and CPython's server contexts keep no session-ID cache):
+    # a full handshake, which refuses the expired certificate.
+    assert (again, reused) == (b"", False)
+
+
+async def test_an_expired_certificate_on_an_open_or_resumed_session_is_refused(
+    ca_dir, kit, tls_mesh
+):
+    # The check behind the handshake's: should any resumption path exist, authorize judges
+    # the certificate against the clock. `peer` is what an SSLObject answers after resuming.
+    expired = CA.load(ca_dir, need_key=True).issue(
+        "web", ttl=60, now=dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    )
+    der = expired.cert.public_bytes(serialization.Encoding.DER)
+
+    class Resumed:
+        def getpeercert(self, binary_form: bool = False) -> bytes:
+            return der
+
+    async with tls_mesh(kit.server_config(ca_dir, "orders")) as mesh:
+        reason = mesh.plugins.authorize(meshcore.Request("GET", "http://orders/"), Resumed(), mesh)
+    assert reason is not None and "expired at" in reason
+
+
+# -- removing a root ----------------------------------------------------------------------------
+
+
+def fingerprint(path: Path) -> str:
+    return x509.load_pem_x509_certificate(path.read_bytes()).fingerprint(hashes.SHA256()).hex()
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_a_removed_root_is_no_longer_trusted_nor_resumable(
+    version, ca_dir, other_ca_dir, kit, tls_mesh
+):
+    # The server's own certificate comes from `other`; `ca_dir`'s root signs the client and
+    # is then removed from the server's bundle.
+    tmp = ca_dir.parent
+    bundle = tmp / "bundle.crt"
+    write_private(bundle, (ca_dir / "ca.crt").read_bytes() + (other_ca_dir / "ca.crt").read_bytes())
+    server_cert, server_key = kit.write_leaf(other_ca_dir, tmp / "server", "orders")
+    old_cert, old_key = kit.write_leaf(ca_dir, tmp / "old", "web")
+    new_cert, new_key = kit.write_leaf(other_ca_dir, tmp / "new", "web")
+    max_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else None
+    old_ctx = client_ctx(other_ca_dir / "ca.crt", old_cert, old_key, max_version)
+    new_ctx = client_ctx(other_ca_dir / "ca.crt", new_cert, new_key, max_version)
+    config = {
+        "tls": {
+            "ca": str(bundle),
+            "cert": str(server_cert),
+            "key": str(server_key),
+            "reload_interval": 0.02,
+            "min_tls_version": version,
+        },
+        "services": {},
+    }
+    async with tls_mesh(config) as mesh, kit.mtls_server(mesh) as server:
+        w = meshcore_tls.workload(mesh)
+        assert w is not None and w.rotated is not None
+        before = mesh.state()["state"]["tls"]["trusted_roots"]
+        first, session, _ = await anyio.to_thread.run_sync(request, server.port, old_ctx)
+        assert first.startswith(b"HTTP/1.1 200")
+
+        rotated = w.rotated
+        write_private(bundle, (other_ca_dir / "ca.crt").read_bytes(), overwrite=True)
+        with anyio.fail_after(10):
+            await rotated.wait()
+        after = mesh.state()["state"]["tls"]["trusted_roots"]
+
+        fresh, _, _ = await anyio.to_thread.run_sync(request, server.port, old_ctx)
+        resumed, _, reused = await anyio.to_thread.run_sync(
+            request, server.port, old_ctx, session
+        )
+        still, _, _ = await anyio.to_thread.run_sync(request, server.port, new_ctx)
+    assert before == [fingerprint(ca_dir / "ca.crt"), fingerprint(other_ca_dir / "ca.crt")]
+    assert after == [fingerprint(other_ca_dir / "ca.crt")]
+    assert fresh == b"" and resumed == b"" and not reused
+    assert still.startswith(b"HTTP/1.1 200")
