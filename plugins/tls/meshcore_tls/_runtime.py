@@ -2,8 +2,8 @@
 
 A `Workload` lives as long as its mesh (it is the tls plugin's lifespan). It holds one client
 and one server `ssl.SSLContext`. Both carry the workload's certificate, trust only the mesh
-root(s), require TLS 1.2 or newer (1.3 is negotiated whenever both sides have it, which with
-OpenSSL 1.1.1+ is always) and do not check host names: peers are identified by their SPIFFE
+root(s), require TLS 1.3 (or 1.2 with AEAD suites when `min_tls_version = "1.2"`), never
+resume sessions, and do not check host names: peers are identified by their SPIFFE
 ID (`check_server`, `authorize`), not by DNS names, which mesh endpoints do not have.
 
 Rotation reloads the certificate *into the same context objects* (`load_cert_chain` again)
@@ -13,8 +13,8 @@ connections keep what they negotiated with while every new handshake, on any con
 picks up the new certificate at once, including connectors that were built with the context
 and never ask for a new one. `security_changed()` is still called, so connectors that swap
 contexts see the (same, refreshed) object too. The one thing in-place loading cannot do is
-*remove* a trusted root: roots are only ever added while running (see docs/security.md,
-"Replacing the root").
+*remove* a trusted root: then both contexts are built anew and handed out through
+`security_changed()` and `server_tls` (see docs/security.md, "Replacing the root").
 
 Three ways to get certificates:
 
