@@ -292,3 +292,31 @@ async def test_a_removed_root_is_no_longer_trusted_nor_resumable(
     assert after == [fingerprint(other_ca_dir / "ca.crt")]
     assert fresh == b"" and resumed == b"" and not reused
     assert still.startswith(b"HTTP/1.1 200")
+
+
+async def test_outbound_stops_trusting_a_removed_root(ca_dir, other_ca_dir, kit, tls_mesh):
+    # The client mesh trusts both roots, then only `other`: the server (from `ca_dir`) is
+    # refused on the next new connection, in library mode through `security_changed()`.
+    tmp = ca_dir.parent
+    bundle = tmp / "client-bundle.crt"
+    write_private(bundle, (ca_dir / "ca.crt").read_bytes() + (other_ca_dir / "ca.crt").read_bytes())
+    both = tmp / "server-bundle.crt"
+    write_private(both, bundle.read_bytes())
+    cert, key = kit.write_leaf(other_ca_dir, tmp / "client", "web")
+    async with tls_mesh(kit.server_config(ca_dir, "orders", ca=str(both))) as server_mesh:
+        # close_every=1: each request on a new connection, so each one is a handshake.
+        async with kit.mtls_server(server_mesh, close_every=1) as server:
+            tls = {"ca": str(bundle), "cert": str(cert), "key": str(key), "reload_interval": 0.02}
+            async with tls_mesh(kit.client_config(tls, server)) as mesh, mesh.client() as client:
+                w = meshcore_tls.workload(mesh)
+                assert w is not None and w.rotated is not None
+                first = await client.get("http://orders/")
+                rotated = w.rotated
+                write_private(bundle, (other_ca_dir / "ca.crt").read_bytes(), overwrite=True)
+                with anyio.fail_after(10):
+                    await rotated.wait()
+                with pytest.raises(meshcore.EndpointConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await client.get("http://orders/")
+                roots = mesh.state()["state"]["tls"]["trusted_roots"]
+    assert first.status_code == 200
+    assert roots == [fingerprint(other_ca_dir / "ca.crt")]
