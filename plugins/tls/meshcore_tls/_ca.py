@@ -144,7 +144,9 @@ def svid_problem(cert: x509.Certificate) -> str | None:
         return None
     missing = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} - set(eku)
     if missing:
-        names = sorted("serverAuth" if m == ExtendedKeyUsageOID.SERVER_AUTH else "clientAuth" for m in missing)
+        names = sorted(
+            "serverAuth" if m == ExtendedKeyUsageOID.SERVER_AUTH else "clientAuth" for m in missing
+        )
         return f"extendedKeyUsage lacks {' and '.join(names)}"
     return None
 

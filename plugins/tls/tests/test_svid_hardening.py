@@ -48,8 +48,12 @@ def _usage(*, sign: bool = True, cert_sign: bool = False) -> x509.KeyUsage:
 # variant -> (URI SANs, basicConstraints CA, keyUsage, EKU, the reason expected)
 BAD = {
     "two spiffe URIs": ([TD + "{svc}", TD + "admin"], False, _usage(), True, "2 URI SANs"),
-    "URI + spiffe": (["https://admin.example.org/", TD + "{svc}"], False, _usage(), True, "2 URI SANs"),
-    "CA=true leaf": ([TD + "{svc}"], True, _usage(cert_sign=True), True, "basicConstraints CA=true"),
+    "URI + spiffe": (
+        ["https://admin.example.org/", TD + "{svc}"], False, _usage(), True, "2 URI SANs"
+    ),
+    "CA=true leaf": (
+        [TD + "{svc}"], True, _usage(cert_sign=True), True, "basicConstraints CA=true"
+    ),
     "no SAN": ([], False, _usage(), True, "no subjectAltName"),
     "keyCertSign on a leaf": ([TD + "{svc}"], False, _usage(cert_sign=True), True, "keyCertSign"),
     "no digitalSignature": ([TD + "{svc}"], False, _usage(sign=False), True, "digitalSignature"),
@@ -75,7 +79,9 @@ def bad_leaf(ca_dir: Path, out: Path, variant: str, service: str) -> tuple[Path,
     )
     if eku:
         builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
     if uris:
@@ -134,7 +140,8 @@ def test_svid_rules_name_what_is_wrong(ca_dir):
 async def test_inbound_refuses_a_client_that_is_not_one_svid(variant, ca_dir, kit, tls_mesh):
     cert, key = bad_leaf(ca_dir, ca_dir.parent / "bad", variant, "web")
     ctx = client_ctx(ca_dir / "ca.crt", cert, key)
-    async with tls_mesh(kit.server_config(ca_dir, "orders")) as mesh, kit.mtls_server(mesh) as server:
+    config = kit.server_config(ca_dir, "orders")
+    async with tls_mesh(config) as mesh, kit.mtls_server(mesh) as server:
         out, _, _ = await anyio.to_thread.run_sync(request, server.port, ctx)
         state = mesh.state()["state"]["tls"]
     # OpenSSL's handshake accepts every one of these (they chain to the trusted root); the
@@ -153,7 +160,9 @@ async def _serve_leaf(cert: Path, key: Path, ca: Path, task_status: Any) -> None
 
     async def serve(stream: Any) -> None:
         try:
-            tls = await TLSStream.wrap(stream, server_side=True, ssl_context=ctx, standard_compatible=False)
+            tls = await TLSStream.wrap(
+                stream, server_side=True, ssl_context=ctx, standard_compatible=False
+            )
             await tls.receive()
             await tls.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             await tls.aclose()
@@ -315,7 +324,10 @@ async def test_outbound_stops_trusting_a_removed_root(ca_dir, other_ca_dir, kit,
                 write_private(bundle, (other_ca_dir / "ca.crt").read_bytes(), overwrite=True)
                 with anyio.fail_after(10):
                     await rotated.wait()
-                with pytest.raises(meshcore.EndpointConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                refused = pytest.raises(
+                    meshcore.EndpointConnectError, match="CERTIFICATE_VERIFY_FAILED"
+                )
+                with refused:
                     await client.get("http://orders/")
                 roots = mesh.state()["state"]["tls"]["trusted_roots"]
     assert first.status_code == 200
