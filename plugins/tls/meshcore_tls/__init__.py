@@ -166,6 +166,13 @@ def meshcore_kinds() -> list[meshcore.Kind]:
                     "how often cert/key/ca files are checked for changes",
                     min=0.01,
                 ),
+                "min_tls_version": S(
+                    "str",
+                    "1.3",
+                    'lowest TLS version between workloads; "1.2" also allows TLS 1.2 with '
+                    "ECDHE AEAD suites only (default 1.3, as Linkerd)",
+                    choices=("1.2", "1.3"),
+                ),
                 "identity_service": S(
                     "str",
                     "",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ __all__ = [
     "parse_spiffe_id",
     "spiffe_id",
     "spiffe_ids_of",
+    "svid_problem",
+    "open_private",
     "write_private",
 ]
 
@@ -99,24 +102,84 @@ def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
     ]
 
 
+def svid_problem(cert: x509.Certificate) -> str | None:
+    """Why `cert` is not a valid leaf X.509-SVID, or None when it is one.
+
+    The SPIFFE X509-SVID spec: exactly one URI SAN and it is a SPIFFE ID with a path (§2),
+    basicConstraints CA=false (§4.1), keyUsage with digitalSignature and without keyCertSign
+    or cRLSign (§4.3), and an extendedKeyUsage, when present, with serverAuth and clientAuth
+    (§4.4). One URI is what makes the identity unambiguous: with two, the policy could judge
+    one while the application is told the other.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "no subjectAltName: an X.509-SVID has exactly one URI SAN spiffe://<td>/<path>"
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        shown = ", ".join(uris[:3]) + (", ..." if len(uris) > 3 else "")
+        return f"{len(uris)} URI SANs ({shown or 'none'}): an X.509-SVID has exactly one"
+    try:
+        _, path = parse_spiffe_id(uris[0])
+    except ValueError:
+        return f"the URI SAN {uris[0][:100]!r} is not a SPIFFE ID"
+    if not path or path == "/":
+        return f"{uris[0]} names a trust domain, not a workload"
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "a CA certificate (basicConstraints CA=true) is not a workload identity"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return "no keyUsage: an X.509-SVID leaf sets digitalSignature"
+    if not usage.digital_signature:
+        return "keyUsage lacks digitalSignature"
+    if usage.key_cert_sign or usage.crl_sign:
+        return "keyUsage has keyCertSign or cRLSign, which a leaf must not have"
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    missing = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} - set(eku)
+    if missing:
+        names = sorted(
+            "serverAuth" if m == ExtendedKeyUsageOID.SERVER_AUTH else "clientAuth" for m in missing
+        )
+        return f"extendedKeyUsage lacks {' and '.join(names)}"
+    return None
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write a private file with mode 0600 from the first byte.
+# Exclusive create, never through a symlink: a planted link (to ~/.bashrc, another key) makes
+# the open fail instead of writing a private key wherever it points.
+_PRIVATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    Without `overwrite` an existing file is an error (O_EXCL). With it, the new content goes
-    to a temporary file in the same directory that then replaces the old one atomically, so
-    a runtime reloading the file never reads half of it.
+
+def open_private(path: str | Path, *, dir_fd: int | None = None) -> int:
+    """A new file's descriptor, mode 0600 from the first byte; FileExistsError when anything
+    (a file, a symlink, even a dangling one) already has the name."""
+    return os.open(path, _PRIVATE_FLAGS, 0o600, dir_fd=dir_fd)
+
+
+def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write a private file with mode 0600 from the first byte, never through a symlink.
+
+    Without `overwrite` an existing name is an error (O_EXCL). With it, the new content goes
+    to a freshly created temporary file (random name, O_EXCL) in the same directory that then
+    replaces the old name atomically: a runtime reloading the file never reads half of it,
+    and rename(2) replaces a symlink standing at `path` rather than writing where it points.
     """
     if not overwrite:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(open_private(path), "wb") as f:
             f.write(data)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = open_private(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -257,11 +320,12 @@ class CA:
         directory.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = directory / CA_CERT, directory / CA_KEY
         for p in (cert_path, key_path):
-            if p.exists():
+            if p.exists() or p.is_symlink():
                 raise FileExistsError(f"{p} already exists; refusing to overwrite a CA")
         assert self.key is not None
         write_private(key_path, key_pem(self.key))
-        cert_path.write_bytes(cert_pem(self.cert))
+        write_private(cert_path, cert_pem(self.cert))
+        cert_path.chmod(0o644)
         return cert_path, key_path
 
     def issue(

@@ -117,12 +117,16 @@ def issue(service: str, namespace: str, ttl: float, ca_dir: Path, out: Path, for
     cert_path, key_path = out / f"{service}.crt", out / f"{service}.key"
     if not force:
         for p in (cert_path, key_path):
-            if p.exists():
+            if p.exists() or p.is_symlink():
                 _error(f"{p} already exists; pass --force to replace it")
     # Key first: a reloading workload that sees the new key with the old certificate
     # rejects the pair and waits for the certificate.
-    write_private(key_path, issued.key_pem, overwrite=force)
-    write_private(cert_path, issued.cert_pem, overwrite=True)
+    try:
+        write_private(key_path, issued.key_pem, overwrite=force)
+        write_private(cert_path, issued.cert_pem, overwrite=True)
+    except OSError as exc:
+        _error(f"cannot write {exc.filename or out}: {exc.strerror}")
+        return
     cert_path.chmod(0o644)
     click.echo(f"{issued.identity}")
     click.echo(

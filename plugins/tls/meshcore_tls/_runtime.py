@@ -2,8 +2,8 @@
 
 A `Workload` lives as long as its mesh (it is the tls plugin's lifespan). It holds one client
 and one server `ssl.SSLContext`. Both carry the workload's certificate, trust only the mesh
-root(s), require TLS 1.2 or newer (1.3 is negotiated whenever both sides have it, which with
-OpenSSL 1.1.1+ is always) and do not check host names: peers are identified by their SPIFFE
+root(s), require TLS 1.3 (or 1.2 with AEAD suites when `min_tls_version = "1.2"`), never
+resume sessions, and do not check host names: peers are identified by their SPIFFE
 ID (`check_server`, `authorize`), not by DNS names, which mesh endpoints do not have.
 
 Rotation reloads the certificate *into the same context objects* (`load_cert_chain` again)
@@ -13,8 +13,8 @@ connections keep what they negotiated with while every new handshake, on any con
 picks up the new certificate at once, including connectors that were built with the context
 and never ask for a new one. `security_changed()` is still called, so connectors that swap
 contexts see the (same, refreshed) object too. The one thing in-place loading cannot do is
-*remove* a trusted root: roots are only ever added while running (see docs/security.md,
-"Replacing the root").
+*remove* a trusted root: then both contexts are built anew and handed out through
+`security_changed()` and `server_tls` (see docs/security.md, "Replacing the root").
 
 Three ways to get certificates:
 
@@ -48,9 +48,18 @@ from typing import Any
 import anyio
 import meshcore
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
-from ._ca import CA, Issued, cert_pem, key_pem, load_certs, spiffe_id, spiffe_ids_of
+from ._ca import (
+    CA,
+    Issued,
+    cert_pem,
+    key_pem,
+    load_certs,
+    spiffe_id,
+    spiffe_ids_of,
+    svid_problem,
+)
 from ._policy import Policy, parse_rules
 from ._workload_identity import IdentitySource
 
@@ -98,11 +107,29 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: bytes) -> None:
         ctx.load_cert_chain(str(path))
 
 
+# TLS 1.2 suites when `min_tls_version = "1.2"`: forward-secret AEAD only (Mozilla's
+# "intermediate" list, the set Istio/Envoy accept by default); every TLS 1.3 suite is AEAD.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
 def _new_context(purpose: int, workload: Workload) -> MeshTLSContext:
     ctx = MeshTLSContext(purpose)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.3 between sidecars unless 1.2 is asked for (Linkerd speaks only 1.3 on its mesh).
+    version = getattr(workload.settings, "min_tls_version", "1.3") or "1.3"
+    ctx.minimum_version = TLS_VERSIONS[version]
+    if ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
+        ctx.set_ciphers(TLS12_CIPHERS)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if purpose == ssl.PROTOCOL_TLS_SERVER:
+        # No session resumption: a resumed session skips certificate verification, so a
+        # ticket (OpenSSL's lifetime: 2 h) would outlive the client certificate it was made
+        # with and a root removed from the bundle. No TLS 1.3 tickets, no TLS 1.2 tickets,
+        # and CPython's server contexts keep no session-ID cache; `Workload._peer` checks
+        # expiry again all the same.
+        ctx.num_tickets = 0
+        ctx.options |= ssl.OP_NO_TICKET
     ctx.workload = workload
     return ctx
 
@@ -132,7 +159,12 @@ class Workload:
         self._file_content: tuple[bytes, bytes, bytes] = (b"", b"", b"")
         self._renew_at = float("inf")
         self._expected: dict[str, str] = {}
-        self._peer_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._peers: weakref.WeakKeyDictionary[Any, tuple[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._chain: tuple[bytes, bytes] = (b"", b"")
+        self.roots: list[x509.Certificate] = []
+        self.root_changes = 0
         self._scope: anyio.CancelScope | None = None
         self.rotated: anyio.Event | None = None
         self.identity_source: IdentitySource | None = None
@@ -240,18 +272,47 @@ class Workload:
 
     # -- certificates ----------------------------------------------------------------------
 
-    def _load_roots(self, pem: bytes, source: str) -> None:
+    def _load_roots(self, pem: bytes, source: str) -> bool:
+        """Trust exactly the roots in `pem`; True when they changed.
+
+        Added roots are loaded into the running contexts. A removed root cannot be unloaded
+        from an SSLContext, so then both contexts are built anew with the current
+        certificate: the next handshake, and any attempt to resume a session of the old
+        context (its session cache goes with it), no longer trusts the removed root.
+        """
         if pem == self._roots_pem:
-            return
+            return False
         roots = load_certs(pem, source)
         text = b"".join(cert_pem(c) for c in roots).decode()
-        for ctx in (self.client, self.server):
-            ctx.load_verify_locations(cadata=text)
+        kept = {_fingerprint(c) for c in roots}
+        removed = [c for c in self.roots if _fingerprint(c) not in kept]
+        if removed:
+            client = _new_context(ssl.PROTOCOL_TLS_CLIENT, self)
+            server = _new_context(ssl.PROTOCOL_TLS_SERVER, self)
+            for ctx in (client, server):
+                ctx.load_verify_locations(cadata=text)
+                if self._chain[0]:
+                    _load_chain(ctx, *self._chain)
+            self.client, self.server = client, server
+            log.info(
+                "tls: trust bundle from %s now has %d root(s); no longer trusted: %s",
+                source,
+                len(roots),
+                ", ".join(_fingerprint(c) for c in removed),
+            )
+        else:
+            for ctx in (self.client, self.server):
+                ctx.load_verify_locations(cadata=text)
+        if self.roots:
+            self.root_changes += 1
+        self.roots = roots
         self._roots_pem = pem
+        return True
 
     def _install(self, cert: x509.Certificate, chain_pem: bytes, key: bytes) -> None:
         for ctx in (self.client, self.server):
             _load_chain(ctx, chain_pem, key)
+        self._chain = (chain_pem, key)
         old, self.cert = self.cert, cert
         ids = spiffe_ids_of(cert)
         self.identity = ids[0] if ids else ""
@@ -296,11 +357,9 @@ class Workload:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError(f"{key_path} does not belong to the certificate in {cert_path}")
-        if not _workload_ids(leaf):
-            raise ValueError(
-                f"{cert_path}: the certificate has no SPIFFE ID of a workload "
-                "(a URI SAN spiffe://<trust-domain>/<path> on a non-CA certificate)"
-            )
+        problem = svid_problem(leaf)
+        if problem is not None:
+            raise ValueError(f"{cert_path}: not an X.509-SVID of a workload: {problem}")
         now = dt.datetime.now(dt.UTC)
         if leaf.not_valid_after_utc <= now:
             raise ValueError(
@@ -360,7 +419,7 @@ class Workload:
                         self._file_paths[0],
                     )
                 continue
-            before = self.rotations
+            before = (self.rotations, self.root_changes)
             try:
                 self._load_files(content)
             except (ValueError, ssl.SSLError) as exc:
@@ -369,7 +428,7 @@ class Workload:
                 continue  # signature not stored: try again next time
             self._file_sig = sig
             warned = False
-            if self.rotations != before:
+            if (self.rotations, self.root_changes) != before:
                 self._changed()
 
     def _changed(self) -> None:
@@ -380,20 +439,33 @@ class Workload:
 
     # -- peers -----------------------------------------------------------------------------
 
-    def peer_identity(self, peer: Any) -> str:
-        """The SPIFFE ID of the peer of an `ssl.SSLObject` ("" when it has none)."""
+    def _peer(self, peer: Any) -> tuple[str, str]:
+        """(identity, problem) of the peer of an `ssl.SSLObject`: the SPIFFE ID of a valid
+        X.509-SVID and "", or "" and why the certificate is refused."""
         try:
-            return self._peer_ids[peer]
+            return self._peers[peer]
         except (KeyError, TypeError):
             pass
         der = peer.getpeercert(binary_form=True)
-        ids = spiffe_ids_of(x509.load_der_x509_certificate(der)) if der else []
-        identity = ids[0] if len(ids) == 1 else ""
+        if not der:
+            found = ("", "no certificate")
+        else:
+            cert = x509.load_der_x509_certificate(der)
+            problem = svid_problem(cert)
+            # The handshake checked the validity window, but a resumed session reuses a
+            # verification from the past: judge the certificate against the clock again.
+            if problem is None and cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+                problem = f"the certificate expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+            found = (spiffe_ids_of(cert)[0], "") if problem is None else ("", problem)
         try:
-            self._peer_ids[peer] = identity
+            self._peers[peer] = found
         except TypeError:
             pass
-        return identity
+        return found
+
+    def peer_identity(self, peer: Any) -> str:
+        """The SPIFFE ID of the peer of an `ssl.SSLObject` ("" when it has no valid SVID)."""
+        return self._peer(peer)[0]
 
     def expected(self, service: str) -> str:
         found = self._expected.get(service)
@@ -403,23 +475,23 @@ class Workload:
 
     def check_server(self, service: str, endpoint: Any, peer: Any) -> None:
         expected = self.expected(service)
-        actual = self.peer_identity(peer)
+        actual, problem = self._peer(peer)
         ok = fnmatch.fnmatchcase(actual, expected) if _is_glob(expected) else actual == expected
         if not ok:
             self.rejected_servers += 1
             where = getattr(endpoint, "id", endpoint)
+            got = actual or f"a certificate that is not a valid X.509-SVID ({problem})"
             raise meshcore.IdentityRejected(
-                f"{service} at {where}: expected server identity {expected}, "
-                f"got {actual or 'a certificate without a SPIFFE ID'}",
+                f"{service} at {where}: expected server identity {expected}, got {got}",
                 service=service,
                 expected=expected,
                 actual=actual,
             )
 
     def authorize(self, request: Any, peer: Any) -> str | None:
-        identity = self.peer_identity(peer)
+        identity, problem = self._peer(peer)
         if not identity:
-            reason: str | None = "the client certificate has no SPIFFE ID"
+            reason: str | None = f"client certificate refused: {problem}"
         else:
             reason = self.policy.check(identity, request.method, request.url.path)
         if reason is None:
@@ -454,6 +526,9 @@ class Workload:
             "allowed": self.allowed,
             "denied": self.denied,
             "rejected_servers": self.rejected_servers,
+            "min_tls_version": self.settings.min_tls_version,
+            # SHA-256 of each trusted root's DER, as `openssl x509 -fingerprint -sha256` shows it.
+            "trusted_roots": [_fingerprint(c) for c in self.roots],
             **(self.identity_source.status() if self.identity_source is not None else {}),
         }
 
@@ -462,13 +537,8 @@ class Workload:
         return {"expected_server": self._expected.get(service, "")}
 
 
-def _workload_ids(cert: x509.Certificate) -> list[str]:
-    try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return []
-    except x509.ExtensionNotFound:
-        pass
-    return [i for i in spiffe_ids_of(cert) if "/" in i[len("spiffe://") :]]
+def _fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def meshcore_tls_td(identity: str) -> str:

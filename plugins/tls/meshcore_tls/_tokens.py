@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._ca import parse_spiffe_id
+from ._ca import open_private, parse_spiffe_id
 
 __all__ = ["Grant", "TokenError", "TokenStore"]
 
@@ -126,12 +126,7 @@ class TokenStore:
         }
         dfd = self._open_dir(create=True)
         try:
-            fd = os.open(
-                f"{token_id}.json",
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                0o600,
-                dir_fd=dfd,
-            )
+            fd = open_private(f"{token_id}.json", dir_fd=dfd)
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
         finally:
@@ -188,10 +183,8 @@ class TokenStore:
                 os.unlink(name, dir_fd=dfd)
                 return
             record["uses_left"] = left
-            tmp = f".{name}.{os.getpid()}.tmp"
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
-            )
+            tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+            fd = open_private(tmp, dir_fd=dfd)
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

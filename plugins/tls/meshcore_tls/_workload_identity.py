@@ -15,7 +15,6 @@ the join token; every other renewal authenticates with the current certificate o
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import ssl
@@ -54,13 +53,6 @@ BOOTSTRAP_TIMEOUT = 30.0
 SAVED_KEY, SAVED_CERT, SAVED_BUNDLE = "svid.key", "svid.crt", "bundle.crt"
 
 
-def _fingerprints(pem: bytes) -> set[bytes]:
-    return {
-        hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).digest()
-        for c in load_certs(pem, "bundle")
-    }
-
-
 class IdentitySource:
     """Gets and renews `workload`'s certificate from the identity service in its settings."""
 
@@ -70,7 +62,6 @@ class IdentitySource:
         pem = roots_path.read_bytes()
         roots = load_certs(pem, str(roots_path))
         workload._load_roots(pem, str(roots_path))
-        self._root_fps = _fingerprints(pem)
         td = workload.trust_domain or CA(roots[0]).trust_domain
         if not td:
             raise ValueError(
@@ -188,23 +179,9 @@ class IdentitySource:
 
     def _apply(self, signed: Signed, key: ec.EllipticCurvePrivateKey, *, save: bool) -> None:
         w = self.workload
-        fps = _fingerprints(signed.bundle_pem)
-        if self._root_fps - fps:
-            # A root left the bundle (the end of a root rotation): in-place loading can only
-            # add roots, so build new contexts; connections made before keep theirs.
-            from ._runtime import _new_context
-
-            client = _new_context(ssl.PROTOCOL_TLS_CLIENT, w)
-            server = _new_context(ssl.PROTOCOL_TLS_SERVER, w)
-            for ctx in (client, server):
-                ctx.load_verify_locations(cadata=signed.bundle_pem.decode())
-            w.client, w.server = client, server
-            w._roots_pem = signed.bundle_pem
-            log.info("tls: trust bundle now has %d root(s); a root was removed", len(fps))
-        elif signed.bundle_pem != w._roots_pem:
-            w._load_roots(signed.bundle_pem, "the identity service's bundle")
+        # A root that left the bundle (the end of a root rotation) makes new contexts.
+        w._load_roots(signed.bundle_pem, "the identity service's bundle")
         w._install(signed.cert, signed.chain_pem, key_pem(key))
-        self._root_fps = fps
         self._left = (signed.cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
         self._renew_at = anyio.current_time() + w.settings.renew_at * self._left
         self.renewals += 1

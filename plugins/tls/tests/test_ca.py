@@ -158,3 +158,48 @@ def test_inspect_reports_expired():
     assert info["status"].startswith("EXPIRED 2h 59m ago")
     assert info["kind"] == "leaf"
     assert describe(root.cert)["kind"] == "CA"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_issue_never_writes_a_key_through_a_planted_symlink(tmp_path, force):
+    ca_dir = tmp_path / "ca"
+    CA.create("example.org").save(ca_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    dangling = tmp_path / "not-there-yet"
+    (out / "orders.key").symlink_to(victim)
+    (out / "orders.crt").symlink_to(dangling)  # a dangling link: exists() says False
+    args = ["issue", "orders", "--ca", str(ca_dir), "--out", str(out)]
+    done = meshcore_cli(*args, *(["--force"] if force else []))
+    assert victim.read_text() == "precious\n"
+    assert not dangling.exists()
+    if force:
+        # --force replaces the links themselves (rename(2)), never what they point at.
+        assert done.returncode == 0, done.stderr
+        for name in ("orders.key", "orders.crt"):
+            assert not (out / name).is_symlink()
+        assert stat.S_IMODE((out / "orders.key").stat().st_mode) == 0o600
+        assert b"PRIVATE KEY" in (out / "orders.key").read_bytes()
+    else:
+        assert done.returncode == 2 and "already exists" in done.stderr
+        assert (out / "orders.key").is_symlink()
+
+
+def test_private_files_refuse_planted_names(tmp_path):
+    from meshcore_tls._ca import write_private
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "key.pem"
+    link.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        write_private(link, b"secret")
+    assert victim.read_text() == "precious\n"
+    # A CA directory holding a planted link is refused too (save never overwrites).
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "ca" / "ca.crt").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError):
+        CA.create("example.org").save(tmp_path / "ca")
+    assert not (tmp_path / "elsewhere").exists()

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.anyio
 WEB = "spiffe://example.org/ns/default/sa/web"
 
 
-def raw_request(port: int, cert=None, key=None, ca=None, max_version=None) -> bytes:
+def raw_request(
+    port: int, cert=None, key=None, ca=None, max_version=None, ciphers=None, session=None
+) -> bytes:
     """One request with Python's ssl used directly; returns what came back (b"" on EOF)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -34,6 +36,8 @@ def raw_request(port: int, cert=None, key=None, ca=None, max_version=None) -> by
         ctx.load_verify_locations(ca)
     if max_version is not None:
         ctx.maximum_version = max_version
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -87,19 +91,29 @@ async def test_valid_certificate_reaches_the_mtls_upstream(ca_dir, kit, tls_mesh
     }
 
 
-async def test_tls_13_is_negotiated_and_12_is_the_floor(ca_dir, kit, tls_mesh):
+async def test_tls_13_only_by_default(ca_dir, kit, tls_mesh):
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         ctx = server_mesh.plugins.server_tls(server_mesh)
-        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
         assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert server_mesh.state()["state"]["tls"]["min_tls_version"] == "1.3"
         async with kit.mtls_server(server_mesh) as server:
             leaf, key = kit.write_leaf(ca_dir, ca_dir.parent / "leaf", "web")
-            ok12 = await anyio.to_thread.run_sync(
-                lambda: raw_request(
-                    server.port, leaf, key, ca_dir / "ca.crt", ssl.TLSVersion.TLSv1_2
-                )
+            # A TLS 1.2-only client with a valid certificate: Python's ssl and openssl.
+            assert await rejected(
+                raw_request, server.port, leaf, key, ca_dir / "ca.crt", ssl.TLSVersion.TLSv1_2
             )
-            assert ok12.startswith(b"HTTP/1.1 200")
+            s_client = await anyio.run_process(
+                ["openssl", "s_client", "-connect", server.address, "-tls1_2",
+                 "-cert", str(leaf), "-key", str(key), "-CAfile", str(ca_dir / "ca.crt")],
+                input=b"", check=False,
+            )
+            assert s_client.returncode != 0
+            assert b"no peer certificate available" in s_client.stdout  # no handshake
+            ok13 = await anyio.to_thread.run_sync(
+                lambda: raw_request(server.port, leaf, key, ca_dir / "ca.crt")
+            )
+            assert ok13.startswith(b"HTTP/1.1 200")
             # what the mesh client negotiates by default
             async with await anyio.connect_tcp(
                 "127.0.0.1",
@@ -109,6 +123,31 @@ async def test_tls_13_is_negotiated_and_12_is_the_floor(ca_dir, kit, tls_mesh):
             ) as stream:
                 version = stream.extra(anyio.streams.tls.TLSAttribute.tls_version)
     assert version == "TLSv1.3"
+
+
+async def test_tls_12_when_allowed_takes_aead_suites_only(ca_dir, kit, tls_mesh):
+    config = kit.server_config(ca_dir, "orders", min_tls_version="1.2")
+    async with tls_mesh(config) as server_mesh, kit.mtls_server(server_mesh) as server:
+        leaf, key = kit.write_leaf(ca_dir, ca_dir.parent / "leaf", "web")
+        ok12 = await anyio.to_thread.run_sync(
+            lambda: raw_request(server.port, leaf, key, ca_dir / "ca.crt", ssl.TLSVersion.TLSv1_2)
+        )
+        assert ok12.startswith(b"HTTP/1.1 200")
+        cbc = "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA256"
+        assert await rejected(
+            raw_request, server.port, leaf, key, ca_dir / "ca.crt", ssl.TLSVersion.TLSv1_2,
+            ciphers=cbc,
+        )
+        s_client = await anyio.run_process(
+            ["openssl", "s_client", "-connect", server.address, "-tls1_2",
+             "-cipher", "ECDHE-ECDSA-AES128-SHA256",
+             "-cert", str(leaf), "-key", str(key), "-CAfile", str(ca_dir / "ca.crt")],
+            input=b"", check=False,
+        )
+        assert s_client.returncode != 0
+        assert b"no peer certificate available" in s_client.stdout
+    with pytest.raises(meshcore.ConfigError, match="min_tls_version"):
+        tls_mesh(kit.server_config(ca_dir, "orders", min_tls_version="1.1"))
 
 
 def tls_client_ctx(ca_dir, leaf, key):

@@ -109,7 +109,7 @@ def test_bad_section_fails_at_load_with_the_key_path(tls, path, message):
         ({"ca_dir": "CA"}, "needs `service`"),
         ({"ca": "CA/ca.crt", "cert": "CA/ca.crt"}, "`cert` and `key` go together"),
         ({"ca": "CA/ca.crt", "cert": "CA/ca.crt", "key": "CA/nope.key"}, "nope.key"),
-        ({"ca": "CA/ca.crt", "cert": "CA/ca.crt", "key": "CA/ca.key"}, "no SPIFFE ID"),
+        ({"ca": "CA/ca.crt", "cert": "CA/ca.crt", "key": "CA/ca.key"}, "not an X.509-SVID of a workload"),
         ({"ca": "CA/ca.crt", "cert": "LEAF", "key": "CA/ca.key"}, "does not belong"),
         ({"ca": "CA/ca.crt", "cert": "EXPIRED", "key": "EXPIRED_KEY"}, "expired"),
     ],
