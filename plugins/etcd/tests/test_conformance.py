@@ -20,6 +20,9 @@ def make(endpoints: list[str], prefix: str) -> EtcdDiscovery:
 
 
 class TestEtcdConformance(DiscoveryConformance):
+    kind = "etcd"
+    plugins = ["etcd"]
+
     @pytest.fixture
     async def discovery(self, etcd: EtcdCluster, admin: Admin) -> EtcdDiscovery:
         await admin.put_instance("orders", 7001)
