@@ -133,6 +133,7 @@ FIRST_PARTY = {
     "consul": "meshcore-servicemesh-consul",
     "tls": "meshcore-servicemesh-tls",
     "etcd": "meshcore-servicemesh-etcd",
+    "otel": "meshcore-servicemesh-otel",
 }
 
 
@@ -340,6 +341,10 @@ class Plugins:
     def authorize(self, request: Request, peer: ssl.SSLObject | None, mesh: Mesh) -> str | None:
         reason: str | None = self.pm.hook.meshcore_authorize(request=request, peer=peer, mesh=mesh)
         return reason
+
+    def inbound_layers(self, mesh: Mesh) -> list[Layer]:
+        """Every plugin's wrapper of the sidecar's inbound send, in plugin order."""
+        return list(self._call("meshcore_inbound_layer", mesh=mesh))
 
     def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         return list(self._call("meshcore_lifespan", mesh=mesh))

@@ -1,0 +1,194 @@
+"""The spans: a CLIENT span per attempt (the `otel` layer) and a SERVER span per inbound request.
+
+Attribute names follow OpenTelemetry's HTTP semantic conventions (v1.26, stable HTTP part:
+https://opentelemetry.io/docs/specs/semconv/http/http-spans/), plus `meshcore.*` for what the
+mesh knows. The parent of a span is the context the request's own headers carry (what the
+calling app or hop injected), else the caller's current context (library mode: the app's
+span, or the httpx instrumentation's); the request leaves with `traceparent`/`tracestate`
+replaced by the new span's, so every hop has its own span id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opentelemetry import propagate
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
+
+import meshcore
+
+from ._export import Tracing
+
+__all__ = ["ClientSpans", "ServerSpans", "breaker_states"]
+
+Send = Callable[[meshcore.Request], Awaitable[meshcore.Response]]
+
+# Service -> the breaker's last reported state, from the `meshcore_state_changed` event; a
+# service whose breaker never changed state is not listed (closed, or no breaker).
+breaker_states: dict[str, str] = {}
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class _HeadersGetter(Getter[meshcore.Headers]):
+    def get(self, carrier: meshcore.Headers, key: str) -> list[str] | None:
+        values = carrier.get_all(key)
+        return values or None
+
+    def keys(self, carrier: meshcore.Headers) -> list[str]:
+        return [name.decode("latin-1") for name, _ in carrier]
+
+
+_GETTER = _HeadersGetter()
+
+
+def _parent(headers: meshcore.Headers) -> Context | None:
+    """The context the request's headers carry; None (the current one) when they carry none."""
+    for name, _ in headers:
+        if name.lower() == b"traceparent":
+            return propagate.extract(headers, getter=_GETTER)
+    return None
+
+
+def _inject(headers: meshcore.Headers, span: Span) -> None:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=set_span_in_context(span))
+    for name in propagate.get_global_textmap().fields:
+        headers.remove_all(name)
+    for name, value in carrier.items():
+        headers.append((name.encode("latin-1"), value.encode("latin-1")))
+
+
+def _fail(span: Span, error_type: str) -> None:
+    span.set_attribute("error.type", error_type)
+    span.set_status(StatusCode.ERROR)
+
+
+def _endpoint(span: Span, endpoint: Any) -> None:
+    if isinstance(endpoint, meshcore.Endpoint):
+        span.set_attribute("meshcore.endpoint", endpoint.id)
+        span.set_attribute("network.peer.address", endpoint.address)
+        span.set_attribute("network.peer.port", endpoint.port)
+
+
+class ClientSpans:
+    """The `otel` layer: one CLIENT span around each call of the inner service.
+
+    Placed innermost (after `retry`), each call is one attempt; the attempt number is one more
+    than the endpoints the retry layer excludes (`meshcore.EXCLUDE`), which it sets on every
+    attempt after the first.
+    """
+
+    def __init__(self, tracing: Tracing, service: str) -> None:
+        self.tracing = tracing
+        self.service = service
+
+    def __call__(self, inner: Send) -> Send:
+        tracer: Tracer = self.tracing.tracer
+        service = self.service
+
+        async def send(request: meshcore.Request) -> meshcore.Response:
+            url = request.url
+            exclude = request.extensions.get(meshcore.EXCLUDE)
+            attempt = len(exclude) + 1 if exclude else 1
+            attributes: dict[str, Any] = {
+                "http.request.method": request.method,
+                "url.full": str(url),
+                "server.address": url.host,
+                "server.port": url.port or _DEFAULT_PORTS.get(url.scheme, 80),
+                "meshcore.service": service,
+                "meshcore.attempt": attempt,
+            }
+            if attempt > 1:
+                attributes["http.request.resend_count"] = attempt - 1
+            breaker = breaker_states.get(service)
+            if breaker is not None:
+                attributes["meshcore.breaker.state"] = breaker
+            span = tracer.start_span(
+                request.method, _parent(request.headers), SpanKind.CLIENT, attributes
+            )
+            _inject(request.headers, span)
+            try:
+                response = await inner(request)
+            except BaseException as exc:
+                _endpoint(span, getattr(exc, "endpoint", None))
+                _fail(span, type(exc).__name__)
+                span.end()
+                raise
+            if span.is_recording():
+                status = response.status_code
+                span.set_attribute("http.response.status_code", status)
+                _endpoint(span, response.extensions.get(meshcore.ENDPOINT))
+                if status >= 400:  # a client span's error from 4xx on (semconv)
+                    _fail(span, str(status))
+            span.end()
+            return response
+
+        return send
+
+
+def _identity(headers: meshcore.Headers) -> str | None:
+    """The caller's verified identity the sidecar put in `X-Forwarded-Client-Cert` (mTLS)."""
+    xfcc = headers.get("x-forwarded-client-cert")
+    if not xfcc:
+        return None
+    for part in xfcc.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "uri":
+            return value.strip().strip('"')
+    return None
+
+
+class ServerSpans:
+    """The sidecar's inbound wrapper: one SERVER span per request to the local app."""
+
+    def __init__(self, tracing: Tracing, service: str) -> None:
+        self.tracing = tracing
+        self.service = service
+
+    def __call__(self, inner: Send) -> Send:
+        tracer: Tracer = self.tracing.tracer
+        service = self.service
+
+        async def send(request: meshcore.Request) -> meshcore.Response:
+            url = request.url
+            attributes: dict[str, Any] = {
+                "http.request.method": request.method,
+                "url.path": url.path,
+                "url.scheme": url.scheme,
+                "meshcore.service": service,
+            }
+            if url.query:
+                attributes["url.query"] = url.query
+            host = request.headers.get("host")
+            if host:
+                name, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+                attributes["server.address"] = name or host
+                if port.isdigit():
+                    attributes["server.port"] = int(port)
+            peer = _identity(request.headers)
+            if peer is not None:
+                attributes["meshcore.peer.identity"] = peer
+            span = tracer.start_span(
+                f"{request.method}", _parent(request.headers), SpanKind.SERVER, attributes
+            )
+            _inject(request.headers, span)
+            try:
+                response = await inner(request)
+            except BaseException as exc:
+                _fail(span, type(exc).__name__)
+                span.end()
+                raise
+            if span.is_recording():
+                status = response.status_code
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:  # a server span's error is 5xx only (semconv)
+                    _fail(span, str(status))
+            span.end()
+            return response
+
+        return send
+
