@@ -27,7 +27,7 @@ import anyio
 import meshcore
 
 from ._export import Exporting, Tracing, parse_headers
-from ._spans import ClientSpans, ServerSpans, breaker_states
+from ._spans import ClientSpans, ServerSpans, breaker_states, follow_httpx_instrumentation
 
 __all__ = [
     "LAYER_SETTINGS",
@@ -104,6 +104,7 @@ def tracing_for(mesh: meshcore.Mesh) -> Tracing:
         default_name = getattr(sidecar, "service", None) or "meshcore"
         tracing = _tracings[mesh] = Tracing(mesh.config.section("tracing"), default_name)
         mesh.add_state("tracing", tracing.state)
+        follow_httpx_instrumentation()
     return tracing
 
 

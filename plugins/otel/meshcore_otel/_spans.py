@@ -192,3 +192,43 @@ class ServerSpans:
 
         return send
 
+
+
+_followed = False
+
+
+def follow_httpx_instrumentation() -> None:
+    """Let `HTTPXClientInstrumentor().instrument()` see library-mode mesh calls.
+
+    The global instrumentation wraps `httpx.AsyncHTTPTransport.handle_async_request` only, so
+    a client with another transport (`mesh.client()`'s `meshcore.MeshTransport`) is missed.
+    Once per process this wraps `MeshTransport.handle_async_request`: while the global
+    instrumentation is on, each transport is handed to the instrumentor's public
+    `instrument_client` on first use, so mesh calls get the same HTTP client span (and
+    `traceparent`) as any httpx call, and the mesh's attempt spans become its children.
+    """
+    global _followed
+    if _followed:
+        return
+    _followed = True
+    try:
+        import httpx
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    except ImportError:  # the instrumentation is not installed: nothing to follow
+        return
+    instrumentor = HTTPXClientInstrumentor()
+    original = meshcore.MeshTransport.handle_async_request
+
+    async def handle_async_request(self: Any, request: httpx.Request) -> httpx.Response:
+        if instrumentor.is_instrumented_by_opentelemetry and not self.__dict__.get(_FOLLOWED):
+            self.__dict__[_FOLLOWED] = True
+            # A client object only to name the transport; never used, never closed.
+            HTTPXClientInstrumentor.instrument_client(httpx.AsyncClient(transport=self))
+            response: httpx.Response = await self.handle_async_request(request)
+            return response
+        return await original(self, request)
+
+    meshcore.MeshTransport.handle_async_request = handle_async_request  # type: ignore[method-assign]
+
+
+_FOLLOWED = "_meshcore_otel_instrumented"
