@@ -96,14 +96,17 @@ async def test_a_request_without_a_trace_starts_one(receiver: OtlpReceiver, upst
                 # A caller's own unsampled traceparent is honoured: parent-based sampling.
                 unsampled = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"
                 await client.get("http://orders/", headers={"traceparent": unsampled})
+                # A malformed one restarts the trace (W3C Trace Context, 4.3).
+                await client.get("http://orders/", headers={"traceparent": "00-xyz-1-01"})
     finally:
         otel_context.detach(token)
-    (span,) = await anyio.to_thread.run_sync(receiver.wait_for, 1)
-    assert span.parent_id == ""
+    span, restarted = await anyio.to_thread.run_sync(receiver.wait_for, 2)
+    assert span.parent_id == "" and restarted.parent_id == ""
+    assert traceparent(server.seen[2][2]) == (restarted.trace_id, restarted.span_id, True)
     assert traceparent(server.seen[0][2]) == (span.trace_id, span.span_id, True)
     trace_id, span_id, flags = traceparent(server.seen[1][2])
     assert (trace_id, flags) == ("ab" * 16, False) and span_id != "cd" * 8
-    assert receiver.posts >= 1 and len(receiver.spans) == 1
+    assert receiver.posts >= 1 and len(receiver.spans) == 2
 
 
 @pytest.mark.anyio
