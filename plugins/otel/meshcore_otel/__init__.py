@@ -142,6 +142,7 @@ def meshcore_state_changed(service: str, component: str, subject: str, old: str,
 @contextlib.asynccontextmanager
 async def _flushed(mesh: meshcore.Mesh) -> AsyncIterator[None]:
     tracing = tracing_for(mesh)
+    tracing.start()
     try:
         yield
     finally:

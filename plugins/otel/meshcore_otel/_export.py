@@ -124,16 +124,28 @@ class Exporting(SpanProcessor):
 
 
 class Tracing:
-    """One mesh's tracer: its own provider and exporter, or the global provider."""
+    """One mesh's tracer: its own provider and exporter, or the global provider.
+
+    The provider (and the batch processor's thread) is made by `start()` when the mesh starts,
+    so a mesh that is built but never run (`meshcore check-config`) leaves no thread behind;
+    until then `tracer` makes no spans.
+    """
 
     def __init__(self, settings: Any, service_name: str) -> None:
+        self.settings = settings
+        self.service_name = settings.service_name or service_name
         self.endpoint: str = settings.endpoint
         self.ratio: float = settings.ratio
         self.provider: TracerProvider | None = None
         self.exporting: Exporting | None = None
-        if not self.endpoint:
-            self.tracer = trace.get_tracer(INSTRUMENTATION, VERSION)
+        self.tracer: trace.Tracer = (
+            trace.NoOpTracer() if self.endpoint else trace.get_tracer(INSTRUMENTATION, VERSION)
+        )
+
+    def start(self) -> None:
+        if not self.endpoint or self.provider is not None:
             return
+        settings = self.settings
         exporter = OTLPSpanExporter(
             endpoint=self.endpoint,
             headers=parse_headers(settings.headers),
@@ -148,16 +160,16 @@ class Tracing:
         )
         self.provider = TracerProvider(
             sampler=ParentBased(TraceIdRatioBased(self.ratio)),
-            resource=Resource.create({"service.name": settings.service_name or service_name}),
+            resource=Resource.create({"service.name": self.service_name}),
         )
         self.provider.add_span_processor(self.exporting)
         self.tracer = self.provider.get_tracer(INSTRUMENTATION, VERSION)
 
     def state(self) -> dict[str, Any]:
         out: dict[str, Any] = {"endpoint": self.endpoint or "(global provider)"}
-        if self.exporting is not None:
+        if self.endpoint:
             out["ratio"] = self.ratio
-            out.update(self.exporting.state())
+            out.update(self.exporting.state() if self.exporting is not None else {})
         return out
 
     def shutdown(self) -> None:

@@ -21,7 +21,6 @@ from opentelemetry.trace import (
     SpanKind,
     StatusCode,
     TraceFlags,
-    Tracer,
     TraceState,
     set_span_in_context,
 )
@@ -112,7 +111,7 @@ class ClientSpans:
         self.service = service
 
     def __call__(self, inner: Send) -> Send:
-        tracer: Tracer = self.tracing.tracer
+        tracing = self.tracing
         service = self.service
 
         async def send(request: meshcore.Request) -> meshcore.Response:
@@ -132,7 +131,7 @@ class ClientSpans:
             breaker = breaker_states.get(service)
             if breaker is not None:
                 attributes["meshcore.breaker.state"] = breaker
-            span = tracer.start_span(
+            span = tracing.tracer.start_span(
                 request.method, _parent(request.headers), SpanKind.CLIENT, attributes
             )
             _inject(request.headers, span)
@@ -175,7 +174,7 @@ class ServerSpans:
         self.service = service
 
     def __call__(self, inner: Send) -> Send:
-        tracer: Tracer = self.tracing.tracer
+        tracing = self.tracing
         service = self.service
 
         async def send(request: meshcore.Request) -> meshcore.Response:
@@ -197,7 +196,7 @@ class ServerSpans:
             peer = _identity(request.headers)
             if peer is not None:
                 attributes["meshcore.peer.identity"] = peer
-            span = tracer.start_span(
+            span = tracing.tracer.start_span(
                 f"{request.method}", _parent(request.headers), SpanKind.SERVER, attributes
             )
             _inject(request.headers, span)

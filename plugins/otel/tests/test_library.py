@@ -172,3 +172,16 @@ def test_without_an_endpoint_spans_go_to_the_global_provider() -> None:
     assert tracing.provider is None
     assert isinstance(tracing.tracer, trace.ProxyTracer | trace.Tracer)
     assert mesh.state()["state"]["tracing"] == {"endpoint": "(global provider)"}
+
+
+def test_a_mesh_never_started_makes_no_provider_and_no_thread() -> None:
+    """`meshcore check-config` builds meshes it never runs: no exporter thread for those."""
+    import threading
+
+    import meshcore_otel
+
+    before = threading.active_count()
+    mesh = meshcore.Mesh({"tracing": {"endpoint": "http://127.0.0.1:4318/v1/traces"}}, PLUGINS)
+    tracing = meshcore_otel.tracing_for(mesh)
+    assert tracing.provider is None and not tracing.tracer.start_span("x").is_recording()
+    assert threading.active_count() == before
