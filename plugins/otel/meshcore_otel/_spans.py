@@ -252,7 +252,7 @@ def follow_httpx_instrumentation() -> None:
             return response
         return await original(self, request)
 
-    meshcore.MeshTransport.handle_async_request = handle_async_request  # type: ignore[method-assign]
+    meshcore.MeshTransport.handle_async_request = handle_async_request  # type: ignore[method-assign]  # wrapping the class once is the point
 
 
 _FOLLOWED = "_meshcore_otel_instrumented"
