@@ -36,6 +36,7 @@ __all__ = [
     "Exporting",
     "ServerSpans",
     "Tracing",
+    "breaker_states",
     "tracing_for",
 ]
 

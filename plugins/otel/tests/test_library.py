@@ -185,3 +185,33 @@ def test_a_mesh_never_started_makes_no_provider_and_no_thread() -> None:
     tracing = meshcore_otel.tracing_for(mesh)
     assert tracing.provider is None and not tracing.tracer.start_span("x").is_recording()
     assert threading.active_count() == before
+
+
+@pytest.mark.anyio
+async def test_breaker_state_and_a_refused_call_on_the_span(
+    receiver: OtlpReceiver, upstream: Any
+) -> None:
+    """With `otel` outside `breaker`, the call the open circuit refuses is a span too."""
+    import meshcore_otel
+
+    server = upstream(status=503)
+    breaker = {"window_size": 4, "minimum_calls": 4, "failure_rate": 50,
+               "consecutive_failures": 0, "open_duration": "60s"}
+    cfg = {
+        "tracing": {"endpoint": receiver.url, "schedule_delay": "20ms"},
+        "services": {"billing": static_service([server], resilience=["otel", "breaker"],
+                                               breaker=breaker)},
+    }
+    try:
+        async with meshcore.Mesh(cfg, ["breaker", "otel"]) as mesh:
+            async with mesh.client() as client:
+                for _ in range(4):
+                    assert (await client.get("http://billing/")).status_code == 503
+                with pytest.raises(meshcore.CircuitOpen):
+                    await client.get("http://billing/")
+    finally:
+        meshcore_otel.breaker_states.pop("billing", None)
+    spans = await anyio.to_thread.run_sync(receiver.wait_for, 5)
+    assert [s.attributes.get("meshcore.breaker.state") for s in spans] == [None] * 4 + ["open"]
+    assert spans[4].attributes["error.type"] == "CircuitOpen" and spans[4].error
+    assert "http.response.status_code" not in spans[4].attributes
