@@ -343,8 +343,9 @@ class Plugins:
         return reason
 
     def inbound_layers(self, mesh: Mesh) -> list[Layer]:
-        """Every plugin's wrapper of the sidecar's inbound send, in plugin order."""
-        return list(self._call("meshcore_inbound_layer", mesh=mesh))
+        """Every plugin's wrapper of the sidecar's inbound send, in plugin order (pluggy
+        answers the last registered first)."""
+        return list(reversed(self._call("meshcore_inbound_layer", mesh=mesh)))
 
     def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         return list(self._call("meshcore_lifespan", mesh=mesh))

@@ -33,11 +33,16 @@ from otlp_receiver import OtlpReceiver  # noqa: E402
 class Stamp:
     """A plugin wrapping the inbound send: stamps the request on its way to the app."""
 
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
     @meshcore.hookimpl
     def meshcore_inbound_layer(self, mesh: meshcore.Mesh) -> Any:
         def layer(send: Any) -> Any:
             async def stamped(request: meshcore.Request) -> meshcore.Response:
-                request.headers.append((b"x-stamp", b"inbound"))
+                self.log.append(self.name)
+                request.headers.append((f"x-{self.name}".encode(), b"inbound"))
                 response = await send(request)
                 response.headers.append((b"x-stamped", str(response.status_code).encode()))
                 return response
@@ -50,12 +55,15 @@ class Stamp:
 @pytest.mark.anyio
 async def test_the_inbound_layer_hook_wraps_the_send_to_the_app(upstream: Any) -> None:
     app = upstream()
+    log: list[str] = []
     config = sidecar_config({}, service="orders", app=app.address)
-    async with running_sidecar(config, extra_plugins=[("stamp", Stamp())]) as sidecar:
+    plugins = [("first", Stamp("first", log)), ("second", Stamp("second", log))]
+    async with running_sidecar(config, extra_plugins=plugins) as sidecar:
         async with httpx.AsyncClient() as client:
             r = await client.get(url(sidecar, "inbound", "/x"))
-    assert r.status_code == 200 and r.headers["x-stamped"] == "200"
-    assert app.seen[0][2]["x-stamp"] == "inbound"
+    assert r.status_code == 200 and r.headers.get_list("x-stamped") == ["200", "200"]
+    assert app.seen[0][2]["x-first"] == app.seen[0][2]["x-second"] == "inbound"
+    assert log == ["first", "second"]  # in plugin order, the first outermost
 
 
 @pytest.mark.anyio
