@@ -133,6 +133,7 @@ FIRST_PARTY = {
     "consul": "meshcore-servicemesh-consul",
     "tls": "meshcore-servicemesh-tls",
     "etcd": "meshcore-servicemesh-etcd",
+    "otel": "meshcore-servicemesh-otel",
 }
 
 
@@ -350,6 +351,11 @@ class Plugins:
                 answers = self._call_only(impl.plugin_name, hook)
                 found.extend((impl.plugin_name, a) for a in answers)
         return found
+
+    def inbound_layers(self, mesh: Mesh) -> list[Layer]:
+        """Every plugin's wrapper of the sidecar's inbound send, in plugin order (pluggy
+        answers the last registered first)."""
+        return list(reversed(self._call("meshcore_inbound_layer", mesh=mesh)))
 
     def lifespans(self, mesh: Mesh) -> list[AbstractAsyncContextManager[object]]:
         return list(self._call("meshcore_lifespan", mesh=mesh))

@@ -232,6 +232,19 @@ def meshcore_authorize(request: Request, peer: ssl.SSLObject | None, mesh: Mesh)
     """
 
 
+@hookspec
+def meshcore_inbound_layer(mesh: Mesh) -> Layer | None:
+    """Wrap the sidecar's inbound send to the local app (a server span, an access record).
+
+    Called once per config generation of a sidecar (``meshcore run``), after its mesh is built.
+    Return a ``meshcore.Layer`` (a callable taking the send, ``async (Request) -> Response``,
+    and returning the wrapped one) or None. Every answer is applied, the first plugin's
+    outermost. The request it sees is the one the app gets (headers already rewritten for the
+    app); the same rules as ``meshcore_layer`` hold (no lock across the call, release what is
+    held in ``finally``).
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # lifecycle
 

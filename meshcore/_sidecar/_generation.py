@@ -72,6 +72,8 @@ class Generation:
             timeouts=Timeouts(connect=s.app_connect_timeout, read=s.app_read_timeout),
         )
         self.send_to_app = functools.partial(self.app_connector.send, self.app)
+        for layer in reversed(mesh.plugins.inbound_layers(mesh)):  # the first plugin outermost
+            self.send_to_app = layer(self.send_to_app)
         self.authorize = mesh.plugins.implements("meshcore_authorize")
         self.service = s.service or "local"
         self.warnings: list[str] = []  # shown in /state (Sidecar._check_plaintext)
