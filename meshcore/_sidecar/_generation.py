@@ -18,6 +18,7 @@ from .._endpoints import Endpoint
 from .._http import HTTPConnector, PoolLimits, Timeouts
 from .._instance import Instance
 from .._mesh import Mesh
+from .._service import Service
 from ._registration import registered
 
 __all__ = ["Generation", "LISTENER_KEYS", "build_mesh", "sidecar_connector"]
@@ -71,7 +72,7 @@ class Generation:
             limits=_POOL,
             timeouts=Timeouts(connect=s.app_connect_timeout, read=s.app_read_timeout),
         )
-        self.send_to_app = functools.partial(self.app_connector.send, self.app)
+        self.send_to_app: Service = functools.partial(self.app_connector.send, self.app)
         for layer in reversed(mesh.plugins.inbound_layers(mesh)):  # the first plugin outermost
             self.send_to_app = layer(self.send_to_app)
         self.authorize = mesh.plugins.implements("meshcore_authorize")
