@@ -134,8 +134,10 @@ class EndpointStats:
 class Outcome(NamedTuple):
     """How one request to one endpoint ended, told to balancers, breakers and event hooks.
 
-    `status_code` is None when no response came back, in which case `error` says why.
-    `elapsed` is seconds from send to response headers (or to the error).
+    `status_code` is None when no whole response came back, in which case `error` says why:
+    a body cut short after its head is such an error. It is told when the body ends (at once
+    when it came with the head). `elapsed` is seconds from send to response headers (or to the
+    error).
 
     A NamedTuple: immutable like a frozen dataclass, and built at a third of its cost on every
     request (docs/data-path.md, "Figures").

@@ -107,17 +107,6 @@ class LocalRefusal(MeshError):
         self.retry_after = retry_after
 
 
-class IdentityRejected(MeshError):
-    """The peer's identity is not the one expected (client side) or not allowed (server side)."""
-
-    def __init__(
-        self, message: str, *, service: str | None = None, expected: str = "", actual: str = ""
-    ) -> None:
-        super().__init__(message, service=service)
-        self.expected = expected
-        self.actual = actual
-
-
 class EndpointError(MeshError):
     """Sending to one endpoint failed.
 
@@ -161,6 +150,34 @@ class EndpointConnectError(EndpointError):
         replayable: bool = True,
     ) -> None:
         super().__init__(message, service=service, endpoint=endpoint, replayable=replayable)
+
+
+class IdentityRejected(EndpointError):
+    """The server presented a certificate from the mesh root with an identity that is not the
+    one expected for the service; an `httpx.ConnectError` in library mode.
+
+    It is a failure of that endpoint like a certificate from another CA: always replayable
+    (the request was never sent), of kind `connect-failure`, so `retry` sends it to another
+    endpoint and `breaker` ejects the impostor. Envoy checks the SAN inside the handshake, so
+    a mismatch is a connect failure there too.
+    """
+
+    HTTPX_BASE = "ConnectError"
+    kind = "connect-failure"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str | None = None,
+        expected: str = "",
+        actual: str = "",
+        endpoint: Endpoint | None = None,
+        replayable: bool = True,
+    ) -> None:
+        super().__init__(message, service=service, endpoint=endpoint, replayable=replayable)
+        self.expected = expected
+        self.actual = actual
 
 
 class UnknownService(MeshError):

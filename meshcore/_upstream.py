@@ -109,6 +109,11 @@ class Upstream:
         # Subsets of this service (meshcore._routing): each gets the part of every snapshot
         # its selector keeps.
         self.subsets: list[tuple[Upstream, Callable[[Endpoint], bool]]] = []
+        from ._http._bodies import ResponseBody  # imported when a mesh is built, not before
+
+        # The engine's body still streaming after the head, the one an endpoint can cut short;
+        # other bodies (whole with the head, a test connector's) are judged at the head.
+        self._streamed_body: type = ResponseBody
 
     # -- building -----------------------------------------------------------------------------
 
@@ -324,6 +329,13 @@ class Upstream:
                 stats.in_flight -= 1
         now = clock()
         response.extensions[ENDPOINT] = endpoint
+        stream = response.stream
+        if type(stream) is self._streamed_body:
+            # The exchange is over when its body is: one cut short is the endpoint's failure.
+            response.stream = _AccountedBody(
+                stream, self, endpoint, request.method, response.status_code, start, now - start
+            )
+            return response
         counted = stats if self.stats is stats_map else self.stats.get(endpoint)
         self._record(
             counted,
@@ -346,6 +358,23 @@ class Upstream:
         counted = stats if self.stats is stats_map else self.stats.get(endpoint)
         outcome = Outcome(self.name, endpoint, request.method, None, error, now - start)
         self._record(counted, outcome, now)
+
+    def _body_ended(self, body: _AccountedBody, error: BaseException | None) -> None:
+        endpoint = body.endpoint
+        if error is None:
+            outcome = Outcome(
+                self.name, endpoint, body.method, body.status_code, None, body.elapsed
+            )
+        else:
+            if isinstance(error, MeshError):
+                error.service = self.name
+            if isinstance(error, EndpointError):
+                error.endpoint = error.endpoint or endpoint
+            # No whole response came back: an error outcome, whatever the head said.
+            outcome = Outcome(
+                self.name, endpoint, body.method, None, error, self.clock() - body.start
+            )
+        self.record(outcome)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -378,3 +407,61 @@ class Upstream:
             ],
             **{name: provider() for name, provider in self._state_providers.items()},
         }
+
+
+class _AccountedBody:
+    """A streamed response body that records its exchange's outcome when it ends.
+
+    The head alone is not a success: a body cut short (a reset, fewer bytes than the
+    Content-Length) is a failure of the endpoint in its stats, for the breaker's ejection and in
+    metrics, as a failed connect is. Reading to the end records the head's status (and the
+    time to the head, as for a whole body); an error while reading records that error; closing
+    early records the status, since the caller, not the endpoint, ended the exchange.
+    """
+
+    __slots__ = ("_body", "_iterator", "_upstream", "elapsed", "endpoint", "method", "start",
+                 "status_code")
+
+    def __init__(
+        self,
+        body: Any,
+        upstream: Upstream,
+        endpoint: Endpoint,
+        method: str,
+        status_code: int,
+        start: float,
+        elapsed: float,
+    ) -> None:
+        self._body = body
+        self._iterator = body.__aiter__()
+        self._upstream: Upstream | None = upstream
+        self.endpoint = endpoint
+        self.method = method
+        self.status_code = status_code
+        self.start = start
+        self.elapsed = elapsed
+
+    def __aiter__(self) -> _AccountedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk: bytes = await self._iterator.__anext__()
+        except StopAsyncIteration:
+            self._end(None)
+            raise
+        except Exception as exc:
+            self._end(exc)
+            raise
+        return chunk
+
+    async def aclose(self) -> None:
+        self._end(None)
+        aclose = getattr(self._body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _end(self, error: BaseException | None) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream._body_ended(self, error)

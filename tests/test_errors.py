@@ -67,7 +67,7 @@ MESH_ERRORS = [
     (meshcore.CircuitOpen("open", retry_at=1.0), httpx.TransportError),
     (meshcore.RetriesExhausted("all failed", attempts=[]), httpx.TransportError),
     (meshcore.LocalRefusal("busy"), httpx.TransportError),
-    (meshcore.IdentityRejected("who"), httpx.TransportError),
+    (meshcore.IdentityRejected("who", endpoint=EP), httpx.ConnectError),
 ]
 
 

@@ -75,7 +75,8 @@ RETRY_SETTINGS = {
         "int", 3, "attempts in total, the first included", min=1, max=10
     ),
     "per_try_timeout": meshcore.Setting(
-        "duration", 0.0, "timeout of each attempt (0: none, the deadline bounds it; as Envoy)",
+        "duration", 0.0, "timeout of each attempt (0: the deadline's share per attempt, "
+        "deadline / attempts, when a timeout layer sets one)",
         min=0,
     ),
     "backoff_base": meshcore.Setting(

@@ -16,6 +16,10 @@ Why each rule (defaults from shared/reference/data-plane-anchors.md):
   step). A `Retry-After` header (seconds or an HTTP date) on a retried response is waited for
   instead when it is longer, unless it would pass the request's deadline: then the response is
   returned at once, since waiting could only end in `DeadlineExceeded`.
+- **How long each.** `per_try_timeout`, or when unset the deadline's share (deadline /
+  attempts, 5 s of the default 15 s): Envoy leaves it unset, so a hung host costs every
+  request routed to it the whole route timeout; a share moves the request on in time and
+  makes the hang a failure that ejects the host (plugins/breaker/bench/hung_instance.py).
 - **How many.** 3 attempts in total (the issue's default; Envoy's own is 1 retry, gRPC caps at 5)
   and never beyond the per-service budget (see `_budget.py`).
 - **Bodies.** A body held in memory is replayed; a streamed body is buffered up to 64 KiB
@@ -247,11 +251,17 @@ class RetryLayer:
         headers0 = list(request.headers)
         extensions0 = dict(request.extensions)
         timeout_ext = None
-        if policy.per_try_timeout:
-            timeout_ext = _per_try_timeouts(extensions0.get("timeout"), policy.per_try_timeout)
+        deadline = extensions0.get(meshcore.DEADLINE)
+        per_try = policy.per_try_timeout
+        if not per_try and deadline is not None and attempts_allowed > 1:
+            # Unset: each attempt gets an equal share of the deadline, so a hung instance
+            # costs a request one share (5 s of Envoy's 15 s route timeout with 3 attempts),
+            # its timeout counts against it, and the retry still fits the deadline.
+            per_try = max(deadline - start, 0.0) / attempts_allowed
+        if per_try:
+            timeout_ext = _per_try_timeouts(extensions0.get("timeout"), per_try)
             request.extensions["timeout"] = timeout_ext
         idempotent = request.method in policy.methods
-        deadline = extensions0.get(meshcore.DEADLINE)
         log: list[meshcore.Attempt] | None = None
         tried: list[meshcore.Endpoint] = []
         attempt = request

@@ -368,3 +368,27 @@ async def test_an_attempt_cut_by_the_deadline_counts_against_its_endpoint(
     assert isinstance(slow_outcomes[0].error, meshcore.EndpointTimeout)
     assert slow_outcomes[0].elapsed == pytest.approx(1.0)
     assert stats["failures"] == 1 and stats["in_flight"] == 0
+
+
+@VIRTUAL_ONLY
+async def test_without_per_try_timeout_a_hung_instance_costs_a_share_of_the_deadline(
+    scripted_mesh, anyio_backend
+):
+    """Unset, the per-try timeout is deadline / attempts (15 s / 3 = 5 s): a request routed to
+    a hung instance moves on to a healthy one after 5 s instead of failing at 15 s, and the
+    timeout counts against the hung instance."""
+    hung = PORTS[0]
+    mesh, conn = scripted_mesh(
+        lambda port, req, n: 3600.0 if port == hung else 200,
+        resilience=["timeout", "retry"],
+    )
+    async with mesh:
+        start = anyio.current_time()
+        statuses = [(await mesh.send(request())).status_code for _ in range(3)]
+        elapsed = anyio.current_time() - start
+        state = mesh.state()["services"]["svc"]
+    assert statuses == [200, 200, 200]
+    assert elapsed == pytest.approx(5.0, abs=0.3)  # one 5 s try on the hung one, plus backoff
+    hung_stats = next(e for e in state["endpoints"] if e["port"] == hung)
+    assert (hung_stats["requests"], hung_stats["failures"]) == (1, 1)
+    assert sum(1 for _, port, _, _ in conn.log if port == hung) == 1

@@ -486,6 +486,7 @@ class Workload:
                 service=service,
                 expected=expected,
                 actual=actual,
+                endpoint=endpoint if isinstance(endpoint, meshcore.Endpoint) else None,
             )
 
     def authorize(self, request: Any, peer: Any) -> str | None:

@@ -18,6 +18,7 @@ import meshcore
 import pytest
 
 import meshcore_tls
+from meshcore.testing import static_service
 
 pytestmark = pytest.mark.anyio
 
@@ -343,3 +344,43 @@ async def test_no_policy_allows_every_authenticated_peer_and_denies_plain(ca_dir
         # a plain connection has no peer: nobody is authenticated
         plain = meshcore.Request("GET", "http://orders/")
         assert server_mesh.plugins.authorize(plain, None, server_mesh) == "a client certificate is required"
+
+
+async def test_an_impostor_endpoint_is_retried_elsewhere_and_ejected(ca_dir, kit, tls_mesh):
+    """Two instances of `orders`, one presenting the identity of `payments`: the rejection is
+    an endpoint failure, so retry sends the request to the real instance and the breaker's
+    outlier ejection takes the impostor out, instead of a permanent 50 % error rate."""
+    async with (
+        tls_mesh(kit.server_config(ca_dir, "orders")) as good_mesh,
+        tls_mesh(kit.server_config(ca_dir, "payments")) as bad_mesh,
+        kit.mtls_server(good_mesh) as good,
+        kit.mtls_server(bad_mesh) as bad,
+    ):
+        service = static_service(
+            [good.address, bad.address],
+            balancer="round-robin",
+            resilience=["retry", "breaker"],
+        )
+        config = {"tls": {"ca_dir": str(ca_dir), "service": "web"}, "services": {"orders": service}}
+        mesh = meshcore.Mesh(config, ["tls", "retry", "breaker", "round-robin"])
+        async with mesh, mesh.client() as client:
+            statuses = [(await client.get(f"http://orders/{i}")).status_code for i in range(20)]
+            state = mesh.state()
+    assert statuses == [200] * 20  # no client error: every rejection was retried elsewhere
+    assert len(good.seen) == 20 and bad.seen == []  # nothing was ever sent to the impostor
+    orders = state["services"]["orders"]
+    by_id = {ep["id"]: ep for ep in orders["endpoints"]}
+    impostor = by_id[bad.address]
+    assert impostor["ejected"] and impostor["times_ejected"] == 1
+    assert impostor["failures"] == 5  # Envoy's consecutive_5xx default, then never picked
+    assert by_id[good.address]["failures"] == 0
+    assert orders["breaker"]["endpoints"][bad.address]["ejected"]
+    assert state["state"]["tls"]["rejected_servers"] == 5
+
+
+def test_identity_rejected_is_a_replayable_connect_failure_of_its_endpoint():
+    endpoint = meshcore.Endpoint("127.0.0.1", 8443)
+    error = meshcore.IdentityRejected("who", expected="a", actual="b", endpoint=endpoint)
+    assert isinstance(error, meshcore.EndpointError)
+    assert (error.kind, error.replayable, error.endpoint) == ("connect-failure", True, endpoint)
+    assert (error.expected, error.actual) == ("a", "b")
