@@ -50,19 +50,27 @@ def host_allowed(host: str, allowed: Sequence[str]) -> bool:
     return True
 
 
+def refuse(request: Request, allowed: Sequence[str]) -> Response | None:
+    """The admin's answer to a request it will not serve (a DNS-rebinding `Host`, a method
+    other than GET/HEAD), or None; shared with the workers' group admin."""
+    if not host_allowed(request.url.host, allowed):
+        return _text(
+            403,
+            f"forbidden: Host {request.url.host[:64]!r} is not localhost, an IP literal or "
+            "one of [sidecar] admin_hosts (DNS rebinding guard)\n",
+        )
+    if request.method not in ("GET", "HEAD"):
+        response = _text(405, "method not allowed\n")
+        response.headers.append((b"allow", b"GET, HEAD"))
+        return response
+    return None
+
+
 def admin_handler(sidecar: Sidecar) -> Any:
     async def handle(request: Request, info: Any) -> Response:
-        allowed = sidecar.settings.admin_hosts
-        if not host_allowed(request.url.host, allowed):
-            return _text(
-                403,
-                f"forbidden: Host {request.url.host[:64]!r} is not localhost, an IP literal or "
-                "one of [sidecar] admin_hosts (DNS rebinding guard)\n",
-            )
-        if request.method not in ("GET", "HEAD"):
-            response = _text(405, "method not allowed\n")
-            response.headers.append((b"allow", b"GET, HEAD"))
-            return response
+        refused = refuse(request, sidecar.settings.admin_hosts)
+        if refused is not None:
+            return refused
         path = request.url.path
         if path == "/live":
             return _text(200, "live\n")

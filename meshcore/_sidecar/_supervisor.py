@@ -44,7 +44,7 @@ import httpx
 from .._errors import ConfigError
 from .._http import serve_connection
 from .._models import Request, Response
-from ._admin import host_allowed
+from ._admin import refuse
 from ._settings import Address
 from ._workers import read_announcement
 
@@ -265,16 +265,9 @@ class Supervisor:
         return results
 
     async def _handle(self, request: Request, info: Any) -> Response:
-        if not host_allowed(request.url.host, self.admin_hosts):  # as a single sidecar's admin
-            return _text(
-                403,
-                f"forbidden: Host {request.url.host[:64]!r} is not localhost, an IP literal or "
-                "one of [sidecar] admin_hosts (DNS rebinding guard)\n",
-            )
-        if request.method not in ("GET", "HEAD"):
-            response = _text(405, "method not allowed\n")
-            response.headers.append((b"allow", b"GET, HEAD"))
-            return response
+        refused = refuse(request, self.admin_hosts)  # as a single sidecar's admin
+        if refused is not None:
+            return refused
         path = request.url.path
         if path == "/live":
             return _text(200, "live\n")

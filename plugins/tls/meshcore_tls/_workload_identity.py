@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import meshcore
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ._ca import (
