@@ -114,6 +114,14 @@ class Dnsmasq:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
+                if "Address already in use" in err and time.monotonic() + 0.2 < deadline:
+                    # A restart on the same port can race a client's ephemeral socket (or another
+                    # process) holding it for a moment: try again while the deadline allows.
+                    time.sleep(0.1)
+                    self.process = subprocess.Popen(
+                        self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                    )
+                    continue
                 raise RuntimeError(f"dnsmasq exited with {self.process.returncode}: {err}")
             try:
                 dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.1)
