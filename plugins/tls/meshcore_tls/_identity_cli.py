@@ -49,11 +49,18 @@ def identity() -> None:
     default="asyncio",
     show_default=True,
 )
-def serve(directory: Path, listen: str, ttl: float, backend: str) -> None:
+@click.option(
+    "--min-tls-version",
+    type=click.Choice(["1.3", "1.2"]),
+    default="1.3",
+    show_default=True,
+    help="Lowest TLS version accepted (1.2: ECDHE AEAD suites only).",
+)
+def serve(directory: Path, listen: str, ttl: float, backend: str, min_tls_version: str) -> None:
     """Serve certificate signing over HTTPS with the intermediate in --dir."""
     try:
         host, port = parse_address(listen)
-        service = IdentityService(directory, host, port, ttl=ttl)
+        service = IdentityService(directory, host, port, ttl=ttl, min_tls_version=min_tls_version)
     except (ValueError, OSError) as exc:
         _error(str(exc))
         return

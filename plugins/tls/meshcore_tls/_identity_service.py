@@ -61,6 +61,7 @@ from ._ca import (
     spiffe_ids_of,
     write_private,
 )
+from ._contexts import TLS_VERSIONS, load_chain, set_min_version
 from ._identity_http import HTTPFault, read_request, render
 from ._tokens import Grant, TokenError, TokenStore
 
@@ -151,7 +152,8 @@ class IdentityService:
 
     In-process (tests, the demo, an application embedding it) or as
     `meshcore -p tls identity serve`. `ttl` is the lifetime of every certificate it signs
-    (shortened only when the intermediate expires sooner).
+    (shortened only when the intermediate expires sooner). TLS 1.3 only unless
+    `min_tls_version="1.2"` (then AEAD suites only), the rule the sidecars follow.
     """
 
     def __init__(
@@ -162,9 +164,15 @@ class IdentityService:
         *,
         ttl: float = LEAF_TTL,
         timeout: float = EXCHANGE_TIMEOUT,
+        min_tls_version: str = "1.3",
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"ttl: expected a positive duration, got {ttl!r}")
+        if min_tls_version not in TLS_VERSIONS:
+            raise ValueError(
+                f"min_tls_version: expected one of {sorted(TLS_VERSIONS)}, got {min_tls_version!r}"
+            )
+        self.min_tls_version = min_tls_version
         self.directory = Path(directory)
         self.host = host
         self.port = port
@@ -238,13 +246,11 @@ class IdentityService:
         ttl = self._lifetime()
         cert = self.ca.sign(self.identity, key.public_key(), ttl=ttl, common_name="identity")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        set_min_version(ctx, self.min_tls_version)
         # A client certificate is the credential of a renewal, and absent on a first request.
         ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.load_verify_locations(cadata=self._bundle_pem.decode())
-        from ._runtime import _load_chain
-
-        _load_chain(ctx, cert_pem(cert) + self._chain_pem, key_pem(key))
+        load_chain(ctx, cert_pem(cert) + self._chain_pem, key_pem(key))
         self._context = ctx
         self._own_renew_at = time.time() + ttl * 2 / 3
 
