@@ -33,16 +33,20 @@ virtual time in tests) is enough; every exchange is bounded in size and time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import ipaddress
 import json
 import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import meshcore
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
@@ -69,6 +73,7 @@ __all__ = [
     "BUNDLE",
     "INTERMEDIATE_CERT",
     "INTERMEDIATE_KEY",
+    "SERVICE_NAME",
     "IdentityService",
     "make_identity_dir",
     "service_spiffe_id",
@@ -80,6 +85,8 @@ INTERMEDIATE_CERT = "intermediate.crt"
 INTERMEDIATE_KEY = "intermediate.key"
 BUNDLE = "bundle.crt"
 TOKENS = "tokens"
+# The name the service registers under in discovery unless told otherwise.
+SERVICE_NAME = "meshcore-identity"
 # A whole exchange (handshake, request, answer) within this, so a slow or stalled client
 # holds a connection no longer (uvicorn's and Go net/http's usual order of magnitude).
 EXCHANGE_TIMEOUT = 10.0
@@ -513,6 +520,41 @@ class IdentityService:
         async with listener:
             task_status.started()
             await listener.serve(self._handle)
+
+    def instance(self, name: str = SERVICE_NAME, advertise: str | None = None) -> meshcore.Instance:
+        """What registering plugins register: `name` at `advertise` (default: the listen host,
+        which must then not be a wildcard) and the bound port."""
+        host = advertise or self.host
+        try:
+            wildcard = ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            wildcard = False  # a DNS name
+        if wildcard:
+            raise ValueError(
+                f"identity service listens on {host}: give the address workloads reach it on "
+                "(--advertise / advertise=) to register it"
+            )
+        return meshcore.Instance(
+            name=name, address=host, port=self.port, id=f"{name}-{host}-{self.port}"
+        )
+
+    @contextlib.asynccontextmanager
+    async def registered(
+        self, mesh: meshcore.Mesh, name: str = SERVICE_NAME, advertise: str | None = None
+    ) -> AsyncIterator[int]:
+        """Registered through every plugin of the running `mesh` that answers
+        `meshcore_register` (consul, etcd) while inside, deregistered on exit, as the sidecar
+        registers its service; yields how many registered. Enter it once the service listens."""
+        instance = self.instance(name, advertise)
+        async with contextlib.AsyncExitStack() as stack:
+            registrations = mesh.plugins.register(instance, mesh)
+            for registration in registrations:
+                await stack.enter_async_context(registration)
+            log.info(
+                "identity: registered as %s (%s:%d) with %d plugin(s)",
+                name, instance.address, instance.port, len(registrations),
+            )
+            yield len(registrations)
 
     async def __aenter__(self) -> IdentityService:
         self._tg = anyio.create_task_group()
