@@ -20,7 +20,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 from meshcore.testing import free_port
 
 import meshcore_tls
-from meshcore_tls import CA, IdentityService
+from meshcore_tls import CA, IdentityService, TokenStore
 from meshcore_tls._identity_client import IdentityClient
 from meshcore_tls._identity_service import SERVICE_NAME, service_spiffe_id
 
@@ -188,3 +188,43 @@ def test_identity_serve_register_without_a_registering_plugin_is_an_error(servic
     )
     assert result.returncode == 2
     assert "--register: no loaded plugin registers the service" in result.stderr
+
+
+# -- join tokens shared between processes -----------------------------------------------------
+
+
+def _spend(directory: str, token: str, start: Any, out: Any) -> None:
+    """In a process of its own: use `token` until it is refused; report how many uses it got."""
+    from meshcore_tls._tokens import TokenError, TokenStore
+
+    store = TokenStore(directory)
+    got = 0
+    start.wait()
+    while True:
+        try:
+            store.use(store.check(token))
+        except TokenError:
+            break
+        got += 1
+    out.put(got)
+
+
+def test_token_uses_are_counted_exactly_across_processes(tmp_path):
+    import multiprocessing
+
+    directory = tmp_path / "tokens"
+    uses = 300
+    _, token = TokenStore(directory).create("spiffe://example.org/ns/shop/sa/web", uses=uses)
+    mp = multiprocessing.get_context("spawn")
+    start, out = mp.Event(), mp.Queue()
+    workers = [mp.Process(target=_spend, args=(str(directory), token, start, out)) for _ in "ab"]
+    for worker in workers:
+        worker.start()
+    start.set()
+    got = [out.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    # every use counted once: no lost update grants extra certificates, none is refused early
+    assert sum(got) == uses, got
+    assert all(worker.exitcode == 0 for worker in workers)
+    assert TokenStore(directory).list() == []
