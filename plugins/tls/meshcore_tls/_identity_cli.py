@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 import anyio
 import click
+import meshcore
 
 from ._ca import LEAF_TTL, write_private
 from ._cli import _duration, _error
 from ._identity_client import parse_address
-from ._identity_service import TOKENS, IdentityService
+from ._identity_service import SERVICE_NAME, TOKENS, IdentityService
 from ._tokens import DEFAULT_TOKEN_TTL, TokenStore
 
 __all__ = ["identity"]
@@ -49,20 +52,84 @@ def identity() -> None:
     default="asyncio",
     show_default=True,
 )
-def serve(directory: Path, listen: str, ttl: float, backend: str) -> None:
+@click.option(
+    "--min-tls-version",
+    type=click.Choice(["1.3", "1.2"]),
+    default="1.3",
+    show_default=True,
+    help="Lowest TLS version accepted (1.2: ECDHE AEAD suites only).",
+)
+@click.option(
+    "--register",
+    is_flag=True,
+    help="Register in discovery through the loaded plugins' registration (e.g. -p consul with "
+    "[consul-registration] agent in the config) while serving.",
+)
+@click.option(
+    "--name",
+    default=SERVICE_NAME,
+    show_default=True,
+    help="Service name to register under (--register).",
+)
+@click.option(
+    "--advertise",
+    default=None,
+    metavar="HOST",
+    help="Address workloads reach the service on (--register; default: the --listen host).",
+)
+def serve(
+    directory: Path,
+    listen: str,
+    ttl: float,
+    backend: str,
+    min_tls_version: str,
+    register: bool,
+    name: str,
+    advertise: str | None,
+) -> None:
     """Serve certificate signing over HTTPS with the intermediate in --dir."""
+    mesh: meshcore.Mesh | None = None
     try:
         host, port = parse_address(listen)
-        service = IdentityService(directory, host, port, ttl=ttl)
-    except (ValueError, OSError) as exc:
+        service = IdentityService(directory, host, port, ttl=ttl, min_tls_version=min_tls_version)
+        if register:
+            service.instance(name, advertise)  # a wildcard without --advertise fails here
+            mesh = _mesh_of_command_line()
+    except (ValueError, OSError, meshcore.ConfigError, meshcore.PluginError) as exc:
         _error(str(exc))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
+    failure: list[str] = []
+
+    async def announced() -> None:
+        """Registered (with --register) and announced until cancelled; a failure noted."""
+        async with contextlib.AsyncExitStack() as stack:
+            if mesh is not None:
+                try:
+                    await stack.enter_async_context(mesh)
+                    count = await stack.enter_async_context(
+                        service.registered(mesh, name, advertise)
+                    )
+                except (meshcore.ConfigError, OSError) as exc:
+                    failure.append(f"--register: {exc}")
+                    return
+                if not count:
+                    failure.append(
+                        "--register: no loaded plugin registers the service (load one, e.g. "
+                        "-p consul, and configure it, e.g. [consul-registration] agent)"
+                    )
+                    return
+            click.echo(f"identity service {service.identity} on {service.address}", err=True)
+            await anyio.sleep_forever()
+
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(service.serve)
-            click.echo(f"identity service {service.identity} on {service.address}", err=True)
+            try:
+                await announced()
+            finally:
+                tg.cancel_scope.cancel()
 
     try:
         anyio.run(main, backend=backend)
@@ -70,6 +137,17 @@ def serve(directory: Path, listen: str, ttl: float, backend: str) -> None:
         pass
     except OSError as exc:
         _error(f"cannot listen on {listen}: {exc.strerror}")
+    if failure:
+        _error(failure[0])
+
+
+def _mesh_of_command_line() -> meshcore.Mesh:
+    """The mesh `-c/--config` and `-p/--plugin` (or MESHCORE_PLUGINS, `[mesh] plugins`)
+    describe, as `meshcore check-config` builds it: what registers the service."""
+    root = click.get_current_context().find_root().obj
+    path = getattr(root, "config", None) or os.environ.get("MESHCORE_CONFIG") or "mesh.toml"
+    plugins = list(getattr(root, "cli_plugins", ()) or ()) or None
+    return meshcore.Mesh(meshcore.MeshConfig.load(path), plugins)
 
 
 @identity.group("token")

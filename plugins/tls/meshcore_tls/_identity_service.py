@@ -33,16 +33,20 @@ virtual time in tests) is enough; every exchange is bounded in size and time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import ipaddress
 import json
 import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import meshcore
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
@@ -61,6 +65,7 @@ from ._ca import (
     spiffe_ids_of,
     write_private,
 )
+from ._contexts import TLS_VERSIONS, load_chain, set_min_version
 from ._identity_http import HTTPFault, read_request, render
 from ._tokens import Grant, TokenError, TokenStore
 
@@ -68,6 +73,7 @@ __all__ = [
     "BUNDLE",
     "INTERMEDIATE_CERT",
     "INTERMEDIATE_KEY",
+    "SERVICE_NAME",
     "IdentityService",
     "make_identity_dir",
     "service_spiffe_id",
@@ -79,6 +85,8 @@ INTERMEDIATE_CERT = "intermediate.crt"
 INTERMEDIATE_KEY = "intermediate.key"
 BUNDLE = "bundle.crt"
 TOKENS = "tokens"
+# The name the service registers under in discovery unless told otherwise.
+SERVICE_NAME = "meshcore-identity"
 # A whole exchange (handshake, request, answer) within this, so a slow or stalled client
 # holds a connection no longer (uvicorn's and Go net/http's usual order of magnitude).
 EXCHANGE_TIMEOUT = 10.0
@@ -151,7 +159,8 @@ class IdentityService:
 
     In-process (tests, the demo, an application embedding it) or as
     `meshcore -p tls identity serve`. `ttl` is the lifetime of every certificate it signs
-    (shortened only when the intermediate expires sooner).
+    (shortened only when the intermediate expires sooner). TLS 1.3 only unless
+    `min_tls_version="1.2"` (then AEAD suites only), the rule the sidecars follow.
     """
 
     def __init__(
@@ -162,9 +171,15 @@ class IdentityService:
         *,
         ttl: float = LEAF_TTL,
         timeout: float = EXCHANGE_TIMEOUT,
+        min_tls_version: str = "1.3",
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"ttl: expected a positive duration, got {ttl!r}")
+        if min_tls_version not in TLS_VERSIONS:
+            raise ValueError(
+                f"min_tls_version: expected one of {sorted(TLS_VERSIONS)}, got {min_tls_version!r}"
+            )
+        self.min_tls_version = min_tls_version
         self.directory = Path(directory)
         self.host = host
         self.port = port
@@ -238,13 +253,11 @@ class IdentityService:
         ttl = self._lifetime()
         cert = self.ca.sign(self.identity, key.public_key(), ttl=ttl, common_name="identity")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        set_min_version(ctx, self.min_tls_version)
         # A client certificate is the credential of a renewal, and absent on a first request.
         ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.load_verify_locations(cadata=self._bundle_pem.decode())
-        from ._runtime import _load_chain
-
-        _load_chain(ctx, cert_pem(cert) + self._chain_pem, key_pem(key))
+        load_chain(ctx, cert_pem(cert) + self._chain_pem, key_pem(key))
         self._context = ctx
         self._own_renew_at = time.time() + ttl * 2 / 3
 
@@ -507,6 +520,41 @@ class IdentityService:
         async with listener:
             task_status.started()
             await listener.serve(self._handle)
+
+    def instance(self, name: str = SERVICE_NAME, advertise: str | None = None) -> meshcore.Instance:
+        """What registering plugins register: `name` at `advertise` (default: the listen host,
+        which must then not be a wildcard) and the bound port."""
+        host = advertise or self.host
+        try:
+            wildcard = ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            wildcard = False  # a DNS name
+        if wildcard:
+            raise ValueError(
+                f"identity service listens on {host}: give the address workloads reach it on "
+                "(--advertise / advertise=) to register it"
+            )
+        return meshcore.Instance(
+            name=name, address=host, port=self.port, id=f"{name}-{host}-{self.port}"
+        )
+
+    @contextlib.asynccontextmanager
+    async def registered(
+        self, mesh: meshcore.Mesh, name: str = SERVICE_NAME, advertise: str | None = None
+    ) -> AsyncIterator[int]:
+        """Registered through every plugin of the running `mesh` that answers
+        `meshcore_register` (consul, etcd) while inside, deregistered on exit, as the sidecar
+        registers its service; yields how many registered. Enter it once the service listens."""
+        instance = self.instance(name, advertise)
+        async with contextlib.AsyncExitStack() as stack:
+            registrations = mesh.plugins.register(instance, mesh)
+            for registration in registrations:
+                await stack.enter_async_context(registration)
+            log.info(
+                "identity: registered as %s (%s:%d) with %d plugin(s)",
+                name, instance.address, instance.port, len(registrations),
+            )
+            yield len(registrations)
 
     async def __aenter__(self) -> IdentityService:
         self._tg = anyio.create_task_group()

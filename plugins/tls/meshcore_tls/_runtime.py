@@ -38,9 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import logging
-import os
 import ssl
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
@@ -60,6 +58,8 @@ from ._ca import (
     spiffe_ids_of,
     svid_problem,
 )
+from ._contexts import set_min_version
+from ._contexts import load_chain as _load_chain
 from ._policy import Policy, parse_rules
 from ._workload_identity import IdentitySource
 
@@ -82,44 +82,10 @@ def _fail(message: str, key: str = "") -> meshcore.ConfigError:
     return meshcore.ConfigError(message, path=f"tls.{key}" if key else "tls")
 
 
-def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key: bytes) -> None:
-    """`load_cert_chain` from memory: Python's ssl only reads files, so hand it an anonymous
-    in-memory file (memfd) where the OS has one, else a 0600 file in a 0700 directory that is
-    removed right away."""
-    data = chain_pem + key
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("meshcore-tls", getattr(os, "MFD_CLOEXEC", 0))
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-            return
-        except FileNotFoundError:
-            pass  # no /proc: fall through
-        finally:
-            os.close(fd)
-    with tempfile.TemporaryDirectory(prefix="meshcore-tls-") as tmp:
-        path = Path(tmp) / "chain.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        ctx.load_cert_chain(str(path))
-
-
-# TLS 1.2 suites when `min_tls_version = "1.2"`: forward-secret AEAD only (Mozilla's
-# "intermediate" list, the set Istio/Envoy accept by default); every TLS 1.3 suite is AEAD.
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
 def _new_context(purpose: int, workload: Workload) -> MeshTLSContext:
     ctx = MeshTLSContext(purpose)
     # TLS 1.3 between sidecars unless 1.2 is asked for (Linkerd speaks only 1.3 on its mesh).
-    version = getattr(workload.settings, "min_tls_version", "1.3") or "1.3"
-    ctx.minimum_version = TLS_VERSIONS[version]
-    if ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
-        ctx.set_ciphers(TLS12_CIPHERS)
+    set_min_version(ctx, getattr(workload.settings, "min_tls_version", "1.3") or "1.3")
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     if purpose == ssl.PROTOCOL_TLS_SERVER:

@@ -11,7 +11,9 @@ random bytes and is stored only as its SHA-256 (a secret of that strength needs 
 nobody can guess it, so the hash only has to keep a copy of the directory from being a list of
 usable tokens). Each token is one file `<dir>/<id>.json`, written 0600 with O_EXCL and opened
 with O_NOFOLLOW relative to the directory, which must itself be a real directory (no symlink)
-that only its owner can enter.
+that only its owner can enter. Using and revoking hold an exclusive `flock` on `<dir>/.lock`
+around their read-modify-write, so processes sharing the directory (several identity
+services on one host, or on a filesystem whose flock is shared) never spend a use twice.
 
 Expiry is wall-clock time (a token's deadline is an absolute instant shared between the
 operator's command and the service, not a duration inside one process); `now` is injectable
@@ -20,6 +22,8 @@ for tests.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import hmac
@@ -29,7 +33,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,9 @@ __all__ = ["Grant", "TokenError", "TokenStore"]
 # SPIRE's default join-token lifetime is 600 s (`spire-server token generate -ttl`).
 DEFAULT_TOKEN_TTL = 600.0
 _ID = re.compile(r"^[0-9a-f]{16}$")
+# Held (flock) around every change of a token file, so identity services (or `token revoke`)
+# sharing the directory count each use exactly once.
+_LOCK = ".lock"
 
 
 class TokenError(Exception):
@@ -170,26 +177,42 @@ class TokenStore:
             token_id, str(record["spiffe_id"]), float(record["expires_at"]), int(record["uses_left"])
         )
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _locked(dfd: int) -> Iterator[None]:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(_LOCK, flags, 0o600, dir_fd=dfd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def use(self, grant: Grant) -> None:
-        """Count one use of `grant`'s token: its last use deletes it."""
+        """Count one use of `grant`'s token: its last use deletes it. TokenError when another
+        process used it up since `check`."""
         dfd = self._open_dir()
         try:
-            name = f"{grant.token_id}.json"
-            record = self._read(dfd, grant.token_id)
-            if record is None:
-                raise TokenError(f"join token {grant.token_id}: already used", "unknown")
-            left = int(record["uses_left"]) - 1
-            if left < 1:
-                os.unlink(name, dir_fd=dfd)
-                return
-            record["uses_left"] = left
-            tmp = f".{name}.{secrets.token_hex(8)}.tmp"
-            fd = open_private(tmp, dir_fd=dfd)
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            with self._locked(dfd):
+                self._use(dfd, grant)
         finally:
             os.close(dfd)
+
+    def _use(self, dfd: int, grant: Grant) -> None:
+        name = f"{grant.token_id}.json"
+        record = self._read(dfd, grant.token_id)
+        if record is None or int(record["uses_left"]) < 1:
+            raise TokenError(f"join token {grant.token_id}: already used", "unknown")
+        left = int(record["uses_left"]) - 1
+        if left < 1:
+            os.unlink(name, dir_fd=dfd)
+            return
+        record["uses_left"] = left
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        fd = open_private(tmp, dir_fd=dfd)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def list(self) -> list[dict[str, Any]]:
         """Every stored token's id, SPIFFE ID, expiry and uses left (never the hash)."""
@@ -210,7 +233,8 @@ class TokenStore:
             raise ValueError(f"{token_id!r} is not a token id (16 hex digits)")
         dfd = self._open_dir()
         try:
-            os.unlink(f"{token_id}.json", dir_fd=dfd)
+            with self._locked(dfd):
+                os.unlink(f"{token_id}.json", dir_fd=dfd)
             return True
         except FileNotFoundError:
             return False

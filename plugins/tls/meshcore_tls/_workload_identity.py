@@ -36,6 +36,7 @@ from ._ca import (
     spiffe_ids_of,
     write_private,
 )
+from ._contexts import set_min_version
 from ._identity_client import IdentityClient, IdentityError, Signed, backoff
 from ._identity_service import service_spiffe_id
 
@@ -150,7 +151,7 @@ class IdentitySource:
 
     def _bootstrap_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        set_min_version(ctx, getattr(self.workload.settings, "min_tls_version", "1.3") or "1.3")
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=self.workload._roots_pem.decode())
