@@ -276,7 +276,8 @@ def meshcore_local_health(mesh: Mesh) -> tuple[str, str] | None:
 def meshcore_register(instance: Instance, mesh: Mesh) -> Any:
     """Register the local instance in this plugin's registry while the mesh runs.
 
-    Called by the sidecar (``meshcore run``) when ``[sidecar] service`` is set: once per config
+    Called by the sidecar (``meshcore run``) when ``[sidecar] service`` is set (and by anything
+    else that registers an instance, such as the tls plugin's identity service): once per config
     generation, after its mesh started (lifespans entered, the local app probed once), with
     ``instance``, a ``meshcore.Instance``: the service ``name``, the ``address`` and ``port``
     other instances reach it on (the advertised inbound listener) and an ``id`` unique to this
