@@ -1,0 +1,98 @@
+"""Limits a hostile upstream or client can hit: response heads, chunk extensions, silent
+connections. Raw loopback sockets play the hostile side."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from meshcore import ResponseHeadTooLarge
+from meshcore._endpoints import Endpoint
+from meshcore._errors import EndpointProtocolError
+from meshcore._http import HTTPConnector, PoolLimits
+from meshcore._models import Request
+from meshcore._transport import as_httpx_error
+
+pytestmark = pytest.mark.anyio
+
+
+@contextmanager
+def raw_upstream(response: bytes) -> Iterator[int]:
+    """A server that answers each connection's first request head with `response` (as far as
+    the client reads it) and closes it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                got = conn.recv(65536)
+                if not got:
+                    return
+                data += got
+            try:
+                conn.sendall(response)
+            except OSError:
+                pass  # the client stopped reading: what a limit does
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+async def fetch(port: int, limits: PoolLimits = PoolLimits()) -> bytes:
+    async with HTTPConnector(limits=limits) as connector:
+        response = await connector.send(
+            Endpoint("127.0.0.1", port), Request("GET", f"http://127.0.0.1:{port}/")
+        )
+        return await response.aread()
+
+
+HUGE_HEADER = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 << 20) + b"\r\nContent-Length: 2\r\n\r\nok"
+MANY_HEADERS = (
+    b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+    + b"Content-Length: 2\r\n\r\nok"
+)
+
+
+@pytest.mark.parametrize("response", [HUGE_HEADER, MANY_HEADERS], ids=["2MB-header", "10k-headers"])
+async def test_response_head_over_the_limits_is_an_endpoint_error(response: bytes) -> None:
+    with raw_upstream(response) as port:
+        with pytest.raises(ResponseHeadTooLarge, match="exceeds the limits") as info:
+            await fetch(port)
+    assert isinstance(info.value, EndpointProtocolError)
+    assert info.value.kind == "protocol-error"  # counted against the endpoint like bad HTTP
+    assert info.value.endpoint == Endpoint("127.0.0.1", port)
+    # library mode: the transport's mapping makes it an httpx.RemoteProtocolError
+    mapped = as_httpx_error(info.value, httpx.Request("GET", f"http://127.0.0.1:{port}/"))
+    assert isinstance(mapped, httpx.RemoteProtocolError)
+
+
+async def test_response_head_limits_are_configurable() -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150))
+    with raw_upstream(head + b"Content-Length: 2\r\n\r\nok") as port:
+        assert await fetch(port, PoolLimits(max_response_header_count=200)) == b"ok"
+    with raw_upstream(head + b"Content-Length: 2\r\n\r\nok") as port:
+        with pytest.raises(ResponseHeadTooLarge):
+            await fetch(port)  # the default: 100 fields
+    with pytest.raises(ValueError, match="max_response_header_bytes"):
+        PoolLimits(max_response_header_bytes=10)
