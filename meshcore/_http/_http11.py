@@ -18,7 +18,7 @@ import httptools
 from .._endpoints import Endpoint
 from .._errors import EndpointProtocolError, ResponseHeadTooLarge
 from .._models import Headers, Request, Response
-from ._bodies import BufferedBody, ResponseBody
+from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, ResponseBody, chunk_excess
 from ._error_map import IO_ERRORS, Phase, endpoint_error
 from ._socket import Socket, receive, send_all
 
@@ -48,10 +48,14 @@ class HTTP11Connection:
     responses (one at a time: `start` before each)."""
 
     __slots__ = (
+        "body_size",
+        "chunk_count",
+        "chunked",
         "chunks",
         "close_delimited",
         "complete",
         "endpoint",
+        "excess",
         "framed",
         "got_bytes",
         "head",
@@ -99,7 +103,8 @@ class HTTP11Connection:
         self.framed = self.close_delimited = False
         self.keep_alive = True
         self.got_bytes = False
-        self.header_bytes = 0
+        self.header_bytes = self.body_size = self.chunk_count = self.excess = 0
+        self.chunked = False
 
     # httptools callbacks -------------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
@@ -116,6 +121,8 @@ class HTTP11Connection:
             low = name.lower()
             if low == b"content-length" or low == b"transfer-encoding":
                 self.framed = True
+                if n == 17 and b"chunked" in value.lower():
+                    self.chunked = True
 
     def head_too_large(self) -> ResponseHeadTooLarge:
         return ResponseHeadTooLarge(
@@ -146,6 +153,10 @@ class HTTP11Connection:
     def on_body(self, body: bytes) -> None:
         if not self.head:
             self.chunks.append(body)
+            self.body_size += len(body)
+
+    def on_chunk_header(self) -> None:
+        self.chunk_count += 1
 
     def on_message_complete(self) -> None:
         if self.interim:  # the real response's head starts afresh
@@ -158,6 +169,9 @@ class HTTP11Connection:
 
     def feed(self, data: bytes) -> None:
         self.got_bytes = True
+        # Counted from the first read after the head (the head has its own limits).
+        counting = self.chunked and self.headers_done and not self.complete
+        body_size, chunk_count = self.body_size, self.chunk_count
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -170,6 +184,16 @@ class HTTP11Connection:
             raise EndpointProtocolError(
                 f"invalid HTTP response from {self.endpoint.id}: {exc}", endpoint=self.endpoint
             ) from exc
+        if counting and not self.complete:
+            self.excess = chunk_excess(
+                self.excess, len(data), self.body_size - body_size, self.chunk_count - chunk_count
+            )
+            if self.excess > MAX_CHUNK_EXCESS:
+                raise EndpointProtocolError(
+                    f"chunked response body from {self.endpoint.id} with too much non-data "
+                    "(chunk extensions, trailers)",
+                    endpoint=self.endpoint,
+                )
 
     # I/O -----------------------------------------------------------------------------------
     def peer_closed(self) -> bool:

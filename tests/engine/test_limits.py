@@ -96,3 +96,26 @@ async def test_response_head_limits_are_configurable() -> None:
             await fetch(port)  # the default: 100 fields
     with pytest.raises(ValueError, match="max_response_header_bytes"):
         PoolLimits(max_response_header_bytes=10)
+
+
+# chunk extensions: Go's allowance, 16 bytes per chunk + twice its data, 16 KiB beyond -------
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+EXT_100 = b";name=" + b"v" * 94  # a 100-byte extension
+LEGIT_CHUNKS = b"".join(b"400%b\r\n%b\r\n" % (EXT_100, b"d" * 1024) for _ in range(64)) + b"0\r\n\r\n"
+HUGE_EXTENSION = b"1;" + b"e" * (16 << 20) + b"\r\nx\r\n0\r\n\r\n"
+# 2000 bytes of extension per byte of data: 1982 bytes over the allowance each time
+NOISY_CHUNKS = b"".join(b"1;%b\r\nx\r\n" % (b"e" * 1998) for _ in range(100)) + b"0\r\n\r\n"
+
+
+async def test_chunk_extensions_within_the_allowance_pass() -> None:
+    with raw_upstream(CHUNKED_HEAD + LEGIT_CHUNKS) as port:
+        assert await fetch(port) == b"d" * 65536
+
+
+@pytest.mark.parametrize("chunks", [HUGE_EXTENSION, NOISY_CHUNKS], ids=["16MiB-extension", "noisy"])
+async def test_too_much_chunk_overhead_is_an_endpoint_error(chunks: bytes) -> None:
+    with raw_upstream(CHUNKED_HEAD + chunks) as port:
+        with pytest.raises(EndpointProtocolError, match="too much non-data") as info:
+            await fetch(port)
+    assert info.value.endpoint == Endpoint("127.0.0.1", port)

@@ -407,3 +407,29 @@ async def test_uvloop_smoke(nginx) -> None:  # type: ignore[no-untyped-def]
                 )
                 assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(expected)
             tg.cancel_scope.cancel()
+
+
+# chunk extensions: Go's allowance, 16 bytes per chunk + twice its data, 16 KiB beyond -------
+
+CHUNKED_POST = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+
+
+async def test_chunk_extensions_within_the_allowance_pass(server: int) -> None:
+    ext = b";name=" + b"v" * 94  # a 100-byte extension on each 1 KiB chunk
+    body = b"".join(b"400%b\r\n%b\r\n" % (ext, b"d" * 1024) for _ in range(64)) + b"0\r\n\r\n"
+    out = await raw(server, [CHUNKED_POST, body])
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"X-Len: 65536\r\n" in out
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [b"1;"] + [b"e" * 65536] * 32,  # 2 MiB of one chunk's extension
+        [b"".join(b"1;%b\r\nx\r\n" % (b"e" * 1998) for _ in range(100)) + b"0\r\n\r\n"],
+    ],
+    ids=["huge-extension", "noisy"],
+)
+async def test_too_much_chunk_overhead_answers_400(server: int, body: list[bytes]) -> None:
+    out = await raw(server, [CHUNKED_POST, *body])
+    assert out.startswith(b"HTTP/1.1 400 ") and b"too much non-data" in out
+    await still_up(server)
