@@ -313,6 +313,7 @@ class ServerConnection:
     `RequestResponseCycle`s, and the task that serves them in order (`serve`)."""
 
     __slots__ = (
+        "began",
         "checkpoint",
         "cur",
         "in_head",
@@ -350,6 +351,9 @@ class ServerConnection:
         self.ready: deque[RequestResponseCycle] = deque()
         self.upgraded = False
         self.in_head = False
+        # A request has begun on this connection: until then it waits `header_timeout`, not
+        # `idle_timeout` (a connection that sends nothing must not hold a slot for 75 s).
+        self.began = False
         self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
         self.io: Socket = None  # type: ignore[assignment]  # made in serve()
         self.now = anyio.current_time
@@ -369,7 +373,7 @@ class ServerConnection:
         cur.keep_alive = True
         cur.body_size = cur.header_bytes = cur.chunk_count = cur.excess = 0
         cur.chunked = False
-        self.in_head = True
+        self.in_head = self.began = True
 
     def on_url(self, part: bytes) -> None:
         cur = self.cur
@@ -475,14 +479,15 @@ class ServerConnection:
                 data = sock.recv(_READ_SIZE)
             except BlockingIOError:
                 if deadline is None:
-                    timeout = limits.header_timeout if self.in_head else limits.idle_timeout
+                    waiting_head = self.in_head or not self.began
+                    timeout = limits.header_timeout if waiting_head else limits.idle_timeout
                     deadline = _INF if timeout is None else self.now() + timeout
                 try:
                     await io.wait_readable(None if deadline == _INF else deadline - self.now())
                 except TimeoutError:
                     if self.in_head:
                         raise RequestRejected(408, _HEAD_TIMEOUT) from None
-                    return False  # idle: close quietly
+                    return False  # idle, or silent from the start (as nginx): close quietly
                 except IO_ERRORS:
                     return False
                 self.waited = True

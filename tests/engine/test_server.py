@@ -278,6 +278,27 @@ async def test_header_timeout_answers_408(server: int) -> None:
     await still_up(server)
 
 
+def wait_closed(port: int) -> tuple[bytes, float]:
+    """Connect, send nothing, and wait (at most 5 s) for the server to close: what it sent and
+    how long it took."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        try:
+            out = s.recv(65536)
+        except ConnectionResetError:
+            out = b""
+    return out, time.monotonic() - start
+
+
+async def test_silent_connection_closed_at_header_timeout(server: int) -> None:
+    """A connection that never sends a byte is closed at `header_timeout` (0.5 s here), not
+    held for `idle_timeout` (5 s here); quietly, as nginx does."""
+    out, elapsed = await anyio.to_thread.run_sync(wait_closed, server)
+    assert out == b""
+    assert LIMITS.header_timeout <= elapsed + 0.05 and elapsed < 3  # type: ignore[operator]
+    await still_up(server)
+
+
 async def test_slowloris_trickle_still_times_out(server: int) -> None:
     # A byte every 0.1 s keeps the connection busy but the head must be complete within 0.5 s.
     pieces = [b"GET / HTTP/1.1\r\n"] + [b"X" for _ in range(30)]
