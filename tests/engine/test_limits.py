@@ -11,12 +11,14 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+import meshcore
 from meshcore import ResponseHeadTooLarge
 from meshcore._endpoints import Endpoint
 from meshcore._errors import EndpointProtocolError
 from meshcore._http import HTTPConnector, PoolLimits
 from meshcore._models import Request
 from meshcore._transport import as_httpx_error
+from meshcore.testing import static_service
 
 pytestmark = pytest.mark.anyio
 
@@ -119,3 +121,13 @@ async def test_too_much_chunk_overhead_is_an_endpoint_error(chunks: bytes) -> No
         with pytest.raises(EndpointProtocolError, match="too much non-data") as info:
             await fetch(port)
     assert info.value.endpoint == Endpoint("127.0.0.1", port)
+
+
+async def test_library_mode_raises_remote_protocol_error() -> None:
+    with raw_upstream(HUGE_HEADER) as port:
+        config = {"services": {"orders": static_service([f"127.0.0.1:{port}"])}}
+        async with meshcore.Mesh(config, []) as mesh:
+            async with mesh.client() as client:
+                with pytest.raises(httpx.RemoteProtocolError, match="exceeds the limits") as info:
+                    await client.get("http://orders/")
+    assert isinstance(info.value, ResponseHeadTooLarge)
