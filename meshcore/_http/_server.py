@@ -472,6 +472,9 @@ class ServerConnection:
         io = self.io
         sock = io.sock
         deadline: float | None = None
+        # httptools holds a header until its end: bound the bytes a head may take in total.
+        max_head = limits.max_request_line + limits.max_header_bytes
+        received = 0
         while not self.ready:
             if self.upgraded:
                 return False
@@ -498,6 +501,9 @@ class ServerConnection:
                 return False
             was_in_head = self.in_head
             self.feed(data)
+            received += len(data)
+            if received > max_head and self.in_head:
+                raise RequestRejected(431, f"request head larger than {max_head} bytes")
             if not was_in_head and self.in_head and limits.header_timeout is not None:
                 # a head started and is not complete yet: it has header_timeout to arrive
                 deadline = self.now() + limits.header_timeout

@@ -278,6 +278,15 @@ async def test_header_timeout_answers_408(server: int) -> None:
     await still_up(server)
 
 
+async def test_one_endless_header_answers_431_not_408(server: int) -> None:
+    """httptools holds a header until its end: a header that never ends is refused once the
+    head passes max_request_line + max_header_bytes (5 KiB here), not buffered until 408."""
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: "
+    out = await raw(server, [head] + [b"a" * 65536] * 16)
+    assert out.startswith(b"HTTP/1.1 431 ") and b"request head larger than 5120 bytes" in out
+    await still_up(server)
+
+
 def wait_closed(port: int) -> tuple[bytes, float]:
     """Connect, send nothing, and wait (at most 5 s) for the server to close: what it sent and
     how long it took."""
