@@ -26,6 +26,7 @@ from ._errors import (
     MeshNotRunning,
     NoEndpoints,
     PluginError,
+    ResponseHeadTooLarge,
     RetriesExhausted,
     UnknownService,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "Plugins",
     "Request",
     "Response",
+    "ResponseHeadTooLarge",
     "RetriesExhausted",
     "RouteFilter",
     "RouteMatch",

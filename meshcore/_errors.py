@@ -226,6 +226,11 @@ class EndpointProtocolError(EndpointError):
     kind = "protocol-error"
 
 
+class ResponseHeadTooLarge(EndpointProtocolError):
+    """The endpoint's response head has more header fields, or more bytes, than the client's
+    limits allow (`PoolLimits.max_response_header_count` / `max_response_header_bytes`)."""
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One try of a request: where it went, how it ended, how long it took."""

@@ -12,6 +12,18 @@ from __future__ import annotations
 from typing import Protocol
 
 
+# Chunk extensions and trailers are overhead a sender can inflate at will ("1;<16 MiB>\r\nX").
+# Go's net/http allowance (src/net/http/internal/chunked.go, `excess`): 16 bytes per chunk plus
+# twice the chunk's data, and at most 16 KiB beyond that, else "too much non-data".
+MAX_CHUNK_EXCESS = 16384
+
+
+def chunk_excess(excess: int, read: int, data: int, chunks: int) -> int:
+    """The excess after a read of `read` bytes that held `data` body bytes and `chunks` chunk
+    headers, on top of `excess` so far (never below zero)."""
+    return max(0, excess + read - 3 * data - 16 * chunks)
+
+
 class Source(Protocol):
     chunks: list[bytes]
     complete: bool

@@ -16,9 +16,9 @@ import anyio
 import httptools
 
 from .._endpoints import Endpoint
-from .._errors import EndpointProtocolError
+from .._errors import EndpointProtocolError, ResponseHeadTooLarge
 from .._models import Headers, Request, Response
-from ._bodies import BufferedBody, ResponseBody
+from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, ResponseBody, chunk_excess
 from ._error_map import IO_ERRORS, Phase, endpoint_error
 from ._socket import Socket, receive, send_all
 
@@ -48,19 +48,26 @@ class HTTP11Connection:
     responses (one at a time: `start` before each)."""
 
     __slots__ = (
+        "body_size",
+        "chunk_count",
+        "chunked",
         "chunks",
         "close_delimited",
         "complete",
         "endpoint",
+        "excess",
         "framed",
         "got_bytes",
         "head",
         "headers",
+        "header_bytes",
         "headers_done",
         "idle_since",
         "interim",
         "io",
         "keep_alive",
+        "max_header_bytes",
+        "max_header_count",
         "parser",
         "pool",
         "reason",
@@ -68,8 +75,17 @@ class HTTP11Connection:
         "status",
     )
 
-    def __init__(self, io: Socket, endpoint: Endpoint, pool: Owner) -> None:
+    def __init__(
+        self,
+        io: Socket,
+        endpoint: Endpoint,
+        pool: Owner,
+        max_header_count: int = 100,
+        max_header_bytes: int = 61440,
+    ) -> None:
         self.io = io
+        self.max_header_count = max_header_count
+        self.max_header_bytes = max_header_bytes
         self.sock = io.sock
         self.endpoint = endpoint
         self.pool = pool
@@ -87,18 +103,33 @@ class HTTP11Connection:
         self.framed = self.close_delimited = False
         self.keep_alive = True
         self.got_bytes = False
+        self.header_bytes = self.body_size = self.chunk_count = self.excess = 0
+        self.chunked = False
 
     # httptools callbacks -------------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
         self.reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        headers = self.headers
+        headers.append((name, value))
+        self.header_bytes += len(name) + len(value) + 4
+        if len(headers) > self.max_header_count or self.header_bytes > self.max_header_bytes:
+            raise self.head_too_large()
         n = len(name)
         if n == 14 or n == 17:
             low = name.lower()
             if low == b"content-length" or low == b"transfer-encoding":
                 self.framed = True
+                if n == 17 and b"chunked" in value.lower():
+                    self.chunked = True
+
+    def head_too_large(self) -> ResponseHeadTooLarge:
+        return ResponseHeadTooLarge(
+            f"response head from {self.endpoint.id} exceeds the limits "
+            f"({self.max_header_count} header fields, {self.max_header_bytes} bytes)",
+            endpoint=self.endpoint,
+        )
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -122,6 +153,10 @@ class HTTP11Connection:
     def on_body(self, body: bytes) -> None:
         if not self.head:
             self.chunks.append(body)
+            self.body_size += len(body)
+
+    def on_chunk_header(self) -> None:
+        self.chunk_count += 1
 
     def on_message_complete(self) -> None:
         if self.interim:  # the real response's head starts afresh
@@ -134,6 +169,9 @@ class HTTP11Connection:
 
     def feed(self, data: bytes) -> None:
         self.got_bytes = True
+        # Counted from the first read after the head (the head has its own limits).
+        counting = self.chunked and self.headers_done and not self.complete
+        body_size, chunk_count = self.body_size, self.chunk_count
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -146,6 +184,16 @@ class HTTP11Connection:
             raise EndpointProtocolError(
                 f"invalid HTTP response from {self.endpoint.id}: {exc}", endpoint=self.endpoint
             ) from exc
+        if counting and not self.complete:
+            self.excess = chunk_excess(
+                self.excess, len(data), self.body_size - body_size, self.chunk_count - chunk_count
+            )
+            if self.excess > MAX_CHUNK_EXCESS:
+                raise EndpointProtocolError(
+                    f"chunked response body from {self.endpoint.id} with too much non-data "
+                    "(chunk extensions, trailers)",
+                    endpoint=self.endpoint,
+                )
 
     # I/O -----------------------------------------------------------------------------------
     def peer_closed(self) -> bool:
@@ -203,6 +251,7 @@ class HTTP11Connection:
                 await send_all(self.io, io.take_unsent(), write_timeout)
             phase = "read"
             feed = self.feed
+            received = 0
             while not self.headers_done:
                 try:  # inline as well; `receive` waits when nothing is there yet
                     data = sock.recv(_READ_SIZE)
@@ -212,7 +261,11 @@ class HTTP11Connection:
                     data = await receive(io, _READ_SIZE, read_timeout)
                 if not data:
                     raise anyio.EndOfStream
+                received += len(data)
                 feed(data)
+                # httptools holds a header until its end: this bounds one huge header too.
+                if received > self.max_header_bytes and not self.headers_done:
+                    raise self.head_too_large()
         except BaseException as exc:
             await self.pool.discard(self)
             if isinstance(exc, IO_ERRORS):

@@ -34,6 +34,10 @@ class PoolLimits:
     max_connections: int = 100
     max_idle: int = 20
     idle_expiry: float | None = 60.0
+    # A response head over these is a `ResponseHeadTooLarge` (Envoy: `max_headers_count` 100,
+    # `max_response_headers_kb` 60).
+    max_response_header_count: int = 100
+    max_response_header_bytes: int = 61440
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -42,6 +46,12 @@ class PoolLimits:
             )
         if self.max_idle < 0:
             raise ValueError(f"max_idle: expected an integer >= 0, got {self.max_idle}")
+        if self.max_response_header_count < 1 or self.max_response_header_bytes < 256:
+            raise ValueError(
+                "max_response_header_count / max_response_header_bytes: expected integers "
+                f">= 1 / >= 256, got {self.max_response_header_count} / "
+                f"{self.max_response_header_bytes}"
+            )
 
 
 # Opens a connection to the endpoint within the connect limit (`_connector.HTTPConnector.open`).
@@ -148,7 +158,14 @@ class Pool:
         except BaseException:
             self._slot_freed()
             raise
-        return HTTP11Connection(io, self.endpoint, self)
+        limits = self.limits
+        return HTTP11Connection(
+            io,
+            self.endpoint,
+            self,
+            limits.max_response_header_count,
+            limits.max_response_header_bytes,
+        )
 
     async def release(self, conn: HTTP11Connection) -> None:
         """Give a connection whose exchange ended cleanly back (to a waiter, or the idle set)."""

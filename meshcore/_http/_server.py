@@ -35,7 +35,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
-from ._bodies import BufferedBody, RequestBody
+from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, RequestBody, chunk_excess
 from ._error_map import IO_ERRORS, RequestRejected, client_error
 from ._loop import backend_checkpoint, backend_clock, socket_for
 from ._socket import Socket, close_stream, receive, send_all, start_tls
@@ -107,10 +107,13 @@ class RequestResponseCycle:
 
     __slots__ = (
         "body_size",
+        "chunk_count",
+        "chunked",
         "chunks",
         "complete",
         "conn",
         "continue_sent",
+        "excess",
         "expect",
         "header_bytes",
         "headers",
@@ -132,6 +135,9 @@ class RequestResponseCycle:
     continue_sent: bool
     keep_alive: bool
     body_size: int
+    chunked: bool
+    chunk_count: int
+    excess: int
     header_bytes: int
     method: str
     version: str
@@ -307,6 +313,7 @@ class ServerConnection:
     `RequestResponseCycle`s, and the task that serves them in order (`serve`)."""
 
     __slots__ = (
+        "began",
         "checkpoint",
         "cur",
         "in_head",
@@ -344,6 +351,9 @@ class ServerConnection:
         self.ready: deque[RequestResponseCycle] = deque()
         self.upgraded = False
         self.in_head = False
+        # A request has begun on this connection: until then it waits `header_timeout`, not
+        # `idle_timeout` (a connection that sends nothing must not hold a slot for 75 s).
+        self.began = False
         self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
         self.io: Socket = None  # type: ignore[assignment]  # made in serve()
         self.now = anyio.current_time
@@ -361,8 +371,9 @@ class ServerConnection:
         cur.chunks = []
         cur.headers_done = cur.complete = cur.expect = cur.continue_sent = False
         cur.keep_alive = True
-        cur.body_size = cur.header_bytes = 0
-        self.in_head = True
+        cur.body_size = cur.header_bytes = cur.chunk_count = cur.excess = 0
+        cur.chunked = False
+        self.in_head = self.began = True
 
     def on_url(self, part: bytes) -> None:
         cur = self.cur
@@ -389,6 +400,8 @@ class ServerConnection:
                 cur.host = value  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
             elif low == b"expect" and value.lower() == b"100-continue":
                 cur.expect = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        elif n == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            cur.chunked = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
 
     def on_headers_complete(self) -> None:
         cur = self.cur
@@ -408,11 +421,13 @@ class ServerConnection:
     def on_body(self, body: bytes) -> None:
         cur = self.cur
         cur.chunks.append(body)  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        cur.body_size += len(body)  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         max_body = self.limits.max_body
-        if max_body is not None:
-            cur.body_size += len(body)  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
-            if cur.body_size > max_body:  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
-                raise RequestRejected(413, f"request body larger than {max_body} bytes")
+        if max_body is not None and cur.body_size > max_body:  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+            raise RequestRejected(413, f"request body larger than {max_body} bytes")
+
+    def on_chunk_header(self) -> None:
+        self.cur.chunk_count += 1  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
 
     def on_message_complete(self) -> None:
         self.cur.complete = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
@@ -421,8 +436,23 @@ class ServerConnection:
     def feed(self, data: bytes) -> None:
         if self.upgraded:
             return  # after an Upgrade/CONNECT request nothing more is HTTP/1.1 to us
+        cur = self.cur
+        # Counted from the first read after the head (the head has its own limits).
+        if cur is None or not cur.chunked or not cur.headers_done or cur.complete:
+            cur = None
+            body_size = chunk_count = 0
+        else:
+            body_size, chunk_count = cur.body_size, cur.chunk_count
         try:
             self.parser.feed_data(data)
+            if cur is not None and not cur.complete:  # else the rest may be the next request
+                cur.excess = chunk_excess(
+                    cur.excess, len(data), cur.body_size - body_size, cur.chunk_count - chunk_count
+                )
+                if cur.excess > MAX_CHUNK_EXCESS:
+                    raise RequestRejected(
+                        400, "chunked body with too much non-data (chunk extensions, trailers)"
+                    )
         except httptools.HttpParserUpgrade:
             self.upgraded = True
         except httptools.HttpParserCallbackError as exc:
@@ -442,6 +472,9 @@ class ServerConnection:
         io = self.io
         sock = io.sock
         deadline: float | None = None
+        # httptools holds a header until its end: bound the bytes a head may take in total.
+        max_head = limits.max_request_line + limits.max_header_bytes
+        received = 0
         while not self.ready:
             if self.upgraded:
                 return False
@@ -449,14 +482,15 @@ class ServerConnection:
                 data = sock.recv(_READ_SIZE)
             except BlockingIOError:
                 if deadline is None:
-                    timeout = limits.header_timeout if self.in_head else limits.idle_timeout
+                    waiting_head = self.in_head or not self.began
+                    timeout = limits.header_timeout if waiting_head else limits.idle_timeout
                     deadline = _INF if timeout is None else self.now() + timeout
                 try:
                     await io.wait_readable(None if deadline == _INF else deadline - self.now())
                 except TimeoutError:
                     if self.in_head:
                         raise RequestRejected(408, _HEAD_TIMEOUT) from None
-                    return False  # idle: close quietly
+                    return False  # idle, or silent from the start (as nginx): close quietly
                 except IO_ERRORS:
                     return False
                 self.waited = True
@@ -467,6 +501,9 @@ class ServerConnection:
                 return False
             was_in_head = self.in_head
             self.feed(data)
+            received += len(data)
+            if received > max_head and self.in_head:
+                raise RequestRejected(431, f"request head larger than {max_head} bytes")
             if not was_in_head and self.in_head and limits.header_timeout is not None:
                 # a head started and is not complete yet: it has header_timeout to arrive
                 deadline = self.now() + limits.header_timeout

@@ -25,6 +25,7 @@ from .._errors import (
     LocalRefusal,
     MeshError,
     NoEndpoints,
+    ResponseHeadTooLarge,
     RetriesExhausted,
 )
 from .._models import Headers, Response
@@ -46,6 +47,7 @@ CODES: dict[str, int] = {
     "timeout": 504,
     "retries_exhausted": 502,
     "identity_rejected": 502,
+    "upstream_head_too_large": 502,
     "upstream_error": 502,
     "mesh_error": 502,
     "internal": 500,
@@ -84,6 +86,8 @@ def classify(exc: BaseException) -> tuple[str, Sequence[tuple[bytes, bytes]]]:
         return "connect_failed", ()
     if isinstance(exc, IdentityRejected):
         return "identity_rejected", ()
+    if isinstance(exc, ResponseHeadTooLarge):
+        return "upstream_head_too_large", ()
     if isinstance(exc, EndpointError):
         return "upstream_error", ()
     if isinstance(exc, MeshError):

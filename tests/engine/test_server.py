@@ -278,6 +278,36 @@ async def test_header_timeout_answers_408(server: int) -> None:
     await still_up(server)
 
 
+async def test_one_endless_header_answers_431_not_408(server: int) -> None:
+    """httptools holds a header until its end: a header that never ends is refused once the
+    head passes max_request_line + max_header_bytes (5 KiB here), not buffered until 408."""
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: "
+    out = await raw(server, [head] + [b"a" * 65536] * 16)
+    assert out.startswith(b"HTTP/1.1 431 ") and b"request head larger than 5120 bytes" in out
+    await still_up(server)
+
+
+def wait_closed(port: int) -> tuple[bytes, float]:
+    """Connect, send nothing, and wait (at most 5 s) for the server to close: what it sent and
+    how long it took."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        try:
+            out = s.recv(65536)
+        except ConnectionResetError:
+            out = b""
+    return out, time.monotonic() - start
+
+
+async def test_silent_connection_closed_at_header_timeout(server: int) -> None:
+    """A connection that never sends a byte is closed at `header_timeout` (0.5 s here), not
+    held for `idle_timeout` (5 s here); quietly, as nginx does."""
+    out, elapsed = await anyio.to_thread.run_sync(wait_closed, server)
+    assert out == b""
+    assert LIMITS.header_timeout <= elapsed + 0.05 and elapsed < 3  # type: ignore[operator]
+    await still_up(server)
+
+
 async def test_slowloris_trickle_still_times_out(server: int) -> None:
     # A byte every 0.1 s keeps the connection busy but the head must be complete within 0.5 s.
     pieces = [b"GET / HTTP/1.1\r\n"] + [b"X" for _ in range(30)]
@@ -407,3 +437,29 @@ async def test_uvloop_smoke(nginx) -> None:  # type: ignore[no-untyped-def]
                 )
                 assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(expected)
             tg.cancel_scope.cancel()
+
+
+# chunk extensions: Go's allowance, 16 bytes per chunk + twice its data, 16 KiB beyond -------
+
+CHUNKED_POST = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+
+
+async def test_chunk_extensions_within_the_allowance_pass(server: int) -> None:
+    ext = b";name=" + b"v" * 94  # a 100-byte extension on each 1 KiB chunk
+    body = b"".join(b"400%b\r\n%b\r\n" % (ext, b"d" * 1024) for _ in range(64)) + b"0\r\n\r\n"
+    out = await raw(server, [CHUNKED_POST, body])
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"X-Len: 65536\r\n" in out
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [b"1;"] + [b"e" * 65536] * 32,  # 2 MiB of one chunk's extension
+        [b"".join(b"1;%b\r\nx\r\n" % (b"e" * 1998) for _ in range(100)) + b"0\r\n\r\n"],
+    ],
+    ids=["huge-extension", "noisy"],
+)
+async def test_too_much_chunk_overhead_answers_400(server: int, body: list[bytes]) -> None:
+    out = await raw(server, [CHUNKED_POST, *body])
+    assert out.startswith(b"HTTP/1.1 400 ") and b"too much non-data" in out
+    await still_up(server)
