@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-
 # Chunk extensions and trailers are overhead a sender can inflate at will ("1;<16 MiB>\r\nX").
 # Go's net/http allowance (src/net/http/internal/chunked.go, `excess`): 16 bytes per chunk plus
 # twice the chunk's data, and at most 16 KiB beyond that, else "too much non-data".

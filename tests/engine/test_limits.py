@@ -60,8 +60,8 @@ def raw_upstream(response: bytes) -> Iterator[int]:
         thread.join(5)
 
 
-async def fetch(port: int, limits: PoolLimits = PoolLimits()) -> bytes:
-    async with HTTPConnector(limits=limits) as connector:
+async def fetch(port: int, limits: PoolLimits | None = None) -> bytes:
+    async with HTTPConnector(limits=limits or PoolLimits()) as connector:
         response = await connector.send(
             Endpoint("127.0.0.1", port), Request("GET", f"http://127.0.0.1:{port}/")
         )
