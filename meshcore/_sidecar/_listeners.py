@@ -67,6 +67,7 @@ class Listeners:
         self.connections: dict[str, set[Connection]] = {name: set() for name in PROXYING + ("admin",)}
         self._sockets: dict[str, Any] = {}
         self._accepting: dict[str, anyio.CancelScope] = {}
+        self._freed: dict[str, anyio.Event] = {}  # set when a listener at its cap loses one
         # `outbound_uids` of the current config (set by the sidecar at start and on reload).
         self.peer_uids: frozenset[int] = frozenset()
 
@@ -136,6 +137,13 @@ class Listeners:
         telemetry = self.telemetry
         with scope:
             while True:
+                # At max_connections, stop accepting until one closes: the kernel's backlog
+                # queues the newcomers, who are served late rather than accepted and dropped
+                # (HAProxy's maxconn does the same).
+                while len(conns) >= limit:
+                    telemetry.accept_paused[name] += 1
+                    freed = self._freed[name] = anyio.Event()
+                    await freed.wait()
                 try:
                     stream = await listener.accept()
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -143,10 +151,6 @@ class Listeners:
                 except OSError as exc:  # EMFILE and friends: back off instead of spinning
                     log.warning("accept on %s failed: %s", name, exc)
                     await anyio.sleep(0.1)
-                    continue
-                if len(conns) >= limit:
-                    telemetry.connections_rejected[name] += 1
-                    await anyio.aclose_forcefully(stream)
                     continue
                 if self.peer_uids and name == "outbound" and not self._peer_allowed(stream):
                     telemetry.local_error(name, "unix", "peer_uid_refused")
@@ -185,6 +189,9 @@ class Listeners:
             log.exception("connection on %s failed", conn.listener)
         finally:
             self.connections[conn.listener].discard(conn)
+            freed = self._freed.pop(conn.listener, None)
+            if freed is not None:
+                freed.set()
             if conn.busy and conn.done is not None:
                 conn.done()  # a response the engine never got to write
             if conn.scope.cancel_called:

@@ -122,7 +122,7 @@ class Telemetry:
         self.discovery_errors: dict[str, int] = defaultdict(int)
         self.denied = 0
         self.connections_total: dict[str, int] = defaultdict(int)
-        self.connections_rejected: dict[str, int] = defaultdict(int)
+        self.accept_paused: dict[str, int] = defaultdict(int)
         self.reloads: dict[str, int] = defaultdict(int)
         self.started = time.time()
 
@@ -249,7 +249,7 @@ class Telemetry:
             "retries": self.retries(),
             "denied": self.denied,
             "connections_total": dict(self.connections_total),
-            "connections_rejected": dict(self.connections_rejected),
+            "accept_paused": dict(self.accept_paused),
             "reloads": dict(self.reloads),
         }
 
@@ -519,10 +519,10 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
     w.family("meshcore_sidecar_connections_total", "counter", "Accepted connections, by listener.")
     for name, n in sorted(t.connections_total.items()):
         w.sample("meshcore_sidecar_connections_total", n, ("listener",), (name,))
-    w.family("meshcore_sidecar_connections_rejected_total", "counter",
-             "Connections closed at once because the listener was at max_connections.")
-    for name, n in sorted(t.connections_rejected.items()):
-        w.sample("meshcore_sidecar_connections_rejected_total", n, ("listener",), (name,))
+    w.family("meshcore_sidecar_accept_paused_total", "counter",
+             "Times the listener stopped accepting at max_connections (newcomers wait in the backlog).")
+    for name, n in sorted(t.accept_paused.items()):
+        w.sample("meshcore_sidecar_accept_paused_total", n, ("listener",), (name,))
     w.family("meshcore_sidecar_requests_in_flight", "gauge", "Requests being answered right now.")
     w.sample("meshcore_sidecar_requests_in_flight", sidecar.get("in_flight", 0))
     w.family("meshcore_sidecar_draining", "gauge", "1 while the sidecar drains after SIGTERM.")

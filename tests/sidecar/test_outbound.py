@@ -161,20 +161,34 @@ async def test_retry_buffer_makes_small_bodies_replayable(upstream):
     assert seen == [True, False]
 
 
-async def test_max_connections_closes_the_extra_connection(upstream):
+async def test_max_connections_queues_the_extra_connection_until_one_closes(upstream):
+    """At the cap the listener stops accepting: a third client waits in the backlog (its
+    connect succeeds, its request is not read) and is served once a connection closes, rather
+    than being accepted and dropped."""
     config = sidecar_config({"orders": static_service([upstream()])}, max_connections=2)
     async with running_sidecar(config) as sidecar:
         address = sidecar.addresses["outbound"]
         first = await anyio.connect_tcp(address.host, address.port)
         second = await anyio.connect_tcp(address.host, address.port)
         await wait_for(lambda: open_connections(sidecar)["outbound"] == 2)
-        answer = await raw_exchange(sidecar, "outbound", b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
-        assert answer == b""
-        assert sidecar.telemetry.connections_rejected["outbound"] == 1
+        third = await anyio.connect_tcp(address.host, address.port)
+        await third.send(b"GET / HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
+        await wait_for(lambda: sidecar.telemetry.accept_paused["outbound"] >= 1)
+        with anyio.move_on_after(0.3):  # bounded: nothing may come while both slots are held
+            assert await third.receive() == b"", "answered past max_connections"
+        assert open_connections(sidecar)["outbound"] == 2
         await first.aclose()
-        await second.aclose()
-        await wait_for(lambda: open_connections(sidecar)["outbound"] == 0)
-        answer = await raw_exchange(
-            sidecar, "outbound", b"GET / HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n"
-        )
+        answer = b""
+        with anyio.fail_after(5):
+            while chunk := await _receive_or_end(third):
+                answer += chunk
         assert answer.startswith(b"HTTP/1.1 200 ")
+        await second.aclose()
+        await third.aclose()
+
+
+async def _receive_or_end(stream: anyio.abc.ByteStream) -> bytes:
+    try:
+        return await stream.receive()
+    except anyio.EndOfStream:
+        return b""
