@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def serve(
 
     failure: list[str] = []
 
-    async def announced() -> None:
+    async def announced(stop: anyio.Event) -> None:
         """Registered (with --register) and announced until cancelled; a failure noted."""
         async with contextlib.AsyncExitStack() as stack:
             if mesh is not None:
@@ -121,15 +122,26 @@ def serve(
                     )
                     return
             click.echo(f"identity service {service.identity} on {service.address}", err=True)
-            await anyio.sleep_forever()
+            await stop.wait()  # then leave the stack uncancelled: deregistration completes
 
     async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(service.serve)
-            try:
-                await announced()
-            finally:
-                tg.cancel_scope.cancel()
+        stop = anyio.Event()
+        # SIGINT/SIGTERM end the wait above rather than cancelling it, so the registrations'
+        # exits (a request to the registry each) are not cut short.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        stop.set()
+                        return
+
+                tg.start_soon(on_signal)
+                await tg.start(service.serve)
+                try:
+                    await announced(stop)
+                finally:
+                    tg.cancel_scope.cancel()
 
     try:
         anyio.run(main, backend=backend)
