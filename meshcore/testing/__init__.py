@@ -9,6 +9,7 @@ project that installs meshcore: `anyio_backend` (asyncio and trio), `upstream`,
 from .._demo._app import Behaviour, UpstreamServer
 from ._helpers import (
     free_port,
+    raw_upstream,
     require_binary,
     static_service,
     strict_integration,
@@ -38,6 +39,7 @@ __all__ = [
     "read_error",
     "scripted_mesh",
     "free_port",
+    "raw_upstream",
     "require_binary",
     "static_service",
     "strict_integration",

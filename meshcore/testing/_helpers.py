@@ -10,8 +10,10 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .._endpoints import Endpoint
@@ -116,3 +118,41 @@ def static_service(
     for kind, settings in tables.items():
         table[kind.replace("_", "-")] = dict(settings)
     return table
+
+
+@contextmanager
+def raw_upstream(response: bytes) -> Iterator[int]:
+    """A loopback server (its port yielded) that answers each connection's first request head
+    with exactly `response` and closes it: for upstreams that misbehave in their bytes
+    (oversized heads, bodies cut short). Threads, so it serves any backend's client."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                got = conn.recv(65536)
+                if not got:
+                    return
+                data += got
+            try:
+                conn.sendall(response)
+            except OSError:
+                pass  # the client stopped reading: what a limit does
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)

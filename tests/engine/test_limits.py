@@ -3,11 +3,6 @@ connections. Raw loopback sockets play the hostile side."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import httpx
 import pytest
 
@@ -18,46 +13,9 @@ from meshcore._errors import EndpointProtocolError
 from meshcore._http import HTTPConnector, PoolLimits
 from meshcore._models import Request
 from meshcore._transport import as_httpx_error
-from meshcore.testing import static_service
+from meshcore.testing import raw_upstream, static_service
 
 pytestmark = pytest.mark.anyio
-
-
-@contextmanager
-def raw_upstream(response: bytes) -> Iterator[int]:
-    """A server that answers each connection's first request head with `response` (as far as
-    the client reads it) and closes it."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                got = conn.recv(65536)
-                if not got:
-                    return
-                data += got
-            try:
-                conn.sendall(response)
-            except OSError:
-                pass  # the client stopped reading: what a limit does
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(5)
 
 
 async def fetch(port: int, limits: PoolLimits | None = None) -> bytes:

@@ -14,6 +14,7 @@ import pytest
 import meshcore
 from meshcore._endpoints import Endpoint
 from meshcore._sidecar._answers import CODES
+from meshcore.testing import raw_upstream
 
 from .conftest import running_sidecar, sidecar_config, static_service, url
 
@@ -122,51 +123,19 @@ async def test_library_mode_raises_the_local_refusal_as_an_httpx_error(upstream)
 @pytest.mark.anyio
 @pytest.mark.parametrize("many", [False, True], ids=["2MB-header", "10k-headers"])
 async def test_an_upstreams_oversized_response_head_is_a_502(many: bool) -> None:
-    import socket
-    import threading
-
     if many:
         fields = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
     else:
         fields = b"X-Big: " + b"a" * (2 << 20) + b"\r\n"
     response = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok"
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                got = conn.recv(65536)
-                if not got:
-                    return
-                data += got
-            try:
-                conn.sendall(response)
-            except OSError:
-                pass  # the sidecar stopped reading
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
-    try:
+    with raw_upstream(response) as port:
+        endpoint = f"127.0.0.1:{port}"
         config = sidecar_config({"orders": static_service([endpoint])})
         async with running_sidecar(config) as sidecar:
             async with httpx.AsyncClient() as client:
                 r = await client.get(url(sidecar, "outbound", "/"), headers={"host": "orders"})
             stats = sidecar.telemetry.local_errors
             counted = sidecar.generation.mesh.upstream("orders").stats[Endpoint.parse(endpoint)]
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(5)
     assert (r.status_code, r.headers["x-meshcore-error"]) == (502, "upstream_head_too_large")
     assert "response head from" in r.text and "exceeds the limits" in r.text
     assert stats[("outbound", "orders", "upstream_head_too_large")] == 1
