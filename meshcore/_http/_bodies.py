@@ -23,6 +23,16 @@ def chunk_excess(excess: int, read: int, data: int, chunks: int) -> int:
     return max(0, excess + read - 3 * data - 16 * chunks)
 
 
+def head_end(data: bytes, tail: bytes = b"") -> int:
+    """Where in `data` (a read in which a head ended) that head ends: after its first CRLFCRLF
+    (llhttp takes no bare LF). `tail`: the last bytes of the previous read when the head began
+    there, as its CRLFCRLF may straddle the two. When another message ended earlier in the
+    same read this finds its end instead, so its bytes count too: erring on the side of the
+    limit."""
+    i = (tail + data).find(b"\r\n\r\n") if tail else data.find(b"\r\n\r\n")
+    return max(0, i + 4 - len(tail)) if i >= 0 else 0
+
+
 class Source(Protocol):
     chunks: list[bytes]
     complete: bool

@@ -18,7 +18,7 @@ import httptools
 from .._endpoints import Endpoint
 from .._errors import EndpointProtocolError, ResponseHeadTooLarge
 from .._models import Headers, Request, Response
-from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, ResponseBody, chunk_excess
+from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, ResponseBody, chunk_excess, head_end
 from ._error_map import IO_ERRORS, Phase, endpoint_error
 from ._socket import Socket, receive, send_all
 
@@ -73,6 +73,7 @@ class HTTP11Connection:
         "reason",
         "sock",
         "status",
+        "tail",
     )
 
     def __init__(
@@ -92,6 +93,8 @@ class HTTP11Connection:
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
         self.chunks: list[bytes] = []
+        # The last bytes read of an unfinished head: its end may straddle two reads.
+        self.tail = b""
 
     def start(self, head: bool) -> None:
         self.head = head
@@ -168,8 +171,9 @@ class HTTP11Connection:
             self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
 
     def feed(self, data: bytes) -> None:
+        began_before = self.got_bytes
         self.got_bytes = True
-        # Counted from the first read after the head (the head has its own limits).
+        # A chunked body's non-data is counted read by read (the head has its own limits).
         counting = self.chunked and self.headers_done and not self.complete
         body_size, chunk_count = self.body_size, self.chunk_count
         try:
@@ -184,16 +188,24 @@ class HTTP11Connection:
             raise EndpointProtocolError(
                 f"invalid HTTP response from {self.endpoint.id}: {exc}", endpoint=self.endpoint
             ) from exc
-        if counting and not self.complete:
-            self.excess = chunk_excess(
-                self.excess, len(data), self.body_size - body_size, self.chunk_count - chunk_count
+        if counting:
+            read = len(data)
+        elif self.chunked and self.headers_done:
+            # The head ended in this read: what came after it counts too.
+            read = len(data) - head_end(data, self.tail if began_before else b"")
+        else:
+            if not self.headers_done:  # its end may straddle this read and the next
+                self.tail = (self.tail + data)[-3:] if len(data) < 3 and began_before else data[-3:]
+            return
+        self.excess = chunk_excess(
+            self.excess, read, self.body_size - body_size, self.chunk_count - chunk_count
+        )
+        if self.excess > MAX_CHUNK_EXCESS:
+            raise EndpointProtocolError(
+                f"chunked response body from {self.endpoint.id} with too much non-data "
+                "(chunk extensions, trailers)",
+                endpoint=self.endpoint,
             )
-            if self.excess > MAX_CHUNK_EXCESS:
-                raise EndpointProtocolError(
-                    f"chunked response body from {self.endpoint.id} with too much non-data "
-                    "(chunk extensions, trailers)",
-                    endpoint=self.endpoint,
-                )
 
     # I/O -----------------------------------------------------------------------------------
     def peer_closed(self) -> bool:

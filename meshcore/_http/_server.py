@@ -9,7 +9,8 @@ request's state, from its head to its response, is one `RequestResponseCycle`.
 
 Bad input ends the connection with an answer (RFC 9112 §2.2 lets a server close after an
 error): 400 for unparseable requests, 414 for an oversized request line, 431 for too many or too
-large headers, 413 for an oversized body, 408 when the head does not arrive in time. Defaults
+large headers, 413 for an oversized body, 408 when the head does not arrive in time (those made
+before any handler saw the request go to `on_reject`, so the sidecar can count them). Defaults
 follow nginx (`large_client_header_buffers 4 8k`, `client_header_timeout 60s`,
 `keepalive_timeout 75s`, `client_body_timeout 60s`, `send_timeout 60s`) and Envoy
 (`max_headers_count` 100, `max_request_headers_kb` 60).
@@ -35,7 +36,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
 from .._models import URL, Headers, Request, Response, _close_body
-from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, RequestBody, chunk_excess
+from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, RequestBody, chunk_excess, head_end
 from ._error_map import IO_ERRORS, RequestRejected, client_error
 from ._loop import backend_checkpoint, backend_clock, socket_for
 from ._socket import Socket, close_stream, receive, send_all, start_tls
@@ -322,11 +323,13 @@ class ServerConnection:
         "last_host",
         "limits",
         "now",
+        "on_reject",
         "on_tls_error",
         "parser",
         "ready",
         "scheme",
         "stream",
+        "tail",
         "tls",
         "upgraded",
         "waited",
@@ -339,10 +342,12 @@ class ServerConnection:
         info: ConnectionInfo,
         tls: ssl.SSLContext | None = None,
         on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
+        on_reject: Callable[[ConnectionInfo, int, str], None] | None = None,
     ) -> None:
         self.stream = stream
         self.tls = tls
         self.on_tls_error = on_tls_error
+        self.on_reject = on_reject
         self.limits = limits
         self.info = info
         self.scheme = "https" if info.ssl_object is not None else "http"
@@ -351,6 +356,8 @@ class ServerConnection:
         self.ready: deque[RequestResponseCycle] = deque()
         self.upgraded = False
         self.in_head = False
+        # The last bytes read of an unfinished head: its end ("\r\n\r\n") may straddle reads.
+        self.tail = b""
         # A request has begun on this connection: until then it waits `header_timeout`, not
         # `idle_timeout` (a connection that sends nothing must not hold a slot for 75 s).
         self.began = False
@@ -437,22 +444,41 @@ class ServerConnection:
         if self.upgraded:
             return  # after an Upgrade/CONNECT request nothing more is HTTP/1.1 to us
         cur = self.cur
-        # Counted from the first read after the head (the head has its own limits).
+        in_head = self.in_head
+        # A chunked body's non-data is counted read by read (the head has its own limits).
         if cur is None or not cur.chunked or not cur.headers_done or cur.complete:
-            cur = None
+            counted = None
             body_size = chunk_count = 0
         else:
+            counted = cur
             body_size, chunk_count = cur.body_size, cur.chunk_count
         try:
             self.parser.feed_data(data)
-            if cur is not None and not cur.complete:  # else the rest may be the next request
-                cur.excess = chunk_excess(
-                    cur.excess, len(data), cur.body_size - body_size, cur.chunk_count - chunk_count
+            if counted is not None:
+                if counted.complete and self.cur is not counted:
+                    return  # the rest began the next request: what of it is whose is unknown
+                counted.excess = chunk_excess(
+                    counted.excess,
+                    len(data),
+                    counted.body_size - body_size,
+                    counted.chunk_count - chunk_count,
                 )
-                if cur.excess > MAX_CHUNK_EXCESS:
-                    raise RequestRejected(
-                        400, "chunked body with too much non-data (chunk extensions, trailers)"
-                    )
+            else:
+                new = self.cur
+                if self.in_head:
+                    self.tail = (self.tail + data)[-3:] if len(data) < 3 else data[-3:]
+                    return
+                if new is None or not new.chunked:
+                    return
+                # A chunked body began in this read: what came after its head counts too (up
+                # to the end of the read, which is its end when it completed: nothing began).
+                after = len(data) - head_end(data, self.tail if in_head and new is cur else b"")
+                new.excess = chunk_excess(0, after, new.body_size, new.chunk_count)
+                counted = new
+            if counted.excess > MAX_CHUNK_EXCESS:
+                raise RequestRejected(
+                    400, "chunked body with too much non-data (chunk extensions, trailers)"
+                )
         except httptools.HttpParserUpgrade:
             self.upgraded = True
         except httptools.HttpParserCallbackError as exc:
@@ -521,6 +547,13 @@ class ServerConnection:
         except IO_ERRORS:
             pass
 
+    async def refuse(self, status: int, message: str) -> None:
+        """Answer a request refused before any handler saw it, and tell `on_reject` (what a
+        handler raises, it has seen)."""
+        if self.on_reject is not None:
+            self.on_reject(self.info, status, message)
+        await self.send_error(status, message)
+
     async def send_unsent(self) -> bool:
         """Send what the loop's `SendBatch` could not; False when the client went away."""
         io = self.io
@@ -549,7 +582,7 @@ class ServerConnection:
                 try:
                     self.feed(io.pending)
                 except RequestRejected as exc:
-                    await self.send_error(exc.status, str(exc))
+                    await self.refuse(exc.status, str(exc))
                     return
             while True:
                 if not self.ready:
@@ -563,7 +596,7 @@ class ServerConnection:
                         if not await self.read_head():
                             return
                     except RequestRejected as exc:
-                        await self.send_error(exc.status, str(exc))
+                        await self.refuse(exc.status, str(exc))
                         return
                 if not self.waited:
                     # Nothing this request did went through the scheduler (its head was
@@ -575,12 +608,12 @@ class ServerConnection:
                 self.waited = False
                 cycle = self.ready.popleft()
                 if cycle.host is None and cycle.version == "1.1":
-                    await self.send_error(400, "HTTP/1.1 request without Host")
+                    await self.refuse(400, "HTTP/1.1 request without Host")
                     return
                 try:
                     request = cycle.request()
                 except ValueError as exc:
-                    await self.send_error(400, str(exc))
+                    await self.refuse(400, str(exc))
                     return
                 try:
                     response = await handler(request, self.info)
@@ -656,13 +689,16 @@ def serve_connection(
     info: ConnectionInfo | None = None,
     tls: ssl.SSLContext | None = None,
     on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
+    on_reject: Callable[[ConnectionInfo, int, str], None] | None = None,
 ) -> Coroutine[Any, Any, None]:
     """Serve HTTP/1.1 requests on one connection until it ends; closes the stream. Await it.
 
     `tls`: the server's context; the connection (a plain TCP stream) starts with a TLS
     handshake, and `info.ssl_object` is the handshake's afterwards (prefer this to a stream
     wrapped in TLS beforehand: the engine then drives TLS directly on the socket, see
-    docs/data-path.md). `on_tls_error(info, exc)` hears of a failed handshake.
+    docs/data-path.md). `on_tls_error(info, exc)` hears of a failed handshake, and
+    `on_reject(info, status, message)` of each answer the engine makes to a request before any
+    handler saw it (a malformed or over-limit head: 400, 408, 413, 414, 431).
 
     An error inside the engine ends the connection and is logged, never raised: one broken
     connection must not take its listener down. (A plain function returning the coroutine,
@@ -670,7 +706,7 @@ def serve_connection(
     """
     if info is None:
         info = ConnectionInfo.from_stream(stream)
-    return ServerConnection(stream, limits, info, tls, on_tls_error).serve(handler)
+    return ServerConnection(stream, limits, info, tls, on_tls_error, on_reject).serve(handler)
 
 
 async def serve_http(

@@ -19,6 +19,7 @@ lifespans and registrations exit: deregistration) and the process exits 0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -41,7 +42,7 @@ from ._generation import LISTENER_KEYS, Generation, build_mesh
 from ._handlers import Direction, Inbound, Outbound, make_handler
 from ._health import AppHealth
 from ._listeners import Connection, Listeners
-from ._metrics import Telemetry
+from ._metrics import REJECTED, UNKNOWN, Telemetry
 from ._registration import local_instance
 from ._settings import Address, advertised, server_limits
 from ._workers import WorkerRole
@@ -91,6 +92,7 @@ class Sidecar:
         self._tg: anyio.abc.TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._directions: dict[str, Direction] = {"outbound": Outbound(), "inbound": Inbound(self)}
+        self._rejecters = {name: functools.partial(self._head_rejected, name) for name in self._directions}
 
     @property
     def addresses(self) -> dict[str, Address]:
@@ -257,7 +259,16 @@ class Sidecar:
         return serve_connection(
             stream, handler, limits=self.limits, tls=ssl_context,
             on_tls_error=self._handshake_failed,
+            on_reject=None if direction is None else self._rejecters[conn.listener],
         )
+
+    def _head_rejected(self, listener: str, info: ConnectionInfo, status: int, message: str) -> None:
+        """The engine answered a request itself before the handler saw it (a malformed or
+        over-limit head): counted like the sidecar's own answers, by reason. The outbound
+        request named no service yet; the inbound listener serves one."""
+        gen = self.generation
+        service = gen.service if listener == "inbound" and gen is not None else UNKNOWN
+        self.telemetry.local_error(listener, service, REJECTED.get(status, "bad_request"))
 
     def _handshake_failed(self, info: ConnectionInfo, exc: BaseException) -> None:
         client = info.client[0] if isinstance(info.client, tuple) else info.client

@@ -3,6 +3,8 @@ connections. Raw loopback sockets play the hostile side."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -89,3 +91,58 @@ async def test_library_mode_raises_remote_protocol_error() -> None:
                 with pytest.raises(httpx.RemoteProtocolError, match="exceeds the limits") as info:
                     await client.get("http://orders/")
     assert isinstance(info.value, ResponseHeadTooLarge)
+
+
+# The read the response head ended in is counted too (before, up to one read went uncounted).
+FIRST_READ_OVERHEAD = CHUNKED_HEAD + b"1;" + b"e" * 20000 + b"\r\nx\r\n"
+
+
+def _response_connection() -> Any:
+    from types import SimpleNamespace
+
+    from meshcore._http._http11 import HTTP11Connection
+
+    conn = HTTP11Connection(SimpleNamespace(sock=None), Endpoint("127.0.0.1", 1), None)  # type: ignore[arg-type]  # feed() does no I/O
+    conn.start(False)
+    return conn
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [FIRST_READ_OVERHEAD],
+        [FIRST_READ_OVERHEAD + b"0\r\n\r\n"],  # the whole response in one read
+        *[
+            [FIRST_READ_OVERHEAD[:n], FIRST_READ_OVERHEAD[n:]]
+            for n in range(len(CHUNKED_HEAD) - 4, len(CHUNKED_HEAD) + 1)
+        ],
+        [b"HTTP/1.1 100 Continue\r\n\r\n" + FIRST_READ_OVERHEAD],
+    ],
+    ids=["one-read", "whole", "split-4", "split-3", "split-2", "split-1", "split-0", "after-100"],
+)
+def test_first_read_after_the_response_head_is_counted(reads: list[bytes]) -> None:
+    conn = _response_connection()
+    with pytest.raises(EndpointProtocolError, match="too much non-data"):
+        for data in reads:
+            conn.feed(data)
+
+
+def test_first_read_response_overhead_at_the_allowance_passes() -> None:
+    from meshcore._http._bodies import MAX_CHUNK_EXCESS
+
+    # after the head: "1;" + ext + CRLF, "x", CRLF = ext + 7 bytes, 1 of data, 1 chunk header
+    for extra in (0, 1):
+        conn = _response_connection()
+        data = CHUNKED_HEAD + b"1;" + b"e" * (MAX_CHUNK_EXCESS + 12 + extra) + b"\r\nx\r\n"
+        if extra:
+            with pytest.raises(EndpointProtocolError, match="too much non-data"):
+                conn.feed(data)
+        else:
+            conn.feed(data)
+            assert conn.excess == MAX_CHUNK_EXCESS
+
+
+async def test_overhead_with_the_head_from_a_real_socket_is_an_endpoint_error() -> None:
+    with raw_upstream(FIRST_READ_OVERHEAD + b"0\r\n\r\n") as port:
+        with pytest.raises(EndpointProtocolError, match="too much non-data"):
+            await fetch(port)

@@ -6,6 +6,7 @@ import shutil
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -463,3 +464,61 @@ async def test_too_much_chunk_overhead_answers_400(server: int, body: list[bytes
     out = await raw(server, [CHUNKED_POST, *body])
     assert out.startswith(b"HTTP/1.1 400 ") and b"too much non-data" in out
     await still_up(server)
+
+
+# The read that completes the head is counted too: before, up to 64 KiB of extensions that
+# came with the head went uncounted.
+FIRST_READ_OVERHEAD = CHUNKED_POST + b"1;" + b"e" * 20000 + b"\r\nx\r\n"
+
+
+async def test_chunk_overhead_in_the_same_read_as_the_head_answers_400(server: int) -> None:
+    out = await raw(server, [FIRST_READ_OVERHEAD + b"0\r\n\r\n"])
+    assert out.startswith(b"HTTP/1.1 400 ") and b"too much non-data" in out, out[:300]
+    await still_up(server)
+
+
+def _connection() -> Any:
+    from meshcore._http._server import ServerConnection
+
+    return ServerConnection(None, LIMITS, ConnectionInfo())  # type: ignore[arg-type]  # feed() reads no stream
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [FIRST_READ_OVERHEAD],
+        # the head's CRLFCRLF split across reads, each way
+        *[
+            [FIRST_READ_OVERHEAD[:n], FIRST_READ_OVERHEAD[n:]]
+            for n in range(len(CHUNKED_POST) - 4, len(CHUNKED_POST) + 1)
+        ],
+        # a complete request before it in the same read
+        [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" + FIRST_READ_OVERHEAD],
+    ],
+    ids=["one-read", "split-4", "split-3", "split-2", "split-1", "split-0", "pipelined"],
+)
+def test_first_read_after_the_head_is_counted_exactly(reads: list[bytes]) -> None:
+    from meshcore._http import RequestRejected
+
+    conn = _connection()
+    with pytest.raises(RequestRejected, match="too much non-data"):
+        for data in reads:
+            conn.feed(data)
+
+
+def test_first_read_overhead_within_the_allowance_passes() -> None:
+    """Exactly at Go's allowance the request passes; one byte more of extension fails."""
+    from meshcore._http import RequestRejected
+    from meshcore._http._bodies import MAX_CHUNK_EXCESS
+
+    # after the head: "1;" + ext + CRLF, "x", CRLF = ext + 7 bytes, 1 of data, 1 chunk header;
+    # excess = (ext + 7) - 3 * 1 - 16 * 1
+    for extra, fails in ((0, False), (1, True)):
+        conn = _connection()
+        data = CHUNKED_POST + b"1;" + b"e" * (MAX_CHUNK_EXCESS + 12 + extra) + b"\r\nx\r\n"
+        if fails:
+            with pytest.raises(RequestRejected, match="too much non-data"):
+                conn.feed(data)
+        else:
+            conn.feed(data)
+            assert conn.cur.excess == MAX_CHUNK_EXCESS and not conn.cur.complete
