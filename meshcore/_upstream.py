@@ -380,6 +380,8 @@ class Upstream:
 
     def state(self) -> dict[str, Any]:
         now = anyio.current_time()
+        pool_stats = getattr(self.connector, "stats", None)  # a test's connector may keep none
+        pools: dict[str, dict[str, int]] = pool_stats() if pool_stats is not None else {}
         return {
             "discovery": {"kind": self.config.discovery, **self.discovery_status.as_dict(now)},
             "balancer": self.config.balancer,
@@ -402,6 +404,7 @@ class Upstream:
                     "latency_ewma_ms": round(st.ewma * 1000, 3),
                     "ejected": st.ejected(now),
                     "times_ejected": st.times_ejected,
+                    "stale_resends": pools.get(ep.id, {}).get("stale_resends", 0),
                 }
                 for ep, st in self.stats.items()
             ],

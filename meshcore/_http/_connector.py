@@ -119,6 +119,7 @@ class HTTPConnector:
             # Replayable only when a reused connection closed before answering (the error map).
             if not (exc.replayable and request.method in _IDEMPOTENT and isinstance(body, bytes)):
                 raise
+        pool.resends += 1
         conn, _ = await pool.acquire(timeouts.connect, timeouts.pool, fresh=True)
         return await conn.exchange(request, head, body, chunked, close, write, read, False)
 
@@ -164,5 +165,6 @@ class HTTPConnector:
         await self.aclose()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per endpoint id: `open`, `idle`, `in_use` and `waiting` counts."""
+        """Per endpoint id: `open`, `idle`, `in_use` and `waiting` connections, and
+        `stale_resends` (requests resent because a reused connection was dead)."""
         return {ep.id: pool.stats() for ep, pool in self._pools.items()}

@@ -80,6 +80,7 @@ class Pool:
         "now",
         "open",
         "opener",
+        "resends",
         "waiters",
     )
 
@@ -90,6 +91,9 @@ class Pool:
         self.idle: deque[HTTP11Connection] = deque()
         self.waiters: deque[_Waiter] = deque()
         self.open = 0
+        # Requests sent again on a fresh connection because a reused one turned out dead (the
+        # stale keep-alive race, RFC 9112 §9.3.1): invisible to the caller, so counted here.
+        self.resends = 0
         self.closed = False
         self.now = backend_clock()
         self.checkpoint = backend_checkpoint()
@@ -226,4 +230,5 @@ class Pool:
             "idle": idle,
             "in_use": self.open - idle,
             "waiting": len(self.waiters),
+            "stale_resends": self.resends,
         }

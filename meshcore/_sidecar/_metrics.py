@@ -462,6 +462,13 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
     for svc, s in sorted(services.items()):
         for ep in s.get("endpoints", ()):
             w.sample("meshcore_endpoint_in_flight", ep.get("in_flight", 0), ("service", "endpoint"), (svc, ep["id"]))
+    w.family("meshcore_stale_connection_resends_total", "counter",
+             "Requests resent on a fresh connection because the reused keep-alive connection "
+             "was found closed before any response byte (RFC 9112 9.3.1), by service and endpoint.")
+    for svc, s in sorted(services.items()):
+        for ep in s.get("endpoints", ()):
+            w.sample("meshcore_stale_connection_resends_total", ep.get("stale_resends", 0),
+                     ("service", "endpoint"), (svc, ep["id"]))
     w.family("meshcore_balancer_panics_total", "counter",
              "Picks made among ejected endpoints because every endpoint was ejected.")
     for svc, s in sorted(services.items()):

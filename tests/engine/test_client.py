@@ -58,7 +58,7 @@ async def test_nginx_get_and_keepalive_limit(nginx) -> None:  # type: ignore[no-
         # keepalive_requests 3: nginx closes every third request with `Connection: close`,
         # so seven sequential requests took three connections and one is left idle.
         stats = connector.stats()[ep(nginx).id]
-        assert stats == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0}
+        assert stats == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0, "stale_resends": 0}
 
 
 async def test_nginx_chunked_response(nginx) -> None:  # type: ignore[no-untyped-def]
@@ -144,7 +144,7 @@ async def test_early_aclose_closes_connection(nginx) -> None:  # type: ignore[no
         response = await connector.send(ep(nginx), Request("GET", f"{nginx.base}/files/big.bin"))
         await response.stream.__anext__()
         await response.aclose()
-        assert connector.stats()[ep(nginx).id] == {"open": 0, "idle": 0, "in_use": 0, "waiting": 0}
+        assert connector.stats()[ep(nginx).id] == {"open": 0, "idle": 0, "in_use": 0, "waiting": 0, "stale_resends": 0}
         _, body = await get(connector, nginx, "/")
         assert body == b"hello from nginx\n"
 
@@ -298,6 +298,7 @@ async def test_stale_keepalive_get_resent_transparently(stale_server) -> None:  
         for path in ("/one", "/two"):
             response = await connector.send(endpoint, Request("GET", url + path))
             assert await response.aread() == b"ok"
+        assert connector.stats()[endpoint.id]["stale_resends"] == 1
     # /two went out on the reused connection 1, which closed; then once more on connection 2
     assert stale_server.seen == [
         (1, "GET /one HTTP/1.1"),
@@ -315,6 +316,7 @@ async def test_stale_keepalive_post_not_resent(stale_server) -> None:  # type: i
         with pytest.raises(EndpointReadError) as info:
             await connector.send(endpoint, Request("POST", url + "/pay", stream=b"{}"))
         assert info.value.replayable and info.value.endpoint == endpoint
+        assert connector.stats()[endpoint.id]["stale_resends"] == 0
     assert stale_server.seen == [(1, "GET /one HTTP/1.1"), (1, "POST /pay HTTP/1.1")]
 
 
@@ -378,7 +380,7 @@ async def test_small_body_frees_connection_at_once(nginx) -> None:  # type: igno
     async with HTTPConnector() as connector:
         response = await connector.send(ep(nginx), Request("GET", f"{nginx.base}/"))
         # the body came with the head: the connection is idle before anyone reads the body
-        assert connector.stats()[ep(nginx).id] == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0}
+        assert connector.stats()[ep(nginx).id] == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0, "stale_resends": 0}
         assert [chunk async for chunk in response.stream] == [b"hello from nginx\n"]  # type: ignore[union-attr]
         await response.aclose()
 
@@ -390,7 +392,7 @@ async def test_idle_expiry(nginx) -> None:  # type: ignore[no-untyped-def]
         await anyio.sleep(0.1)  # the point is time passing: let the idle connection expire
         await get(connector, nginx, "/")
         # the expired one was closed, a new one served the request and is idle now
-        assert connector.stats()[ep(nginx).id] == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0}
+        assert connector.stats()[ep(nginx).id] == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0, "stale_resends": 0}
 
 
 async def test_idle_connection_closed_by_server_is_detected() -> None:
