@@ -1,16 +1,20 @@
 """What mTLS costs: per-request overhead of authorize/check_peer, a renewal, a handshake, and
 requests per second through the mesh over mTLS vs plain TCP (keep-alive, loopback).
 
-    /work/venv/bin/python plugins/tls/bench/tls_costs.py [--seconds 3] [--backend asyncio]
+    python plugins/tls/bench/tls_costs.py [--quick] [--rounds 5] [--seconds 3] [--backend asyncio]
 
 Numbers are from one core of the machine it runs on; the server is a small anyio HTTP/1.1
-server on the same event loop, so the throughput figures include both ends.
+server on the same event loop, so the throughput figures include both ends. Plain and mTLS
+runs alternate in interleaved rounds (the order flips each round), and each reports requests
+per second and CPU seconds per request (process time: less moved by other load than wall
+clock); the summary gives medians, spread (min-max) and the mTLS/plain ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import ssl
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,14 +44,17 @@ async def serve(mesh: meshcore.Mesh, tls: bool, stream) -> None:
             head, _, buf = buf.partition(b"\r\n\r\n")
             method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
             if tls:
-                reason = mesh.plugins.authorize(meshcore.Request(method, f"http://x{target}"), peer)
+                reason = mesh.plugins.authorize(
+                    meshcore.Request(method, f"http://x{target}"), peer, mesh
+                )
                 assert reason is None, reason
             await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
     except (anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError, OSError):
         pass
 
 
-async def throughput(ca: Path, tls: bool, seconds: float, workers: int = 16) -> float:
+async def throughput(ca: Path, tls: bool, seconds: float, workers: int = 16) -> tuple[float, float]:
+    """(requests per second, CPU seconds per request) for `seconds` of keep-alive load."""
     section = {"tls": {"ca_dir": str(ca), "service": "orders"}} if tls else {}
     async with meshcore.Mesh({**section}, ["tls"]) as server_mesh:
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -57,7 +64,9 @@ async def throughput(ca: Path, tls: bool, seconds: float, workers: int = 16) -> 
         async with listener, anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, lambda s: serve(server_mesh, tls, s))
             async with meshcore.Mesh(config, ["tls"]) as mesh, mesh.client() as client:
+                assert (await client.get("http://orders/orders/0")).status_code == 200  # warm
                 count = 0
+                cpu = time.process_time()
                 stop = time.perf_counter() + seconds
 
                 async def worker() -> None:
@@ -70,8 +79,9 @@ async def throughput(ca: Path, tls: bool, seconds: float, workers: int = 16) -> 
                 async with anyio.create_task_group() as load:
                     for _ in range(workers):
                         load.start_soon(worker)
+                cpu = time.process_time() - cpu
             tg.cancel_scope.cancel()
-    return count / seconds
+    return count / seconds, cpu / count
 
 
 async def handshakes(ca: Path, n: int = 200) -> float:
@@ -90,6 +100,7 @@ async def handshakes(ca: Path, n: int = 200) -> float:
                     "orders",
                     meshcore.Endpoint.parse(f"127.0.0.1:{port}"),
                     s.extra(TLSAttribute.ssl_object),
+                    mesh,
                 )
                 await s.aclose()
             elapsed = (time.perf_counter() - t) / n
@@ -134,22 +145,46 @@ def micro(ca: Path) -> dict[str, float]:
     }
 
 
-async def main(seconds: float) -> None:
+def _summary(name: str, values: list[float], unit: str, scale: float) -> str:
+    scaled = [v * scale for v in values]
+    return (
+        f"{name:>32}: median {statistics.median(scaled):.1f} {unit} "
+        f"(spread {min(scaled):.1f}-{max(scaled):.1f}, {len(scaled)} rounds)"
+    )
+
+
+async def main(seconds: float, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ca = Path(tmp) / "ca"
         meshcore_tls.CA.create("example.org").save(ca)
         for k, v in micro(ca).items():
             print(f"{k:>32}: {v:.2f}")
         print(f"{'new mTLS connection (ms)':>32}: {await handshakes(ca) * 1e3:.2f}")
-        plain = await throughput(ca, False, seconds)
-        mtls = await throughput(ca, True, seconds)
-        print(f"{'plain keep-alive req/s':>32}: {plain:.0f}")
-        print(f"{'mTLS keep-alive req/s':>32}: {mtls:.0f} ({mtls / plain * 100:.0f}% of plain)")
+        runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        for i in range(rounds):
+            for tls in (False, True) if i % 2 == 0 else (True, False):
+                runs[tls].append(await throughput(ca, tls, seconds))
+        plain_rps, plain_cpu = zip(*runs[False])
+        mtls_rps, mtls_cpu = zip(*runs[True])
+        print(_summary("plain keep-alive req/s", list(plain_rps), "", 1))
+        print(_summary("mTLS keep-alive req/s", list(mtls_rps), "", 1))
+        print(_summary("plain CPU per request", list(plain_cpu), "µs", 1e6))
+        print(_summary("mTLS CPU per request", list(mtls_cpu), "µs", 1e6))
+        rps_ratio = statistics.median(mtls_rps) / statistics.median(plain_rps)
+        cpu_ratio = statistics.median(mtls_cpu) / statistics.median(plain_cpu)
+        # Paired per round, so a busier round moves both sides.
+        paired = [m / p for (p, _), (m, _) in zip(runs[False], runs[True])]
+        print(f"{'mTLS / plain req/s':>32}: {rps_ratio:.2f} (per round {min(paired):.2f}-{max(paired):.2f})")
+        print(f"{'mTLS / plain CPU per request':>32}: {cpu_ratio:.2f}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="3 rounds of 1 s (well under 2 minutes)")
     p.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     args = p.parse_args()
-    anyio.run(main, args.seconds, backend=args.backend)
+    if args.quick:
+        args.seconds, args.rounds = 1.0, 3
+    anyio.run(main, args.seconds, args.rounds, backend=args.backend)

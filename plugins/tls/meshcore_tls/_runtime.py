@@ -58,8 +58,8 @@ from ._ca import (
     spiffe_ids_of,
     svid_problem,
 )
-from ._contexts import set_min_version
 from ._contexts import load_chain as _load_chain
+from ._contexts import set_min_version
 from ._policy import Policy, parse_rules
 from ._workload_identity import IdentitySource
 

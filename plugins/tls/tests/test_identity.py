@@ -474,7 +474,7 @@ async def test_no_ca_key_in_any_workload_directory_and_restart_needs_no_new_toke
             (service_dir / "intermediate.key").read_bytes(), None
         ).public_key(),
     ]
-    for name, d in dirs.items():
+    for d in dirs.values():
         files = sorted(p.name for p in d.rglob("*"))
         assert files == ["bundle.crt", "svid.crt", "svid.key"], files
         assert not any(p.name in ("ca.key", "intermediate.key") for p in d.rglob("*"))

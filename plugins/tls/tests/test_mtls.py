@@ -16,9 +16,9 @@ import anyio
 import httpx
 import meshcore
 import pytest
+from meshcore.testing import static_service
 
 import meshcore_tls
-from meshcore.testing import static_service
 
 pytestmark = pytest.mark.anyio
 
