@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from meshcore.testing import free_port
+
 MARK = "MESHCORE_DEMO_TEST_MARK"
 
 
@@ -32,12 +34,19 @@ def demo_env(tmp_path: Path) -> tuple[dict[str, str], str, Path]:
     return env, mark, tmp
 
 
+def own_admin(args: tuple[str, ...] | list[str]) -> list[str]:
+    """A free admin port unless the test names one: with the default (15000) another run may
+    hold it, or bind it after the demo exits, and the check that the demo's admin listener is
+    closed would then see that run's."""
+    return [] if "--admin" in args else ["--admin", f"127.0.0.1:{free_port()}"]
+
+
 def run_demo(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env, mark, tmp = demo_env(tmp_path)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "meshcore", "demo", *args],
+        [sys.executable, "-m", "meshcore", "demo", *args, *own_admin(args)],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
     )
     assert_cleaned_up(mark, tmp, cwd, result.stdout)
@@ -125,7 +134,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshcore", "demo", "--duration", "60", "--no-tty"],
+        [sys.executable, "-m", "meshcore", "demo", "--duration", "60", "--no-tty", *own_admin([])],
         env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines = []
