@@ -216,7 +216,9 @@ def meshcore_check_peer(service: str, endpoint: Endpoint, peer: ssl.SSLObject, m
     Called after each handshake of ``mesh``'s connections, with ``peer`` being the
     connection's ``ssl.SSLObject``. Raise
     ``meshcore.IdentityRejected`` naming expected and actual identity to refuse it. Every
-    implementation is called; return None to accept.
+    implementation is called; return None to accept. A plugin that only observes the accepted
+    identity (a span attribute, a metric label) wraps the hook
+    (``@meshcore.hookimpl(wrapper=True)``) and reads ``peer`` after its ``yield`` returned.
     """
 
 

@@ -27,7 +27,13 @@ import anyio
 import meshcore
 
 from ._export import Exporting, Tracing, parse_headers
-from ._spans import ClientSpans, ServerSpans, breaker_states, follow_httpx_instrumentation
+from ._spans import (
+    ClientSpans,
+    ServerSpans,
+    breaker_states,
+    follow_httpx_instrumentation,
+    spiffe_id,
+)
 
 __all__ = [
     "LAYER_SETTINGS",
@@ -132,6 +138,18 @@ def meshcore_inbound_layer(mesh: meshcore.Mesh) -> Any:
     if not mesh.config.section("tracing").inbound:
         return None
     return ServerSpans(tracing, getattr(mesh.config.section("sidecar"), "service", None) or "local")
+
+
+@meshcore.hookimpl(wrapper=True)
+def meshcore_check_peer(service: str, endpoint: Any, peer: Any, mesh: meshcore.Mesh) -> Any:
+    """Around the security plugin's check of an outbound server: once it accepted the server,
+    note the identity it proved, for the CLIENT spans of the attempts to that endpoint (a
+    pooled connection was checked when it was opened)."""
+    result = yield
+    identity = spiffe_id(peer)
+    if identity is not None:
+        tracing_for(mesh).peers.setdefault(service, {})[endpoint] = identity
+    return result
 
 
 @meshcore.hookimpl

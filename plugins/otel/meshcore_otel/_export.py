@@ -138,6 +138,9 @@ class Tracing:
         self.ratio: float = settings.ratio
         self.provider: TracerProvider | None = None
         self.exporting: Exporting | None = None
+        # service -> endpoint -> the SPIFFE ID its server proved in the last accepted mTLS
+        # handshake (`meshcore_check_peer`); what a CLIENT span names as the attempt's peer.
+        self.peers: dict[str, dict[Any, str]] = {}
         self.tracer: trace.Tracer = (
             trace.NoOpTracer() if self.endpoint else trace.get_tracer(INSTRUMENTATION, VERSION)
         )

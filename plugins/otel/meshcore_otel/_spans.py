@@ -29,7 +29,7 @@ import meshcore
 
 from ._export import Tracing
 
-__all__ = ["ClientSpans", "ServerSpans", "breaker_states"]
+__all__ = ["ClientSpans", "ServerSpans", "breaker_states", "spiffe_id"]
 
 Send = Callable[[meshcore.Request], Awaitable[meshcore.Response]]
 
@@ -91,11 +91,26 @@ def _fail(span: Span, error_type: str) -> None:
     span.set_status(StatusCode.ERROR)
 
 
-def _endpoint(span: Span, endpoint: Any) -> None:
+def _endpoint(span: Span, endpoint: Any, peers: dict[Any, str]) -> None:
     if isinstance(endpoint, meshcore.Endpoint):
         span.set_attribute("meshcore.endpoint", endpoint.id)
         span.set_attribute("network.peer.address", endpoint.address)
         span.set_attribute("network.peer.port", endpoint.port)
+        identity = peers.get(endpoint)
+        if identity is not None:  # the hop was mTLS: the identity the server proved
+            span.set_attribute("meshcore.peer.identity", identity)
+
+
+def spiffe_id(peer: Any) -> str | None:
+    """The URI SAN (a SPIFFE ID) of a verified TLS peer (an `ssl.SSLObject`), or None."""
+    try:
+        cert = peer.getpeercert()
+    except (ValueError, AttributeError):
+        return None
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        if kind == "URI":
+            return str(value)
+    return None
 
 
 class ClientSpans:
@@ -113,6 +128,7 @@ class ClientSpans:
     def __call__(self, inner: Send) -> Send:
         tracing = self.tracing
         service = self.service
+        peers = tracing.peers.setdefault(service, {})
 
         async def send(request: meshcore.Request) -> meshcore.Response:
             url = request.url
@@ -138,14 +154,14 @@ class ClientSpans:
             try:
                 response = await inner(request)
             except BaseException as exc:
-                _endpoint(span, getattr(exc, "endpoint", None))
+                _endpoint(span, getattr(exc, "endpoint", None), peers)
                 _fail(span, type(exc).__name__)
                 span.end()
                 raise
             if span.is_recording():
                 status = response.status_code
                 span.set_attribute("http.response.status_code", status)
-                _endpoint(span, response.extensions.get(meshcore.ENDPOINT))
+                _endpoint(span, response.extensions.get(meshcore.ENDPOINT), peers)
                 if status >= 400:  # a client span's error from 4xx on (semconv)
                     _fail(span, str(status))
             span.end()
