@@ -103,3 +103,28 @@ async def test_a_good_request_after_counts_nothing(upstream):
         )
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert not sidecar.telemetry.local_errors
+
+
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_a_body_breaking_the_limit_inside_the_handler_is_counted_once(upstream):
+    """What the handler saw (a chunked body over max_body, read after the head reached it) is
+    the handler's to count; the engine's callback does not count it again."""
+    server = upstream()
+    config = sidecar_config({"orders": static_service([server])}, **LIMITS)
+    async with running_sidecar(config) as sidecar:
+        address = sidecar.addresses["outbound"]
+        async with await anyio.connect_tcp(address.host, address.port) as stream:
+            await stream.send(CHUNKED_HEAD + b"10\r\n" + b"x" * 16 + b"\r\n")
+            with anyio.fail_after(5):
+                while sidecar.requests.count == 0 and not server.requests:
+                    await anyio.sleep(0.005)  # the head reached the handler
+            await stream.send(b"3000\r\n" + b"x" * 0x3000 + b"\r\n0\r\n\r\n")
+            received = b""
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        received += await stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        break
+        assert received.startswith(b"HTTP/1.1 413 ")
+        assert dict(sidecar.telemetry.local_errors) == {("outbound", "orders", "body_too_large"): 1}
