@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import inspect
 import os
 import sys
@@ -98,37 +99,57 @@ def installed_plugins() -> dict[str, PluginInfo]:
 
 # Reading the metadata directories ourselves rather than through `importlib.metadata`, which
 # costs the sidecar ~30 ms and ~2 MiB at start (it imports the `email`, `zipfile` and `csv`
-# machinery and parses every distribution's metadata); docs/data-path.md, start-up time. The
-# layout is the packaging spec's (packaging.python.org, "Recording installed projects"),
-# searched in sys.path order as importlib.metadata does; zip files on sys.path are left to it.
+# machinery and parses every distribution's metadata); docs/data-path.md, "Start-up time and
+# idle memory". The layout is the packaging spec's (packaging.python.org, "Recording installed
+# projects"), searched in the order importlib.metadata searches; zip files on sys.path and
+# finders other than the path finder that provide distributions are left to it.
 
 
 def _entry_points(group: str) -> Iterator[tuple[str, str, str, str]]:
-    """(name, value, distribution, version) of each entry point in `group`, in sys.path order."""
-    for entry in sys.path:
-        path = entry or "."
-        if os.path.isfile(path):
-            yield from _zip_entry_points(path, group)
-            continue
+    """(name, value, distribution, version) of each entry point in `group`, in the order of
+    `importlib.metadata.distributions()`: each meta path finder, sys.path order within one."""
+    for finder in sys.meta_path:
+        if finder is importlib.machinery.PathFinder:
+            for entry in sys.path:
+                yield from _path_entry_points(entry or ".", group)
+        elif hasattr(finder, "find_distributions"):
+            from importlib.metadata import DistributionFinder
+
+            dists = finder.find_distributions(DistributionFinder.Context())
+            yield from _dist_entry_points(dists, group)
+
+
+def _path_entry_points(path: str, group: str) -> Iterator[tuple[str, str, str, str]]:
+    if os.path.isfile(path):  # a zip file
+        from importlib.metadata import distributions
+
+        yield from _dist_entry_points(distributions(path=[path]), group)
+        return
+    try:
+        children = os.listdir(path)
+    except OSError:
+        return
+    infos = [c for c in children if c.lower().endswith(".dist-info")]
+    infos += [c for c in children if c.lower().endswith(".egg-info")]
+    for info in infos:
+        directory = os.path.join(path, info)
         try:
-            children = os.listdir(path)
+            with open(os.path.join(directory, "entry_points.txt"), encoding="utf-8") as f:
+                text = f.read()
         except OSError:
             continue
-        infos = [c for c in children if c.lower().endswith(".dist-info")]
-        infos += [c for c in children if c.lower().endswith(".egg-info")]
-        for info in infos:
-            directory = os.path.join(path, info)
-            try:
-                with open(os.path.join(directory, "entry_points.txt"), encoding="utf-8") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            entries = list(_parse_entry_points(text, group))
-            if entries:
-                metadata = "METADATA" if info.lower().endswith(".dist-info") else "PKG-INFO"
-                distribution, version = _name_and_version(os.path.join(directory, metadata))
-                for name, value in entries:
-                    yield name, value, distribution, version
+        entries = list(_parse_entry_points(text, group))
+        if entries:
+            metadata = "METADATA" if info.lower().endswith(".dist-info") else "PKG-INFO"
+            distribution, version = _name_and_version(os.path.join(directory, metadata))
+            for name, value in entries:
+                yield name, value, distribution, version
+
+
+def _dist_entry_points(dists: Iterable[Any], group: str) -> Iterator[tuple[str, str, str, str]]:
+    for dist in dists:
+        for ep in dist.entry_points.select(group=group):
+            yield ep.name, ep.value, dist.metadata["Name"], dist.version
 
 
 def _parse_entry_points(text: str, group: str) -> Iterator[tuple[str, str]]:
@@ -159,14 +180,6 @@ def _name_and_version(metadata_file: str) -> tuple[str, str]:
     except OSError:
         pass
     return fields.get("Name", "?"), fields.get("Version", "?")
-
-
-def _zip_entry_points(path: str, group: str) -> Iterator[tuple[str, str, str, str]]:
-    import importlib.metadata
-
-    for dist in importlib.metadata.distributions(path=[path]):
-        for ep in dist.entry_points.select(group=group):
-            yield ep.name, ep.value, dist.metadata["Name"], dist.version
 
 
 def resolve_plugin_list(
