@@ -2,8 +2,11 @@
 
 The bar in issue 21 ("Memory and CPU per request"): idle RSS ≤ 25 MiB and `meshcore run`
 ready ≤ 0.15 s. "Ready" is the time from starting the process to its `/ready` answering 200
-(HAProxy: a `monitor-uri /ready` on its frontend), polled every 2 ms; idle RSS is VmRSS from
-/proc/PID/status half a second after ready, with no traffic yet. The sidecar has the config of
+(HAProxy: a `monitor-uri /ready` on its frontend), polled every 2 ms; beside it, the
+process's CPU time (user+system) at that moment, which the load of a shared machine moves
+much less than the wall clock; idle RSS is VmRSS from /proc/PID/status half a second after
+ready, with no traffic yet. The processes run with bytecode caching on (as after a pip
+install, which compiles .pyc files), after one uncounted start of each that writes them. The sidecar has the config of
 bench/sidecar.py's one-sidecar row (round-robin + retry + breaker, three static endpoints);
 the `+ tls` row loads the tls plugin too (mTLS inbound, a workload certificate issued from a
 local CA at start). `python floor` is the same interpreter importing only the event loop and
