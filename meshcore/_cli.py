@@ -12,7 +12,6 @@ command it is given (`shared_options`). Every `-p` adds to the plugin list; the 
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import json
 import os
 import sys
@@ -152,6 +151,8 @@ def declared_commands() -> dict[str, list[str]]:
 
     Reads entry-point metadata only: answering "which plugin has `registry`?" imports nothing.
     """
+    import importlib.metadata as metadata  # only on this error path: it is slow to import
+
     found: dict[str, list[str]] = {}
     for dist in metadata.distributions():
         eps = dist.entry_points

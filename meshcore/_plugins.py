@@ -7,10 +7,13 @@ installed plugin nobody asked for is never imported (listing reads only entry-po
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
+import functools
+import importlib
+import importlib.machinery
 import inspect
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,19 +80,106 @@ class PluginInfo:
     version: str
 
     def load(self) -> Any:
-        return metadata.EntryPoint(self.name, self.value, GROUP).load()
+        """Import the entry point's object (`module` or `module:attr.attr`), as
+        `importlib.metadata.EntryPoint.load` does."""
+        target = self.value.split("[", 1)[0]  # extras (`module:attr [extra]`) do not matter here
+        module_name, _, attrs = target.partition(":")
+        module = importlib.import_module(module_name.strip())
+        return functools.reduce(getattr, filter(None, attrs.strip().split(".")), module)
 
 
 def installed_plugins() -> dict[str, PluginInfo]:
     """Every plugin installed in group `meshcore`, by name. Imports nothing."""
     found: dict[str, PluginInfo] = {}
-    for dist in metadata.distributions():
-        for ep in dist.entry_points:
-            if ep.group == GROUP and ep.name not in found:
-                found[ep.name] = PluginInfo(
-                    ep.name, ep.value, dist.metadata["Name"], dist.version
-                )
+    for name, value, distribution, version in _entry_points(GROUP):
+        if name not in found:
+            found[name] = PluginInfo(name, value, distribution, version)
     return found
+
+
+# Reading the metadata directories ourselves rather than through `importlib.metadata`, which
+# costs the sidecar ~30 ms and ~2 MiB at start (it imports the `email`, `zipfile` and `csv`
+# machinery and parses every distribution's metadata); docs/data-path.md, "Start-up time and
+# idle memory". The layout is the packaging spec's (packaging.python.org, "Recording installed
+# projects"), searched in the order importlib.metadata searches; zip files on sys.path and
+# finders other than the path finder that provide distributions are left to it.
+
+
+def _entry_points(group: str) -> Iterator[tuple[str, str, str, str]]:
+    """(name, value, distribution, version) of each entry point in `group`, in the order of
+    `importlib.metadata.distributions()`: each meta path finder, sys.path order within one."""
+    for finder in sys.meta_path:
+        if finder is importlib.machinery.PathFinder:
+            for entry in sys.path:
+                yield from _path_entry_points(entry or ".", group)
+        elif hasattr(finder, "find_distributions"):
+            from importlib.metadata import DistributionFinder
+
+            dists = finder.find_distributions(DistributionFinder.Context())
+            yield from _dist_entry_points(dists, group)
+
+
+def _path_entry_points(path: str, group: str) -> Iterator[tuple[str, str, str, str]]:
+    if os.path.isfile(path):  # a zip file
+        from importlib.metadata import distributions
+
+        yield from _dist_entry_points(distributions(path=[path]), group)
+        return
+    try:
+        children = os.listdir(path)
+    except OSError:
+        return
+    infos = [c for c in children if c.lower().endswith(".dist-info")]
+    infos += [c for c in children if c.lower().endswith(".egg-info")]
+    for info in infos:
+        directory = os.path.join(path, info)
+        try:
+            with open(os.path.join(directory, "entry_points.txt"), encoding="utf-8") as f:
+                text = f.read()
+        except OSError:
+            continue
+        entries = list(_parse_entry_points(text, group))
+        if entries:
+            metadata = "METADATA" if info.lower().endswith(".dist-info") else "PKG-INFO"
+            distribution, version = _name_and_version(os.path.join(directory, metadata))
+            for name, value in entries:
+                yield name, value, distribution, version
+
+
+def _dist_entry_points(dists: Iterable[Any], group: str) -> Iterator[tuple[str, str, str, str]]:
+    for dist in dists:
+        for ep in dist.entry_points.select(group=group):
+            yield ep.name, ep.value, dist.metadata["Name"], dist.version
+
+
+def _parse_entry_points(text: str, group: str) -> Iterator[tuple[str, str]]:
+    """The `name = value` lines of section `[group]` of an entry_points.txt (INI-style)."""
+    section = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif section == group and "=" in line:
+            name, value = line.split("=", 1)
+            yield name.strip(), value.strip()
+
+
+def _name_and_version(metadata_file: str) -> tuple[str, str]:
+    """`Name` and `Version` from a METADATA/PKG-INFO header (it ends at the first blank line)."""
+    fields: dict[str, str] = {}
+    try:
+        with open(metadata_file, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, sep, value = line.partition(":")
+                if sep and key in ("Name", "Version"):
+                    fields.setdefault(key, value.strip())
+    except OSError:
+        pass
+    return fields.get("Name", "?"), fields.get("Version", "?")
 
 
 def resolve_plugin_list(

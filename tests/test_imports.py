@@ -1,5 +1,9 @@
 """What loads what: the CLI and the sidecar never import httpx, `meshcore --help` not the engine.
 
+A typical sidecar (round-robin, retry, breaker) also starts without the modules that made its
+start slow and its idle RSS large (docs/data-path.md, "Start-up time and idle memory"): none is
+needed before the first request, and a change that brings one back fails here.
+
 httpx costs most of `import meshcore` (about 100 ms, with its own CLI when click and rich are
 installed), and the sidecar never builds an httpx object; library mode loads it with the first
 client. Each check runs in a fresh interpreter; `-X importtime` lists every module a real
@@ -102,3 +106,54 @@ def test_meshcore_run_serves_without_importing_httpx(tmp_path, upstream):
     modules = importtime_modules(log.read_text())
     assert "meshcore._sidecar._handlers" in modules and "meshcore._http._server" in modules
     assert not {m for m in modules if m.startswith("httpx")}
+
+
+# Packages a sidecar without the tls plugin must not import by the time it is ready: httpx and
+# its dependencies (library mode only), rich (tables of `meshcore plugins`), importlib.metadata
+# and the email package (entry points are read directly), importlib.resources (the dashboard
+# page, read on its first request), the demo's scenario, cryptography (the tls plugin's).
+NOT_AT_START = (
+    "httpx", "httpcore", "h11", "certifi", "idna", "rich", "importlib.metadata", "email",
+    "importlib.resources", "meshcore._demo._scenario", "meshcore._transport", "cryptography",
+)
+
+
+def test_a_typical_sidecar_starts_without_library_mode_rich_or_metadata(tmp_path, upstream):
+    server = upstream()
+    ports = {name: free_port() for name in ("outbound", "inbound", "admin")}
+    config = tmp_path / "mesh.toml"
+    config.write_text(
+        '[mesh]\nplugins = ["round-robin", "retry", "breaker"]\n'
+        '[defaults]\nbalancer = "round-robin"\nresilience = ["retry", "breaker"]\n[sidecar]\n'
+        + "".join(f'{name} = "127.0.0.1:{port}"\n' for name, port in ports.items())
+        + f'[services.orders]\ndiscovery = "static"\n[services.orders.static]\n'
+        f'endpoints = ["{server.address}", "{server.address}"]\n'
+    )
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        # The default backend, as `meshcore run` starts in production.
+        proc = subprocess.Popen(
+            [MESHCORE, "-c", str(config), "run"],
+            stderr=err, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "ready to accept" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "not ready in 30 s"
+                time.sleep(0.05)
+            at_start = importtime_modules(log.read_text())
+            outbound = f"http://127.0.0.1:{ports['outbound']}/"
+            assert httpx.get(outbound, headers={"host": "orders"}).status_code == 200
+            page = httpx.get(f"http://127.0.0.1:{ports['admin']}/")
+            assert page.status_code == 200 and b"<html" in page.content.lower()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # (-X importtime lists modules imported by an import statement: the plugins' submodules)
+    assert {"meshcore_retry._retry", "meshcore_breaker._layer"} <= at_start
+    assert not {m for m in at_start if m.startswith(NOT_AT_START)}
+    assert "importlib.resources" in importtime_modules(log.read_text())  # the page was served

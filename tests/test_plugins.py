@@ -86,6 +86,37 @@ def test_installed_plugins_not_in_the_list_are_never_imported(site):
     assert "meshcore_bomb" not in sys.modules
 
 
+def test_installed_plugins_reads_what_importlib_metadata_reads(site, tmp_path, monkeypatch):
+    """The start-up scan of entry_points.txt files (docs/data-path.md) against the stdlib's."""
+    import importlib.metadata
+
+    path = site("meshcore-attr", {"attr-plugin": "meshcore_attr:Plugin [extra]"},
+                {"meshcore_attr": "class Plugin:\n    pass\n"})
+    # A legacy egg-info with a comment and a section of another group, and a second copy of
+    # a plugin name later on sys.path: the first one found wins, as before.
+    egg = path / "meshcore_egg-2.0.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.1\nName: meshcore-egg\nVersion: 2.0\n\nbody\n")
+    (egg / "entry_points.txt").write_text(
+        "# comment\n[console_scripts]\negg = x:y\n\n[meshcore]\n  egg = meshcore_egg  \n"
+    )
+    later = write_dist(tmp_path / "later", "meshcore-shadow", {"attr-plugin": "elsewhere"}, {})
+    monkeypatch.setattr(sys, "path", [*sys.path, str(later)])
+
+    expected: dict[str, meshcore.PluginInfo] = {}
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points.select(group="meshcore"):
+            if ep.name not in expected:
+                expected[ep.name] = meshcore.PluginInfo(
+                    ep.name, ep.value, dist.metadata["Name"], dist.version
+                )
+    found = meshcore.installed_plugins()
+    assert found == expected
+    assert found["egg"] == meshcore.PluginInfo("egg", "meshcore_egg", "meshcore-egg", "2.0")
+    assert found["attr-plugin"].distribution == "meshcore-attr"
+    assert found["attr-plugin"].load().__name__ == "Plugin"
+
+
 def test_two_plugins_claiming_one_kind_is_an_error(site):
     site("meshcore-a", {"a": "meshcore_a"}, {"meshcore_a": GOOD})
     site("meshcore-b", {"b": "meshcore_b"}, {"meshcore_b": GOOD})

@@ -15,7 +15,11 @@ from typing import Any
 
 from .._plugins import hookimpl
 
-__all__ = ["meshcore_cli"]
+__all__ = ["OPTIONAL_PLUGINS", "meshcore_cli"]
+
+# The plugins the demo shows off when installed (`--without` leaves one out). Here, not in
+# `_scenario`, so that the `--without` choices do not import the scenario with every command.
+OPTIONAL_PLUGINS = ("consul", "tls", "weighted", "round-robin", "retry", "breaker")
 
 
 @hookimpl

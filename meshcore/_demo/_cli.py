@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from .._backends import BACKENDS, DEFAULT_HELP, default_backend, run
-from ._scenario import OPTIONAL_PLUGINS
+from . import OPTIONAL_PLUGINS
 
 __all__ = ["demo_command"]
 

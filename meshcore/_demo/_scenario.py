@@ -42,6 +42,7 @@ import anyio
 from .._endpoints import Endpoint, Snapshot
 from .._errors import ConfigError
 from .._plugins import Kind, hookimpl, installed_plugins
+from . import OPTIONAL_PLUGINS
 
 if TYPE_CHECKING:
     from .._models import Request
@@ -51,7 +52,6 @@ __all__ = ["OPTIONAL_PLUGINS", "Demo", "Plan", "make_plan"]
 
 SERVICE = "api"
 INSTANCES = ("u1", "u2", "u3")
-OPTIONAL_PLUGINS = ("consul", "tls", "weighted", "round-robin", "retry", "breaker")
 # Timeline, as fractions of the duration (the script: slow at ~30 %, failing at ~45 %,
 # recovered at ~75 %).
 SLOW_AT, FAIL_AT, RECOVER_AT = 0.30, 0.45, 0.75

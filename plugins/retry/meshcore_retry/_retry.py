@@ -33,7 +33,6 @@ Why each rule (defaults from shared/reference/data-plane-anchors.md):
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import random
 import time
@@ -111,6 +110,8 @@ def parse_retry_after(value: str | None, now_wall: float | None = None) -> float
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # only for an HTTP-date Retry-After: the email package is slow to import
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
