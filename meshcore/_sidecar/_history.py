@@ -21,7 +21,7 @@ import bisect
 import math
 from array import array
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._plugins import hookimpl
@@ -160,7 +160,11 @@ def _round(value: float | None) -> float | None:
 
 
 def _hist_counts(hist: Histogram | None) -> list[float]:
-    return [float(c) for c in hist.counts] if hist is not None else [0.0] * (len(BUCKETS) + 1)
+    return _counts(hist.counts if hist is not None else None)
+
+
+def _counts(counts: list[int] | None) -> list[float]:
+    return [float(c) for c in counts] if counts is not None else [0.0] * (len(BUCKETS) + 1)
 
 
 class History:
@@ -175,7 +179,9 @@ class History:
         self.services: dict[tuple[str, str], Series] = {}
         self.endpoints: dict[tuple[str, str], Series] = {}
         self.callers: dict[tuple[str, str], Series] = {}
-        self.endpoint_latency: dict[tuple[str, str], Histogram] = {}
+        # service -> endpoint id -> per-bucket attempt counts (BUCKETS, then +Inf)
+        self.endpoint_latency: dict[str, dict[str, list[int]]] = {}
+        self._latency_count = 0
         self.dropped = 0
         self.ticks = 0
         self.last_tick: float | None = None
@@ -187,17 +193,29 @@ class History:
 
     @hookimpl
     def meshcore_mesh_started(self, mesh: Any) -> None:
-        for upstream in mesh.upstreams.values():
-            upstream.add_observer(self.attempt)
+        for name, upstream in mesh.upstreams.items():
+            upstream.add_observer(self._observer(name))
+
+    def _observer(self, service: str) -> Callable[[Any], None]:
+        """An upstream observer for `service`: one dict lookup keyed by the endpoint id (no
+        tuple built per attempt), a bisect and an increment."""
+        hists = self.endpoint_latency.setdefault(service, {})
+        find = bisect.bisect_left
+
+        def attempt(outcome: Any) -> None:
+            hist = hists.get(outcome.endpoint.id)
+            if hist is None:
+                if self._latency_count >= MAX_ENDPOINTS:
+                    return
+                self._latency_count += 1
+                hist = hists[outcome.endpoint.id] = [0] * (len(BUCKETS) + 1)
+            hist[find(BUCKETS, outcome.elapsed)] += 1
+
+        return attempt
 
     def attempt(self, outcome: Any) -> None:
-        key = (outcome.service, outcome.endpoint.id)
-        hist = self.endpoint_latency.get(key)
-        if hist is None:
-            if len(self.endpoint_latency) >= MAX_ENDPOINTS:
-                return
-            hist = self.endpoint_latency[key] = Histogram()
-        hist.counts[bisect.bisect_left(BUCKETS, outcome.elapsed)] += 1
+        """One attempt's latency into its endpoint's histogram (what the observers do)."""
+        self._observer(outcome.service)(outcome)
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -252,7 +270,7 @@ class History:
             req, fail = attempts.get(key, (0.0, 0.0))
             out["endpoints"][key] = array("d", [
                 req, fail, 0.0, times_ejected.get(key, 0.0),
-                *_hist_counts(self.endpoint_latency.get(key)),
+                *_counts(self.endpoint_latency.get(key[0], {}).get(key[1])),
             ])
         return out
 
@@ -285,8 +303,10 @@ class History:
                         self._retired[key] = rings.pop(key).last
                 for key in [k for k in self._retired if k not in values]:
                     del self._retired[key]
-                for key in [k for k in self.endpoint_latency if k not in values]:
-                    del self.endpoint_latency[key]
+                for svc, hists in self.endpoint_latency.items():
+                    for ep in [e for e in hists if (svc, e) not in values]:
+                        del hists[ep]
+                        self._latency_count -= 1
         self.ticks += 1
         self.last_tick = now
 
@@ -315,7 +335,7 @@ class History:
         rings = sum(
             s.nbytes() for d in (self.services, self.endpoints, self.callers) for s in d.values()
         )
-        return rings + len(self.endpoint_latency) * (len(BUCKETS) + 1) * 8
+        return rings + self._latency_count * (len(BUCKETS) + 1) * 8
 
 
 def _in_snapshot(services: Mapping[str, Any], key: tuple[str, str]) -> bool:
