@@ -22,7 +22,7 @@ for `/dashboard.json?peers=0`, its own view only, so peers listing each other do
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -141,6 +141,7 @@ def local_view(sidecar: Sidecar, state: Mapping[str, Any]) -> dict[str, Any]:
                 "service": name,
                 "endpoint": ep["id"],
                 "instance": meta.get("instance", ""),
+                "admin": meta["admin"] if isinstance(meta.get("admin"), str) else "",
                 "zone": ep.get("zone"),
                 "weight": ep.get("weight"),
                 "requests": int(cum[0]) if cum is not None else 0,
@@ -221,18 +222,16 @@ def _edges(me: str, services: Sequence[Mapping[str, Any]], callers: Sequence[Map
     return edges
 
 
-def _peer_addresses(sidecar: Sidecar, services_state: Mapping[str, Any]) -> list[tuple[str, str]]:
+def peer_addresses(
+    configured: Sequence[Address], own: str, endpoints: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str]]:
     """(host:port, where it came from): `admin_peers`, then endpoints' `admin` metadata."""
-    own = str(sidecar.addresses.get("admin", ""))
     seen: dict[str, str] = {}
-    configured: Sequence[Address] = sidecar.settings.admin_peers
     for address in configured:
         seen.setdefault(str(address), "config")
-    for s in services_state.values():
-        for ep in s.get("endpoints", ()):
-            admin = (ep.get("metadata") or {}).get("admin")
-            if isinstance(admin, str) and admin:
-                seen.setdefault(admin, "discovery")
+    for ep in endpoints:
+        if ep.get("admin"):
+            seen.setdefault(ep["admin"], "discovery")
     seen.pop(own, None)
     return list(seen.items())[:MAX_PEERS]
 
@@ -262,19 +261,17 @@ class Peers:
         self._at: float | None = None
         self._lock: anyio.Lock | None = None
 
-    async def get(self, sidecar: Sidecar, services_state: Mapping[str, Any]) -> list[dict[str, Any]]:
-        addresses = _peer_addresses(sidecar, services_state)
+    async def get(self, addresses: Sequence[tuple[str, str]], timeout: float) -> list[dict[str, Any]]:
         if not addresses:
             return []
         if self._lock is None:
             self._lock = anyio.Lock()
         async with self._lock:
             now = anyio.current_time()
-            if self._at is not None and now - self._at < PEER_CACHE and {
+            if self._at is not None and now - self._at < PEER_CACHE and [
                 p["address"] for p in self._cached
-            } == {a for a, _ in addresses}:
+            ] == [a for a, _ in addresses]:
                 return self._cached
-            timeout = sidecar.settings.admin_peer_timeout
             results: list[dict[str, Any]] = [{} for _ in addresses]
             async with httpx.AsyncClient(trust_env=False) as client:
 
@@ -327,15 +324,23 @@ async def dashboard(sidecar: Sidecar, with_peers: bool = True) -> dict[str, Any]
     gen = sidecar.generation
     state = gen.mesh.state() if gen is not None else {}
     view = local_view(sidecar, state)
-    if not with_peers:
-        return view
-    peers = await sidecar.peers.get(sidecar, state.get("services", {}))
+    if with_peers:
+        settings = sidecar.settings
+        own = str(sidecar.addresses.get("admin", ""))
+        await add_peers(view, sidecar.peers, settings.admin_peers, own, settings.admin_peer_timeout)
+    return view
+
+
+async def add_peers(
+    view: dict[str, Any], peers: Peers, configured: Sequence[Address], own: str, timeout: float
+) -> None:
+    """Fetch the peers (cached) and add `peers` and the merged `topology` to `view`."""
+    answers = await peers.get(peer_addresses(configured, own, view["endpoints"]), timeout)
     view["peers"] = [
         {k: v for k, v in p.items() if k != "view"} | (_peer_summary(p["view"]) if "view" in p else {})
-        for p in peers
+        for p in answers
     ]
-    view["topology"] = _merge_topology(view, peers)
-    return view
+    view["topology"] = _merge_topology(view, answers)
 
 
 def _peer_summary(view: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,4 +360,93 @@ def _peer_summary(view: Mapping[str, Any]) -> dict[str, Any]:
             s["service"] for s in view.get("services", ()) if s.get("direction") == "outbound"
         ),
         "certificate_seconds_left": min((c["seconds_left"] for c in certs), default=None),
+    }
+
+
+# -- a group of workers (`meshcore run --workers N`) -------------------------------------------
+
+_SUMMED = ("requests", "failures", "retries", "ejections", "rps", "in_flight", "times_ejected")
+_COUNTS = ("requests", "failures", "retries", "ejections")
+_QUANTILES = ("p50", "p95", "p99")
+
+
+def _merge_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One row from the same row of each worker: counts and rates summed, the success rate
+    weighted by each worker's rate, quantiles the highest of the workers' (an upper bound: the
+    workers' histograms are not in the view), stats as the worst worker says."""
+    out = dict(rows[0])
+    for key in _SUMMED:
+        if key in out:
+            out[key] = sum(r.get(key) or 0 for r in rows)
+    weighted = [(r["rps"], r["success_rate"]) for r in rows if r.get("success_rate") is not None]
+    total = sum(w for w, _ in weighted)
+    out["success_rate"] = (
+        round(sum(w * v for w, v in weighted) / total, 4) if total
+        else weighted[0][1] if weighted else None
+    )
+    for key in _QUANTILES:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = max(values) if values else None
+    if "ejected" in out:
+        out["ejected"] = any(r.get("ejected") for r in rows) if isinstance(out["ejected"], bool) \
+            else sum(r.get("ejected") or 0 for r in rows)
+    if "consecutive_failures" in out:
+        out["consecutive_failures"] = max(r.get("consecutive_failures") or 0 for r in rows)
+    series: dict[str, list[float | None]] = {}
+    for field in (*_COUNTS, *_QUANTILES):
+        columns = [r.get("series", {}).get(field) for r in rows]
+        columns = [c for c in columns if c]
+        if not columns:
+            continue
+        length = max(len(c) for c in columns)
+        merged: list[float | None] = []
+        for i in range(-length, 0):  # aligned on the newest point: workers tick on their own
+            values = [c[i] for c in columns if len(c) >= -i and c[i] is not None]
+            if field in _COUNTS:
+                merged.append(sum(values))
+            else:
+                merged.append(max(values) if values else None)
+        series[field] = merged
+    out["series"] = series
+    return out
+
+
+def merge_views(views: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """The group's /dashboard.json (without peers) from each worker's `?peers=0` view."""
+    up = [v for v in views if v is not None]
+    if not up:
+        return {"version": VERSION, "time": time.time(), "bucket_seconds": 0, "points": 0,
+                "sidecar": {"service": "", "ready": False, "workers": len(views), "workers_up": 0},
+                "services": [], "endpoints": [], "callers": [], "certificates": [],
+                "discovery": [], "edges": []}
+    first = up[0]
+
+    def merged(kind: str, key: Callable[[Mapping[str, Any]], tuple[str, ...]]) -> list[dict[str, Any]]:
+        groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+        for view in up:
+            for row in view.get(kind, ()):
+                groups.setdefault(key(row), []).append(row)
+        return [_merge_rows(rows) for _, rows in sorted(groups.items())]
+
+    services = merged("services", lambda r: (r["direction"], r["service"]))
+    callers = merged("callers", lambda r: (r["service"], r["identity"]))
+    sc = dict(first["sidecar"])
+    sc.update({
+        "ready": all(v["sidecar"].get("ready") for v in up) and len(up) == len(views),
+        "in_flight": sum(v["sidecar"].get("in_flight", 0) for v in up),
+        "history_bytes": sum(v["sidecar"].get("history_bytes", 0) for v in up),
+        "history_dropped": sum(v["sidecar"].get("history_dropped", 0) for v in up),
+        "workers": len(views),
+        "workers_up": len(up),
+    })
+    certificates = {(c["identity"], c["expires_at"]): c for v in up for c in v.get("certificates", ())}
+    return {
+        **{k: first[k] for k in ("version", "time", "bucket_seconds", "points")},
+        "sidecar": sc,
+        "services": services,
+        "endpoints": merged("endpoints", lambda r: (r["service"], r["endpoint"])),
+        "callers": callers,
+        "certificates": sorted(certificates.values(), key=lambda c: c["expires_at"]),
+        "discovery": first.get("discovery", []),
+        "edges": _edges(sc["service"], services, callers),
     }

@@ -28,7 +28,7 @@ import anyio.abc
 import httpx
 import pytest
 
-from meshcore._sidecar._dashboard import page, workload
+from meshcore._sidecar._dashboard import merge_views, page, workload
 from meshcore._sidecar._runtime import Sidecar
 from meshcore.testing import free_port, require_binary, static_service
 
@@ -222,6 +222,33 @@ async def test_dashboard_json_is_behind_the_host_check():
     assert evil.status_code == 403 and "DNS rebinding" in evil.text
     assert post.status_code == 405
     assert ok.status_code == 200 and ok.json()["services"][0]["direction"] == "inbound"
+
+
+async def test_the_views_of_workers_merge_into_one(upstream):
+    """What the group's admin does with `--workers N` (tests/sidecar/test_workers.py runs the
+    group): two sidecars' views of the same service become one row."""
+    ok, bad = upstream("ok"), upstream("bad", status=503)
+    views = []
+    for n, app in ((30, ok), (10, bad)):
+        config = {"services": {"orders": static_service([app])},
+                  "sidecar": {**LOOPBACK, "dashboard_bucket": BUCKET}}
+        async with Sidecar(config, []) as sidecar, httpx.AsyncClient() as client:
+            for _ in range(n):
+                await client.get(url(sidecar, "outbound", "/"), headers={"host": "orders"})
+            await ticks(sidecar)
+            views.append(await dashboard_json(sidecar, "?peers=0"))
+    merged = merge_views([*views, None])  # a third worker not up
+    out = service(merged, "outbound", "orders")
+    assert out["requests"] == 40 and out["failures"] == 10
+    assert out["rps"] == pytest.approx(sum(service(v, "outbound", "orders")["rps"] for v in views))
+    assert 0 < out["success_rate"] < 1 and out["p99"] == max(
+        service(v, "outbound", "orders")["p99"] for v in views
+    )
+    assert sum(out["series"]["requests"]) == 40
+    assert len(merged["endpoints"]) == 2  # two different endpoints, one row each
+    assert merged["sidecar"]["workers"] == 3 and merged["sidecar"]["workers_up"] == 2
+    assert merged["sidecar"]["ready"] is False  # not every worker answered
+    assert merge_views([None])["services"] == []
 
 
 def test_bad_peer_addresses_name_the_key():
