@@ -60,7 +60,16 @@ def workload(identity: str) -> str:
     return identity
 
 
-def _breaker(telemetry_states: Mapping[tuple[str, str, str], str], service: str) -> str | None:
+def _breaker(
+    telemetry_states: Mapping[tuple[str, str, str], str], service: str, state: Mapping[str, Any]
+) -> str | None:
+    """The circuit's state: the breaker plugin's own (`closed` before any change), else the
+    last `meshcore_state_changed` event a breaker of another plugin fired."""
+    breaker = state.get("breaker")
+    circuit = breaker.get("circuit") if isinstance(breaker, dict) else None
+    own = circuit.get("state") if isinstance(circuit, dict) else None
+    if isinstance(own, str):
+        return own
     return telemetry_states.get((service, "breaker", service))
 
 
@@ -92,8 +101,8 @@ def local_view(sidecar: Sidecar, state: Mapping[str, Any]) -> dict[str, Any]:
     clock = anyio.current_time()
     current = history.cumulative(telemetry, services_state)
     me = gen.service if gen is not None else (sidecar.settings.service or "local")
-    tls_state = state.get("state", {}).get("tls", {})
-    identity = tls_state.get("identity", "") if isinstance(tls_state, dict) else ""
+    certificates = _certificates(state)
+    identity = certificates[0]["identity"] if certificates else ""
 
     services: list[dict[str, Any]] = []
     keys = set(current["services"]) | {("outbound", name) for name in services_state}
@@ -115,7 +124,7 @@ def local_view(sidecar: Sidecar, state: Mapping[str, Any]) -> dict[str, Any]:
             endpoints = s.get("endpoints", ())
             peer, tls = telemetry.server_peers.get(name, ("", "false"))
             row.update({
-                "breaker": _breaker(telemetry.states, name),
+                "breaker": _breaker(telemetry.states, name, s),
                 "endpoints": len(endpoints),
                 "ejected": sum(1 for ep in endpoints if ep.get("ejected")),
                 "configured": name in services_state,
@@ -195,7 +204,7 @@ def local_view(sidecar: Sidecar, state: Mapping[str, Any]) -> dict[str, Any]:
         "services": services,
         "endpoints": endpoints_out,
         "callers": callers,
-        "certificates": _certificates(state),
+        "certificates": certificates,
         "discovery": discovery,
         "edges": _edges(me, services, callers),
     }

@@ -139,6 +139,7 @@ async def test_dashboard_json_of_a_mesh(upstream, tmp_path):
     assert out["retries"] >= 1 and out["ejections"] >= 1  # orders-2 answered 503
     assert out["tls"] is True and out["peer_identity"] == spiffe("orders")
     assert out["endpoints"] == 2 and out["resilience"] == ["retry", "breaker"]
+    assert out["breaker"] == "closed"  # the breaker plugin's circuit (an ejection is not a trip)
     assert out["rps"] > 0 and 0 < out["p50"] <= out["p95"] <= out["p99"]
     # The ring holds every request once, however the ticks fell.
     assert sum(out["series"]["requests"]) == 40
