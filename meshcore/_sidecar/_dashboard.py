@@ -21,6 +21,7 @@ for `/dashboard.json?peers=0`, its own view only, so peers listing each other do
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["dashboard", "page", "workload"]
 
 MAX_PEERS = 32
+# A peer's view with every bound of `_history` full is about 5 MB of JSON; an answer past this
+# is not a meshcore peer's, and is not held in memory.
+MAX_PEER_BYTES = 16 * 1024 * 1024
 PEER_CACHE = 1.0  # seconds; below the page's two-second refresh
 VERSION = 1
 
@@ -249,10 +253,16 @@ async def _fetch_peer(client: httpx.AsyncClient, address: str, source: str, time
     base = {"address": address, "source": source}
     try:
         with anyio.fail_after(timeout):
-            r = await client.get(f"http://{address}/dashboard.json?peers=0")
-        if r.status_code != 200:
-            return {**base, "state": "down", "error": f"answered {r.status_code}"}
-        view = r.json()
+            async with client.stream("GET", f"http://{address}/dashboard.json?peers=0") as r:
+                if r.status_code != 200:
+                    return {**base, "state": "down", "error": f"answered {r.status_code}"}
+                body = bytearray()
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_PEER_BYTES:
+                        return {**base, "state": "down",
+                                "error": f"answer larger than {MAX_PEER_BYTES} bytes"}
+        view = json.loads(body)
         if not isinstance(view, dict) or view.get("version") != VERSION:
             return {**base, "state": "down", "error": "not a meshcore dashboard.json (version 1)"}
     except TimeoutError:

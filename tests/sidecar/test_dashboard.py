@@ -212,6 +212,22 @@ async def test_a_slow_peer_is_down_within_the_timeout_and_the_answer_is_cached(u
     assert again["peers"] == data["peers"] and len(held) == 1  # cached: not asked twice
 
 
+async def test_a_peer_answering_too_much_or_not_json_is_down(monkeypatch):
+    from meshcore._sidecar import _dashboard
+
+    monkeypatch.setattr(_dashboard, "MAX_PEER_BYTES", 100)
+    async with Sidecar({"services": {}, "sidecar": LOOPBACK}, []) as peer:
+        config = {"services": {}, "sidecar": {
+            **LOOPBACK, "admin_peers": [str(peer.addresses["admin"]), str(peer.addresses["outbound"])],
+        }}
+        async with Sidecar(config, []) as sidecar:
+            data = await dashboard_json(sidecar)
+    big, wrong = data["peers"]
+    assert big["state"] == "down" and big["error"] == "answer larger than 100 bytes"
+    # the outbound listener is not an admin: 404 no_route
+    assert wrong["state"] == "down" and wrong["error"] == "answered 404"
+
+
 async def test_dashboard_json_is_behind_the_host_check():
     async with Sidecar({"services": {}, "sidecar": LOOPBACK}, []) as sidecar:
         async with httpx.AsyncClient() as client:
