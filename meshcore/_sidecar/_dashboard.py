@@ -29,9 +29,13 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 
+from .._endpoints import Endpoint
+from .._errors import MeshError
+from .._http import HTTPConnector, PoolLimits, Timeouts
+from .._models import Request
 from ._metrics import _find_expiry
+from ._settings import parse_address
 
 if TYPE_CHECKING:
     from ._runtime import Sidecar
@@ -249,25 +253,31 @@ def peer_addresses(
     return list(seen.items())[:MAX_PEERS]
 
 
-async def _fetch_peer(client: httpx.AsyncClient, address: str, source: str, timeout: float) -> dict[str, Any]:
+async def _fetch_peer(connector: HTTPConnector, address: str, source: str, timeout: float) -> dict[str, Any]:
     base = {"address": address, "source": source}
     try:
+        at = parse_address(address)
+        request = Request("GET", f"http://{address}/dashboard.json?peers=0",
+                          [(b"host", address.encode("ascii", "replace"))])
         with anyio.fail_after(timeout):
-            async with client.stream("GET", f"http://{address}/dashboard.json?peers=0") as r:
-                if r.status_code != 200:
-                    return {**base, "state": "down", "error": f"answered {r.status_code}"}
+            response = await connector.send(Endpoint(at.host, at.port), request)
+            try:
+                if response.status_code != 200:
+                    return {**base, "state": "down", "error": f"answered {response.status_code}"}
                 body = bytearray()
-                async for chunk in r.aiter_bytes():
+                async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > MAX_PEER_BYTES:
                         return {**base, "state": "down",
                                 "error": f"answer larger than {MAX_PEER_BYTES} bytes"}
+            finally:
+                await response.aclose()
         view = json.loads(body)
         if not isinstance(view, dict) or view.get("version") != VERSION:
             return {**base, "state": "down", "error": "not a meshcore dashboard.json (version 1)"}
     except TimeoutError:
         return {**base, "state": "down", "error": f"no answer within {timeout:g} s"}
-    except (httpx.HTTPError, OSError, ValueError) as exc:
+    except (MeshError, OSError, ValueError) as exc:
         return {**base, "state": "down", "error": f"{type(exc).__name__}: {exc}"[:200]}
     return {**base, "state": "up", "view": view}
 
@@ -292,10 +302,15 @@ class Peers:
             ] == [a for a, _ in addresses]:
                 return self._cached
             results: list[dict[str, Any]] = [{} for _ in addresses]
-            async with httpx.AsyncClient(trust_env=False) as client:
+            # meshcore's own client (the sidecar does not load httpx): one connection per peer
+            connector = HTTPConnector(
+                limits=PoolLimits(max_connections=1, max_idle=0),
+                timeouts=Timeouts(connect=timeout, read=timeout, write=timeout, pool=timeout),
+            )
+            async with connector:
 
                 async def one(i: int, address: str, source: str) -> None:
-                    results[i] = await _fetch_peer(client, address, source, timeout)
+                    results[i] = await _fetch_peer(connector, address, source, timeout)
 
                 async with anyio.create_task_group() as tg:
                     for i, (address, source) in enumerate(addresses):
