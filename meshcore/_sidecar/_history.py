@@ -185,6 +185,7 @@ class History:
         self._latency_count = 0
         self.dropped = 0
         self.ticks = 0
+        self.started: float | None = None  # the sampling task's start, on anyio's clock
         self.last_tick: float | None = None
         # what the last tick computed, for `now()` between ticks
         # endpoint series dropped while their counters live on: their counters then
@@ -318,11 +319,19 @@ class History:
         """The "now" figures and the rings of one series (`current` from `cumulative`)."""
         rings: dict[tuple[str, str], Series] = getattr(self, kind)
         series = rings.get(key)
-        if series is None:  # before its first tick (or past the bounds)
-            return {"rps": 0.0, "success_rate": None, "p50": None, "p95": None, "p99": None,
-                    "series": {}}
-        partial = clock - self.last_tick if self.last_tick is not None else 0.0
-        figures = series.now(current.get(kind, {}).get(key), self.width, max(0.0, partial))
+        since = self.last_tick if self.last_tick is not None else self.started
+        partial = max(0.0, clock - since) if since is not None else 0.0
+        cumulative = current.get(kind, {}).get(key)
+        if series is None:
+            # Before its first tick (or past the bounds): whatever its counters hold came
+            # after the last tick, so the "now" figures are over that part of a bucket.
+            series = Series(self.points, 1)
+            if cumulative is not None:
+                series.marks.append(array("d", [0.0]) * len(cumulative))
+            figures = series.now(cumulative, self.width, partial)
+            figures["series"] = {}
+            return figures
+        figures = series.now(cumulative, self.width, partial)
         figures["series"] = {f: series.ring.column(f) for f in FIELDS}
         return figures
 

@@ -249,6 +249,7 @@ class Sidecar:
     async def _sample_history(self) -> None:
         """The dashboard's time series: one point per `dashboard_bucket` from the counters."""
         history = self.history
+        history.started = anyio.current_time()
         while True:
             await anyio.sleep(history.width)
             gen = self.generation

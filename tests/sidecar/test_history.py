@@ -174,3 +174,16 @@ def test_memory_at_the_bounds():
     assert 6_000 < per_series < 10_000, per_series  # 8.4 KB measured
     assert h.nbytes() < used
     del base
+
+
+def test_before_the_first_tick_now_is_over_the_time_since_the_start():
+    t, h = Telemetry(), History(width=10.0, points=90)
+    h.started = 100.0
+    for _ in range(4):
+        t.observe("outbound", "orders", 200, NO_PEER, 0.003)
+    t.observe("outbound", "orders", 503, NO_PEER, 0.003)
+    figures = h.view("services", ("outbound", "orders"), h.cumulative(t, {}), clock=102.0)
+    assert figures["rps"] == 2.5 and figures["success_rate"] == 0.8 and figures["series"] == {}
+    assert figures["p50"] is not None
+    nothing = h.view("services", ("outbound", "other"), h.cumulative(t, {}), clock=102.0)
+    assert nothing["rps"] == 0.0 and nothing["success_rate"] is None
