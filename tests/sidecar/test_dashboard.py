@@ -369,7 +369,7 @@ async def test_the_page_shows_the_mesh_a_failing_instance_and_an_inbound_only_si
             orders_url = f"http://{mesh.orders[0].addresses['admin']}/"
             web = await dump_dom(chromium, web_url, tmp_path / "p1")
             server = await dump_dom(chromium, orders_url, tmp_path / "p2")
-            await screenshot(chromium, web_url, tmp_path / "p3", "dashboard-mesh", 1250)
+            await screenshot(chromium, web_url, tmp_path / "p3", "dashboard-mesh", 1000)
             await screenshot(chromium, orders_url, tmp_path / "p4", "dashboard-inbound", 760)
             tg.cancel_scope.cancel()
 
