@@ -151,7 +151,7 @@ async def main(out_dir: Path, duration: float) -> None:
                 print(f"wrote {svg}")
                 if browser is not None:
                     dash = out_dir / "dashboard.png"
-                    await anyio.to_thread.run_sync(browser.screenshot, demo.dashboard, dash, 1200, 640, 2.5)
+                    await anyio.to_thread.run_sync(browser.screenshot, demo.dashboard, dash, 1400, 700, 2.5)
                     print(f"wrote {dash}")
                     term = out_dir / "demo-terminal.png"
                     width, height = svg_size(svg)

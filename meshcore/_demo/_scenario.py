@@ -401,6 +401,7 @@ class Demo:
                 "inbound": "127.0.0.1:0",
                 "admin": admin,
                 "drain": 1.0,
+                "dashboard_bucket": 1.0,  # a run of seconds: one dashboard point a second
             },
         }
         if plan.consul is not None:

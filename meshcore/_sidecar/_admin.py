@@ -1,4 +1,5 @@
-"""The admin listener: /live, /ready, /metrics (Prometheus text), /state (JSON), / (dashboard).
+"""The admin listener: /live, /ready, /metrics (Prometheus text), /state (JSON), / (dashboard)
+and /dashboard.json (the dashboard's data, docs/dashboard.md).
 
 Envoy's admin interface is the model (`/ready`, `/stats/prometheus`, `/clusters`,
 `/config_dump`); like Envoy's it is unauthenticated, so it binds to loopback unless the config
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._models import Request, Response
-from ._dashboard import page
+from ._dashboard import dashboard, page
 from ._metrics import render
 
 if TYPE_CHECKING:
@@ -87,8 +88,14 @@ def admin_handler(sidecar: Sidecar) -> Any:
         if path == "/state":
             body = json.dumps(sidecar.state(), indent=2, default=str, sort_keys=True) + "\n"
             return _text(200, body, "application/json")
-        if path == "/":  # the live dashboard (dashboard.html), reading /state
+        if path == "/dashboard.json":
+            with_peers = "peers=0" not in request.url.target.partition("?")[2].split("&")
+            view = await dashboard(sidecar, with_peers)
+            return _text(200, json.dumps(view, default=str) + "\n", "application/json")
+        if path == "/":  # the live dashboard (dashboard.html), reading /dashboard.json
             return _text(200, page(), "text/html; charset=utf-8")
-        return _text(404, f"not found: {path} (try /live, /ready, /metrics, /state)\n")
+        return _text(
+            404, f"not found: {path} (try /live, /ready, /metrics, /state, /dashboard.json)\n"
+        )
 
     return handle

@@ -38,9 +38,11 @@ from .._http._server import ConnectionInfo
 from .._mesh import Mesh
 from ._accounting import InFlight
 from ._admin import admin_handler
+from ._dashboard import Peers
 from ._generation import LISTENER_KEYS, Generation, build_mesh
 from ._handlers import Direction, Inbound, Outbound, make_handler
 from ._health import AppHealth
+from ._history import History
 from ._listeners import Connection, Listeners
 from ._metrics import REJECTED, UNKNOWN, Telemetry
 from ._registration import local_instance
@@ -73,14 +75,19 @@ class Sidecar:
         self.telemetry = Telemetry()
         self.plugins = list(plugins) if plugins else None
         self.config_path = config_path
+        self.history = History()  # widths from the config below, before the first tick
+        self.peers = Peers()
         self.extra_plugins = [
             ("sidecar-telemetry", self.telemetry),
+            ("sidecar-history", self.history),
             ("sidecar-app-health", AppHealth()),
             *extra_plugins,
         ]
         self._number = 0
         self._pending: Mesh | None = self._build(config)  # bad config fails before any I/O
         self.settings = self._pending.config.section("sidecar")
+        self.history.width = self.settings.dashboard_bucket
+        self.history.points = self.settings.dashboard_points
         self.limits: ServerLimits = server_limits(self.settings)
         self._check_admin(self.settings, self._pending.config.source)
         self._check_outbound(self.settings, self._pending.config.source)
@@ -188,6 +195,7 @@ class Sidecar:
             stack.push_async_callback(self._stop_generation)
             self.listeners.peer_uids = frozenset(self.settings.outbound_uids)
             self.listeners.start(self._tg, self._serve, self.settings.max_connections)
+            self._tg.start_soon(self._sample_history, name="dashboard:history")
         except BaseException:
             await stack.aclose()
             raise
@@ -239,6 +247,16 @@ class Sidecar:
                 log.info("%s: draining (deadline %.1f s)", signal.Signals(signum).name, self.settings.drain)
                 await self.drain()
                 return
+
+    async def _sample_history(self) -> None:
+        """The dashboard's time series: one point per `dashboard_bucket` from the counters."""
+        history = self.history
+        history.started = anyio.current_time()
+        while True:
+            await anyio.sleep(history.width)
+            gen = self.generation
+            services = gen.mesh.state().get("services", {}) if gen is not None else {}
+            history.tick(self.telemetry, services, anyio.current_time())
 
     # -- connections --------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ Default numbers and where they come from:
   ignores such fields), so a client cannot spell a sidecar-set header `X_Forwarded_Client_Cert`
   and have a WSGI/CGI app read it as the sidecar's; a request is still answered, unlike Envoy's
   REJECT_REQUEST, since legitimate clients that send such names lose only those fields.
+- dashboard_bucket 10 s x dashboard_points 90: the last 15 minutes, at Prometheus' usual
+  scrape interval (docs/dashboard.md gives the memory this costs).
 - drain 20 s: below Kubernetes' default 30 s termination grace period, so a drain that uses its
   whole deadline still ends with exit 0 rather than a SIGKILL (Istio's own
   `terminationDrainDuration` is 5 s; ours waits for in-flight requests, not a fixed time).
@@ -141,6 +143,20 @@ SETTINGS: dict[str, Setting] = {
     "headers_with_underscores_action": Setting(
         "str", "DROP_HEADER", "inbound header names with '_' (Envoy's "
         "headers_with_underscores_action)", choices=UNDERSCORE_ACTIONS
+    ),
+    "admin_peers": Setting(
+        "list[str]", [], 'admin listeners of other sidecars ("host:port") whose view the '
+        "dashboard merges into its topology (endpoints with `admin` metadata are added)",
+        convert=lambda v: tuple(parse_address(a) for a in v),
+    ),
+    "admin_peer_timeout": Setting(
+        "duration", 1.0, "how long the dashboard waits for one peer's /dashboard.json", min=0.001
+    ),
+    "dashboard_bucket": Setting(
+        "duration", 10.0, "width of one point of the dashboard's in-memory time series (on restart)", min=0.01
+    ),
+    "dashboard_points": Setting(
+        "int", 90, "points kept per series (90 x 10 s = the last 15 minutes; on restart)", min=2, max=8640
     ),
     "admin_bind_any": Setting(
         "bool", False, "allow the admin listener on a non-loopback address (it is unauthenticated)"

@@ -13,7 +13,9 @@ directory) when asked:
   worker state, so it keeps one sample per worker with a `worker` label. Plus the group's
   own: `meshcore_workers`, `meshcore_workers_up`, `meshcore_worker_restarts_total`;
 - /state: each worker's /state under `workers`, and `merged` (summed telemetry, the union of
-  services, the generations in use).
+  services, the generations in use);
+- / and /dashboard.json: the dashboard over the workers' views merged (`merge_views`), with
+  the peers fetched once for the group.
 
 SIGHUP is relayed to every worker (each reloads the file itself; one that refuses keeps its
 old generation, visible in `merged.generations`). SIGTERM/SIGINT: /ready turns 503, every worker
@@ -45,6 +47,7 @@ from .._errors import ConfigError
 from .._http import serve_connection
 from .._models import Request, Response
 from ._admin import refuse
+from ._dashboard import Peers, add_peers, merge_views, page
 from ._settings import Address
 from ._workers import read_announcement
 
@@ -101,9 +104,14 @@ class Supervisor:
         drain: float,
         source: str = "<config>",
         admin_hosts: Sequence[str] = (),
+        admin_peers: Sequence[Address] = (),
+        admin_peer_timeout: float = 1.0,
     ) -> None:
         self.count = count
         self.admin_hosts = tuple(admin_hosts)
+        self.admin_peers = tuple(admin_peers)
+        self.admin_peer_timeout = admin_peer_timeout
+        self.peers = Peers()
         self.slots: list[Slot] = []
         self.admin = admin
         self.command = command
@@ -289,9 +297,17 @@ class Supervisor:
             states = [r.json() if r is not None and r.status_code == 200 else None for r in answers]
             body = json.dumps(self.state(states), indent=2, default=str, sort_keys=True) + "\n"
             return _text(200, body, "application/json")
-        if path == "/":
-            return _text(200, f"meshcore: {len(self.slots)} workers; see /state, /metrics, /ready, /live\n")
-        return _text(404, f"not found: {path} (try /live, /ready, /metrics, /state)\n")
+        if path == "/dashboard.json":
+            answers = await self._gather("/dashboard.json?peers=0")
+            view = merge_views([r.json() if r is not None and r.status_code == 200 else None for r in answers])
+            if "peers=0" not in request.url.query.split("&"):
+                await add_peers(view, self.peers, self.admin_peers, str(self.address),
+                                self.admin_peer_timeout)
+            return _text(200, json.dumps(view, default=str) + "\n", "application/json")
+        if path == "/":  # the dashboard, over the group's /dashboard.json
+            return Response(200, [(b"content-type", b"text/html; charset=utf-8"),
+                                  (b"cache-control", b"no-store")], page())
+        return _text(404, f"not found: {path} (try /live, /ready, /metrics, /state, /dashboard.json)\n")
 
     def _own_metrics(self, texts: Sequence[str | None]) -> str:
         lines = [
@@ -478,7 +494,8 @@ def supervise(sidecar: Any, count: int, obj: Any, backend: str, log_level: str, 
 
     supervisor = Supervisor(
         count, settings.admin, command, drain=settings.drain, source=source,
-        admin_hosts=settings.admin_hosts,
+        admin_hosts=settings.admin_hosts, admin_peers=settings.admin_peers,
+        admin_peer_timeout=settings.admin_peer_timeout,
     )
 
     def ready(address: Address) -> None:

@@ -108,6 +108,12 @@ def test_two_workers_share_traffic_report_as_one_reload_restart_and_drain(upstre
         assert 'meshcore_sidecar_connections_total{listener="outbound"} 100' in metrics
         assert 'meshcore_sidecar_config_generation{worker="0"} 1' in metrics
         assert "meshcore_workers_up 2" in metrics
+        # The group's dashboard: the workers' views merged into one.
+        view = httpx.get(f"http://127.0.0.1:{admin}/dashboard.json", timeout=5).json()
+        [orders] = [r for r in view["services"] if r["direction"] == "outbound" and r["service"] == "orders"]
+        assert orders["requests"] == 100 and orders["success_rate"] == 1.0
+        assert view["sidecar"]["workers_up"] == 2 and view["peers"] == []
+        assert "/dashboard.json" in httpx.get(f"http://127.0.0.1:{admin}/", timeout=5).text
 
         # SIGHUP reaches every worker: both run generation 2 with the new service.
         write_config(config, ports, {"orders": one.address, "slow": slow.address, "users": one.address}, drain="10s")
