@@ -12,7 +12,7 @@ request of this process (nginx runs in its own), and the ratios:
 - mesh.client() / plain httpx: issue 2's bar, <= 1.10.
 
     python bench/library_overhead.py            # 5 rounds of 2,000 requests per client
-    python bench/library_overhead.py --quick    # 3 rounds of 600, under 2 minutes
+    python bench/library_overhead.py --quick    # 3 rounds of 1,000, under a minute
 """
 
 from __future__ import annotations
@@ -166,10 +166,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per client per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="asyncio,trio")
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 600 requests")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 1,000 requests")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.rounds = 600, 3
+        args.requests, args.rounds = 1000, 3
     backends = args.backends.split(",")
     if aiohttp is None:
         print("aiohttp is not installed (pip install aiohttp): no anchor, no bar")

@@ -111,7 +111,7 @@ async def test_streamed_response_body(upstream, mesh_factory):
         async with http.stream("GET", "http://orders/big") as response:
             assert response.status_code == 200
             with pytest.raises(RuntimeError, match="aread"):
-                response.content
+                _ = response.content
             chunks = [chunk async for chunk in response.aiter_bytes()]
         assert b"".join(chunks) == body
         async with http.stream("GET", "http://orders/big") as response:
