@@ -202,13 +202,16 @@ def main() -> None:
                     per_round = [
                         s[0] / a[0] for s, a in zip(samples, anchor, strict=False)
                     ]
+                    cpu = statistics.median(s[1] for s in samples)
+                    anchor_cpu = statistics.median(s[1] for s in anchor)
                     verdicts.append((backend, concurrency, wall / anchor_us, min(per_round),
-                                     max(per_round)))
+                                     max(per_round), cpu / anchor_cpu))
     if verdicts:
         print(f"\nbar: mesh.http() <= {BAR}x aiohttp's time per request (trio against asyncio's aiohttp)")
-        for backend, concurrency, ratio, low, high in verdicts:
+        for backend, concurrency, ratio, low, high, cpu_ratio in verdicts:
             verdict = "holds" if ratio <= BAR else "MISSES"
-            print(f"  {backend:8} {concurrency:>2} tasks: {ratio:.2f}x (rounds {low:.2f}-{high:.2f}) {verdict}")
+            print(f"  {backend:8} {concurrency:>2} tasks: {ratio:.2f}x (rounds {low:.2f}-{high:.2f}) "
+                  f"{verdict}; CPU per request {cpu_ratio:.2f}x aiohttp's")
     for backend in backends:
         for concurrency in CONCURRENCY:
             mesh = results.get(("mesh.client()", backend, concurrency))
