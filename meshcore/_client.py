@@ -253,6 +253,33 @@ class ClientResponse:
             if aclose is not None:
                 await aclose()
 
+    async def aiter_text(self) -> AsyncIterator[str]:
+        """The body decoded (`encoding`) as it arrives."""
+        decoder = codecs.getincrementaldecoder(self.encoding)(errors="replace")
+        async for chunk in self.aiter_bytes():
+            text = decoder.decode(chunk)
+            if text:
+                yield text
+        text = decoder.decode(b"", final=True)
+        if text:
+            yield text
+
+    async def aiter_lines(self) -> AsyncIterator[str]:
+        """The body's lines as they arrive, without their line endings (as `str.splitlines`)."""
+        pending = ""
+        async for text in self.aiter_text():
+            lines = (pending + text).splitlines(keepends=True)
+            pending = ""
+            last = lines[-1] if lines else ""
+            # An unterminated last line, or one ending in "\r" (maybe half of "\r\n"), may go on
+            # in the next chunk.
+            if last and (len(last.splitlines()[0]) == len(last) or last[-1] == "\r"):
+                pending = lines.pop()
+            for line in lines:
+                yield line.splitlines()[0]
+        if pending:
+            yield pending.splitlines()[0]
+
     async def aclose(self) -> None:
         """Release the connection without reading the rest (no-op once read or closed)."""
         stream, self._stream = self._stream, None

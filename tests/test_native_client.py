@@ -349,3 +349,18 @@ async def test_many_tasks_share_one_client(upstream, mesh_factory):
             for i in range(32):
                 tg.start_soon(worker, i)
     assert sorted(answered) == [(i, j) for i in range(32) for j in range(10)]
+
+
+async def test_text_and_lines_as_they_stream(upstream, mesh_factory):
+    body = "één\r\ntwee\rdrie\n\nvier".encode() * 3000
+    server = upstream("one", body=body, headers=[("content-type", "text/plain; charset=utf-8")])
+    async with mesh_factory(one_service(server)) as mesh:
+        async with mesh.client() as client, mesh.http() as http:
+            async with client.stream("GET", "http://orders/") as a:
+                expected = [line async for line in a.aiter_lines()]
+            async with http.stream("GET", "http://orders/") as b:
+                lines = [line async for line in b.aiter_lines()]
+            async with http.stream("GET", "http://orders/") as b:
+                text = "".join([t async for t in b.aiter_text()])
+    assert lines == expected
+    assert text == body.decode()
