@@ -104,7 +104,7 @@ class Headers(list[tuple[bytes, bytes]]):
 
     A list subclass so the engine iterates and serializes it without copying. Looked up by
     name it reads like `httpx.Headers`: `headers["content-type"]` (every value joined with
-    ", "; KeyError when absent), `get`, `get_list`, `keys()`, `items()`, `multi_items()`.
+    ", "; KeyError when absent), `get`, `get_list`, `items()`, `multi_items()`.
     """
 
     __slots__ = ()
@@ -140,13 +140,11 @@ class Headers(list[tuple[bytes, bytes]]):
             return ", ".join(values)
         return super().__getitem__(key)
 
-    def keys(self) -> list[str]:
-        """The names, lower-cased and each once, in order of first appearance."""
-        return list(dict.fromkeys(k.decode("latin-1").lower() for k, _ in self))
-
+    # No `keys()`: with it `dict(headers)` would read this list as a mapping, not as pairs.
     def items(self) -> list[tuple[str, str]]:
         """`(name, value)` per name, lower-cased, several values joined with ", " (httpx)."""
-        return [(name, self[name]) for name in self.keys()]
+        names = dict.fromkeys(k.decode("latin-1").lower() for k, _ in self)
+        return [(name, self[name]) for name in names]
 
     def multi_items(self) -> list[tuple[str, str]]:
         """Every `(name, value)` pair, names lower-cased, in wire order."""

@@ -49,7 +49,8 @@ async def test_response_surface(upstream, mesh_factory):
     assert response.headers.get_list("X-Two") == ["a", "b"]
     assert ("x-two", "a, b") in response.headers.items()
     assert ("x-two", "b") in response.headers.multi_items()
-    assert "x-upstream" in response.headers.keys()
+    assert "X-Upstream" in response.headers
+    assert dict(response.headers)[b"x-upstream"] == b"one"  # still a list of raw pairs
     with pytest.raises(KeyError):
         response.headers["x-missing"]
     assert response.encoding == "iso8859-1" and response.text == "é"
