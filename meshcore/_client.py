@@ -18,16 +18,14 @@ against the system's CA store), unless the config sets `[mesh] pass_through = fa
 
 from __future__ import annotations
 
+# json, urllib.parse, ssl and difflib are imported where used: `import meshcore` (the
+# sidecar's start too) imports this module, and most requests need none of them.
 import codecs
-import difflib
-import json as _json
 import socket
-import ssl
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Self, cast
-from urllib.parse import quote, urlencode
 
 from ._errors import EndpointError, HTTPStatusError, MeshError, UnknownService
 from ._models import URL, Headers, Request
@@ -116,6 +114,8 @@ def _primitive(value: Any) -> str:
 def _encode_params(params: ParamTypes) -> str:
     if isinstance(params, str):
         return params
+    from urllib.parse import urlencode
+
     items = params.items() if isinstance(params, Mapping) else params
     pairs: list[tuple[str, str]] = []
     for key, value in items:
@@ -220,7 +220,9 @@ class ClientResponse:
         return self.content.decode(self.encoding, errors="replace")
 
     def json(self, **kwargs: Any) -> Any:
-        return _json.loads(self.content, **kwargs)
+        import json
+
+        return json.loads(self.content, **kwargs)
 
     @property
     def is_closed(self) -> bool:
@@ -483,7 +485,9 @@ class Client:
             body = _encode_params(data).encode("utf-8")
             raw.append(_FORM_TYPE)
         elif json is not None:
-            body = _json.dumps(
+            from json import dumps
+
+            body = dumps(
                 json, ensure_ascii=False, separators=(",", ":"), allow_nan=False
             ).encode("utf-8")
             raw.append(_JSON_TYPE)
@@ -515,6 +519,8 @@ class Client:
         parsed = URL.parse(text)
         target = parsed.target
         if not target.isascii() or " " in target or '"' in target or "<" in target:
+            from urllib.parse import quote
+
             target = quote(target, safe=_TARGET_SAFE)
         parts = (parsed.scheme, parsed.host, parsed.port, target)
         if len(self._urls) < 1024:  # a client used over a few URLs parses each once
@@ -595,6 +601,8 @@ class _PassThrough:
         self._tls: HTTPConnector | None = None
 
     def _connector(self, scheme: str) -> HTTPConnector:
+        import ssl  # here: only an https host outside the mesh needs it (5 ms of import)
+
         from ._http import HTTPConnector, Timeouts
 
         # The per-request `timeout` extension sets every phase, so these are not used.
@@ -629,6 +637,8 @@ class _PassThrough:
             host = url.host
             if "." in host or ":" in host or not _did_not_resolve(exc):
                 raise
+            import difflib
+
             suggestions = difflib.get_close_matches(host, self.services, n=3)
             raise UnknownService(
                 f"host {host!r} is not a mesh service and does not resolve ({exc})."
@@ -644,6 +654,8 @@ class _PassThrough:
 
 
 def _did_you_mean(host: str, services: list[str]) -> str:
+    import difflib
+
     close = difflib.get_close_matches(host, services, n=3)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
