@@ -90,13 +90,16 @@ def _timeout_dict(value: Any) -> dict[str, float | None]:
 
 
 def _raw_headers(headers: HeaderTypes) -> list[tuple[bytes, bytes]]:
+    """Byte pairs; a CR or LF (a smuggled header) is the caller's error, raised here rather
+    than by the engine, where it would count as a failure of the endpoint."""
     items = headers.items() if isinstance(headers, Mapping) else headers
     out = []
     for name, value in items:
-        out.append((
-            name if isinstance(name, bytes) else name.encode("latin-1"),
-            value if isinstance(value, bytes) else str(value).encode("latin-1"),
-        ))
+        raw_name = name if isinstance(name, bytes) else name.encode("latin-1")
+        raw_value = value if isinstance(value, bytes) else str(value).encode("latin-1")
+        if b"\r" in raw_name or b"\n" in raw_name or b"\r" in raw_value or b"\n" in raw_value:
+            raise ValueError(f"header {raw_name!r}: CR or LF in its name or value")
+        out.append((raw_name, raw_value))
     return out
 
 
@@ -516,6 +519,8 @@ class Client:
                 )
             text = self.base_url + (url if url.startswith("/") else "/" + url)
         text = text.partition("#")[0]
+        if "\r" in text or "\n" in text:
+            raise ValueError(f"CR or LF in URL {url!r}")
         parsed = URL.parse(text)
         target = parsed.target
         if not target.isascii() or " " in target or '"' in target or "<" in target:

@@ -365,3 +365,15 @@ async def test_text_and_lines_as_they_stream(upstream, mesh_factory):
                 text = "".join([t async for t in b.aiter_text()])
     assert lines == expected
     assert text == body.decode()
+
+
+async def test_smuggling_is_the_callers_error_not_the_endpoints(upstream, mesh_factory):
+    server = upstream("one")
+    async with mesh_factory(one_service(server)) as mesh, mesh.http() as http:
+        await http.get("http://orders/")
+        with pytest.raises(ValueError, match="CR or LF"):
+            await http.get("http://orders/", headers={"x-a": "1\r\nx-b: 2"})
+        with pytest.raises(ValueError, match="CR or LF"):
+            await http.get("http://orders/a\r\nx-b: 2")
+        assert mesh.state()["services"]["orders"]["endpoints"][0]["failures"] == 0
+    assert server.requests == 1
