@@ -31,6 +31,8 @@ from ._errors import EndpointError, HTTPStatusError, MeshError, UnknownService
 from ._models import URL, Headers, Request
 
 if TYPE_CHECKING:
+    import ssl
+
     from ._endpoints import Endpoint
     from ._http import HTTPConnector
     from ._mesh import Mesh
@@ -324,6 +326,7 @@ class Client:
         headers: HeaderTypes | None = None,
         params: ParamTypes | None = None,
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         global _buffered_body
         if _buffered_body is None:
@@ -342,6 +345,7 @@ class Client:
         self._params = None if params is None else _encode_params(params)
         self._urls: dict[str, tuple[str, str, int, str]] = {}
         self._passthrough: _PassThrough | None = None
+        self._verify = verify
         self._closed = False
 
     # -- the httpx surface ---------------------------------------------------------------------
@@ -547,7 +551,9 @@ class Client:
     async def _pass(self, request: Request) -> Response:
         if self._passthrough is None:
             config = self.mesh.config
-            self._passthrough = _PassThrough(config.mesh.pass_through, list(config.services))
+            self._passthrough = _PassThrough(
+                config.mesh.pass_through, list(config.services), self._verify
+            )
         return await self._passthrough.send(request)
 
     async def aclose(self) -> None:
@@ -598,7 +604,10 @@ def _version() -> str:
 class _PassThrough:
     """Hosts outside the mesh, on the engine: one connector for http, one for https."""
 
-    def __init__(self, enabled: bool, services: list[str]) -> None:
+    def __init__(
+        self, enabled: bool, services: list[str], verify: ssl.SSLContext | bool
+    ) -> None:
+        self.verify = verify
         self.enabled = enabled
         self.services = services
         self._endpoints: dict[tuple[str, int], Endpoint] = {}
@@ -606,20 +615,29 @@ class _PassThrough:
         self._tls: HTTPConnector | None = None
 
     def _connector(self, scheme: str) -> HTTPConnector:
-        import ssl  # here: only an https host outside the mesh needs it (5 ms of import)
-
         from ._http import HTTPConnector, Timeouts
 
         # The per-request `timeout` extension sets every phase, so these are not used.
         if scheme == "https":
             if self._tls is None:
-                self._tls = HTTPConnector(
-                    timeouts=Timeouts(), ssl_context=ssl.create_default_context()
-                )
+                self._tls = HTTPConnector(timeouts=Timeouts(), ssl_context=self._context())
             return self._tls
         if self._plain is None:
             self._plain = HTTPConnector(timeouts=Timeouts())
         return self._plain
+
+    def _context(self) -> ssl.SSLContext:
+        """httpx's `verify`: True checks against the system's CA store, False checks nothing,
+        or the context given."""
+        import ssl  # here: only an https host outside the mesh needs it (5 ms of import)
+
+        if isinstance(self.verify, ssl.SSLContext):
+            return self.verify
+        context = ssl.create_default_context()
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     async def send(self, request: Request) -> Response:
         url = request.url

@@ -182,7 +182,7 @@ class Mesh:
     def http(self, **kwargs: Any) -> Client:
         """The native client (`meshcore.Client`): httpx's everyday surface on the same pipeline,
         without httpx's client in front: the fast path of library mode (docs/concepts.md).
-        Takes `base_url`, `headers`, `params` and `timeout`."""
+        Takes `base_url`, `headers`, `params`, `timeout` and `verify` (hosts outside the mesh)."""
         from ._client import Client
 
         return Client(self, **kwargs)

@@ -377,3 +377,82 @@ async def test_smuggling_is_the_callers_error_not_the_endpoints(upstream, mesh_f
             await http.get("http://orders/a\r\nx-b: 2")
         assert mesh.state()["services"]["orders"]["endpoints"][0]["failures"] == 0
     assert server.requests == 1
+
+
+@pytest.fixture
+def https_upstream(tmp_path):
+    """An https server on 127.0.0.1 with a self-signed certificate (no CA store trusts it):
+    yields (port, certificate path)."""
+    import datetime
+    import ipaddress
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "6")
+            self.end_headers()
+            self.wfile.write(b"secure")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address) -> None:
+            pass  # a client that refused the certificate
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server = Server(("127.0.0.1", 0), Handler, bind_and_activate=True)
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], cert_path
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_https_outside_the_mesh_is_verified(https_upstream, mesh_factory):
+    import ssl
+
+    port, cert_path = https_upstream
+    url = f"https://127.0.0.1:{port}/"
+    async with mesh_factory({}) as mesh:
+        async with mesh.http() as http:
+            with pytest.raises(meshcore.EndpointConnectError, match="CERTIFICATE_VERIFY_FAILED") as info:
+                await http.get(url)
+            assert isinstance(info.value, httpx.ConnectError)
+        async with mesh.http(verify=ssl.create_default_context(cafile=str(cert_path))) as http:
+            assert (await http.get(url)).content == b"secure"
+        async with mesh.http(verify=False) as http:
+            assert (await http.get(url)).content == b"secure"
