@@ -13,6 +13,11 @@ request of this process (nginx runs in its own), and the ratios:
 
     python bench/library_overhead.py            # 5 rounds of 2,000 requests per client
     python bench/library_overhead.py --quick    # 3 rounds of 1,000, under a minute
+    python bench/library_overhead.py --instructions   # callgrind, a few minutes
+
+`--instructions` counts the machine instructions per sequential request of each client under
+valgrind's callgrind (the difference between runs of 400 and 100 requests, over 300), one
+process per client and backend: other work on the machine does not move it.
 """
 
 from __future__ import annotations
@@ -156,6 +161,49 @@ async def one_round(port: int, n: int, backend: str, results: Results) -> None:
                     await session.close()
 
 
+async def sequential(port: int, label: str, n: int, backend: str) -> None:
+    """`n` sequential GETs with one client after a warm-up: what `--instructions` counts."""
+    config = {"services": {"bench": {"discovery": "static", "balancer": "first",
+                                     "resilience": ["pass"],
+                                     "static": {"endpoints": [f"127.0.0.1:{port}"]}}}}
+    direct = f"http://127.0.0.1:{port}/"
+    async with meshcore.Mesh(config, [], extra_plugins=[("bench", BenchPlugins())]) as mesh:
+        if label == "aiohttp":
+            async with aiohttp.ClientSession() as session:
+                get = getter_aiohttp(session, direct)
+                for _ in range(50 + n):
+                    await get()
+            return
+        async with httpx.AsyncClient() as plain, mesh.client() as meshed, mesh.http() as native:
+            get = {
+                "httpx": getter_httpx(plain, direct),
+                "mesh.client()": getter_httpx(meshed, "http://bench/"),
+                "mesh.http()": getter_native(native, "http://bench/"),
+            }[label]
+            for _ in range(50 + n):
+                await get()
+
+
+def instructions(port: int, label: str, backend: str, n: int) -> int:
+    import subprocess
+
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+           __file__, "--one", label, backend, str(n), str(port)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    return int(out.split("Collected : ")[1].split()[0])
+
+
+def instructions_table(backends: list[str]) -> None:
+    print("instructions per sequential request (callgrind, 400 minus 100 requests, over 300)")
+    with nginx(1) as (port,):
+        for backend in backends:
+            for label in ("aiohttp", "mesh.http()", "mesh.client()", "httpx"):
+                if label == "aiohttp" and (backend != "asyncio" or aiohttp is None):
+                    continue
+                few, many = (instructions(port, label, backend, n) for n in (100, 400))
+                print(f"{backend:8} {label:14} {(many - few) / 300 / 1000:8.0f} k", flush=True)
+
+
 def fmt(samples: list[tuple[float, float]], index: int) -> str:
     values = [s[index] * 1e6 for s in samples]
     return f"{statistics.median(values):7.1f} ({min(values):.0f}-{max(values):.0f})"
@@ -167,7 +215,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="asyncio,trio")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 1,000 requests")
+    parser.add_argument("--instructions", action="store_true", help="callgrind's count per request")
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # label backend n port
     args = parser.parse_args()
+    if args.one:
+        label, backend, n, port = args.one
+        anyio.run(sequential, int(port), label, int(n), backend, backend=backend)
+        return
+    if args.instructions:
+        instructions_table(args.backends.split(","))
+        return
     if args.quick:
         args.requests, args.rounds = 1000, 3
     backends = args.backends.split(",")
