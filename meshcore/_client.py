@@ -25,7 +25,7 @@ import socket
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, Self, cast
+from typing import TYPE_CHECKING, Any, Final, Self, TypedDict, Unpack, cast
 
 from ._errors import EndpointError, HTTPStatusError, MeshError, UnknownService
 from ._models import URL, Headers, Request
@@ -55,6 +55,18 @@ class _UseClientDefault:
 
 
 USE_CLIENT_DEFAULT: Final = _UseClientDefault()
+
+
+class RequestOptions(TypedDict, total=False):
+    """The keyword arguments of `Client.request` (and `get`, `post`, ..., `stream`)."""
+
+    params: ParamTypes | None
+    headers: HeaderTypes | None
+    content: bytes | str | AsyncIterable[bytes] | None
+    data: Mapping[str, Any] | None
+    json: Any
+    timeout: TimeoutTypes | _UseClientDefault
+    extensions: dict[str, Any] | None
 # httpx's default (`httpx.Timeout(5.0)`): the same for both clients, so switching changes nothing.
 DEFAULT_TIMEOUT = 5.0
 
@@ -352,25 +364,25 @@ class Client:
     # Plain functions returning `request`'s coroutine: an awaited request passes one frame
     # fewer on every resume (as `Upstream.send`).
 
-    def get(self, url: str, **kwargs: Any) -> Awaitable[ClientResponse]:
+    def get(self, url: str | URL, **kwargs: Unpack[RequestOptions]) -> Awaitable[ClientResponse]:
         return self.request("GET", url, **kwargs)
 
-    def head(self, url: str, **kwargs: Any) -> Awaitable[ClientResponse]:
+    def head(self, url: str | URL, **kwargs: Unpack[RequestOptions]) -> Awaitable[ClientResponse]:
         return self.request("HEAD", url, **kwargs)
 
-    def options(self, url: str, **kwargs: Any) -> Awaitable[ClientResponse]:
+    def options(self, url: str | URL, **kwargs: Unpack[RequestOptions]) -> Awaitable[ClientResponse]:
         return self.request("OPTIONS", url, **kwargs)
 
-    def delete(self, url: str, **kwargs: Any) -> Awaitable[ClientResponse]:
+    def delete(self, url: str | URL, **kwargs: Unpack[RequestOptions]) -> Awaitable[ClientResponse]:
         return self.request("DELETE", url, **kwargs)
 
-    def post(self, url: str, **kwargs: Any) -> Awaitable[ClientResponse]:
+    def post(self, url: str | URL, **kwargs: Unpack[RequestOptions]) -> Awaitable[ClientResponse]:
         return self.request("POST", url, **kwargs)
 
-    def put(self, url: str, **kwargs: Any) -> Awaitable[ClientResponse]:
+    def put(self, url: str | URL, **kwargs: Unpack[RequestOptions]) -> Awaitable[ClientResponse]:
         return self.request("PUT", url, **kwargs)
 
-    def patch(self, url: str, **kwargs: Any) -> Awaitable[ClientResponse]:
+    def patch(self, url: str | URL, **kwargs: Unpack[RequestOptions]) -> Awaitable[ClientResponse]:
         return self.request("PATCH", url, **kwargs)
 
     async def request(
@@ -425,7 +437,7 @@ class Client:
         self,
         method: str,
         url: str | URL,
-        **kwargs: Any,
+        **kwargs: Unpack[RequestOptions],
     ) -> AsyncIterator[ClientResponse]:
         """`async with client.stream("GET", url) as response:` a response whose body is read
         in the block (`aiter_bytes()`, `aread()`); leaving the block releases it. Takes the
