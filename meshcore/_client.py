@@ -162,7 +162,8 @@ class ClientResponse:
     one from `stream(...)` is read with `aread()` or `aiter_bytes()` inside the block.
     """
 
-    __slots__ = ("_content", "_stream", "extensions", "headers", "request", "status_code")
+    __slots__ = ("_content", "_iterating", "_stream", "extensions", "headers", "request",
+                 "status_code")
 
     def __init__(
         self,
@@ -178,6 +179,7 @@ class ClientResponse:
         self.request = request
         self._content = content
         self._stream = stream
+        self._iterating = False
         self.extensions = {} if extensions is None else extensions
 
     @property
@@ -257,9 +259,12 @@ class ClientResponse:
             if self._content:
                 yield self._content
             return
-        stream, self._stream = self._stream, None
-        if stream is None:
-            raise RuntimeError("the response body was already read or closed")
+        stream = self._stream
+        if stream is None or self._iterating:
+            raise RuntimeError("the response body was already read, is being read, or is closed")
+        # `_stream` stays set while this runs, so `aclose()` (leaving the `stream` block) frees
+        # the connection even when the loop stopped early and this generator is not yet closed.
+        self._iterating = True
         try:
             async for chunk in stream:
                 if chunk:
@@ -268,6 +273,7 @@ class ClientResponse:
             _as_app_error(exc, self.request)
             raise
         finally:
+            self._stream = None
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -429,6 +435,7 @@ class Client:
         result.request = request
         result._content = content_
         result._stream = None
+        result._iterating = False
         result.extensions = response.extensions
         return result
 

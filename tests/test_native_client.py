@@ -119,6 +119,11 @@ async def test_streamed_response_body(upstream, mesh_factory):
             assert await response.aread() == body and response.content == body
         async with http.stream("GET", "http://orders/big") as response:
             pass  # left unread: closing releases it
+        async with http.stream("GET", "http://orders/big") as response:
+            async for _ in response.aiter_bytes():
+                break  # stopped early: leaving the block still releases the connection
+        pools = mesh.upstream("orders").connector.stats()
+        assert all(pool["in_use"] == 0 for pool in pools.values()), pools
         assert (await http.get("http://orders/big")).content == body
         pools = mesh.upstream("orders").connector.stats()
     assert all(pool["in_use"] == 0 for pool in pools.values()), pools
