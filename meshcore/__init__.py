@@ -8,6 +8,7 @@ never import httpx.
 import typing as _typing
 
 from ._check import Check
+from ._client import Client, ClientResponse  # library mode's native client, without httpx
 from ._config import MeshConfig, ServiceConfig
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
 from ._errors import (
@@ -20,6 +21,7 @@ from ._errors import (
     EndpointProtocolError,
     EndpointReadError,
     EndpointTimeout,
+    HTTPStatusError,
     IdentityRejected,
     LocalRefusal,
     MeshError,
@@ -55,6 +57,8 @@ __all__ = [
     "Balancer",
     "Check",
     "CircuitOpen",
+    "Client",
+    "ClientResponse",
     "ConfigError",
     "DeadlineExceeded",
     "Discovery",
@@ -67,6 +71,7 @@ __all__ = [
     "EndpointStats",
     "EndpointTimeout",
     "FaultPolicy",
+    "HTTPStatusError",
     "Headers",
     "IdentityRejected",
     "Instance",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from ._endpoints import Endpoint
@@ -29,6 +29,7 @@ __all__ = [
     "EndpointProtocolError",
     "EndpointReadError",
     "EndpointTimeout",
+    "HTTPStatusError",
     "IdentityRejected",
     "LocalRefusal",
     "MeshError",
@@ -178,6 +179,18 @@ class IdentityRejected(EndpointError):
         super().__init__(message, service=service, endpoint=endpoint, replayable=replayable)
         self.expected = expected
         self.actual = actual
+
+
+class HTTPStatusError(MeshError):
+    """`ClientResponse.raise_for_status()` found a status other than 2xx (the native client,
+    `mesh.http()`); `response` is that response. An `httpx.HTTPStatusError` when httpx is
+    loaded, as `raise_for_status` on an httpx response raises."""
+
+    HTTPX_BASE = "HTTPStatusError"
+
+    def __init__(self, message: str, *, response: Any, service: str | None = None) -> None:
+        super().__init__(message, service=service)
+        self.response = response
 
 
 class UnknownService(MeshError):

@@ -26,6 +26,8 @@ from ._upstream import Upstream
 if TYPE_CHECKING:
     import httpx
 
+    from ._client import Client
+
 __all__ = ["Mesh"]
 
 _HEALTH_ORDER = {"passing": 0, "warning": 1, "critical": 2}
@@ -176,6 +178,14 @@ class Mesh:
         from ._transport import MeshTransport
 
         return httpx.AsyncClient(transport=MeshTransport(self), **kwargs)
+
+    def http(self, **kwargs: Any) -> Client:
+        """The native client (`meshcore.Client`): httpx's everyday surface on the same pipeline,
+        without httpx's client in front: the fast path of library mode (docs/concepts.md).
+        Takes `base_url`, `headers`, `params`, `timeout` and `verify` (hosts outside the mesh)."""
+        from ._client import Client
+
+        return Client(self, **kwargs)
 
     def upstream(self, service: str) -> Upstream:
         try:

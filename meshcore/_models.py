@@ -13,7 +13,7 @@ async iterable of `bytes` chunks (streamed, read at most once).
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 __all__ = ["URL", "Headers", "Request", "Response", "Body"]
 
@@ -102,7 +102,9 @@ def _to_bytes(value: str | bytes) -> bytes:
 class Headers(list[tuple[bytes, bytes]]):
     """Raw `(name, value)` byte pairs in wire order, with case-insensitive lookup.
 
-    A list subclass so the engine iterates and serializes it without copying.
+    A list subclass so the engine iterates and serializes it without copying. Looked up by
+    name it reads like `httpx.Headers`: `headers["content-type"]` (every value joined with
+    ", "; KeyError when absent), `get`, `get_list`, `items()`, `multi_items()`.
     """
 
     __slots__ = ()
@@ -121,6 +123,36 @@ class Headers(list[tuple[bytes, bytes]]):
     def get_all(self, name: str | bytes) -> list[str]:
         key = _to_bytes(name).lower()
         return [v.decode("latin-1") for k, v in self if k.lower() == key]
+
+    get_list = get_all  # httpx's name
+
+    @overload
+    def __getitem__(self, key: SupportsIndex) -> tuple[bytes, bytes]: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[tuple[bytes, bytes]]: ...
+    @overload
+    def __getitem__(self, key: str) -> str: ...
+    def __getitem__(self, key: SupportsIndex | slice | str) -> Any:
+        if isinstance(key, str):
+            values = self.get_all(key)
+            if not values:
+                raise KeyError(key)
+            return ", ".join(values)
+        return super().__getitem__(key)
+
+    # No `keys()`: with it `dict(headers)` would read this list as a mapping, not as pairs.
+    def items(self) -> list[tuple[str, str]]:
+        """`(name, value)` per name, lower-cased, several values joined with ", " (httpx)."""
+        names = dict.fromkeys(k.decode("latin-1").lower() for k, _ in self)
+        return [(name, self[name]) for name in names]
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        """Every `(name, value)` pair, names lower-cased, in wire order."""
+        return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self]
+
+    @property
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        return list(self)
 
     def set(self, name: str | bytes, value: str | bytes) -> None:
         """Replace every value of `name` with one `value`."""

@@ -170,3 +170,24 @@ def test_cli_md_commands_run_and_print_what_the_page_shows(tmp_path, command, sh
     assert result.returncode == expected, output
     for line in shown:
         assert line in output.splitlines(), f"docs/cli.md shows {line!r}; got:\n{output}"
+
+
+@pytest.mark.anyio
+async def test_the_native_client_example_runs(upstream, tmp_path, monkeypatch, capsys):
+    """The `mesh.http()` example of docs/concepts.md, as printed, against a real upstream."""
+    import textwrap
+
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "concepts.md").read_text(), re.S)
+               if "mesh.http(" in b]
+    server = upstream("orders", body=b'{"id": 7}', headers=[("content-type", "application/json")])
+    (tmp_path / "mesh.toml").write_text(
+        f'[services.orders]\ndiscovery = "static"\nstatic.endpoints = ["{server.address}"]\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(f"async def example():\n{textwrap.indent(block, '    ')}\n    return item", namespace)
+    assert await namespace["example"]() == {"id": 7}
+    assert [s[:2] for s in server.seen] == [
+        ("GET", "/items/7?expand=lines"), ("POST", "/items"), ("GET", "/export")
+    ]
+    assert capsys.readouterr().out.split() == ["9"]

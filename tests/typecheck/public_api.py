@@ -24,6 +24,18 @@ async def library_mode() -> None:
         assert_type(mesh, meshcore.Mesh)
         async with mesh.client(timeout=5.0) as client:
             assert_type(await client.get("http://orders/items/7"), httpx.Response)
+        async with mesh.http(timeout=5.0, base_url="http://orders") as http:
+            assert_type(http, meshcore.Client)
+            response = await http.get("/items/7", params={"a": 1}, headers={"x": "y"}, timeout=None)
+            assert_type(response, meshcore.ClientResponse)
+            assert_type(response.headers, meshcore.Headers)
+            assert_type(response.headers["content-type"], str)
+            assert_type(response.raise_for_status(), meshcore.ClientResponse)
+            await http.post("http://orders/items", json={"sku": "A-1"}, timeout={"read": 2.0})
+            async with http.stream("GET", "http://orders/export") as streamed:
+                assert_type(streamed, meshcore.ClientResponse)
+                async for chunk in streamed.aiter_bytes():
+                    assert_type(chunk, bytes)
         upstream = mesh.upstream("orders")
         assert_type(upstream.balancer, meshcore.Balancer | None)
         assert_type(upstream.snapshot.endpoints, tuple[meshcore.Endpoint, ...])

@@ -92,6 +92,19 @@ async def test_valid_certificate_reaches_the_mtls_upstream(ca_dir, kit, tls_mesh
     }
 
 
+async def test_the_native_client_speaks_mtls_too(ca_dir, kit, tls_mesh):
+    async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
+        async with kit.mtls_server(server_mesh) as server:
+            config = kit.client_config({"ca_dir": str(ca_dir), "service": "web"}, server)
+            async with tls_mesh(config) as mesh, mesh.http() as http:
+                first = await http.get("http://orders/items/7")
+                second = await http.get("http://orders/items/8")
+    assert (first.status_code, first.text) == (200, WEB)
+    assert second.status_code == 200
+    assert server.handshake_errors == []
+    assert server.connections == 1
+
+
 async def test_tls_13_only_by_default(ca_dir, kit, tls_mesh):
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         ctx = server_mesh.plugins.server_tls(server_mesh)
