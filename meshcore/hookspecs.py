@@ -282,8 +282,10 @@ def meshcore_register(instance: Instance, mesh: Mesh) -> Any:
     else that registers an instance, such as the tls plugin's identity service): once per config
     generation, after its mesh started (lifespans entered, the local app probed once), with
     ``instance``, a ``meshcore.Instance``: the service ``name``, the ``address`` and ``port``
-    other instances reach it on (the advertised inbound listener) and an ``id`` unique to this
-    instance and generation. Every implementation is asked; none is first.
+    other instances reach it on (the advertised inbound listener), an ``id`` unique to this
+    instance and generation, and ``metadata`` to publish beside the address (the sidecar's
+    ``admin`` address, which peers' dashboards look for; merge it under your configured meta).
+    Every implementation is asked; none is first.
 
     Return an async context manager that registers on entry and deregisters on exit (the
     sidecar enters each answer in plugin order and exits them in reverse when the generation

@@ -16,20 +16,40 @@ from typing import Any
 from .._instance import Instance
 from ._settings import Address, advertised
 
-__all__ = ["local_instance", "registered"]
+__all__ = ["admin_address", "local_instance", "registered"]
 
 
-def local_instance(settings: Any, inbound: Address, generation: int) -> Instance | None:
+def local_instance(
+    settings: Any, inbound: Address, generation: int, admin: Address | None = None
+) -> Instance | None:
     """The instance to register, or None when `[sidecar] service` is not set."""
     if not settings.service:
         return None
     address = advertised(settings, inbound)
+    metadata: dict[str, str] = {}
+    published = admin_address(address, admin)
+    if published:
+        metadata["admin"] = published
     return Instance(
         name=settings.service,
         address=address.host,
         port=address.port,
         id=f"{settings.service}-{address.host}-{address.port}-g{generation}",
+        metadata=metadata,
     )
+
+
+def admin_address(advertised: Address, admin: Address | None) -> str:
+    """The admin address peers' dashboards can reach, or "" when there is none: a loopback
+    admin listener is reachable only from this machine, so it is published only when the
+    advertised address is loopback too (several sidecars on one host); an admin listener bound
+    to every address is reached at the advertised host."""
+    if admin is None or admin.path or not admin.port:
+        return ""
+    if admin.loopback and not advertised.loopback:
+        return ""
+    host = advertised.host if admin.host in ("0.0.0.0", "::", "") else admin.host
+    return str(Address(host, admin.port))
 
 
 @contextlib.asynccontextmanager

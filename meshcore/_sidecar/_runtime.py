@@ -133,7 +133,9 @@ class Sidecar:
     def _generation(self, mesh: Mesh) -> Generation:
         self._number += 1
         settings = mesh.config.section("sidecar")
-        instance = local_instance(settings, self.addresses["inbound"], self._number)
+        # A worker's own admin listener is private: peers reach the group's (configured) one.
+        admin = self.settings.admin if self.settings.admin.port else self.addresses.get("admin")
+        instance = local_instance(settings, self.addresses["inbound"], self._number, admin)
         if self.worker is not None and not self.worker.registers:
             instance = None  # the group registers once, through its first worker
         return Generation(self._number, mesh, instance)

@@ -173,11 +173,15 @@ def meshcore_register(instance: meshcore.Instance, mesh: Any) -> Registration | 
     if settings.get("name"):
         return None
     return _registration(
-        mesh, settings, name=instance.name, port=instance.port, id=instance.id, address=instance.address
+        mesh, settings, name=instance.name, port=instance.port, id=instance.id, address=instance.address,
+        meta={**instance.metadata, **settings.meta},
     )
 
 
-def _registration(mesh: Any, settings: Any, *, name: str, port: int, id: str, address: str) -> Registration:
+def _registration(
+    mesh: Any, settings: Any, *, name: str, port: int, id: str, address: str,
+    meta: dict[str, str] | None = None,
+) -> Registration:
     registration = Registration(
         _agent_config(settings, "agent", SECTION, mesh.config.source),
         name=name,
@@ -185,7 +189,7 @@ def _registration(mesh: Any, settings: Any, *, name: str, port: int, id: str, ad
         id=id,
         address=address,
         tags=tuple(settings.tags),
-        meta=settings.meta,
+        meta=settings.meta if meta is None else meta,
         weight_passing=settings.weight_passing,
         weight_warning=settings.weight_warning,
         ttl=settings.ttl,

@@ -203,7 +203,8 @@ def meshcore_register(instance: meshcore.Instance, mesh: Any) -> Registration | 
     if settings.get("name"):
         return None
     named = {**settings, "name": instance.name, "port": instance.port, "id": instance.id,
-             "address": instance.address}
+             "address": instance.address,
+             "meta": {**instance.metadata, **settings["meta"]}}
     registration = make_registration(named, source=mesh.config.source, task_group=_TaskGroupOf(mesh),
                                      health=mesh.local_health)
     _registrations[mesh] = registration

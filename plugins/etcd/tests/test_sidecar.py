@@ -137,6 +137,7 @@ timeout = "0.5s"
         [(key, value)] = keys.items()
         assert key == admin.key("orders", f"orders-127.0.0.1-{ports['inbound']}-g1")
         assert json.loads(value)["Addr"] == f"127.0.0.1:{ports['inbound']}"
+        assert json.loads(value)["Metadata"]["meta"] == {"admin": f"127.0.0.1:{ports['admin']}"}
     finally:
         proc.terminate()
         proc.wait(10)
