@@ -6,6 +6,8 @@
   asyncio and uvloop the transport's descriptor is duplicated and the transport closed).
 - `SendBatch`: sends held to the end of the asyncio loop's pass.
 - `_LoopWaiter` (asyncio, uvloop) and `_trio_wait` (trio): waits that carry their own limit.
+- `Acceptor` and `server_socket`: a listener's connections accepted in batches straight from
+  its socket, each driven as a `Socket` without an anyio stream or a transport in between.
 
 Each reach into a private name is guarded by tests/engine/test_loop_internals.py, which fails
 when the name moves. At run time a moved internal is not silent either: the engine logs a
@@ -16,6 +18,7 @@ stream through `_socket.StreamSocket`), slower but correct.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -351,3 +354,91 @@ class _LoopWaiter:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+# Connections accepted in a row before the loop serves others: HAProxy's `tune.maxaccept`
+# (64), so a burst is taken in a few passes and established connections still get theirs.
+MAX_ACCEPT = 64
+
+
+class Acceptor:
+    """Accepts a listening socket's connections in batches: one wait for readiness, then
+    `accept()` until the backlog is empty or `MAX_ACCEPT` (Envoy's
+    `max_connections_to_accept_per_socket_event`, HAProxy's `tune.maxaccept`).
+
+    Why: anyio's `accept()` takes one connection per pass of the loop and builds a stream
+    (asyncio: a transport and a protocol, which `take_socket` then takes apart again); under
+    load a burst of new connections waited seconds behind the established ones
+    (docs/data-path.md, "Connection bursts and idle connections"). `wait()` raises
+    `OSError` once the socket is closed.
+    """
+
+    __slots__ = ("sock", "wait", "release")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        if _backend_module() == "anyio._backends._trio":
+            import trio
+
+            wait_readable = trio.lowlevel.wait_readable
+
+            async def wait() -> None:
+                try:
+                    await wait_readable(sock)
+                except trio.ClosedResourceError:
+                    raise OSError("listener closed") from None
+
+            self.wait: Callable[[], Awaitable[None]] = wait
+            self.release: Callable[[], None] = _nothing
+        else:
+            loop = asyncio.get_running_loop()
+            waiter = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
+            self.wait = waiter.wait
+            self.release = waiter.release
+
+    def accept(self, most: int) -> list[tuple[socket.socket, Any]]:
+        """Up to `most` connections the backlog holds now (non-blocking, TCP_NODELAY set as
+        asyncio's and trio's streams do); an empty list when it holds none."""
+        accepted: list[tuple[socket.socket, Any]] = []
+        accept = self.sock.accept
+        while len(accepted) < most:
+            try:
+                conn, address = accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # EMFILE, ECONNABORTED, ...: the caller sees it if nothing came
+                if accepted:
+                    break
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            accepted.append((conn, address))
+        return accepted
+
+
+def _nothing() -> None:
+    pass
+
+
+def server_socket(sock: socket.socket) -> Socket:
+    """The `Socket` for a connection an `Acceptor` took, on the running backend (from async
+    context); `aclose()` closes `sock`."""
+    if _backend_module() == "anyio._backends._trio":
+        import trio
+
+        lowlevel = trio.lowlevel
+        return Socket(
+            sock, _trio_wait(lowlevel.wait_readable, sock), _trio_wait(lowlevel.wait_writable, sock),
+            # trio must hear of a descriptor's close before it happens (it may reuse the number)
+            on_close=functools.partial(lowlevel.notify_closing, sock),
+        )
+    loop = asyncio.get_running_loop()
+    reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
+    writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
+
+    def release() -> None:
+        reader.release()
+        writer.release()
+
+    return Socket(sock, reader.wait, writer.wait, batch=send_batch(loop), on_close=release)

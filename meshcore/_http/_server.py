@@ -322,6 +322,7 @@ class ServerConnection:
         "last_host",
         "limits",
         "now",
+        "on_head",
         "on_tls_error",
         "parser",
         "ready",
@@ -334,11 +335,13 @@ class ServerConnection:
 
     def __init__(
         self,
-        stream: ByteStream,
+        stream: ByteStream | None,
         limits: ServerLimits,
         info: ConnectionInfo,
         tls: ssl.SSLContext | None = None,
         on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
+        io: Socket | None = None,
+        on_head: Callable[[], None] | None = None,
     ) -> None:
         self.stream = stream
         self.tls = tls
@@ -355,7 +358,9 @@ class ServerConnection:
         # `idle_timeout` (a connection that sends nothing must not hold a slot for 75 s).
         self.began = False
         self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
-        self.io: Socket = None  # type: ignore[assignment]  # made in serve()
+        self.io: Socket = io  # type: ignore[assignment]  # else made in serve()
+        # Called once, when the first request head is complete (the sidecar's pending cap).
+        self.on_head = on_head
         self.now = anyio.current_time
         self.checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
         # The current request went through the scheduler at least once.
@@ -411,6 +416,9 @@ class ServerConnection:
         cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.headers_done = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         self.in_head = False
+        if self.on_head is not None:
+            on_head, self.on_head = self.on_head, None
+            on_head()
         max_body = self.limits.max_body
         if max_body is not None:
             length = cur.headers.get("content-length")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
@@ -538,11 +546,13 @@ class ServerConnection:
         task resumes, every frame of its await chain resumes too, and a proxied request
         resumes it twice (docs/data-path.md).
         """
-        io = None
+        io: Socket | None = self.io  # given, or made from the stream here
         try:
             self.now = backend_clock()
             checkpoint = self.checkpoint = backend_checkpoint()
-            io = self.io = await socket_for(self.stream)
+            if io is None:
+                assert self.stream is not None
+                io = self.io = await socket_for(self.stream)
             if self.tls is not None and not await self.handshake(io):
                 return
             if io.pending:  # bytes asyncio's transport had read before the socket was taken
@@ -649,13 +659,15 @@ def _split_host(value: bytes | None, info: ConnectionInfo, scheme: str) -> tuple
 
 
 def serve_connection(
-    stream: ByteStream,
+    stream: ByteStream | None,
     handler: Handler,
     *,
     limits: ServerLimits = ServerLimits(),
     info: ConnectionInfo | None = None,
     tls: ssl.SSLContext | None = None,
     on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
+    io: Socket | None = None,
+    on_head: Callable[[], None] | None = None,
 ) -> Coroutine[Any, Any, None]:
     """Serve HTTP/1.1 requests on one connection until it ends; closes the stream. Await it.
 
@@ -667,10 +679,15 @@ def serve_connection(
     An error inside the engine ends the connection and is logged, never raised: one broken
     connection must not take its listener down. (A plain function returning the coroutine,
     so the connection's task resumes one frame less each time.)
+
+    `io` instead of a stream: a connection already in the engine's socket contract (the
+    sidecar's listeners accept straight into one, `_loop.Acceptor`); give `info` with it.
+    `on_head()` runs once, when the first request head is complete.
     """
     if info is None:
+        assert stream is not None, "serve_connection: a stream, or io with info"
         info = ConnectionInfo.from_stream(stream)
-    return ServerConnection(stream, limits, info, tls, on_tls_error).serve(handler)
+    return ServerConnection(stream, limits, info, tls, on_tls_error, io, on_head).serve(handler)
 
 
 async def serve_http(
