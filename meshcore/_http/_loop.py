@@ -8,6 +8,8 @@
 - `_LoopWaiter` (asyncio, uvloop) and `_trio_wait` (trio): waits that carry their own limit.
 - `Acceptor` and `server_socket`: a listener's connections accepted in batches straight from
   its socket, each driven as a `Socket` without an anyio stream or a transport in between.
+- `task_group`: the backend's own task group (asyncio's `TaskGroup`, a trio nursery) for one
+  task per connection.
 
 Each reach into a private name is guarded by tests/engine/test_loop_internals.py, which fails
 when the name moves. At run time a moved internal is not silent either: the engine logs a
@@ -18,13 +20,14 @@ stream through `_socket.StreamSocket`), slower but correct.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import socket
 import types
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -442,3 +445,31 @@ def server_socket(sock: socket.socket) -> Socket:
         writer.release()
 
     return Socket(sock, reader.wait, writer.wait, batch=send_batch(loop), on_close=release)
+
+
+Spawn = Callable[..., None]
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[Spawn]:
+    """`spawn(async_fn, *args)` runs `async_fn(*args)` in a task of the backend's own group,
+    which the block waits for (and cancels when the block is cancelled), like an anyio task
+    group.
+
+    Why not anyio's: its `start_soon` wraps each task in a handle with an event and a cancel
+    scope of its own, about 2 KiB and several µs per connection (docs/data-path.md,
+    "Connection bursts and idle connections"). A spawned function must not raise (anyio's
+    cancel scopes work inside these tasks as in anyio's)."""
+    if _backend_module() == "anyio._backends._trio":
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            yield nursery.start_soon
+        return
+    async with asyncio.TaskGroup() as group:
+        create_task = group.create_task
+
+        def spawn(async_fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+            create_task(async_fn(*args))  # type: ignore[unused-awaitable]  # the group keeps it
+
+        yield spawn

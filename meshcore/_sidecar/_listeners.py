@@ -31,7 +31,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from .._errors import ConfigError
-from .._http._loop import MAX_ACCEPT, Acceptor, server_socket
+from .._http._loop import MAX_ACCEPT, Acceptor, server_socket, task_group
 from .._http._server import ConnectionInfo
 from .._http._socket import Socket
 from ._metrics import Telemetry
@@ -241,33 +241,36 @@ class Listeners:
             return
         wildcard = local[0] in ("0.0.0.0", "::")
         acceptor = Acceptor(raw)
-        try:
-            with scope:
-                while True:
-                    await self._room(name, limit)
-                    room = await self._pending_room(name, max_pending)
-                    try:
-                        await acceptor.wait()
-                        batch = acceptor.accept(min(MAX_ACCEPT, limit - len(conns), room))
-                    except OSError as exc:
-                        if raw.fileno() == -1:  # the listener was closed
-                            return
-                        log.warning("accept on %s failed: %s", name, exc)  # EMFILE and friends
-                        await anyio.sleep(0.1)
-                        continue
-                    for sock, address in batch:
-                        conn = Connection(name)
-                        conns.add(conn)
-                        self._admit(conn)
-                        telemetry.connections_total[name] += 1
-                        info = ConnectionInfo(
-                            address[:2], sock.getsockname()[:2] if wildcard else local[:2]
-                        )
-                        tg.start_soon(self._run_socket, conn, sock, info, serve)
-        finally:
-            acceptor.release()
-        with anyio.CancelScope(shield=True):
-            await listener.aclose()
+        # The connections run in the backend's own task group (see `task_group`), which this
+        # task then waits for: they outlive the accepting (drain), not the listener's task.
+        async with task_group() as spawn:
+            try:
+                with scope:
+                    while True:
+                        await self._room(name, limit)
+                        room = await self._pending_room(name, max_pending)
+                        try:
+                            await acceptor.wait()
+                            batch = acceptor.accept(min(MAX_ACCEPT, limit - len(conns), room))
+                        except OSError as exc:
+                            if raw.fileno() == -1:  # the listener was closed
+                                break
+                            log.warning("accept on %s failed: %s", name, exc)  # EMFILE, ...
+                            await anyio.sleep(0.1)
+                            continue
+                        for sock, address in batch:
+                            conn = Connection(name)
+                            conns.add(conn)
+                            self._admit(conn)
+                            telemetry.connections_total[name] += 1
+                            info = ConnectionInfo(
+                                address[:2], sock.getsockname()[:2] if wildcard else local[:2]
+                            )
+                            spawn(self._run_socket, conn, sock, info, serve)
+            finally:
+                acceptor.release()
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
 
     async def _run_socket(
         self, conn: Connection, sock: socket.socket, info: ConnectionInfo, serve: Serve
