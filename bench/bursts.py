@@ -221,6 +221,7 @@ class Bench:
             "[sidecar]\n"
             + "".join(f'{k} = "127.0.0.1:{v}"\n' for k, v in ports.items())
             + f"max_connections = {self.args.max_connections}\n"
+            + (f"max_pending_connections = {self.args.max_pending}\n" if self.args.max_pending else "")
             + f'[services.bench]\ndiscovery = "static"\n[services.bench.static]\nendpoints = [{eps}]\n'
         )
         conf = self.tmp / "sidecar.toml"
@@ -280,6 +281,8 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=5000)
     parser.add_argument("--max-connections", type=int, default=8000,
                         help="the sidecar's max_connections (HAProxy gets maxconn 8000)")
+    parser.add_argument("--max-pending", type=int, default=0,
+                        help="the sidecar's max_pending_connections (default: its own default)")
     parser.add_argument("--backend", default="uvloop", choices=["trio", "asyncio", "uvloop"])
     parser.add_argument("--quick", action="store_true", help="2 rounds, shorter runs")
     args = parser.parse_args()

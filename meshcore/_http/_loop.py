@@ -372,8 +372,9 @@ class Acceptor:
     Why: anyio's `accept()` takes one connection per pass of the loop and builds a stream
     (asyncio: a transport and a protocol, which `take_socket` then takes apart again); under
     load a burst of new connections waited seconds behind the established ones
-    (docs/data-path.md, "Connection bursts and idle connections"). `wait()` raises
-    `OSError` once the socket is closed.
+    (docs/data-path.md, "Connection bursts and idle connections"). Cancel a `wait()` before
+    closing the socket (on trio a close under it raises OSError; asyncio would not wake it),
+    and `release()` the acceptor then.
     """
 
     __slots__ = ("sock", "wait", "release")
