@@ -377,12 +377,19 @@ class Acceptor:
     and `release()` the acceptor then.
     """
 
-    __slots__ = ("sock", "wait", "release")
+    __slots__ = ("sock", "wait", "release", "kind", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         sock.setblocking(False)
-        if _backend_module() == "anyio._backends._trio":
+        # `socket.accept` looks these up as enums on every call (a tenth of a µs each).
+        self.kind = (int(sock.family), int(sock.type), sock.proto)
+        trio_backend = _backend_module() == "anyio._backends._trio"
+        # `socket(accepted)`: the accepted socket's `Socket`, for the backend found once here.
+        self.socket: Callable[[socket.socket], Socket] = (
+            _trio_socket if trio_backend else _LoopSockets(asyncio.get_running_loop())
+        )
+        if trio_backend:
             import trio
 
             wait_readable = trio.lowlevel.wait_readable
@@ -405,16 +412,19 @@ class Acceptor:
         """Up to `most` connections the backlog holds now (non-blocking, TCP_NODELAY set as
         asyncio's and trio's streams do); an empty list when it holds none."""
         accepted: list[tuple[socket.socket, Any]] = []
-        accept = self.sock.accept
+        accept = self.sock._accept  # type: ignore[attr-defined]  # what socket.accept calls; guarded by tests/engine/test_accept.py
+        family, kind, proto = self.kind
+        new = socket.socket
         while len(accepted) < most:
             try:
-                conn, address = accept()
+                fd, address = accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:  # EMFILE, ECONNABORTED, ...: the caller sees it if nothing came
                 if accepted:
                     break
                 raise
+            conn = new(family, kind, proto, fileno=fd)
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             accepted.append((conn, address))
@@ -426,26 +436,43 @@ def _nothing() -> None:
 
 
 def server_socket(sock: socket.socket) -> Socket:
-    """The `Socket` for a connection an `Acceptor` took, on the running backend (from async
-    context); `aclose()` closes `sock`."""
+    """The `Socket` for an accepted connection on the running backend (from async context;
+    `Acceptor.socket` is the same, with the backend looked up once); `aclose()` closes `sock`."""
     if _backend_module() == "anyio._backends._trio":
-        import trio
+        return _trio_socket(sock)
+    return _LoopSockets(asyncio.get_running_loop())(sock)
 
-        lowlevel = trio.lowlevel
-        return Socket(
-            sock, _trio_wait(lowlevel.wait_readable, sock), _trio_wait(lowlevel.wait_writable, sock),
-            # trio must hear of a descriptor's close before it happens (it may reuse the number)
-            on_close=functools.partial(lowlevel.notify_closing, sock),
-        )
-    loop = asyncio.get_running_loop()
-    reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
-    writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
 
-    def release() -> None:
-        reader.release()
-        writer.release()
+def _trio_socket(sock: socket.socket) -> Socket:
+    import trio
 
-    return Socket(sock, reader.wait, writer.wait, batch=send_batch(loop), on_close=release)
+    lowlevel = trio.lowlevel
+    return Socket(
+        sock, _trio_wait(lowlevel.wait_readable, sock), _trio_wait(lowlevel.wait_writable, sock),
+        # trio must hear of a descriptor's close before it happens (it may reuse the number)
+        on_close=functools.partial(lowlevel.notify_closing, sock),
+    )
+
+
+class _LoopSockets:
+    """Makes the `Socket` of accepted connections on one asyncio or uvloop loop."""
+
+    __slots__ = ("batch", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.batch = send_batch(loop)
+
+    def __call__(self, sock: socket.socket) -> Socket:
+        loop = self.loop
+        reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
+        writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
+
+        def release() -> None:
+            reader.release()
+            writer.release()
+
+        return Socket(sock, reader.wait, writer.wait, batch=self.batch, on_close=release)
 
 
 Spawn = Callable[..., None]

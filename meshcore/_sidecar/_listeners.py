@@ -31,7 +31,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from .._errors import ConfigError
-from .._http._loop import MAX_ACCEPT, Acceptor, server_socket, task_group
+from .._http._loop import MAX_ACCEPT, Acceptor, task_group
 from .._http._server import ConnectionInfo
 from .._http._socket import Socket
 from ._metrics import Telemetry
@@ -266,20 +266,25 @@ class Listeners:
                             info = ConnectionInfo(
                                 address[:2], sock.getsockname()[:2] if wildcard else local[:2]
                             )
-                            spawn(self._run_socket, conn, sock, info, serve)
+                            spawn(self._run_socket, conn, sock, info, serve, acceptor.socket)
             finally:
                 acceptor.release()
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
 
     async def _run_socket(
-        self, conn: Connection, sock: socket.socket, info: ConnectionInfo, serve: Serve
+        self,
+        conn: Connection,
+        sock: socket.socket,
+        info: ConnectionInfo,
+        serve: Serve,
+        make_socket: Callable[[socket.socket], Socket],
     ) -> None:
         """`_run` for a socket `_accept_batches` took: the engine drives it directly."""
         conn.client_ip = str(info.client[0]).encode()
         try:
             with conn.scope:
-                await serve(conn, None, server_socket(sock), info)
+                await serve(conn, None, make_socket(sock), info)
         except Exception:
             log.exception("connection on %s failed", conn.listener)
         finally:

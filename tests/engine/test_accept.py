@@ -28,6 +28,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
 
 
 async def test_a_backlog_is_taken_in_batches_of_max_accept() -> None:
+    """(`Acceptor.accept` calls `socket._accept`, what `socket.accept` itself calls.)"""
     listener = socket.create_server(("127.0.0.1", 0), backlog=256)
     clients = [socket.create_connection(listener.getsockname()) for _ in range(MAX_ACCEPT + 36)]
     acceptor = Acceptor(listener)
@@ -54,11 +55,12 @@ async def test_a_backlog_is_taken_in_batches_of_max_accept() -> None:
 async def test_an_accepted_socket_is_served_in_the_backends_own_task_group() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
+    other = socket.create_connection(listener.getsockname())
     acceptor = Acceptor(listener)
     served: list[bytes] = []
 
-    async def echo(sock: socket.socket) -> None:
-        io = server_socket(sock)
+    async def echo(sock: socket.socket, by_acceptor: bool) -> None:
+        io = acceptor.socket(sock) if by_acceptor else server_socket(sock)
         try:
             data = await receive(io, 100, 5.0)
             served.append(data)
@@ -69,15 +71,20 @@ async def test_an_accepted_socket_is_served_in_the_backends_own_task_group() -> 
     try:
         with anyio.fail_after(5):
             await acceptor.wait()
+            batch = acceptor.accept(MAX_ACCEPT)  # both: connected before the wait
+            assert len(batch) == 2
             client.sendall(b"ping")
+            other.sendall(b"pong")
             async with task_group() as spawn:
-                for sock, _ in acceptor.accept(MAX_ACCEPT):
-                    spawn(echo, sock)
-        assert served == [b"ping"]
-        client.settimeout(5)
-        assert client.recv(100) == b"PING"
-        assert client.recv(100) == b""  # aclose closed the accepted socket
+                spawn(echo, batch[0][0], True)
+                spawn(echo, batch[1][0], False)
+        assert sorted(served) == [b"ping", b"pong"]
+        for peer, expected in ((client, b"PING"), (other, b"PONG")):
+            peer.settimeout(5)
+            assert peer.recv(100) == expected
+            assert peer.recv(100) == b""  # aclose closed the accepted socket
     finally:
         acceptor.release()
         listener.close()
         client.close()
+        other.close()
