@@ -339,6 +339,7 @@ class ServerConnection:
         info: ConnectionInfo,
         tls: ssl.SSLContext | None = None,
         on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
+        *,
         io: Socket | None = None,
         on_head: Callable[[], None] | None = None,
     ) -> None:
@@ -702,7 +703,9 @@ def serve_connection(
     if info is None:
         assert stream is not None, "serve_connection: a stream, or io with info"
         info = ConnectionInfo.from_stream(stream)
-    return ServerConnection(stream, limits, info, tls, on_tls_error, io, on_head).serve(handler)
+    return ServerConnection(
+        stream, limits, info, tls, on_tls_error, io=io, on_head=on_head
+    ).serve(handler)
 
 
 async def serve_http(
