@@ -6,6 +6,10 @@
   asyncio and uvloop the transport's descriptor is duplicated and the transport closed).
 - `SendBatch`: sends held to the end of the asyncio loop's pass.
 - `_LoopWaiter` (asyncio, uvloop) and `_trio_wait` (trio): waits that carry their own limit.
+- `Acceptor` and `server_socket`: a listener's connections accepted in batches straight from
+  its socket, each driven as a `Socket` without an anyio stream or a transport in between.
+- `task_group`: the backend's own task group (asyncio's `TaskGroup`, a trio nursery) for one
+  task per connection.
 
 Each reach into a private name is guarded by tests/engine/test_loop_internals.py, which fails
 when the name moves. At run time a moved internal is not silent either: the engine logs a
@@ -16,12 +20,14 @@ stream through `_socket.StreamSocket`), slower but correct.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import socket
 import types
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -351,3 +357,147 @@ class _LoopWaiter:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+# Connections accepted in a row before the loop serves others: HAProxy's `tune.maxaccept`
+# (64), so a burst is taken in a few passes and established connections still get theirs.
+MAX_ACCEPT = 64
+
+
+class Acceptor:
+    """Accepts a listening socket's connections in batches: one wait for readiness, then
+    `accept()` until the backlog is empty or `MAX_ACCEPT` (Envoy's
+    `max_connections_to_accept_per_socket_event`, HAProxy's `tune.maxaccept`).
+
+    Why: anyio's `accept()` takes one connection per pass of the loop and builds a stream
+    (asyncio: a transport and a protocol, which `take_socket` then takes apart again); under
+    load a burst of new connections waited seconds behind the established ones
+    (docs/data-path.md, "Connection bursts and idle connections"). Cancel a `wait()` before
+    closing the socket (on trio a close under it raises OSError; asyncio would not wake it),
+    and `release()` the acceptor then.
+    """
+
+    __slots__ = ("sock", "wait", "release", "kind", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        # `socket.accept` looks these up as enums on every call (a tenth of a µs each).
+        self.kind = (int(sock.family), int(sock.type), sock.proto)
+        trio_backend = _backend_module() == "anyio._backends._trio"
+        # `socket(accepted)`: the accepted socket's `Socket`, for the backend found once here.
+        self.socket: Callable[[socket.socket], Socket] = (
+            _trio_socket if trio_backend else _LoopSockets(asyncio.get_running_loop())
+        )
+        if trio_backend:
+            import trio
+
+            wait_readable = trio.lowlevel.wait_readable
+
+            async def wait() -> None:
+                try:
+                    await wait_readable(sock)
+                except trio.ClosedResourceError:
+                    raise OSError("listener closed") from None
+
+            self.wait: Callable[[], Awaitable[None]] = wait
+            self.release: Callable[[], None] = _nothing
+        else:
+            loop = asyncio.get_running_loop()
+            waiter = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
+            self.wait = waiter.wait
+            self.release = waiter.release
+
+    def accept(self, most: int) -> list[tuple[socket.socket, Any]]:
+        """Up to `most` connections the backlog holds now (non-blocking, TCP_NODELAY set as
+        asyncio's and trio's streams do); an empty list when it holds none."""
+        accepted: list[tuple[socket.socket, Any]] = []
+        accept = self.sock._accept  # type: ignore[attr-defined]  # what socket.accept calls; guarded by tests/engine/test_accept.py
+        family, kind, proto = self.kind
+        new = socket.socket
+        while len(accepted) < most:
+            try:
+                fd, address = accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # EMFILE, ECONNABORTED, ...: the caller sees it if nothing came
+                if accepted:
+                    break
+                raise
+            conn = new(family, kind, proto, fileno=fd)
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            accepted.append((conn, address))
+        return accepted
+
+
+def _nothing() -> None:
+    pass
+
+
+def server_socket(sock: socket.socket) -> Socket:
+    """The `Socket` for an accepted connection on the running backend (from async context;
+    `Acceptor.socket` is the same, with the backend looked up once); `aclose()` closes `sock`."""
+    if _backend_module() == "anyio._backends._trio":
+        return _trio_socket(sock)
+    return _LoopSockets(asyncio.get_running_loop())(sock)
+
+
+def _trio_socket(sock: socket.socket) -> Socket:
+    import trio
+
+    lowlevel = trio.lowlevel
+    return Socket(
+        sock, _trio_wait(lowlevel.wait_readable, sock), _trio_wait(lowlevel.wait_writable, sock),
+        # trio must hear of a descriptor's close before it happens (it may reuse the number)
+        on_close=functools.partial(lowlevel.notify_closing, sock),
+    )
+
+
+class _LoopSockets:
+    """Makes the `Socket` of accepted connections on one asyncio or uvloop loop."""
+
+    __slots__ = ("batch", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.batch = send_batch(loop)
+
+    def __call__(self, sock: socket.socket) -> Socket:
+        loop = self.loop
+        reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
+        writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
+
+        def release() -> None:
+            reader.release()
+            writer.release()
+
+        return Socket(sock, reader.wait, writer.wait, batch=self.batch, on_close=release)
+
+
+Spawn = Callable[..., None]
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[Spawn]:
+    """`spawn(async_fn, *args)` runs `async_fn(*args)` in a task of the backend's own group,
+    which the block waits for (and cancels when the block is cancelled), like an anyio task
+    group.
+
+    Why not anyio's: its `start_soon` wraps each task in a handle with an event and a cancel
+    scope of its own, about 2 KiB and several µs per connection (docs/data-path.md,
+    "Connection bursts and idle connections"). A spawned function must not raise (anyio's
+    cancel scopes work inside these tasks as in anyio's)."""
+    if _backend_module() == "anyio._backends._trio":
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            yield nursery.start_soon
+        return
+    async with asyncio.TaskGroup() as group:
+        create_task = group.create_task
+
+        def spawn(async_fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+            create_task(async_fn(*args))  # type: ignore[unused-awaitable]  # the group keeps it
+
+        yield spawn

@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import math
 import ssl
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -323,6 +322,7 @@ class ServerConnection:
         "last_host",
         "limits",
         "now",
+        "on_head",
         "on_reject",
         "on_tls_error",
         "parser",
@@ -337,12 +337,15 @@ class ServerConnection:
 
     def __init__(
         self,
-        stream: ByteStream,
+        stream: ByteStream | None,
         limits: ServerLimits,
         info: ConnectionInfo,
         tls: ssl.SSLContext | None = None,
         on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
         on_reject: Callable[[ConnectionInfo, int, str], None] | None = None,
+        *,
+        io: Socket | None = None,
+        on_head: Callable[[], None] | None = None,
     ) -> None:
         self.stream = stream
         self.tls = tls
@@ -351,9 +354,13 @@ class ServerConnection:
         self.limits = limits
         self.info = info
         self.scheme = "https" if info.ssl_object is not None else "http"
-        self.parser = httptools.HttpRequestParser(self)
+        # Made on the first bytes and dropped while the connection waits between requests
+        # (~1 KiB each; making one costs under 1 µs).
+        self.parser: httptools.HttpRequestParser | None = None
         self.cur: RequestResponseCycle | None = None
-        self.ready: deque[RequestResponseCycle] = deque()
+        # A list, not a deque: nearly always empty or one long, and an empty deque keeps a
+        # 64-slot block (~0.6 KiB) for as long as the connection lives.
+        self.ready: list[RequestResponseCycle] = []
         self.upgraded = False
         self.in_head = False
         # The last bytes read of an unfinished head: its end ("\r\n\r\n") may straddle reads.
@@ -362,7 +369,9 @@ class ServerConnection:
         # `idle_timeout` (a connection that sends nothing must not hold a slot for 75 s).
         self.began = False
         self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
-        self.io: Socket = None  # type: ignore[assignment]  # made in serve()
+        self.io: Socket = io  # type: ignore[assignment]  # else made in serve()
+        # Called once, when the first request head is complete (the sidecar's pending cap).
+        self.on_head = on_head
         self.now = anyio.current_time
         self.checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
         # The current request went through the scheduler at least once.
@@ -413,11 +422,15 @@ class ServerConnection:
     def on_headers_complete(self) -> None:
         cur = self.cur
         parser = self.parser
+        assert parser is not None
         cur.method = parser.get_method().decode("ascii")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.version = parser.get_http_version()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.headers_done = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         self.in_head = False
+        if self.on_head is not None:
+            on_head, self.on_head = self.on_head, None
+            on_head()
         max_body = self.limits.max_body
         if max_body is not None:
             length = cur.headers.get("content-length")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
@@ -453,7 +466,10 @@ class ServerConnection:
             counted = cur
             body_size, chunk_count = cur.body_size, cur.chunk_count
         try:
-            self.parser.feed_data(data)
+            parser = self.parser
+            if parser is None:
+                parser = self.parser = httptools.HttpRequestParser(self)
+            parser.feed_data(data)
             if counted is not None:
                 if counted.complete and self.cur is not counted:
                     return  # the rest began the next request: what of it is whose is unknown
@@ -507,10 +523,16 @@ class ServerConnection:
             try:
                 data = sock.recv(_READ_SIZE)
             except BlockingIOError:
+                data = None  # the wait is outside the handler, which would keep the exception
+            except OSError:
+                return False
+            if data is None:
                 if deadline is None:
                     waiting_head = self.in_head or not self.began
                     timeout = limits.header_timeout if waiting_head else limits.idle_timeout
                     deadline = _INF if timeout is None else self.now() + timeout
+                if not self.in_head:
+                    self.parser = None  # between requests: nothing to keep while idle
                 try:
                     await io.wait_readable(None if deadline == _INF else deadline - self.now())
                 except TimeoutError:
@@ -521,8 +543,6 @@ class ServerConnection:
                     return False
                 self.waited = True
                 continue
-            except OSError:
-                return False
             if not data:
                 return False
             was_in_head = self.in_head
@@ -571,11 +591,13 @@ class ServerConnection:
         task resumes, every frame of its await chain resumes too, and a proxied request
         resumes it twice (docs/data-path.md).
         """
-        io = None
+        io: Socket | None = self.io  # given, or made from the stream here
         try:
             self.now = backend_clock()
             checkpoint = self.checkpoint = backend_checkpoint()
-            io = self.io = await socket_for(self.stream)
+            if io is None:
+                assert self.stream is not None
+                io = self.io = await socket_for(self.stream)
             if self.tls is not None and not await self.handshake(io):
                 return
             if io.pending:  # bytes asyncio's transport had read before the socket was taken
@@ -606,7 +628,7 @@ class ServerConnection:
                     if io.unsent is not None and not await self.send_unsent():
                         return
                 self.waited = False
-                cycle = self.ready.popleft()
+                cycle = self.ready.pop(0)
                 if cycle.host is None and cycle.version == "1.1":
                     await self.refuse(400, "HTTP/1.1 request without Host")
                     return
@@ -635,6 +657,10 @@ class ServerConnection:
                     return
                 if not cycle.complete and not await cycle.drain():
                     return
+                # An idle connection keeps nothing of the request it answered.
+                if self.cur is cycle:
+                    self.cur = None
+                del cycle, request, response
         except Exception:
             log.exception("HTTP connection failed")
         finally:
@@ -682,7 +708,7 @@ def _split_host(value: bytes | None, info: ConnectionInfo, scheme: str) -> tuple
 
 
 def serve_connection(
-    stream: ByteStream,
+    stream: ByteStream | None,
     handler: Handler,
     *,
     limits: ServerLimits = ServerLimits(),
@@ -690,6 +716,8 @@ def serve_connection(
     tls: ssl.SSLContext | None = None,
     on_tls_error: Callable[[ConnectionInfo, BaseException], None] | None = None,
     on_reject: Callable[[ConnectionInfo, int, str], None] | None = None,
+    io: Socket | None = None,
+    on_head: Callable[[], None] | None = None,
 ) -> Coroutine[Any, Any, None]:
     """Serve HTTP/1.1 requests on one connection until it ends; closes the stream. Await it.
 
@@ -703,10 +731,17 @@ def serve_connection(
     An error inside the engine ends the connection and is logged, never raised: one broken
     connection must not take its listener down. (A plain function returning the coroutine,
     so the connection's task resumes one frame less each time.)
+
+    `io` instead of a stream: a connection already in the engine's socket contract (the
+    sidecar's listeners accept straight into one, `_loop.Acceptor`); give `info` with it.
+    `on_head()` runs once, when the first request head is complete.
     """
     if info is None:
+        assert stream is not None, "serve_connection: a stream, or io with info"
         info = ConnectionInfo.from_stream(stream)
-    return ServerConnection(stream, limits, info, tls, on_tls_error, on_reject).serve(handler)
+    return ServerConnection(
+        stream, limits, info, tls, on_tls_error, on_reject, io=io, on_head=on_head
+    ).serve(handler)
 
 
 async def serve_http(

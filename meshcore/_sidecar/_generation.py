@@ -25,7 +25,8 @@ __all__ = ["Generation", "LISTENER_KEYS", "build_mesh", "sidecar_connector"]
 
 # Settings that need new sockets: a reload that changes them is refused.
 LISTENER_KEYS = (
-    "outbound", "outbound_mode", "inbound", "admin", "admin_bind_any", "max_connections"
+    "outbound", "outbound_mode", "inbound", "admin", "admin_bind_any", "max_connections",
+    "max_pending_connections",
 )
 
 # Keep every pooled connection idle-able: with the engine's default of 20 idle per endpoint,

@@ -2,6 +2,18 @@
 
 Every connection is tracked (`connections_open` in /metrics and /state) so tests can see that
 bad input leaves nothing behind, and so drain can close the idle ones and cancel the rest.
+
+TCP listeners accept in batches straight from the listening socket (`_loop.Acceptor`) and
+hand the engine the accepted socket itself; UNIX listeners go through anyio's streams.
+
+A connection is *pending* from its accept until its first request head is complete (for
+inbound mTLS that includes the handshake). Pending connections have their own, smaller cap
+(`max_pending_connections`). At the cap the listener first waits (newcomers queue in the
+backlog, as at `max_connections`) until a pending connection speaks, ends, or has been
+pending for `PENDING_GRACE`; then that oldest one is closed to make room. So clients that
+connect and never speak (or never finish a handshake) cannot hold the slots mesh peers need
+for longer than the grace, while a burst of honest clients that are merely slow to send
+their first bytes is not cut off: a peer leaves the pending set within a round trip.
 """
 
 from __future__ import annotations
@@ -19,6 +31,9 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from .._errors import ConfigError
+from .._http._loop import MAX_ACCEPT, Acceptor, task_group
+from .._http._server import ConnectionInfo
+from .._http._socket import Socket
 from ._metrics import Telemetry
 from ._settings import Address
 
@@ -44,10 +59,32 @@ class _Single:
         await self.listeners[0].aclose()
 
 
+# How long a pending connection is safe from being closed to make room: a peer finishes a
+# TLS 1.3 handshake and its first head in about two round trips; a second is far beyond
+# that on any network a sidecar serves, and short against an attacker's slot (header_timeout
+# is 60 s).
+PENDING_GRACE = 1.0
+
+
+class _Pending:
+    """One listener's pending connections, oldest first, with when each was accepted."""
+
+    __slots__ = ("conns", "changed")
+
+    def __init__(self) -> None:
+        self.conns: dict[Connection, float] = {}
+        self.changed: anyio.Event | None = None  # set when one leaves, for a waiting accept
+
+
+# The engine's coroutine for one connection: (connection, anyio stream or None, the engine's
+# socket or None, who is on the other end or None).
+Serve = Callable[["Connection", Any, "Socket | None", "ConnectionInfo | None"], Awaitable[None]]
+
+
 class Connection:
     """One accepted client connection."""
 
-    __slots__ = ("listener", "scope", "busy", "done", "identity", "client_ip")
+    __slots__ = ("listener", "scope", "busy", "done", "identity", "client_ip", "pending")
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
@@ -56,6 +93,17 @@ class Connection:
         self.done: Callable[[], None] | None = None
         self.identity: bytes | None = None
         self.client_ip = b""
+        # The listener's pending set while this connection is in it (see the module).
+        self.pending: _Pending | None = None
+
+    def spoke(self) -> None:
+        """The first request head is complete (or the connection ended): no longer pending."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            del pending.conns[self]
+            if pending.changed is not None:
+                pending.changed.set()
+                pending.changed = None
 
 
 class Listeners:
@@ -65,6 +113,8 @@ class Listeners:
         self.telemetry = telemetry
         self.addresses: dict[str, Address] = {}
         self.connections: dict[str, set[Connection]] = {name: set() for name in PROXYING + ("admin",)}
+        # Insertion-ordered, so the first is the oldest (see the module).
+        self.pending: dict[str, _Pending] = {name: _Pending() for name in PROXYING}
         self._sockets: dict[str, Any] = {}
         self._accepting: dict[str, anyio.CancelScope] = {}
         self._freed: dict[str, anyio.Event] = {}  # set when a listener at its cap loses one
@@ -113,16 +163,134 @@ class Listeners:
     def start(
         self,
         tg: anyio.abc.TaskGroup,
-        serve: Callable[[Connection, Any], Awaitable[None]],
+        serve: Serve,
         max_connections: int,
+        max_pending: int | None = None,
     ) -> None:
+        """Accept on every listener; `max_pending` caps the pending connections of each
+        proxying listener (None: `max_connections`)."""
         for name, multi in self._sockets.items():
             scope = self._accepting[name] = anyio.CancelScope()
             for listener in multi.listeners:  # one per address family of the host
-                tg.start_soon(
-                    self._accept, tg, name, listener, scope, serve, max_connections,
-                    name=f"accept:{name}",
+                raw = listener.extra(SocketAttribute.raw_socket, None)
+                accept = (
+                    self._accept_batches
+                    if isinstance(raw, socket.socket) and raw.family != socket.AF_UNIX
+                    else self._accept
                 )
+                tg.start_soon(
+                    accept, tg, name, listener, scope, serve, max_connections,
+                    max_pending or max_connections, name=f"accept:{name}",
+                )
+
+    async def _room(self, name: str, limit: int) -> None:
+        """At max_connections, stop accepting until one closes: the kernel's backlog queues
+        the newcomers, who are served late rather than accepted and dropped (HAProxy's
+        maxconn does the same)."""
+        conns = self.connections[name]
+        while len(conns) >= limit:
+            self.telemetry.accept_paused[name] += 1
+            freed = self._freed[name] = anyio.Event()
+            await freed.wait()
+
+    async def _pending_room(self, name: str, limit: int) -> int:
+        """At `limit` pending connections, wait until one leaves or the oldest is past its
+        grace, and close that one (see the module); returns how many may be accepted now."""
+        pending = self.pending.get(name)
+        if pending is None:  # admin: no pending cap
+            return MAX_ACCEPT
+        conns = pending.conns
+        while len(conns) >= limit:
+            oldest, since = next(iter(conns.items()))
+            age = anyio.current_time() - since
+            if age >= PENDING_GRACE:
+                oldest.spoke()
+                oldest.scope.cancel()
+                self.telemetry.pending_closed[name] += 1
+                continue
+            self.telemetry.accept_paused[name] += 1
+            changed = pending.changed = pending.changed or anyio.Event()
+            with anyio.move_on_after(PENDING_GRACE - age):
+                await changed.wait()
+        return limit - len(conns)
+
+    def _admit(self, conn: Connection) -> None:
+        """Track a new connection as pending (proxying listeners)."""
+        pending = self.pending.get(conn.listener)
+        if pending is not None:
+            pending.conns[conn] = anyio.current_time()
+            conn.pending = pending
+
+    async def _accept_batches(
+        self,
+        tg: anyio.abc.TaskGroup,
+        name: str,
+        listener: Any,
+        scope: anyio.CancelScope,
+        serve: Serve,
+        limit: int,
+        max_pending: int,
+    ) -> None:
+        """Accept from the listening socket itself, many per wakeup (`_loop.Acceptor`)."""
+        conns = self.connections[name]
+        telemetry = self.telemetry
+        raw: socket.socket = listener.extra(SocketAttribute.raw_socket)
+        try:
+            local = raw.getsockname()
+        except OSError:  # closed before this task first ran (a sidecar stopped at once)
+            return
+        wildcard = local[0] in ("0.0.0.0", "::")
+        acceptor = Acceptor(raw)
+        # The connections run in the backend's own task group (see `task_group`), which this
+        # task then waits for: they outlive the accepting (drain), not the listener's task.
+        async with task_group() as spawn:
+            try:
+                with scope:
+                    while True:
+                        await self._room(name, limit)
+                        room = await self._pending_room(name, max_pending)
+                        try:
+                            await acceptor.wait()
+                            batch = acceptor.accept(min(MAX_ACCEPT, limit - len(conns), room))
+                        except OSError as exc:
+                            if raw.fileno() == -1:  # the listener was closed
+                                break
+                            log.warning("accept on %s failed: %s", name, exc)  # EMFILE, ...
+                            await anyio.sleep(0.1)
+                            continue
+                        for sock, address in batch:
+                            conn = Connection(name)
+                            conns.add(conn)
+                            self._admit(conn)
+                            telemetry.connections_total[name] += 1
+                            info = ConnectionInfo(
+                                address[:2], sock.getsockname()[:2] if wildcard else local[:2]
+                            )
+                            spawn(self._run_socket, conn, sock, info, serve, acceptor.socket)
+            finally:
+                acceptor.release()
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+
+    async def _run_socket(
+        self,
+        conn: Connection,
+        sock: socket.socket,
+        info: ConnectionInfo,
+        serve: Serve,
+        make_socket: Callable[[socket.socket], Socket],
+    ) -> None:
+        """`_run` for a socket `_accept_batches` took: the engine drives it directly."""
+        conn.client_ip = str(info.client[0]).encode()
+        try:
+            with conn.scope:
+                await serve(conn, None, make_socket(sock), info)
+        except Exception:
+            log.exception("connection on %s failed", conn.listener)
+        finally:
+            self._ended(conn)
+            if conn.scope.cancel_called:
+                sock.close()  # cancelled before the engine started: it never closed it
 
     async def _accept(
         self,
@@ -130,20 +298,16 @@ class Listeners:
         name: str,
         listener: Any,
         scope: anyio.CancelScope,
-        serve: Callable[[Connection, Any], Awaitable[None]],
+        serve: Serve,
         limit: int,
+        max_pending: int,
     ) -> None:
         conns = self.connections[name]
         telemetry = self.telemetry
         with scope:
             while True:
-                # At max_connections, stop accepting until one closes: the kernel's backlog
-                # queues the newcomers, who are served late rather than accepted and dropped
-                # (HAProxy's maxconn does the same).
-                while len(conns) >= limit:
-                    telemetry.accept_paused[name] += 1
-                    freed = self._freed[name] = anyio.Event()
-                    await freed.wait()
+                await self._room(name, limit)
+                await self._pending_room(name, max_pending)
                 try:
                     stream = await listener.accept()
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -158,6 +322,7 @@ class Listeners:
                     continue
                 conn = Connection(name)
                 conns.add(conn)
+                self._admit(conn)
                 telemetry.connections_total[name] += 1
                 tg.start_soon(self._run, conn, stream, serve)
         with anyio.CancelScope(shield=True):
@@ -176,26 +341,28 @@ class Listeners:
         log.info("outbound: refused a connection from uid %d (outbound_uids)", uid)
         return False
 
-    async def _run(
-        self, conn: Connection, stream: Any, serve: Callable[[Connection, Any], Awaitable[None]]
-    ) -> None:
+    async def _run(self, conn: Connection, stream: Any, serve: Serve) -> None:
         try:
             with conn.scope:
                 remote = stream.extra(SocketAttribute.remote_address, None)
                 if isinstance(remote, tuple):
                     conn.client_ip = str(remote[0]).encode()
-                await serve(conn, stream)  # the engine's coroutine itself: no frame between
+                await serve(conn, stream, None, None)  # the engine's coroutine: no frame between
         except Exception:
             log.exception("connection on %s failed", conn.listener)
         finally:
-            self.connections[conn.listener].discard(conn)
-            freed = self._freed.pop(conn.listener, None)
-            if freed is not None:
-                freed.set()
-            if conn.busy and conn.done is not None:
-                conn.done()  # a response the engine never got to write
+            self._ended(conn)
             if conn.scope.cancel_called:
                 await anyio.aclose_forcefully(stream)
+
+    def _ended(self, conn: Connection) -> None:
+        conn.spoke()
+        self.connections[conn.listener].discard(conn)
+        freed = self._freed.pop(conn.listener, None)
+        if freed is not None:
+            freed.set()
+        if conn.busy and conn.done is not None:
+            conn.done()  # a response the engine never got to write
 
     async def close(self) -> None:
         for listener in self._sockets.values():

@@ -123,6 +123,8 @@ class Telemetry:
         self.denied = 0
         self.connections_total: dict[str, int] = defaultdict(int)
         self.accept_paused: dict[str, int] = defaultdict(int)
+        # listener -> pending connections closed over max_pending_connections
+        self.pending_closed: dict[str, int] = defaultdict(int)
         self.reloads: dict[str, int] = defaultdict(int)
         self.started = time.time()
 
@@ -250,6 +252,7 @@ class Telemetry:
             "denied": self.denied,
             "connections_total": dict(self.connections_total),
             "accept_paused": dict(self.accept_paused),
+            "pending_closed": dict(self.pending_closed),
             "reloads": dict(self.reloads),
         }
 
@@ -527,9 +530,15 @@ def render(telemetry: Telemetry, state: dict[str, Any], sidecar: dict[str, Any])
     for name, n in sorted(t.connections_total.items()):
         w.sample("meshcore_sidecar_connections_total", n, ("listener",), (name,))
     w.family("meshcore_sidecar_accept_paused_total", "counter",
-             "Times the listener stopped accepting at max_connections (newcomers wait in the backlog).")
+             "Times the listener stopped accepting at max_connections or max_pending_connections "
+             "(newcomers wait in the backlog).")
     for name, n in sorted(t.accept_paused.items()):
         w.sample("meshcore_sidecar_accept_paused_total", n, ("listener",), (name,))
+    w.family("meshcore_sidecar_pending_closed_total", "counter",
+             "Connections closed before their first request head (or TLS handshake) was complete, "
+             "to make room within max_pending_connections (the oldest, once past its grace).")
+    for name, n in sorted(t.pending_closed.items()):
+        w.sample("meshcore_sidecar_pending_closed_total", n, ("listener",), (name,))
     w.family("meshcore_sidecar_requests_in_flight", "gauge", "Requests being answered right now.")
     w.sample("meshcore_sidecar_requests_in_flight", sidecar.get("in_flight", 0))
     w.family("meshcore_sidecar_draining", "gauge", "1 while the sidecar drains after SIGTERM.")

@@ -35,6 +35,7 @@ from .._config import MeshConfig
 from .._errors import ConfigError
 from .._http import ServerLimits, serve_connection
 from .._http._server import ConnectionInfo
+from .._http._socket import Socket
 from .._mesh import Mesh
 from ._accounting import InFlight
 from ._admin import admin_handler
@@ -196,7 +197,10 @@ class Sidecar:
             self._check_plaintext(self.generation)
             stack.push_async_callback(self._stop_generation)
             self.listeners.peer_uids = frozenset(self.settings.outbound_uids)
-            self.listeners.start(self._tg, self._serve, self.settings.max_connections)
+            self.listeners.start(
+                self._tg, self._serve, self.settings.max_connections,
+                self.settings.max_pending_connections,
+            )
             self._tg.start_soon(self._sample_history, name="dashboard:history")
         except BaseException:
             await stack.aclose()
@@ -262,7 +266,9 @@ class Sidecar:
 
     # -- connections --------------------------------------------------------------------------
 
-    def _serve(self, conn: Connection, stream: Any) -> Awaitable[None]:
+    def _serve(
+        self, conn: Connection, stream: Any, io: Socket | None, info: ConnectionInfo | None
+    ) -> Awaitable[None]:
         """The engine's coroutine for one connection, returned rather than awaited here: every
         resumption passes through each frame of the connection's await chain (about 1 µs per
         frame per resumption, docs/data-path.md)."""
@@ -280,6 +286,7 @@ class Sidecar:
             stream, handler, limits=self.limits, tls=ssl_context,
             on_tls_error=self._handshake_failed,
             on_reject=None if direction is None else self._rejecters[conn.listener],
+            io=io, info=info, on_head=conn.spoke if conn.pending is not None else None,
         )
 
     def _head_rejected(self, listener: str, info: ConnectionInfo, status: int, message: str) -> None:

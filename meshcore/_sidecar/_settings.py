@@ -9,6 +9,11 @@ Default numbers and where they come from:
   `client_header_timeout 60s`, `keepalive_timeout 75s`, `client_body_timeout 60s`,
   `send_timeout 60s` (the engine's `ServerLimits`).
 - max_connections 1024 per listener: Envoy's default circuit-breaker `max_connections`.
+- max_pending_connections 256 per listener: a quarter of `max_connections`, so connections
+  that never finish a handshake or a first request head can hold at most a quarter of the
+  slots; over it the oldest pending one is closed (see _listeners.py and docs/security.md).
+  A peer finishes its handshake and head within a round trip, so it leaves the pending set
+  long before 256 newer connections could push it out.
 - retry_buffer 64 KiB: Linkerd never retries requests whose body is larger than 64 KiB, so the
   sidecar holds a body in memory (making it replayable) only up to that size and streams larger
   ones.
@@ -165,6 +170,10 @@ SETTINGS: dict[str, Setting] = {
         "duration", 20.0, "on SIGTERM, how long in-flight requests may take to finish", min=0
     ),
     "max_connections": Setting("int", 1024, "open connections per listener", min=1),
+    "max_pending_connections": Setting(
+        "int", 256, "connections per listener that have not yet sent a whole first request "
+        "head (or finished their TLS handshake); over it the oldest such one is closed", min=1
+    ),
     "max_request_line": Setting("int", 8192, "longest request target, bytes", min=64),
     "max_header_count": Setting("int", 100, "most header fields in one request", min=1),
     "max_header_bytes": Setting("int", 61440, "largest request head, bytes", min=256),

@@ -333,7 +333,8 @@ async def test_server_handshake_that_stalls_or_breaks_off_is_ended(
     await anyio.to_thread.run_sync(half_a_handshake)
     with anyio.fail_after(5):
         info, exc = await failures.receive()
-    assert isinstance(exc, (OSError, anyio.EndOfStream))
+    # a reset seen through an anyio stream is BrokenResourceError (it depends on timing)
+    assert isinstance(exc, (OSError, anyio.EndOfStream, anyio.BrokenResourceError))
     endpoint = Endpoint("127.0.0.1", port)
     async with HTTPConnector(ssl_context=client_context(pki)) as connector:  # still serving
         response = await connector.send(endpoint, Request("GET", f"https://127.0.0.1:{port}/ok"))
