@@ -98,7 +98,7 @@ def wait_http(url: str, headers: dict | None = None, timeout: float = 20) -> Non
 
 def wrk(url: str, connections: int, duration: float, host: str | None,
         script: str | None = None) -> dict:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", url]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", url]
     if host:
         cmd[1:1] = ["-H", f"Host: {host}"]
     if script:
@@ -411,7 +411,7 @@ def main() -> None:
     parser.add_argument("--compare", metavar="A,B", help="source trees to compare (one sidecar)")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.duration = 2, (1.5 if args.bodies else 2)
+        args.rounds, args.duration = 2, 2
     bench = Bench(args)
     try:
         if args.compare:
