@@ -31,9 +31,10 @@ same-work HAProxy's.
 the sidecar ≥ 0.5x HAProxy's req/s for every size.
 
 `--compare` is for A/B work on one change: it runs the one-sidecar setup from two (or more)
-source trees side by side and measures them in turn, alternating the order each round, then
-prints the median req/s and CPU µs/req of each. A tree is a directory put first on the
-sidecar's PYTHONPATH, e.g. made with `mkdir /tmp/A && cp -r meshcore plugins/*/meshcore_* /tmp/A/`.
+source trees side by side and measures them in turn, rotating the order each round, then
+prints the median req/s and CPU µs/req of each. A tree is a checkout of this repository
+(`git worktree add`, or `git archive COMMIT meshcore plugins | tar -x -C /tmp/A`): its core
+and its plugins' packages go first on the sidecar's PYTHONPATH.
 
 Needs /usr/bin/wrk, nginx, /usr/sbin/haproxy and taskset (Debian packages wrk, nginx-light
 or nginx, haproxy, util-linux).
@@ -248,6 +249,9 @@ class Bench:
         env = None
         if root is not None:  # --compare: this source tree's meshcore and plugins first
             path = os.environ.get("PYTHONPATH")
+            plugins = Path(root, "plugins")
+            if plugins.is_dir():  # a checkout: its plugins' packages too
+                root = os.pathsep.join([root, *sorted(str(p) for p in plugins.iterdir() if p.is_dir())])
             env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
         proc = self.spawn([MESHCORE, "-c", str(conf), "run", "--backend", self.args.backend,
                            "--log-level", "warning"], pinned=True, env=env)
@@ -420,6 +424,11 @@ def main() -> None:
             print(f"wrk -t1 -c{args.connections} -d{args.duration:g}s x {args.rounds} interleaved, "
                   f"one sidecar (rr+retry+breaker), backend {args.backend}; medians:")
             print_table(runs)
+            if len(roots) == 2:
+                a, b = runs[roots[0]], runs[roots[1]]
+                print(f"CPU per request, second / first: "
+                      f"{med([r['cpu_us'] for r in b]) / med([r['cpu_us'] for r in a]):.3f} "
+                      f"(per-round pairs {med([y['cpu_us'] / x['cpu_us'] for x, y in zip(a, b)]):.3f})")
         elif args.bodies:
             bodies_main(bench, args)
         else:
