@@ -163,8 +163,8 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="meshcore-bench-"))
         self.procs: list[subprocess.Popen] = []
         self.app_ports = [free_port() for _ in range(3)]
-        pin = getattr(args, "pin", None)
-        if pin is None or pin == "auto":
+        pin = getattr(args, "pin", "none")  # callers from other benches: as they were
+        if pin == "auto":
             pin = str(os.cpu_count() - 1) if (os.cpu_count() or 1) > 1 else "none"
         self.pin: list[str] = [] if pin == "none" or not shutil.which("taskset") else ["taskset", "-c", pin]
 
