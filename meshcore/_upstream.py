@@ -336,12 +336,24 @@ class Upstream:
                 stream, self, endpoint, request.method, response.status_code, start, now - start
             )
             return response
-        counted = stats if self.stats is stats_map else self.stats.get(endpoint)
-        self._record(
-            counted,
-            Outcome(self.name, endpoint, request.method, response.status_code, None, now - start),
-            now,
-        )
+        status = response.status_code
+        elapsed = now - start
+        outcome = Outcome(self.name, endpoint, request.method, status, None, elapsed)
+        if self.stats is not stats_map:  # discovery replaced the endpoint set meanwhile
+            stats = self.stats.get(endpoint)
+        if stats is not None:  # `_record`, inline for the usual case
+            stats.requests += 1
+            if status >= 500:
+                stats.failures += 1
+                stats.consecutive_failures += 1
+            else:
+                stats.consecutive_failures = 0
+            stats.ewma += _EWMA_ALPHA * (elapsed - stats.ewma)
+            stats.last_update = now
+        for callback in self._observers:
+            callback(outcome)
+        if self._fire_finished:
+            self._events.meshcore_request_finished(outcome=outcome)
         return response
 
     def _record_failure(

@@ -167,5 +167,20 @@ class RequestBody(ChunkIterator):
     async def read_more(self, source: Source) -> None:
         await self.cycle.receive_body()
 
+    def take_whole(self, limit: int) -> bytes | None:
+        """The whole body when all of it has arrived, none was handed out (it usually came
+        with the head) and it is at most `limit` bytes, without a read; else None and the
+        body streams as before."""
+        source = self.source
+        if source is None or not source.complete:
+            return None
+        chunks = source.chunks
+        if sum(map(len, chunks)) > limit:
+            return None
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.source = None
+        return data
+
     async def aclose(self) -> None:
         """Nothing to release: the connection drains or closes after the response."""

@@ -38,6 +38,8 @@ class Owner(Protocol):
 
     checkpoint: Callable[[], Awaitable[None]]
 
+    def keep(self, conn: HTTP11Connection) -> bool: ...
+
     async def finish(self, conn: HTTP11Connection) -> None: ...
 
     async def discard(self, conn: HTTP11Connection) -> None: ...
@@ -299,7 +301,9 @@ class HTTP11Connection:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.chunks = []
             status, headers = self.status, self.headers
-            await self.pool.finish(self)
+            pool = self.pool
+            if not pool.keep(self):  # the usual case without a coroutine
+                await pool.finish(self)
             # Built without their __init__ (the fields are what it would set): the proxy's
             # hot path (docs/data-path.md).
             buffered = _new_object(BufferedBody)

@@ -184,6 +184,18 @@ class Pool:
         if len(self.idle) > self.limits.max_idle or self.closed:
             await self.discard(self.idle.popleft())
 
+    def keep(self, conn: HTTP11Connection) -> bool:
+        """`finish` for the usual case, without a coroutine: `conn` (its response over, not a
+        HEAD's) goes to the idle set when it may be reused and nobody waits; False when
+        `finish` has to run instead."""
+        if conn.keep_alive and not self.closed and not self.waiters and not conn.head:
+            idle = self.idle
+            if len(idle) < self.limits.max_idle:
+                conn.idle_since = self.now()
+                idle.append(conn)
+                return True
+        return False
+
     async def finish(self, conn: HTTP11Connection) -> None:
         """The response on `conn` ended: reuse the connection if it may be, else close it."""
         if conn.keep_alive and not self.closed:

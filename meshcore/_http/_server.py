@@ -34,7 +34,7 @@ import httptools
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
-from .._models import URL, Headers, Request, Response, _close_body
+from .._models import _DEFAULT_PORTS, URL, Headers, Request, Response, _close_body
 from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, RequestBody, chunk_excess, head_end
 from ._error_map import IO_ERRORS, RequestRejected, client_error
 from ._loop import backend_checkpoint, backend_clock, socket_for
@@ -152,8 +152,16 @@ class RequestResponseCycle:
                 host, port = conn.last_host[1]
             else:
                 host, port = _split_host(self.host, conn.info, conn.scheme)
+                if port is None:
+                    port = _DEFAULT_PORTS.get(conn.scheme, 80)
                 conn.last_host = (self.host, (host, port))
-            url = URL(conn.scheme, host, port, target)
+            # Built without URL.__init__ (the port is already resolved, the target is not
+            # empty): the hot path.
+            url = _new_object(URL)
+            url.scheme = conn.scheme
+            url.host = host
+            url.port = port
+            url.target = target
         elif "://" in target:  # absolute-form (RFC 9112 §3.2.2): it wins over Host
             url = URL.parse(target)
         else:  # authority-form (CONNECT)
@@ -368,7 +376,7 @@ class ServerConnection:
         # A request has begun on this connection: until then it waits `header_timeout`, not
         # `idle_timeout` (a connection that sends nothing must not hold a slot for 75 s).
         self.began = False
-        self.last_host: tuple[object, tuple[str, int | None]] = (_NOT_SEEN, ("", None))
+        self.last_host: tuple[object, tuple[str, int]] = (_NOT_SEEN, ("", 80))
         self.io: Socket = io  # type: ignore[assignment]  # else made in serve()
         # Called once, when the first request head is complete (the sidecar's pending cap).
         self.on_head = on_head

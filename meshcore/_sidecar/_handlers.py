@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._http import BufferedBody, ConnectionInfo
+from .._http._bodies import RequestBody
 from .._http._server import RequestRejected
 from .._models import Headers, Request, Response
 from .._paths import PathRejected, has_escaped_slash, normalize_target
@@ -159,6 +160,7 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
     pipeline = direction.pipeline
     renamed = direction.renamed
     finished = telemetry.finished
+    answered = telemetry.answered
     server_peers = telemetry.server_peers
     inbound = name == "inbound"
     # A measurement, not a timing decision: a sub-millisecond clock on every backend.
@@ -219,9 +221,7 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                     await response.aclose()
                     code = classify(exc)[0]
                     return answer(gen, renamed.get(code, code), service, first_line(exc), start, info)
-                elapsed = now() - start
-                observe(name, service, response.status_code, peer(service, info), elapsed)
-                finished(name, service, elapsed)
+                answered(name, service, response.status_code, peer(service, info), now() - start)
                 conn.busy = False
                 release(gen)
                 return response
@@ -245,10 +245,17 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                     gen, refused.code, refused.service, str(refused), start, info, refused.extra
                 )
             if pipeline:
-                if not isinstance(request.stream, bytes):
-                    length = request.headers.get("content-length")
-                    if length is not None and length.isdigit() and int(length) <= gen.settings.retry_buffer:
-                        await request.aread()  # held in full: a retry may resend it
+                stream = request.stream
+                if not isinstance(stream, bytes):
+                    # A body that came whole with the head is taken as it is (no read).
+                    limit = gen.settings.retry_buffer
+                    whole = stream.take_whole(limit) if type(stream) is RequestBody else None
+                    if whole is not None:
+                        request.stream = whole
+                    else:
+                        length = request.headers.get("content-length")
+                        if length is not None and length.isdigit() and int(length) <= limit:
+                            await request.aread()  # held in full: a retry may resend it
                 pipeline_requests[service] += 1
             try:
                 response = await send(request)
@@ -265,9 +272,13 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                 # The whole body came with the head (the engine's usual case for small
                 # bodies): the response is over for the sidecar, and the engine writes the
                 # body in the same send as the head.
-                elapsed = now() - start
-                observe(name, service, response.status_code, peer(service, info), elapsed)
-                finished(name, service, elapsed)
+                answered(
+                    name,
+                    service,
+                    response.status_code,
+                    peer(service, info) if inbound else server_peers.get(service, NO_PEER),
+                    now() - start,
+                )
                 conn.busy = False
                 release(gen)
                 return response

@@ -103,6 +103,8 @@ class Telemetry:
         self.latency: dict[tuple[str, str], Histogram] = {}
         # to the last byte of the response body (Envoy's upstream_rq_time)
         self.duration: dict[tuple[str, str], Histogram] = {}
+        # (direction, service) -> (its latency, its duration histogram), for `answered`
+        self._answered: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
         # (service, endpoint id, status class) -> attempts that ended that way
         self.responses: dict[tuple[str, str, str], int] = defaultdict(int)
         self._endpoints: dict[str, set[str]] = defaultdict(set)
@@ -203,6 +205,32 @@ class Telemetry:
         if hist is None:
             hist = self.latency[(direction, service)] = Histogram()
         hist.observe(elapsed)
+
+    def answered(
+        self, direction: str, service: str, status: int, peer: tuple[str, str], elapsed: float
+    ) -> None:
+        """`observe` and `finished` at once, for a response whose body went with its head (the
+        usual case): one key lookup and one bucket search for both histograms."""
+        key = (direction, service, status, *peer)
+        requests = self.requests
+        n = requests.get(key)
+        pair = self._answered.get((direction, service))
+        if n is None or pair is None:
+            self.observe(direction, service, status, peer, elapsed)
+            self.finished(direction, service, elapsed)
+            self._answered[(direction, service)] = (
+                self.latency[(direction, service)], self.duration[(direction, service)]
+            )
+            return
+        requests[key] = n + 1
+        i = bisect.bisect_left(BUCKETS, elapsed)
+        latency, duration = pair
+        latency.counts[i] += 1
+        latency.sum += elapsed
+        latency.count += 1
+        duration.counts[i] += 1
+        duration.sum += elapsed
+        duration.count += 1
 
     def finished(self, direction: str, service: str, elapsed: float) -> None:
         """The last byte of a response went to the client `elapsed` s after its request head."""

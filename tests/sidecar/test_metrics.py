@@ -315,3 +315,26 @@ async def test_a_server_with_the_wrong_identity_is_counted(upstream, tmp_path):
     key = ('meshcore_request_total{direction="outbound",service="app-b",status_code="502",'
            'status_class="5xx",peer_identity="",tls="true"}')
     assert m[key] == 1
+
+
+def test_answered_counts_as_observe_and_finished_together() -> None:
+    """`Telemetry.answered`, the handler's one call for a response whose body went with its
+    head, leaves the same counters as `observe` plus `finished`, on its first call for a
+    series (which sets it up) and after."""
+    one, two = Telemetry(), Telemetry()
+    calls = [
+        ("outbound", "orders", 200, ("", "false"), 0.0004),
+        ("outbound", "orders", 200, ("", "false"), 0.003),
+        ("outbound", "orders", 503, ("", "false"), 0.7),
+        ("inbound", "orders", 200, ("spiffe://x/a", "true"), 12.0),
+        ("inbound", "orders", 200, ("spiffe://x/a", "true"), 0.0001),
+    ]
+    for direction, service, status, peer, elapsed in calls:
+        one.answered(direction, service, status, peer, elapsed)
+        two.observe(direction, service, status, peer, elapsed)
+        two.finished(direction, service, elapsed)
+    assert one.requests == two.requests
+    for a, b in ((one.latency, two.latency), (one.duration, two.duration)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key].counts, a[key].sum, a[key].count) == (b[key].counts, b[key].sum, b[key].count)

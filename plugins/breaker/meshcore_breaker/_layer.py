@@ -17,7 +17,7 @@ import anyio
 
 import meshcore
 
-from ._circuit import CLOSED, OPEN, Circuit
+from ._circuit import _NO_FAILURES, CLOSED, OPEN, Circuit, CountWindow
 from ._ejection import Ejector
 from ._failures import FailureClassifier
 
@@ -75,6 +75,9 @@ class BreakerLayer:
         slow_after = circuit.slow_call_duration
         refuse = self.refuse
         clock = getattr(self.upstream, "clock", anyio.current_time)  # anyio's clock
+        # A count window holding no failure and no slow call is all zeros, so one more good
+        # call only moves its position: done inline instead of `Circuit.record`.
+        window = circuit.window if type(circuit.window) is CountWindow else None
 
         async def breaker_service(request: meshcore.Request) -> meshcore.Response:
             start = clock()
@@ -96,9 +99,24 @@ class BreakerLayer:
                     circuit.record(ticket, clock(), True, False)
                 raise
             now = clock()
-            circuit.record(
-                ticket, now, response.status_code in failure_statuses, now - start >= slow_after
-            )
+            failed = response.status_code in failure_statuses
+            slow = now - start >= slow_after
+            if (
+                window is None
+                or failed
+                or slow
+                or window.failures
+                or window.slow
+                or circuit.state != CLOSED
+                or ticket != circuit.generation
+            ):
+                circuit.record(ticket, now, failed, slow)
+                return response
+            if window.calls < window.size:
+                window.calls += 1
+            i = window._i + 1
+            window._i = 0 if i == window.size else i
+            circuit.last_rates = _NO_FAILURES
             return response
 
         return breaker_service

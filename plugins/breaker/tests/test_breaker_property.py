@@ -71,3 +71,72 @@ def test_count_window_slides():
     assert w.totals(0.0) == (3, 0, 0)
     w.add(0.0, True, True)
     assert w.totals(0.0) == (3, 1, 1)
+
+
+class _Upstream:
+    """What `BreakerLayer` needs of an upstream, with a clock the test moves."""
+
+    name = "svc"
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def add_observer(self, callback: object) -> None:
+        pass
+
+    def add_state(self, name: str, provider: object) -> None:
+        pass
+
+    def emit_state(self, *args: object) -> None:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls=st.lists(st.tuples(st.sampled_from([200, 500]), st.floats(0, 3, allow_nan=False)),
+                   max_size=150),
+    window_size=st.integers(1, 10),
+    minimum_calls=st.integers(1, 10),
+)
+def test_the_layers_inline_success_path_keeps_the_circuit_as_record_would(
+    calls, window_size, minimum_calls
+):
+    """The layer counts a good call into a quiet count window inline, not through
+    `Circuit.record`: after every call its circuit must equal one fed only through `record`."""
+    from meshcore_breaker import BreakerLayer, FailureClassifier, parse_statuses
+
+    import meshcore
+
+    def make() -> Circuit:
+        return Circuit(window="count", window_size=window_size, minimum_calls=minimum_calls,
+                       failure_rate=50.0, slow_call_duration=2.0, open_duration=5.0,
+                       half_open_probes=2)
+
+    upstream = _Upstream()
+    circuit, reference = make(), make()
+    classifier = FailureClassifier(parse_statuses(("5xx",)), frozenset())
+    for status, took in calls:
+        async def inner(request: object, status: int = status, took: float = took) -> object:
+            upstream.now += took
+            return meshcore.Response(status)
+
+        service = BreakerLayer(upstream, classifier, circuit, None)(inner)
+        start = upstream.now
+        ticket = reference.acquire(start)
+        try:
+            service(meshcore.Request("GET", "http://svc/")).send(None)
+        except StopIteration:
+            pass
+        except meshcore.CircuitOpen:
+            assert ticket is None
+            continue
+        assert ticket is not None
+        reference.record(ticket, upstream.now, status == 500, upstream.now - start >= 2.0)
+        for name in ("state", "generation", "last_rates"):
+            assert getattr(circuit, name) == getattr(reference, name), name
+        for name in ("calls", "failures", "slow", "_i", "_ring"):
+            assert getattr(circuit.window, name) == getattr(reference.window, name), name
+        upstream.now += 1.0
