@@ -80,6 +80,9 @@ class ConnectionInfo:
     client: Any = None
     local: Any = None
     ssl_object: Any = None
+    # Whatever the server's owner attached to the connection (the sidecar's per-connection
+    # state), so one handler can serve every connection of a listener.
+    context: Any = None
 
     @property
     def tls(self) -> bool:

@@ -147,8 +147,9 @@ class Inbound:
         return gen.service, gen.send_to_app
 
 
-def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Handler:
-    """The handler for one connection of `direction`'s listener."""
+def make_handler(sidecar: Sidecar, direction: Direction) -> Handler:
+    """The handler for every connection of `direction`'s listener; each connection's state (a
+    `Connection`) comes with the request as `info.context`."""
     telemetry = sidecar.telemetry
     observe = telemetry.observe
     pipeline_requests = telemetry.pipeline_requests
@@ -166,7 +167,7 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
     # A measurement, not a timing decision: a sub-millisecond clock on every backend.
     now = time.perf_counter
 
-    def peer(service: str, info: ConnectionInfo) -> tuple[str, str]:
+    def peer(service: str, info: ConnectionInfo, conn: Connection) -> tuple[str, str]:
         """(peer identity, tls) labels: the caller's on inbound, the server's on outbound."""
         if not inbound:
             return server_peers.get(service, NO_PEER)
@@ -180,13 +181,13 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
 
     def answer(
         gen: Generation, code: str, service: str, message: str, start: float,
-        info: ConnectionInfo, extra: Any = (),
+        info: ConnectionInfo, conn: Connection, extra: Any = (),
     ) -> Response:
         """The sidecar's own answer; the request stays counted until the engine wrote it."""
         telemetry.local_error(name, service, code)
         response = local_response(code, message, done_callback(conn, gen), sidecar.draining, extra)
         elapsed = now() - start
-        observe(name, service, response.status_code, peer(service, info), elapsed)
+        observe(name, service, response.status_code, peer(service, info, conn), elapsed)
         finished(name, service, elapsed)
         return response
 
@@ -200,7 +201,8 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
         return over
 
     async def finish(
-        gen: Generation, response: Response, service: str, start: float, info: ConnectionInfo
+        gen: Generation, response: Response, service: str, start: float, info: ConnectionInfo,
+        conn: Connection,
     ) -> Response:
         """Hand a proxied response to the engine, knowing when it is over.
 
@@ -220,17 +222,20 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                 except Exception as exc:
                     await response.aclose()
                     code = classify(exc)[0]
-                    return answer(gen, renamed.get(code, code), service, first_line(exc), start, info)
-                answered(name, service, response.status_code, peer(service, info), now() - start)
+                    return answer(
+                        gen, renamed.get(code, code), service, first_line(exc), start, info, conn
+                    )
+                answered(name, service, response.status_code, peer(service, info, conn), now() - start)
                 conn.busy = False
                 release(gen)
                 return response
-        observe(name, service, response.status_code, peer(service, info), now() - start)
+        observe(name, service, response.status_code, peer(service, info, conn), now() - start)
         response.stream = Tracked(response.stream, timed(done_callback(conn, gen), service, start))
         return response
 
     async def handle(request: Request, info: ConnectionInfo) -> Response:
         start = now()
+        conn: Connection = info.context
         service = UNKNOWN
         gen = sidecar.generation
         assert gen is not None
@@ -242,7 +247,8 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                 service, send = route(gen, request, info, conn)
             except Refused as refused:
                 return answer(
-                    gen, refused.code, refused.service, str(refused), start, info, refused.extra
+                    gen, refused.code, refused.service, str(refused), start, info, conn,
+                    refused.extra,
                 )
             if pipeline:
                 stream = request.stream
@@ -266,7 +272,7 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                 code = renamed.get(code, code)
                 if code == "internal":
                     log.exception("%s request to %s failed", name, service)
-                return answer(gen, code, service, first_line(exc), start, info, extra)
+                return answer(gen, code, service, first_line(exc), start, info, conn, extra)
             response.headers = response_headers(response.headers)
             if type(response.stream) is BufferedBody and not sidecar.draining:
                 # The whole body came with the head (the engine's usual case for small
@@ -276,13 +282,13 @@ def make_handler(sidecar: Sidecar, direction: Direction, conn: Connection) -> Ha
                     name,
                     service,
                     response.status_code,
-                    peer(service, info) if inbound else server_peers.get(service, NO_PEER),
+                    peer(service, info, conn) if inbound else server_peers.get(service, NO_PEER),
                     now() - start,
                 )
                 conn.busy = False
                 release(gen)
                 return response
-            return await finish(gen, response, service, start, info)
+            return await finish(gen, response, service, start, info, conn)
         except BaseException as exc:
             if isinstance(exc, RequestRejected):  # the engine answers it (413, 408, 400)
                 telemetry.local_error(name, service, REJECTED.get(exc.status, "bad_request"))

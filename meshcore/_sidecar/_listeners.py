@@ -264,7 +264,8 @@ class Listeners:
                             self._admit(conn)
                             telemetry.connections_total[name] += 1
                             info = ConnectionInfo(
-                                address[:2], sock.getsockname()[:2] if wildcard else local[:2]
+                                address[:2], sock.getsockname()[:2] if wildcard else local[:2],
+                                None, conn,
                             )
                             spawn(self._run_socket, conn, sock, info, serve, acceptor.socket)
             finally:
