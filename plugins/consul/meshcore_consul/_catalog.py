@@ -199,7 +199,8 @@ class Catalog:
         self.checks: dict[str, CheckRecord] = {}
         self._name_index: dict[str, int] = {}
         self.closed = False
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[frozenset[str] | None], None]] = []
+        self._touched: set[str] = set()  # names whose index moved since the last _changed()
         self.load_error: str | None = None
         self.node_create_index = 1
         if self.data_dir is not None:
@@ -211,6 +212,7 @@ class Catalog:
         self.index += 1
         for name in names:
             self._name_index[name] = self.index
+        self._touched.update(names)
         return self.index
 
     def _bump_for(self, check: CheckRecord) -> int:
@@ -224,16 +226,19 @@ class Catalog:
     def _changed(self) -> None:
         self._persist()
         self.cond.notify_all()
+        touched, self._touched = frozenset(self._touched), set()
         for listener in list(self._listeners):
-            listener()
+            listener(touched)
 
-    def listen(self, listener: Callable[[], None]) -> None:
-        """Call `listener()` after every change and at close (from the changing thread, with
-        the lock held: it must only hand the news over, e.g. `loop.call_soon_threadsafe`)."""
+    def listen(self, listener: Callable[[frozenset[str] | None], None]) -> None:
+        """Call `listener(names)` after every change with the service names whose index moved
+        (so only their blocking queries need waking), and `listener(None)` at close (from the
+        changing thread, with the lock held: it must only hand the news over, e.g.
+        `loop.call_soon_threadsafe`)."""
         with self.cond:
             self._listeners.append(listener)
 
-    def unlisten(self, listener: Callable[[], None]) -> None:
+    def unlisten(self, listener: Callable[[frozenset[str] | None], None]) -> None:
         with self.cond:
             if listener in self._listeners:
                 self._listeners.remove(listener)
@@ -542,7 +547,7 @@ class Catalog:
             self.closed = True
             self.cond.notify_all()
             for listener in list(self._listeners):
-                listener()
+                listener(None)
 
     def _status_of(self, service_id: str) -> list[CheckRecord]:
         return [c for c in self.checks.values() if c.service_id == service_id]
