@@ -193,7 +193,11 @@ class Catalog:
         self.min_deregister_after = min_deregister_after
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.node_id = str(uuid.uuid4())
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)
+        # The TTL thread waits on this (same lock), woken only by changes that can bring its
+        # next deadline forward: waking it on every change made every change scan every check.
+        self.expiry = threading.Condition(lock)
         self.index = 1  # Consul never hands out index 0 (setIndex maps 0 -> 1)
         self.services: dict[str, ServiceRecord] = {}
         self.checks: dict[str, CheckRecord] = {}
@@ -201,6 +205,10 @@ class Catalog:
         self.closed = False
         self._listeners: list[Callable[[frozenset[str] | None], None]] = []
         self._touched: set[str] = set()  # names whose index moved since the last _changed()
+        # Service ids per name and check ids per service id, rebuilt at the first read after a
+        # change: reads (a watcher per service) far outnumber changes, and without them one
+        # read of a service scanned every service and, per instance, every check.
+        self._lookup: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None
         self.load_error: str | None = None
         self.node_create_index = 1
         if self.data_dir is not None:
@@ -210,6 +218,7 @@ class Catalog:
 
     def _bump(self, *names: str) -> int:
         self.index += 1
+        self._lookup = None
         for name in names:
             self._name_index[name] = self.index
         self._touched.update(names)
@@ -223,9 +232,14 @@ class Catalog:
             return self._bump(*([service.name] if service else []))
         return self._bump(*{s.name for s in self.services.values()})
 
-    def _changed(self) -> None:
+    def _changed(self, expiry: bool = True) -> None:
+        """After a change: persist, wake the listeners, and the TTL thread unless `expiry` is
+        False (the change cannot bring a deadline forward)."""
+        self._lookup = None
         self._persist()
         self.cond.notify_all()
+        if expiry:
+            self.expiry.notify_all()
         touched, self._touched = frozenset(self._touched), set()
         for listener in list(self._listeners):
             listener(touched)
@@ -322,6 +336,7 @@ class Catalog:
                 for cid in [c.id for c in self.checks.values() if c.service_id == service_id]:
                     if cid not in new_ids:
                         del self.checks[cid]
+                        self._lookup = None
                         changed = True
             for check in checks:
                 existing = self.checks.get(check.id)
@@ -339,7 +354,9 @@ class Catalog:
                 if existing is None or _check_view(existing) != _check_view(check):
                     changed = True
                 self.checks[check.id] = check
+                self._lookup = None
             self.services[service_id] = record
+            self._lookup = None
             if changed:
                 index = self._bump(name)
                 record.modify_index = index
@@ -397,8 +414,10 @@ class Catalog:
 
     def _drop_service(self, record: ServiceRecord) -> None:
         del self.services[record.id]
+        self._lookup = None
         for cid in [c.id for c in self.checks.values() if c.service_id == record.id]:
             del self.checks[cid]
+            self._lookup = None
         self._bump(record.name)
 
     def update_check(self, check_id: str, status: str, output: str | None = None) -> None:
@@ -421,7 +440,8 @@ class Catalog:
             check.status, check.output = status, output
             check.critical_since = now if status == "critical" else None
             check.modify_index = self._bump_for(check)
-            self._changed()
+            # A later TTL deadline never needs the TTL thread early; a reap deadline may.
+            self._changed(expiry=status == "critical" and check.deregister_after is not None)
 
     def register_check(self, body: Any) -> CheckRecord:
         """PUT /v1/agent/check/register: a TTL check, of a service (`ServiceID`) or the node."""
@@ -445,6 +465,7 @@ class Catalog:
             check.critical_since = now if check.status == "critical" else None
             check.create_index = existing.create_index if existing else 0
             self.checks[check.id] = check
+            self._lookup = None
             check.modify_index = self._bump_for(check)
             check.create_index = check.create_index or check.modify_index
             self._changed()
@@ -457,6 +478,7 @@ class Catalog:
                 raise RegistryError(
                     404, f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.')
             del self.checks[check_id]
+            self._lookup = None
             self._bump_for(check)
             self._changed()
 
@@ -484,6 +506,7 @@ class Catalog:
                 critical_since=self.clock(),
             )
             self.checks[check_id] = check
+            self._lookup = None
             check.modify_index = check.create_index = self._bump_for(check)
             self._changed()
 
@@ -546,11 +569,25 @@ class Catalog:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+            self.expiry.notify_all()
             for listener in list(self._listeners):
                 listener(None)
 
+    def _tables(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Service ids per name and check ids per service id (lock held)."""
+        if self._lookup is None:
+            by_name: dict[str, list[str]] = {}
+            for s in self.services.values():
+                by_name.setdefault(s.name, []).append(s.id)
+            checks_of: dict[str, list[str]] = {}
+            for c in self.checks.values():
+                checks_of.setdefault(c.service_id, []).append(c.id)
+            self._lookup = by_name, checks_of
+        return self._lookup
+
     def _status_of(self, service_id: str) -> list[CheckRecord]:
-        return [c for c in self.checks.values() if c.service_id == service_id]
+        checks = self.checks
+        return [checks[cid] for cid in self._tables()[1].get(service_id, ()) if cid in checks]
 
     def node_json(self) -> dict[str, Any]:
         addr = self.node_address
@@ -602,8 +639,10 @@ class Catalog:
 
     def _matching(self, name: str, tags: Iterable[str]) -> list[ServiceRecord]:
         wanted = set(tags)
+        services = self.services
+        found = (services.get(sid) for sid in self._tables()[0].get(name, ()))
         return sorted(
-            (s for s in self.services.values() if s.name == name and wanted.issubset(s.tags)),
+            (s for s in found if s is not None and s.name == name and wanted.issubset(s.tags)),
             key=lambda s: s.id,
         )
 

@@ -216,7 +216,7 @@ class Registry:
                 if catalog.closed:
                     return  # type: ignore[unreachable]  # set by another thread since the loop's test
                 delay = 1.0 if upcoming is None else min(max(upcoming - catalog.clock(), 0.002), 1.0)
-                catalog.cond.wait(delay)
+                catalog.expiry.wait(delay)
 
 
 # -- the HTTP front ------------------------------------------------------------------------
