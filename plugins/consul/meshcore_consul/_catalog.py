@@ -48,6 +48,10 @@ _OTHER_CHECK_TYPES = (
 )
 
 
+class RawJSON(bytes):
+    """An answer already encoded as compact JSON."""
+
+
 class RegistryError(Exception):
     """An error answered to a client: HTTP status and Consul's plain-text message."""
 
@@ -209,6 +213,7 @@ class Catalog:
         # change: reads (a watcher per service) far outnumber changes, and without them one
         # read of a service scanned every service and, per instance, every check.
         self._lookup: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None
+        self._check_text: dict[str, tuple[tuple[Any, ...], bytes]] = {}  # see health_state_json
         self.load_error: str | None = None
         self.node_create_index = 1
         if self.data_dir is not None:
@@ -667,6 +672,35 @@ class Catalog:
         with self.cond:
             return self._node_checks() + [self.check_json(c) for c in sorted(
                 (c for c in self.checks.values() if c.service_id), key=lambda c: c.id)]
+
+    def health_state_json(self, state: str) -> RawJSON:
+        """`health_state` encoded, from each check's JSON kept until the check or its service
+        changes: a watch of every check (a sidecar's shared watch) asks for all of them after
+        every change, and encoding 10,000 checks anew each time cost ~70 ms of CPU."""
+        if state not in ("any", *STATUSES):
+            raise RegistryError(400, f"Invalid check state {state!r}: expected any, passing, warning or critical")
+        with self.cond:
+            parts = [json.dumps(c, separators=(",", ":")).encode() for c in self._node_checks()
+                     if state == "any" or c["Status"] == state]
+            cache = self._check_text
+            kept: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+            for check in sorted((c for c in self.checks.values() if c.service_id), key=lambda c: c.id):
+                if state != "any" and check.status != state:
+                    continue
+                service = self.services.get(check.service_id)
+                version = (check, check.status, check.output, check.modify_index, service)
+                entry = cache.get(check.id)
+                if entry is None or len(entry[0]) != len(version) or any(
+                    a is not b and a != b for a, b in zip(entry[0], version)
+                ):
+                    entry = (version, json.dumps(self.check_json(check), separators=(",", ":")).encode())
+                kept[check.id] = entry
+                parts.append(entry[1])
+            if state == "any":
+                self._check_text = kept  # what is gone is dropped
+            else:
+                cache.update(kept)
+            return RawJSON(b"[" + b",".join(parts) + b"]")
 
     def health_state(self, state: str) -> list[dict[str, Any]]:
         """GET /v1/health/state/<state>: every check in that state (`any`: all of them)."""

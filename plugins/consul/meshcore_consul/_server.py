@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ._catalog import MIN_DEREGISTER_AFTER, Catalog, RegistryError
+from ._catalog import MIN_DEREGISTER_AFTER, Catalog, RawJSON, RegistryError
 from ._duration import parse_go_duration
 from ._filter import Predicate, compile_filter
 from ._token import TOKEN_FILE, load_or_create_token
@@ -590,7 +590,9 @@ class _Front:
                 lambda q: c.health_service(q.path, passing=_flag(q.query, "passing", "Invalid value for ?passing"),
                                            tags=q.query.get("tag", [])), named="service"))),
             "health/checks": (get, r(self._read(lambda q: c.health_checks(q.path), named="service"))),
-            "health/state": (get, r(self._read(lambda q: c.health_state(q.path), named="state", watch_all=True))),
+            "health/state": (get, r(self._read(
+                lambda q: c.health_state(q.path) if "pretty" in q.query else c.health_state_json(q.path),
+                named="state", watch_all=True, filtered=lambda q, p: _apply(c.health_state(q.path), p)))),
             "health/node": (get, r(self._read(lambda q: c.health_node(q.path), named="node", watch_all=True))),
             "catalog/service": (get, r(self._read(
                 lambda q: c.catalog_service(q.path, tags=q.query.get("tag", [])), named="service"))),
@@ -619,6 +621,8 @@ class _Front:
         }
         if index is not None:
             headers["X-Consul-Index"] = str(max(index, 1))
+        if isinstance(value, RawJSON):
+            return _Reply(200, bytes(value), headers, "application/json")
         pretty = "pretty" in request.query
         text = json.dumps(value, indent=4 if pretty else None, separators=None if pretty else (",", ":"))
         return _Reply(200, text.encode(), headers, "application/json")
