@@ -25,7 +25,15 @@ from meshcore import Kind, Setting
 
 from ._agent import DEFAULT_AGENT, AgentConfig, ConsulAnswerError, parse_agent_address
 from ._catalog import Catalog, RegistryError
-from ._discovery import SHARED_ABOVE, AgentHub, ConsulDiscovery, TokenBucket, check_fingerprints, next_index, parse_health
+from ._discovery import (
+    SHARED_ABOVE,
+    AgentHub,
+    ConsulDiscovery,
+    TokenBucket,
+    check_fingerprints,
+    next_index,
+    parse_health,
+)
 from ._registration import Registration
 from ._server import Registry
 from ._token import TokenFileError
