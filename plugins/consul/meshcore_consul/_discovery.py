@@ -25,7 +25,7 @@ so a query per service cannot scale. The shared watch is one blocking query on
 answer for watching many services); when its index moves, the services whose checks changed
 are read again with a non-blocking `/v1/health/service/<name>`, at most `READS` at a time. A
 move that no check explains (an instance without checks, a node-level check) reads every
-watched service again; and each service is read again every `wait` regardless, because a
+watched service again; and each service is read again about every `wait` regardless, because a
 change Consul keeps out of the checks table (an instance re-registered in place with a new
 address and unchanged checks) moves no check. See docs/registry.md "1,000 services on consul".
 
@@ -588,9 +588,11 @@ class ConsulDiscovery:
                 tg.start_soon(hub.serve)
                 backoff = self.backoff
                 while True:
-                    # Read again every `wait` even when no check moved: Consul keeps some
-                    # changes out of the checks table (an instance re-registered in place).
-                    with anyio.move_on_after(self.wait * (1 + random.random() / 16)):
+                    # Read again every `wait` on average even when no check moved: Consul
+                    # keeps some changes out of the checks table (an instance re-registered
+                    # in place). Spread over half to one and a half `wait`, so services that
+                    # started together are not all read again in one burst.
+                    with anyio.move_on_after(self.wait * (0.5 + random.random())):
                         await sub.event.wait()
                     sub.event = anyio.Event()
                     while True:
