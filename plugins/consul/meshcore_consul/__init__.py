@@ -25,13 +25,22 @@ from meshcore import Kind, Setting
 
 from ._agent import DEFAULT_AGENT, AgentConfig, ConsulAnswerError, parse_agent_address
 from ._catalog import Catalog, RegistryError
-from ._discovery import ConsulDiscovery, TokenBucket, next_index, parse_health
+from ._discovery import (
+    SHARED_ABOVE,
+    AgentHub,
+    ConsulDiscovery,
+    TokenBucket,
+    check_fingerprints,
+    next_index,
+    parse_health,
+)
 from ._registration import Registration
 from ._server import Registry
 from ._token import TokenFileError
 
 __all__ = [
     "AgentConfig",
+    "AgentHub",
     "Catalog",
     "ConsulAnswerError",
     "ConsulDiscovery",
@@ -40,6 +49,7 @@ __all__ = [
     "RegistryError",
     "TokenFileError",
     "TokenBucket",
+    "check_fingerprints",
     "next_index",
     "parse_health",
     "registration_of",
@@ -91,6 +101,10 @@ def meshcore_kinds() -> list[Kind]:
             "float", 20.0, "most queries per second while the service churns (token bucket, burst 2)", min=0.1
         ),
         "max_answer_size": Setting("int", 32 << 20, "largest answer accepted, in bytes", min=1024),
+        "shared_above": Setting(
+            "int", SHARED_ABOVE, "past this many services on one agent, they share one watch of "
+            "/v1/health/state/any instead of a blocking query each (0: always shared)", min=0,
+        ),
     }
     registration = {
         **_agent_settings("agent"),
@@ -131,6 +145,7 @@ def meshcore_discovery(kind: str, settings: Any, service: str) -> ConsulDiscover
         max_backoff=max(settings.max_backoff, settings.backoff),
         churn_limit=settings.churn_limit,
         max_answer_size=settings.max_answer_size,
+        shared_above=settings.shared_above,
     )
 
 

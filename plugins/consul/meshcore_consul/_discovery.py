@@ -17,6 +17,18 @@ and counted and the rest are used. An answer emptied by ACLs (`X-Consul-Results-
 true`, no entries: the token lost read access) keeps the last good endpoints, is counted, and
 the plugin's state (`mesh.state()["services"][name]["consul"]["state"]`) says "filtered".
 
+Many services on one agent share one client (one connection pool, one TLS context) and, past
+`shared_above` services, one watch instead of a parked query each: a real Consul agent allows
+200 connections per client address (`limits.http_max_conns_per_client`, hashicorp/consul#7289),
+so a query per service cannot scale. The shared watch is one blocking query on
+`/v1/health/state/any` (every check of every service, each with its `ModifyIndex`; Consul's
+answer for watching many services); when its index moves, the services whose checks changed
+are read again with a non-blocking `/v1/health/service/<name>`, at most `READS` at a time. A
+move that no check explains (an instance without checks, a node-level check) reads every
+watched service again; and each service is read again about every `wait` regardless, because a
+change Consul keeps out of the checks table (an instance re-registered in place with a new
+address and unchanged checks) moves no check. See docs/registry.md "1,000 services on consul".
+
 Failures (unreachable agent, 5xx, 403, 429, non-JSON, wrong shape, huge answers) keep the last
 good endpoints: the error goes to `sink.error` (counted, shown in `mesh.state()`), and the
 loop backs off with full jitter: 250 ms doubling to 60 s, consul-template's retry defaults
@@ -26,7 +38,8 @@ loop backs off with full jitter: 250 ms doubling to 60 s, consul-template's retr
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +51,20 @@ import meshcore
 from ._address import address_problem
 from ._agent import AgentConfig, ConsulAnswerError, error_text, read_json
 
-__all__ = ["Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "next_index", "parse_health"]
+__all__ = [
+    "AgentHub", "Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "check_fingerprints", "next_index",
+    "parse_health",
+]
 
 STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
+# Targeted reads in flight at once per agent, in the shared mode: enough to load 1,000
+# services in about a second on loopback, few enough to stay far below Consul's 200
+# connections per client address.
+READS = 4
+# Up to this many services per agent, each gets its own blocking query (the lowest latency,
+# one parked connection each); past it they share one watch (SHARED_ABOVE + READS + 2
+# connections at most, whatever the number of services).
+SHARED_ABOVE = 16
 
 
 class ConsulUnreachable(Exception):
@@ -187,6 +211,241 @@ class Answer:
     emptied_by_acls: bool
 
 
+async def _get_json(
+    client: httpx.AsyncClient, path: str, params: list[tuple[str, str | int | float | bool | None]],
+    timeout: httpx.Timeout, max_answer_size: int,
+) -> tuple[Any, int, bool]:
+    """A read's JSON answer, its X-Consul-Index and whether ACLs filtered it; raises on any
+    failure of the whole answer."""
+    async with client.stream("GET", path, params=params, timeout=timeout) as response:
+        if response.status_code != 200:
+            body = b""
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > 200:
+                    break
+            raise ConsulAnswerError(error_text(response, body))
+        data = await read_json(response, max_answer_size)
+        raw_index = response.headers.get("x-consul-index", "")
+        filtered = response.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
+    if not raw_index.isdigit():
+        raise ConsulAnswerError(f"missing or invalid X-Consul-Index header {raw_index!r}")
+    return data, int(raw_index), filtered
+
+
+Fingerprint = frozenset[tuple[Any, ...]]
+
+
+def check_fingerprints(entries: Any, skipped: list[str] | None = None) -> dict[str, Fingerprint]:
+    """Per service name, what its checks say in a /v1/health/state/any answer: node, service
+    id, check id, status and ModifyIndex of each. Node-level checks (no ServiceID) are kept
+    under "". A malformed entry is skipped (its reason appended to `skipped`); an answer that
+    is not a list, or whose every entry is malformed, raises ConsulAnswerError."""
+    if not isinstance(entries, list):
+        raise ConsulAnswerError(f"expected a JSON array of checks, got {type(entries).__name__}")
+    table: dict[str, set[tuple[Any, ...]]] = {}
+    reasons: list[str] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            reasons.append(f"check {i}: expected an object, got {entry!r:.60}")
+            continue
+        service_id = entry.get("ServiceID") or ""
+        name = entry.get("ServiceName") or ""
+        status = entry.get("Status")
+        modify = entry.get("ModifyIndex", 0)
+        if not isinstance(service_id, str) or not isinstance(name, str) or not isinstance(status, str) or (
+            not isinstance(modify, int) or isinstance(modify, bool)
+        ):
+            reasons.append(f"check {i}: ServiceID, ServiceName, Status or ModifyIndex of the wrong type")
+            continue
+        key = name if service_id else ""
+        table.setdefault(key, set()).add((entry.get("Node"), service_id, entry.get("CheckID"), status, modify))
+    if reasons and len(reasons) == len(entries):
+        raise ConsulAnswerError(f"every check is malformed; {reasons[0]}")
+    if skipped is not None:
+        skipped.extend(reasons)
+    return {key: frozenset(value) for key, value in table.items()}
+
+
+class _Subscriber:
+    __slots__ = ("discovery", "event", "sink")
+
+    def __init__(self, discovery: ConsulDiscovery, sink: meshcore.DiscoverySink) -> None:
+        self.discovery = discovery
+        self.sink = sink
+        self.event = anyio.Event()
+
+
+class AgentHub:
+    """What the consul discoveries of one agent share in one event loop: one client (one
+    connection pool, one TLS context) and, past `shared_above` services, one blocking query
+    on `/v1/health/state/any` that tells which services to read again.
+
+    `AgentHub.acquire(agent, ...)` inside a task (equal agents share one), `await release()`
+    when done. `serve()` is run by every shared-mode subscriber; one of them runs the watch at
+    a time, and another takes over when it leaves.
+    """
+
+    # Keyed by thread too: anyio's objects belong to one event loop, one per thread.
+    _hubs: dict[tuple[AgentConfig, int], AgentHub] = {}
+
+    def __init__(
+        self, agent: AgentConfig, *, shared_above: int = SHARED_ABOVE, wait: float = 60.0, backoff: float = 0.25,
+        max_backoff: float = 60.0, churn_limit: float = 20.0, max_answer_size: int = 32 << 20,
+    ) -> None:
+        self.agent = agent
+        self.shared_above = shared_above
+        self.wait = wait
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.churn_limit = churn_limit
+        self.max_answer_size = max_answer_size
+        self.client = agent.client(max_connections=shared_above + READS + 2)
+        self.reads = anyio.CapacityLimiter(READS)
+        self.users = 0
+        self.subscribers: dict[str, list[_Subscriber]] = {}
+        self.checks: dict[str, Fingerprint] | None = None  # None: no answer yet
+        self.index = 0
+        # counters shown in state
+        self.requests = 0
+        self.errors = 0
+        self.sweeps = 0  # moves no check explained: every watched service read again
+        self.skipped = 0
+        self.last_error: str | None = None
+        self.last_skipped: str | None = None
+        self._running = False
+        self._runner_left = anyio.Event()
+
+    # -- sharing ----------------------------------------------------------------------------
+
+    @classmethod
+    def acquire(cls, agent: AgentConfig, **options: Any) -> AgentHub:
+        key = (agent, threading.get_ident())
+        hub = cls._hubs.get(key)
+        if hub is None:
+            hub = cls._hubs[key] = cls(agent, **options)
+        hub.users += 1
+        return hub
+
+    async def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            key = (self.agent, threading.get_ident())
+            if self._hubs.get(key) is self:
+                del self._hubs[key]
+            with anyio.CancelScope(shield=True):
+                await self.client.aclose()
+
+    @property
+    def shared(self) -> bool:
+        return self.users > self.shared_above
+
+    def subscribe(self, discovery: ConsulDiscovery, sink: meshcore.DiscoverySink) -> _Subscriber:
+        sub = _Subscriber(discovery, sink)
+        if self.checks is not None:  # the watch has its baseline: read at once
+            sub.event.set()
+        self.subscribers.setdefault(discovery.service, []).append(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscriber) -> None:
+        subs = self.subscribers.get(sub.discovery.service, [])
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            self.subscribers.pop(sub.discovery.service, None)
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready: the shared watch's index and counters."""
+        return {
+            "index": self.index, "services": len(self.subscribers), "requests": self.requests,
+            "errors": self.errors, "last_error": self.last_error, "sweeps": self.sweeps,
+            "skipped_checks": self.skipped, "last_skipped": self.last_skipped,
+        }
+
+    def _notify(self, names: Iterable[str]) -> None:
+        for name in names:
+            for sub in self.subscribers.get(name, ()):
+                sub.event.set()
+
+    def _report(self, exc: BaseException) -> None:
+        """A failed watch: every subscriber counts and reports it, and keeps its endpoints."""
+        self.errors += 1
+        self.last_error = str(exc)
+        for subs in self.subscribers.values():
+            for sub in subs:
+                sub.discovery.errors += 1
+                sub.discovery.status = "error"
+                sub.sink.error(exc)
+
+    # -- the shared watch --------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run the shared watch if nobody does, else wait to take over. Never returns."""
+        while True:
+            if self._running:
+                await self._runner_left.wait()
+                continue
+            self._running = True
+            try:
+                await self._run()
+            finally:
+                self._running = False
+                left, self._runner_left = self._runner_left, anyio.Event()
+                left.set()
+
+    async def _query(self) -> tuple[int, dict[str, Fingerprint]]:
+        params: list[tuple[str, str | int | float | bool | None]] = []
+        if self.agent.datacenter:
+            params.append(("dc", self.agent.datacenter))
+        if self.index > 0:
+            params += [("index", str(self.index)), ("wait", f"{self.wait:g}s")]
+        timeout = self.agent.timeout
+        read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
+        self.requests += 1
+        data, index, _ = await _get_json(
+            self.client, "/v1/health/state/any", params, httpx.Timeout(timeout, read=read), self.max_answer_size)
+        skipped: list[str] = []
+        checks = check_fingerprints(data, skipped)
+        if skipped:
+            self.skipped += len(skipped)
+            self.last_skipped = skipped[0]
+        return index, checks
+
+    async def _run(self) -> None:
+        bucket = TokenBucket(self.churn_limit, burst=2)
+        backoff = self.backoff
+        while True:
+            await bucket.take()
+            try:
+                index, checks = await self._query()
+            except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
+                self._report(exc if isinstance(exc, ConsulAnswerError) else ConsulUnreachable(self.agent, exc))
+                self.index = 0  # the agent may be back at a lower index: start non-blocking
+                await anyio.sleep(backoff * random.random())
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            backoff = self.backoff
+            previous, known = self.index, self.checks
+            went_back = 0 < previous and index < previous
+            self.index = next_index(previous, index)
+            self.checks = checks
+            if known is None:
+                # The baseline: every subscriber reads now, so a change from here on moves a check.
+                self._notify(list(self.subscribers))
+            elif went_back:
+                self.sweeps += 1
+                self._notify(list(self.subscribers))
+            elif index != previous:
+                changed = {name for name in known.keys() | checks.keys() if known.get(name) != checks.get(name)}
+                if not changed or "" in changed:
+                    # Nothing or a node-level check moved: which services that touched is
+                    # unknown from here, so all of them are read again (bounded by READS).
+                    self.sweeps += 1
+                    self._notify(list(self.subscribers))
+                else:
+                    self._notify(changed)
+
+
 class ConsulDiscovery:
     """Watches one service in Consul (or the embedded registry) and publishes its endpoints."""
 
@@ -202,6 +461,7 @@ class ConsulDiscovery:
         max_backoff: float = 60.0,
         churn_limit: float = 20.0,
         max_answer_size: int = 32 << 20,
+        shared_above: int = SHARED_ABOVE,
     ) -> None:
         self.agent = agent
         self.service = service
@@ -212,6 +472,7 @@ class ConsulDiscovery:
         self.max_backoff = max_backoff
         self.churn_limit = churn_limit
         self.max_answer_size = max_answer_size
+        self.shared_above = shared_above
         self.index = 0
         self.requests = 0
         self.errors = 0
@@ -219,6 +480,8 @@ class ConsulDiscovery:
         self.last_skipped: str | None = None
         self.filtered = 0
         self.status = "waiting"  # waiting, ok, filtered, error
+        self.mode = "service"  # service: a blocking query of its own; shared: the agent's watch
+        self._hub: AgentHub | None = None
 
     def _params(self) -> list[tuple[str, str | int | float | bool | None]]:
         params: list[tuple[str, str | int | float | bool | None]] = []
@@ -237,76 +500,109 @@ class ConsulDiscovery:
         timeout = self.agent.timeout
         read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
         self.requests += 1
-        async with client.stream(
-            "GET",
-            f"/v1/health/service/{self.service}",
-            params=self._params(),
-            timeout=httpx.Timeout(timeout, read=read),
-        ) as response:
-            if response.status_code != 200:
-                body = b""
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > 200:
-                        break
-                raise ConsulAnswerError(error_text(response, body))
-            data = await read_json(response, self.max_answer_size)
-            raw_index = response.headers.get("x-consul-index", "")
-            filtered = response.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
-        if not raw_index.isdigit():
-            raise ConsulAnswerError(f"missing or invalid X-Consul-Index header {raw_index!r}")
+        data, index, filtered = await _get_json(
+            client, f"/v1/health/service/{self.service}", self._params(),
+            httpx.Timeout(timeout, read=read), self.max_answer_size)
         skipped: list[str] = []
         endpoints = parse_health(data, include_warning=self.include_warning, skipped=skipped)
-        return Answer(int(raw_index), endpoints, skipped, filtered and not data)
+        return Answer(index, endpoints, skipped, filtered and not data)
 
     def state(self) -> dict[str, Any]:
         """JSON-ready, shown in `mesh.state()["services"][<name>]["consul"]`."""
-        return {
-            "state": self.status, "requests": self.requests, "errors": self.errors,
+        state: dict[str, Any] = {
+            "state": self.status, "mode": self.mode, "requests": self.requests, "errors": self.errors,
             "skipped_entries": self.skipped, "last_skipped": self.last_skipped,
             "filtered_by_acls": self.filtered,
         }
+        if self.mode == "shared" and self._hub is not None:
+            state["watch"] = self._hub.state()
+        return state
 
     async def watch(self, sink: meshcore.DiscoverySink) -> None:
-        bucket = TokenBucket(self.churn_limit, burst=2)
-        backoff = self.backoff
         add_state = getattr(sink, "add_state", None)  # an Upstream offers it; a bare sink may not
         if add_state is not None:
             add_state("consul", self.state)
         # Each watch starts with a non-blocking query: this sink has been told nothing yet, and
         # an index kept from an earlier (cancelled) watch would block until the next change.
         self.index = 0
-        async with self.agent.client() as client:
-            while True:
+        self.mode = "service"
+        hub = self._hub = AgentHub.acquire(
+            self.agent, shared_above=self.shared_above, wait=self.wait, backoff=self.backoff,
+            max_backoff=self.max_backoff, churn_limit=self.churn_limit, max_answer_size=self.max_answer_size)
+        try:
+            bucket = TokenBucket(self.churn_limit, burst=2)
+            backoff = self.backoff
+            # Few services on this agent: a blocking query of its own. Once more than
+            # `shared_above` watch it, this one joins the shared watch at its next answer.
+            while not hub.shared:
                 await bucket.take()
-                try:
-                    answer = await self.query(client)
-                except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
-                    self.errors += 1
-                    self.status = "error"
-                    sink.error(exc if isinstance(exc, ConsulAnswerError) else ConsulUnreachable(self.agent, exc))
-                    # The agent may have restarted without its data, at a lower index: a
-                    # blocking query on the old index would then sit out the whole `wait`
-                    # before the backwards index shows. Start over with a non-blocking query.
+                index = await self._step(hub.client, sink)
+                if index is None:
+                    # Full jitter, so a fleet of watchers does not hammer a recovering agent
+                    # in step. The agent may have restarted without its data, at a lower
+                    # index: a blocking query on the old index would then sit out the whole
+                    # `wait` before the backwards index shows. Start over non-blocking.
                     self.index = 0
-                    # Full jitter, so a fleet of watchers does not hammer a recovering agent in step.
                     await anyio.sleep(backoff * random.random())
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
+                self.index, backoff = index, self.backoff
+            self.mode = "shared"
+            await self._watch_shared(hub, sink)
+        finally:
+            await hub.release()
+
+    async def _step(self, client: httpx.AsyncClient, sink: meshcore.DiscoverySink) -> int | None:
+        """One query (blocking when `self.index` is set) and what follows from it: the next
+        index, None after a failure (reported)."""
+        try:
+            answer = await self.query(client)
+        except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
+            self.errors += 1
+            self.status = "error"
+            sink.error(exc if isinstance(exc, ConsulAnswerError) else ConsulUnreachable(self.agent, exc))
+            return None
+        index = next_index(self.index, answer.index)
+        if answer.skipped:
+            self.skipped += len(answer.skipped)
+            self.last_skipped = answer.skipped[0]
+        if answer.emptied_by_acls:
+            # The token may no longer read the service (revoked, policy changed): an empty
+            # answer says nothing about the instances, so keep the last good ones.
+            self.filtered += 1
+            self.status = "filtered"
+            sink.error(ResultsFilteredByACLs(
+                f"{self.service}: the answer was emptied by ACLs "
+                "(X-Consul-Results-Filtered-By-ACLs: true); keeping the last endpoints"
+            ))
+        else:
+            self.status = "ok"
+            sink.publish(answer.endpoints)
+        return index
+
+    async def _watch_shared(self, hub: AgentHub, sink: meshcore.DiscoverySink) -> None:
+        """Read the service whenever the agent's shared watch says its checks moved."""
+        sub = hub.subscribe(self, sink)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hub.serve)
                 backoff = self.backoff
-                self.index = next_index(self.index, answer.index)
-                if answer.skipped:
-                    self.skipped += len(answer.skipped)
-                    self.last_skipped = answer.skipped[0]
-                if answer.emptied_by_acls:
-                    # The token may no longer read the service (revoked, policy changed): an
-                    # empty answer says nothing about the instances, so keep the last good ones.
-                    self.filtered += 1
-                    self.status = "filtered"
-                    sink.error(ResultsFilteredByACLs(
-                        f"{self.service}: the answer was emptied by ACLs "
-                        "(X-Consul-Results-Filtered-By-ACLs: true); keeping the last endpoints"
-                    ))
-                    continue
-                self.status = "ok"
-                sink.publish(answer.endpoints)
+                while True:
+                    # Read again every `wait` on average even when no check moved: Consul
+                    # keeps some changes out of the checks table (an instance re-registered
+                    # in place). Spread over half to one and a half `wait`, so services that
+                    # started together are not all read again in one burst.
+                    with anyio.move_on_after(self.wait * (0.5 + random.random())):
+                        await sub.event.wait()
+                    sub.event = anyio.Event()
+                    while True:
+                        self.index = 0  # a targeted read never blocks: the shared watch does
+                        async with hub.reads:
+                            index = await self._step(hub.client, sink)
+                        if index is not None:
+                            backoff = self.backoff
+                            break
+                        await anyio.sleep(backoff * random.random())
+                        backoff = min(backoff * 2, self.max_backoff)
+        finally:
+            hub.unsubscribe(sub)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ._catalog import MIN_DEREGISTER_AFTER, Catalog, RegistryError
+from ._catalog import MIN_DEREGISTER_AFTER, Catalog, RawJSON, RegistryError
 from ._duration import parse_go_duration
 from ._filter import Predicate, compile_filter
 from ._token import TOKEN_FILE, load_or_create_token
@@ -216,7 +216,7 @@ class Registry:
                 if catalog.closed:
                     return  # type: ignore[unreachable]  # set by another thread since the loop's test
                 delay = 1.0 if upcoming is None else min(max(upcoming - catalog.clock(), 0.002), 1.0)
-                catalog.cond.wait(delay)
+                catalog.expiry.wait(delay)
 
 
 # -- the HTTP front ------------------------------------------------------------------------
@@ -326,7 +326,12 @@ class _Front:
         self.tasks: set[asyncio.Task[None]] = set()
         self.socks: set[socket.socket] = set()
         self._stopped: asyncio.Event | None = None
+        # Parked blocking queries wait on the Event of what they watch: one per service name
+        # (made when the first query parks on it, dropped when set) and one for the whole
+        # catalog. A change sets only the Events of the names whose index moved, so it wakes
+        # only their watchers and the catalog-wide ones, not every parked query.
         self._changed: asyncio.Event | None = None
+        self._named: dict[str, asyncio.Event] = {}
         self._route_table = self._routes()
 
     # -- loop --------------------------------------------------------------------------------
@@ -392,18 +397,38 @@ class _Front:
         else:
             self.sock.close()
 
-    def _on_change(self) -> None:
-        """Called by the catalog (any thread, its lock held): wake this loop's waiters."""
+    def _on_change(self, names: frozenset[str] | None) -> None:
+        """Called by the catalog (any thread, its lock held) with the names whose index
+        moved (None: closing): wake this loop's waiters on them and on the whole catalog."""
         if self.loop is not None:
             try:
-                self.loop.call_soon_threadsafe(self._wake)
+                self.loop.call_soon_threadsafe(self._wake, names)
             except RuntimeError:  # the loop already ended
                 pass
 
-    def _wake(self) -> None:
+    def _wake(self, names: frozenset[str] | None) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         if changed is not None:
             changed.set()
+        if names is None:
+            named, self._named = self._named, {}
+            for event in named.values():
+                event.set()
+            return
+        for name in names:
+            event = self._named.pop(name, None)
+            if event is not None:
+                event.set()
+
+    def _event_for(self, name: str | None) -> asyncio.Event:
+        """The Event a blocking query on `name` (None: the whole catalog) waits on."""
+        if name is None:
+            assert self._changed is not None
+            return self._changed
+        event = self._named.get(name)
+        if event is None:
+            event = self._named[name] = asyncio.Event()
+        return event
 
     # -- one connection ----------------------------------------------------------------------
 
@@ -565,7 +590,9 @@ class _Front:
                 lambda q: c.health_service(q.path, passing=_flag(q.query, "passing", "Invalid value for ?passing"),
                                            tags=q.query.get("tag", [])), named="service"))),
             "health/checks": (get, r(self._read(lambda q: c.health_checks(q.path), named="service"))),
-            "health/state": (get, r(self._read(lambda q: c.health_state(q.path), named="state", watch_all=True))),
+            "health/state": (get, r(self._read(
+                lambda q: c.health_state(q.path) if "pretty" in q.query else c.health_state_json(q.path),
+                named="state", watch_all=True, filtered=lambda q, p: _apply(c.health_state(q.path), p)))),
             "health/node": (get, r(self._read(lambda q: c.health_node(q.path), named="node", watch_all=True))),
             "catalog/service": (get, r(self._read(
                 lambda q: c.catalog_service(q.path, tags=q.query.get("tag", [])), named="service"))),
@@ -594,6 +621,8 @@ class _Front:
         }
         if index is not None:
             headers["X-Consul-Index"] = str(max(index, 1))
+        if isinstance(value, RawJSON):
+            return _Reply(200, bytes(value), headers, "application/json")
         pretty = "pretty" in request.query
         text = json.dumps(value, indent=4 if pretty else None, separators=None if pretty else (",", ":"))
         return _Reply(200, text.encode(), headers, "application/json")
@@ -746,7 +775,8 @@ class _Front:
     async def _wait(self, request: _Request, name: str | None, index: int, wait: float) -> None:
         """Consul's blocking query: wait while the index of `name` is not past `index`.
 
-        A coroutine and an Event per waiter: cheap enough to park thousands. The connection
+        A coroutine per waiter, parked on the Event of `name`: cheap enough to park thousands,
+        and a change wakes only the waiters of the names it touched. The connection
         is watched meanwhile, so a client that hangs up frees its slot at once instead of
         holding it for the rest of `wait`.
         """
@@ -759,8 +789,8 @@ class _Front:
             hangup = asyncio.ensure_future(conn.reader.read(65536))
         try:
             while True:
-                changed = self._changed
-                assert changed is not None
+                # Taken before the test below: a change after the test sets this very Event.
+                changed = self._event_for(name)
                 with catalog.cond:
                     if catalog.closed or not catalog.waiting(name, index):
                         return
