@@ -21,13 +21,18 @@ from __future__ import annotations
 # json, urllib.parse, ssl and difflib are imported where used: `import meshcore` (the
 # sidecar's start too) imports this module, and most requests need none of them.
 import codecs
-import socket
 import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Self, TypedDict, Unpack, cast
 
-from ._errors import EndpointError, HTTPStatusError, MeshError, UnknownService
+from ._errors import (
+    EndpointError,
+    HTTPStatusError,
+    MeshError,
+    not_a_service,
+    unknown_service,
+)
 from ._models import URL, Headers, Request
 
 if TYPE_CHECKING:
@@ -661,10 +666,7 @@ class _PassThrough:
     async def send(self, request: Request) -> Response:
         url = request.url
         if not self.enabled:
-            raise MeshError(
-                f"host {url.host!r} is not a mesh service and pass-through is off "
-                f"(services: {', '.join(self.services) or 'none'}).{_did_you_mean(url.host, self.services)}"
-            )
+            raise not_a_service(url.host, self.services)
         if url.scheme not in ("http", "https"):
             raise MeshError(f"unsupported URL scheme {url.scheme!r} in {url}")
         from ._endpoints import Endpoint
@@ -676,36 +678,12 @@ class _PassThrough:
         try:
             return await self._connector(url.scheme).send(endpoint, request)
         except EndpointError as exc:
-            host = url.host
-            if "." in host or ":" in host or not _did_not_resolve(exc):
+            unknown = unknown_service(url.host, exc, self.services)
+            if unknown is None:
                 raise
-            import difflib
-
-            suggestions = difflib.get_close_matches(host, self.services, n=3)
-            raise UnknownService(
-                f"host {host!r} is not a mesh service and does not resolve ({exc})."
-                f"{_did_you_mean(host, self.services)} Mesh services: "
-                f"{', '.join(self.services) or 'none'}.",
-                host=host, suggestions=suggestions, services=list(self.services),
-            ) from exc
+            raise unknown from exc
 
     async def aclose(self) -> None:
         for connector in (self._plain, self._tls):
             if connector is not None:
                 await connector.aclose()
-
-
-def _did_you_mean(host: str, services: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(host, services, n=3)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
-def _did_not_resolve(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, socket.gaierror):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False

@@ -210,6 +210,56 @@ class UnknownService(MeshError):
         self.services = services
 
 
+def unknown_service(host: str, exc: BaseException, services: Sequence[str]) -> UnknownService | None:
+    """The error for `host` whose connection failed with `exc`, when that was the name lookup of
+    a single-label host (a likely typo of a service); None otherwise."""
+    if "." in host or ":" in host or not _did_not_resolve(exc):
+        return None
+    import difflib
+
+    names = list(services)
+    suggestions = difflib.get_close_matches(host, names, n=3)
+    return UnknownService(
+        f"host {host!r} is not a mesh service and does not resolve ({exc})."
+        f"{did_you_mean(host, names)} Mesh services: {listing(names)}.",
+        host=host, suggestions=suggestions, services=names,
+    )
+
+
+def not_a_service(host: str, services: Sequence[str]) -> MeshError:
+    """The error for a host outside the mesh when pass-through is off."""
+    return MeshError(
+        f"host {host!r} is not a mesh service and pass-through is off "
+        f"(services: {listing(list(services))}).{did_you_mean(host, services)}"
+    )
+
+
+def did_you_mean(host: str, services: Sequence[str]) -> str:
+    import difflib  # imported here: the sidecar never needs it at start
+
+    close = difflib.get_close_matches(host, list(services), n=3)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def listing(services: list[str], most: int = 20) -> str:
+    if len(services) <= most:
+        return ", ".join(services) or "none"
+    return f"{', '.join(services[:most])}, ... ({len(services)} in all)"
+
+
+def _did_not_resolve(exc: BaseException) -> bool:
+    """Whether a connect failure was the name lookup (the resolver's gaierror is kept in the
+    cause chain by httpx and by meshcore's engine, on asyncio and trio alike)."""
+    import socket
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class EndpointReadError(EndpointError):
     """The connection broke (reset, closed) while the request was in flight; an
     `httpx.ReadError` in library mode."""

@@ -14,14 +14,12 @@ load httpx.
 
 from __future__ import annotations
 
-import difflib
-import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ._errors import MeshError, UnknownService
+from ._errors import MeshError, not_a_service, unknown_service
 from ._models import URL, Headers, Request
 
 if TYPE_CHECKING:
@@ -114,54 +112,18 @@ class MeshTransport(httpx.AsyncBaseTransport):
 
     async def _pass(self, request: httpx.Request) -> httpx.Response:
         if not self._pass_through:
-            raise as_httpx_error(
-                MeshError(
-                    f"host {request.url.host!r} is not a mesh service and pass-through is off "
-                    f"(services: {', '.join(self._services) or 'none'})."
-                    f"{_did_you_mean(request.url.host, self._services)}"
-                ),
-                request,
-            )
+            raise as_httpx_error(not_a_service(request.url.host, list(self._services)), request)
         if self._passthrough is None:
             self._passthrough = httpx.AsyncHTTPTransport()
         try:
             return await self._passthrough.handle_async_request(request)
         except httpx.ConnectError as exc:
-            host = request.url.host
-            if "." in host or ":" in host or not _did_not_resolve(exc):
+            unknown = unknown_service(request.url.host, exc, list(self._services))
+            if unknown is None:
                 raise
-            services = list(self._services)
-            suggestions = difflib.get_close_matches(host, services, n=3)
-            unknown = UnknownService(
-                f"host {host!r} is not a mesh service and does not resolve ({exc}).{_did_you_mean(host, services)} "
-                f"Mesh services: {_listing(services)}.",
-                host=host, suggestions=suggestions, services=services,
-            )
             raise as_httpx_error(unknown, request) from exc
 
     async def aclose(self) -> None:
         if self._passthrough is not None:
             await self._passthrough.aclose()
             self._passthrough = None
-
-
-def _did_you_mean(host: str, services: Any) -> str:
-    close = difflib.get_close_matches(host, list(services), n=3)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
-def _listing(services: list[str], most: int = 20) -> str:
-    if len(services) <= most:
-        return ", ".join(services) or "none"
-    return f"{', '.join(services[:most])}, ... ({len(services)} in all)"
-
-
-def _did_not_resolve(exc: BaseException) -> bool:
-    """Whether a connect failure was the name lookup (httpx keeps the resolver's gaierror in
-    the cause chain on asyncio and trio alike)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, socket.gaierror):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
