@@ -44,8 +44,11 @@ def importtime_modules(stderr: str) -> set[str]:
 
 
 def test_import_meshcore_and_the_sidecar_do_not_import_httpx():
-    modules = imported("import meshcore, meshcore._sidecar._runtime, meshcore._cli")
+    modules = imported(
+        "import meshcore, meshcore._sidecar._runtime, meshcore._sidecar._supervisor, meshcore._cli"
+    )
     assert "meshcore._sidecar._runtime" in modules
+    assert "meshcore._sidecar._supervisor" in modules  # `--workers N`: the supervisor too
     assert "httpx" not in modules
 
 

@@ -41,10 +41,10 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
 
-from .._errors import ConfigError
-from .._http import serve_connection
+from .._endpoints import Endpoint
+from .._errors import ConfigError, MeshError
+from .._http import HTTPConnector, PoolLimits, Timeouts, serve_connection
 from .._models import Request, Response
 from ._admin import refuse
 from ._dashboard import Peers, add_peers, merge_views, page
@@ -54,6 +54,21 @@ from ._workers import read_announcement
 __all__ = ["Supervisor", "merge_metrics", "merge_state", "supervise"]
 
 log = logging.getLogger("meshcore.sidecar")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A worker's answer to one admin request, read whole."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
 
 # Restart backoff, the shape of Kubernetes' CrashLoopBackOff (doubling, capped, reset after a
 # quiet run) scaled down, since a worker starts in well under a second: the first restart is
@@ -123,7 +138,7 @@ class Supervisor:
         self.started = time.time()
         self.address: Address | None = None
         self._stop: anyio.Event | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: HTTPConnector | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -144,8 +159,12 @@ class Supervisor:
         self.address = Address(self.admin.host, port)
         with tempfile.TemporaryDirectory(prefix="meshcore-workers-") as directory:
             self.directory = Path(directory)
-            # trust_env off: a proxy from the environment must not sit between us and loopback.
-            client_cm = httpx.AsyncClient(timeout=5.0, trust_env=False)
+            # meshcore's own client, not httpx: the supervisor stays as light as a worker (no
+            # proxy from the environment can sit between it and loopback either).
+            client_cm = HTTPConnector(
+                limits=PoolLimits(max_connections=4),
+                timeouts=Timeouts(connect=5.0, read=5.0, write=5.0, pool=5.0),
+            )
             async with client_cm as client, anyio.create_task_group() as tg:
                 self._client = client
                 tg.start_soon(self._serve_admin, listener, tg)
@@ -249,20 +268,24 @@ class Supervisor:
         async with listener:
             await listener.serve(connection, task_group=tg)
 
-    async def _fetch(self, slot: Slot, path: str) -> httpx.Response | None:
+    async def _fetch(self, slot: Slot, path: str) -> _Answer | None:
         """`path` from the worker's private admin listener; None when it is not up."""
         process = slot.process
         announced = read_announcement(self.directory, slot.index)
         if process is None or announced is None or announced.get("pid") != process.pid:
             return None
         assert self._client is not None
+        port = announced["admin"]
+        request = Request("GET", f"http://127.0.0.1:{port}{path}", [(b"host", f"127.0.0.1:{port}".encode())])
         try:
-            return await self._client.get(f"http://127.0.0.1:{announced['admin']}{path}")
-        except httpx.HTTPError:
+            with anyio.fail_after(5.0):
+                response = await self._client.send(Endpoint("127.0.0.1", port), request)
+                return _Answer(response.status_code, await response.aread())
+        except (MeshError, OSError, TimeoutError):
             return None
 
-    async def _gather(self, path: str) -> list[httpx.Response | None]:
-        results: list[httpx.Response | None] = [None] * len(self.slots)
+    async def _gather(self, path: str) -> list[_Answer | None]:
+        results: list[_Answer | None] = [None] * len(self.slots)
 
         async def one(slot: Slot) -> None:
             results[slot.index] = await self._fetch(slot, path)
@@ -503,9 +526,6 @@ def supervise(sidecar: Any, count: int, obj: Any, backend: str, log_level: str, 
 
     async def main() -> int:
         return await supervisor.run(ready)
-
-    # The supervisor's scrapes of its workers are not news worth a log line each.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     code: int = run(main, backend)
     return code
