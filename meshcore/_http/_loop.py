@@ -250,14 +250,12 @@ async def take_socket(stream: Any) -> Socket | None:
     loop = asyncio.get_running_loop()
     reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
     # A socket is nearly always writable: a writer registration kept would fire on every pass.
-    writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
-
-    def release() -> None:
-        reader.release()
-        writer.release()
-
+    writer = reader.then = _LoopWaiter(
+        loop, loop.add_writer, loop.remove_writer, sock, persistent=False
+    )
     return Socket(
-        sock, reader.wait, writer.wait, pending=pending, batch=send_batch(loop), on_close=release
+        sock, reader.wait, writer.wait, pending=pending, batch=send_batch(loop),
+        on_close=reader.release,
     )
 
 
@@ -287,6 +285,7 @@ class _LoopWaiter:
         "persistent",
         "registered",
         "remove",
+        "then",
         "timer",
     )
 
@@ -307,6 +306,9 @@ class _LoopWaiter:
         self.future: asyncio.Future[None] | None = None
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        # Another waiter `release()` releases too (a socket's writer, its reader's `then`):
+        # one bound method for `Socket.on_close` instead of a closure per connection.
+        self.then: _LoopWaiter | None = None
 
     async def wait(self, timeout: float | None = None) -> None:
         loop = self.loop
@@ -357,6 +359,8 @@ class _LoopWaiter:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.then is not None:
+            self.then.release()
 
 
 # Connections accepted in a row before the loop serves others: HAProxy's `tune.maxaccept`
@@ -455,24 +459,28 @@ def _trio_socket(sock: socket.socket) -> Socket:
 
 
 class _LoopSockets:
-    """Makes the `Socket` of accepted connections on one asyncio or uvloop loop."""
+    """Makes the `Socket` of accepted connections on one asyncio or uvloop loop.
 
-    __slots__ = ("batch", "loop")
+    The loop's bound methods are made once here and shared: each is 64 bytes, four per
+    connection otherwise (docs/data-path.md, "Connection bursts and idle connections")."""
+
+    __slots__ = ("add_reader", "add_writer", "batch", "loop", "remove_reader", "remove_writer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.batch = send_batch(loop)
+        self.add_reader = loop.add_reader
+        self.remove_reader = loop.remove_reader
+        self.add_writer = loop.add_writer
+        self.remove_writer = loop.remove_writer
 
     def __call__(self, sock: socket.socket) -> Socket:
         loop = self.loop
-        reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
-        writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
-
-        def release() -> None:
-            reader.release()
-            writer.release()
-
-        return Socket(sock, reader.wait, writer.wait, batch=self.batch, on_close=release)
+        reader = _LoopWaiter(loop, self.add_reader, self.remove_reader, sock, persistent=True)
+        writer = reader.then = _LoopWaiter(
+            loop, self.add_writer, self.remove_writer, sock, persistent=False
+        )
+        return Socket(sock, reader.wait, writer.wait, batch=self.batch, on_close=reader.release)
 
 
 Spawn = Callable[..., None]
