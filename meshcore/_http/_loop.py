@@ -154,19 +154,31 @@ def _trio_wait(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable
     docs/data-path.md, "Figures")."""
     import trio
 
-    move_on_after = trio.move_on_after
+    return _TrioWait(wait, sock, trio.move_on_after)
 
-    async def limited(timeout: float | None = None) -> None:
+
+class _TrioWait:
+    """`_trio_wait`'s wait: an object of three slots rather than a closure and its cells,
+    two per connection (docs/data-path.md, "Connection bursts and idle connections")."""
+
+    __slots__ = ("move_on_after", "sock", "wait")
+
+    def __init__(
+        self, wait: Callable[[Any], Awaitable[None]], sock: object, move_on_after: Any
+    ) -> None:
+        self.wait = wait
+        self.sock = sock
+        self.move_on_after = move_on_after
+
+    async def __call__(self, timeout: float | None = None) -> None:
         if timeout is None:
-            await wait(sock)
+            await self.wait(self.sock)
             return
         # A deadline already past is a limit of 0 (trio refuses a negative one).
-        with move_on_after(timeout if timeout > 0 else 0) as scope:
-            await wait(sock)
+        with self.move_on_after(timeout if timeout > 0 else 0) as scope:
+            await self.wait(self.sock)
         if scope.cancelled_caught:
             raise TimeoutError
-
-    return limited
 
 
 async def socket_for(stream: anyio.abc.AnyByteStream) -> Socket:
