@@ -154,19 +154,31 @@ def _trio_wait(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable
     docs/data-path.md, "Figures")."""
     import trio
 
-    move_on_after = trio.move_on_after
+    return _TrioWait(wait, sock, trio.move_on_after)
 
-    async def limited(timeout: float | None = None) -> None:
+
+class _TrioWait:
+    """`_trio_wait`'s wait: an object of three slots rather than a closure and its cells,
+    two per connection (docs/data-path.md, "Connection bursts and idle connections")."""
+
+    __slots__ = ("move_on_after", "sock", "wait")
+
+    def __init__(
+        self, wait: Callable[[Any], Awaitable[None]], sock: object, move_on_after: Any
+    ) -> None:
+        self.wait = wait
+        self.sock = sock
+        self.move_on_after = move_on_after
+
+    async def __call__(self, timeout: float | None = None) -> None:
         if timeout is None:
-            await wait(sock)
+            await self.wait(self.sock)
             return
         # A deadline already past is a limit of 0 (trio refuses a negative one).
-        with move_on_after(timeout if timeout > 0 else 0) as scope:
-            await wait(sock)
+        with self.move_on_after(timeout if timeout > 0 else 0) as scope:
+            await self.wait(self.sock)
         if scope.cancelled_caught:
             raise TimeoutError
-
-    return limited
 
 
 async def socket_for(stream: anyio.abc.AnyByteStream) -> Socket:
@@ -250,14 +262,12 @@ async def take_socket(stream: Any) -> Socket | None:
     loop = asyncio.get_running_loop()
     reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
     # A socket is nearly always writable: a writer registration kept would fire on every pass.
-    writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
-
-    def release() -> None:
-        reader.release()
-        writer.release()
-
+    writer = reader.then = _LoopWaiter(
+        loop, loop.add_writer, loop.remove_writer, sock, persistent=False
+    )
     return Socket(
-        sock, reader.wait, writer.wait, pending=pending, batch=send_batch(loop), on_close=release
+        sock, reader.wait, writer.wait, pending=pending, batch=send_batch(loop),
+        on_close=reader.release,
     )
 
 
@@ -287,6 +297,7 @@ class _LoopWaiter:
         "persistent",
         "registered",
         "remove",
+        "then",
         "timer",
     )
 
@@ -307,6 +318,9 @@ class _LoopWaiter:
         self.future: asyncio.Future[None] | None = None
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        # Another waiter `release()` releases too (a socket's writer, its reader's `then`):
+        # one bound method for `Socket.on_close` instead of a closure per connection.
+        self.then: _LoopWaiter | None = None
 
     async def wait(self, timeout: float | None = None) -> None:
         loop = self.loop
@@ -357,6 +371,8 @@ class _LoopWaiter:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.then is not None:
+            self.then.release()
 
 
 # Connections accepted in a row before the loop serves others: HAProxy's `tune.maxaccept`
@@ -455,24 +471,28 @@ def _trio_socket(sock: socket.socket) -> Socket:
 
 
 class _LoopSockets:
-    """Makes the `Socket` of accepted connections on one asyncio or uvloop loop."""
+    """Makes the `Socket` of accepted connections on one asyncio or uvloop loop.
 
-    __slots__ = ("batch", "loop")
+    The loop's bound methods are made once here and shared: each is 64 bytes, four per
+    connection otherwise (docs/data-path.md, "Connection bursts and idle connections")."""
+
+    __slots__ = ("add_reader", "add_writer", "batch", "loop", "remove_reader", "remove_writer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.batch = send_batch(loop)
+        self.add_reader = loop.add_reader
+        self.remove_reader = loop.remove_reader
+        self.add_writer = loop.add_writer
+        self.remove_writer = loop.remove_writer
 
     def __call__(self, sock: socket.socket) -> Socket:
         loop = self.loop
-        reader = _LoopWaiter(loop, loop.add_reader, loop.remove_reader, sock, persistent=True)
-        writer = _LoopWaiter(loop, loop.add_writer, loop.remove_writer, sock, persistent=False)
-
-        def release() -> None:
-            reader.release()
-            writer.release()
-
-        return Socket(sock, reader.wait, writer.wait, batch=self.batch, on_close=release)
+        reader = _LoopWaiter(loop, self.add_reader, self.remove_reader, sock, persistent=True)
+        writer = reader.then = _LoopWaiter(
+            loop, self.add_writer, self.remove_writer, sock, persistent=False
+        )
+        return Socket(sock, reader.wait, writer.wait, batch=self.batch, on_close=reader.release)
 
 
 Spawn = Callable[..., None]

@@ -18,20 +18,21 @@ their first bytes is not cut off: a peer leaves the pending set within a round t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
 from .._errors import ConfigError
-from .._http._loop import MAX_ACCEPT, Acceptor, task_group
+from .._http._loop import MAX_ACCEPT, Acceptor, _backend_module, task_group
 from .._http._server import ConnectionInfo
 from .._http._socket import Socket
 from ._metrics import Telemetry
@@ -81,14 +82,24 @@ class _Pending:
 Serve = Callable[["Connection", Any, "Socket | None", "ConnectionInfo | None"], Awaitable[None]]
 
 
+class _Cancellable(Protocol):
+    def cancel(self) -> object: ...
+
+
 class Connection:
     """One accepted client connection."""
 
-    __slots__ = ("listener", "scope", "busy", "done", "identity", "client_ip", "pending")
+    __slots__ = (
+        "listener", "handle", "cancelled", "busy", "done", "identity", "client_ip", "pending",
+    )
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
-        self.scope = anyio.CancelScope()
+        # What cancels the running connection: on a TCP listener its asyncio task, or a trio
+        # cancel scope (an anyio scope costs about 0.6 KiB more per idle connection,
+        # docs/data-path.md); an anyio scope on a UNIX listener. None until it runs.
+        self.handle: _Cancellable | None = None
+        self.cancelled = False
         self.busy = False
         self.done: Callable[[], None] | None = None
         self.identity: bytes | None = None
@@ -104,6 +115,12 @@ class Connection:
             if pending.changed is not None:
                 pending.changed.set()
                 pending.changed = None
+
+    def cancel(self) -> None:
+        """End the connection: now if it runs, else as soon as it starts."""
+        self.cancelled = True
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 class Listeners:
@@ -205,7 +222,7 @@ class Listeners:
             age = anyio.current_time() - since
             if age >= PENDING_GRACE:
                 oldest.spoke()
-                oldest.scope.cancel()
+                oldest.cancel()
                 self.telemetry.pending_closed[name] += 1
                 continue
             self.telemetry.accept_paused[name] += 1
@@ -241,6 +258,8 @@ class Listeners:
             return
         wildcard = local[0] in ("0.0.0.0", "::")
         acceptor = Acceptor(raw)
+        trio = _backend_module() == "anyio._backends._trio"
+        run = self._run_socket_trio if trio else self._run_socket
         # The connections run in the backend's own task group (see `task_group`), which this
         # task then waits for: they outlive the accepting (drain), not the listener's task.
         async with task_group() as spawn:
@@ -267,7 +286,7 @@ class Listeners:
                                 address[:2], sock.getsockname()[:2] if wildcard else local[:2],
                                 None, conn,
                             )
-                            spawn(self._run_socket, conn, sock, info, serve, acceptor.socket)
+                            spawn(run, conn, sock, info, serve, acceptor.socket)
             finally:
                 acceptor.release()
             with anyio.CancelScope(shield=True):
@@ -281,17 +300,46 @@ class Listeners:
         serve: Serve,
         make_socket: Callable[[socket.socket], Socket],
     ) -> None:
-        """`_run` for a socket `_accept_batches` took: the engine drives it directly."""
+        """`_run` for a socket `_accept_batches` took, on asyncio: the engine drives it
+        directly, and `conn.cancel()` cancels this task (`task_group`'s group ignores a child
+        that ends cancelled; anyio's scopes inside let a native cancellation through)."""
         conn.client_ip = str(info.client[0]).encode()
         try:
-            with conn.scope:
+            if not conn.cancelled:  # else cancelled before it ran: the engine never saw sock
+                conn.handle = asyncio.current_task()
                 await serve(conn, None, make_socket(sock), info)
         except Exception:
             log.exception("connection on %s failed", conn.listener)
         finally:
+            conn.handle = None  # the task refers to this connection's frames: no cycle left
             self._ended(conn)
-            if conn.scope.cancel_called:
+            if conn.cancelled:
                 sock.close()  # cancelled before the engine started: it never closed it
+
+    async def _run_socket_trio(
+        self,
+        conn: Connection,
+        sock: socket.socket,
+        info: ConnectionInfo,
+        serve: Serve,
+        make_socket: Callable[[socket.socket], Socket],
+    ) -> None:
+        """`_run_socket` on trio, where a trio cancel scope is what cancels."""
+        import trio
+
+        conn.client_ip = str(info.client[0]).encode()
+        try:
+            if not conn.cancelled:
+                with trio.CancelScope() as scope:
+                    conn.handle = scope
+                    await serve(conn, None, make_socket(sock), info)
+        except Exception:
+            log.exception("connection on %s failed", conn.listener)
+        finally:
+            conn.handle = None
+            self._ended(conn)
+            if conn.cancelled:
+                sock.close()
 
     async def _accept(
         self,
@@ -344,7 +392,10 @@ class Listeners:
 
     async def _run(self, conn: Connection, stream: Any, serve: Serve) -> None:
         try:
-            with conn.scope:
+            with anyio.CancelScope() as scope:
+                conn.handle = scope
+                if conn.cancelled:  # before this task ran
+                    scope.cancel()
                 remote = stream.extra(SocketAttribute.remote_address, None)
                 if isinstance(remote, tuple):
                     conn.client_ip = str(remote[0]).encode()
@@ -352,8 +403,9 @@ class Listeners:
         except Exception:
             log.exception("connection on %s failed", conn.listener)
         finally:
+            conn.handle = None
             self._ended(conn)
-            if conn.scope.cancel_called:
+            if conn.cancelled:
                 await anyio.aclose_forcefully(stream)
 
     def _ended(self, conn: Connection) -> None:
@@ -390,13 +442,13 @@ class Listeners:
         for name in PROXYING:
             for conn in list(self.connections[name]):
                 if not conn.busy:
-                    conn.scope.cancel()
+                    conn.cancel()
 
     async def cancel_proxying(self) -> None:
         """Cancel every proxying connection and let them run their cleanup (bounded)."""
         for name in PROXYING:
             for conn in list(self.connections[name]):
-                conn.scope.cancel()
+                conn.cancel()
         with anyio.move_on_after(1.0):
             while self.connections["outbound"] or self.connections["inbound"]:
                 await anyio.sleep(0.005)
@@ -405,4 +457,4 @@ class Listeners:
         if "admin" in self._accepting:
             self._accepting["admin"].cancel()
         for conn in list(self.connections["admin"]):
-            conn.scope.cancel()
+            conn.cancel()
