@@ -118,10 +118,10 @@ class HTTP11Connection:
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
         headers.append((name, value))
-        self.header_bytes += len(name) + len(value) + 4
-        if len(headers) > self.max_header_count or self.header_bytes > self.max_header_bytes:
-            raise self.head_too_large()
         n = len(name)
+        size = self.header_bytes = self.header_bytes + n + len(value) + 4
+        if size > self.max_header_bytes or len(headers) > self.max_header_count:
+            raise self.head_too_large()
         if n == 14 or n == 17:
             low = name.lower()
             if low == b"content-length" or low == b"transfer-encoding":

@@ -412,13 +412,13 @@ class ServerConnection:
         cur = self.cur
         headers = cur.headers  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         headers.append((name, value))
-        cur.header_bytes += len(name) + len(value) + 4  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        n = len(name)
+        size = cur.header_bytes = cur.header_bytes + n + len(value) + 4  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         limits = self.limits
         if len(headers) > limits.max_header_count:
             raise RequestRejected(431, f"more than {limits.max_header_count} header fields")
-        if cur.header_bytes > limits.max_header_bytes:  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        if size > limits.max_header_bytes:
             raise RequestRejected(431, f"header fields larger than {limits.max_header_bytes} bytes")
-        n = len(name)
         if n == 4 or n == 6:
             low = name.lower()
             if low == b"host":

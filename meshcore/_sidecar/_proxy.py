@@ -148,7 +148,10 @@ def request_headers(
                     continue
                 else:  # hop-by-hop, or a client's own X-Forwarded-Client-Cert inbound
                     if kind == _CONNECTION:
-                        tokens = _connection_tokens(pair[1])
+                        # `_connection_tokens`, its cache hit inline (the usual keep-alive)
+                        tokens = _tokens_seen.get(pair[1])
+                        if tokens is None:
+                            tokens = _connection_tokens(pair[1])
                         if tokens:
                             named = tokens if named is None else named | tokens
                     continue
@@ -182,7 +185,10 @@ def response_headers(headers: Headers) -> Headers:
                 if kind == _VIA:
                     via = pair[1] if via is None else via + b", " + pair[1]
                 elif kind == _CONNECTION:
-                    tokens = _connection_tokens(pair[1])
+                    # `_connection_tokens`, its cache hit inline (the usual keep-alive)
+                    tokens = _tokens_seen.get(pair[1])
+                    if tokens is None:
+                        tokens = _connection_tokens(pair[1])
                     if tokens:
                         named = tokens if named is None else named | tokens
                 continue
