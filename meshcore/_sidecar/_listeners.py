@@ -258,8 +258,7 @@ class Listeners:
             return
         wildcard = local[0] in ("0.0.0.0", "::")
         acceptor = Acceptor(raw)
-        trio = _backend_module() == "anyio._backends._trio"
-        run = self._run_socket_trio if trio else self._run_socket
+        on_trio = _backend_module() == "anyio._backends._trio"
         # The connections run in the backend's own task group (see `task_group`), which this
         # task then waits for: they outlive the accepting (drain), not the listener's task.
         async with task_group() as spawn:
@@ -286,7 +285,7 @@ class Listeners:
                                 address[:2], sock.getsockname()[:2] if wildcard else local[:2],
                                 None, conn,
                             )
-                            spawn(run, conn, sock, info, serve, acceptor.socket)
+                            spawn(self._run_socket, conn, sock, info, serve, acceptor.socket, on_trio)
             finally:
                 acceptor.release()
             with anyio.CancelScope(shield=True):
@@ -299,13 +298,23 @@ class Listeners:
         info: ConnectionInfo,
         serve: Serve,
         make_socket: Callable[[socket.socket], Socket],
+        on_trio: bool,
     ) -> None:
-        """`_run` for a socket `_accept_batches` took, on asyncio: the engine drives it
-        directly, and `conn.cancel()` cancels this task (`task_group`'s group ignores a child
-        that ends cancelled; anyio's scopes inside let a native cancellation through)."""
+        """`_run` for a socket `_accept_batches` took: the engine drives it directly. What
+        `conn.cancel()` cancels: on asyncio this task (`task_group`'s group ignores a child that
+        ends cancelled; anyio's scopes inside let a native cancellation through), on trio a
+        trio cancel scope."""
         conn.client_ip = str(info.client[0]).encode()
         try:
-            if not conn.cancelled:  # else cancelled before it ran: the engine never saw sock
+            if conn.cancelled:
+                pass  # cancelled before it ran: the engine never saw sock
+            elif on_trio:
+                import trio
+
+                with trio.CancelScope() as scope:
+                    conn.handle = scope
+                    await serve(conn, None, make_socket(sock), info)
+            else:
                 conn.handle = asyncio.current_task()
                 await serve(conn, None, make_socket(sock), info)
         except Exception:
@@ -315,31 +324,6 @@ class Listeners:
             self._ended(conn)
             if conn.cancelled:
                 sock.close()  # cancelled before the engine started: it never closed it
-
-    async def _run_socket_trio(
-        self,
-        conn: Connection,
-        sock: socket.socket,
-        info: ConnectionInfo,
-        serve: Serve,
-        make_socket: Callable[[socket.socket], Socket],
-    ) -> None:
-        """`_run_socket` on trio, where a trio cancel scope is what cancels."""
-        import trio
-
-        conn.client_ip = str(info.client[0]).encode()
-        try:
-            if not conn.cancelled:
-                with trio.CancelScope() as scope:
-                    conn.handle = scope
-                    await serve(conn, None, make_socket(sock), info)
-        except Exception:
-            log.exception("connection on %s failed", conn.listener)
-        finally:
-            conn.handle = None
-            self._ended(conn)
-            if conn.cancelled:
-                sock.close()
 
     async def _accept(
         self,
