@@ -25,30 +25,19 @@ import argparse
 import os
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-MESHCORE = str(Path(sys.executable).with_name("meshcore"))
-TICKS = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).parent))
+import sidecar  # noqa: E402
+from sidecar import MESHCORE, cpu_seconds, free_port  # noqa: E402
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def rss_bytes(pid: int) -> int:
@@ -158,29 +147,8 @@ def idle_per_connection(port: int, pid: int, count: int) -> float:
     return (after - before) / count
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="meshcore-bursts-"))
-        self.procs: list[subprocess.Popen] = []
-        self.app_ports = [free_port() for _ in range(3)]
-
-    def spawn(self, cmd: list[str], **kwargs) -> subprocess.Popen:
-        log = open(self.tmp / f"log-{len(self.procs)}.txt", "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+class Bench(sidecar.Bench):
+    """bench/sidecar.py's processes (spawn, close), with this bench's nginx, HAProxy and sidecar."""
 
     def nginx(self) -> None:
         servers = "\n".join(
