@@ -2,13 +2,12 @@
 
 Everything public is importable from here; modules starting with `_` are private. Names bound
 to httpx (`MeshTransport`) load on first use, so `import meshcore`, the CLI and the sidecar
-never import httpx.
+never import httpx; so do the native client and `Check`, which `meshcore run` never uses
+(they are part of its idle memory otherwise: docs/data-path.md, "Start-up time and idle memory").
 """
 
 import typing as _typing
 
-from ._check import Check
-from ._client import Client, ClientResponse  # library mode's native client, without httpx
 from ._config import MeshConfig, ServiceConfig
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
 from ._errors import (
@@ -44,6 +43,8 @@ from ._settings import Setting, Settings, parse_duration
 from ._upstream import Upstream
 
 if _typing.TYPE_CHECKING:
+    from ._check import Check
+    from ._client import Client, ClientResponse  # library mode's native client, without httpx
     from ._transport import MeshTransport
 
 __version__ = "0.2.0"
@@ -115,9 +116,21 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name == "MeshTransport":
-        from ._transport import MeshTransport
+# Exports loaded on first use: name -> the private module that defines it.
+_LAZY = {
+    "Check": "_check",
+    "Client": "_client",
+    "ClientResponse": "_client",
+    "MeshTransport": "_transport",
+}
 
-        return MeshTransport
-    raise AttributeError(f"module 'meshcore' has no attribute {name!r}")
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshcore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,14 @@ import click
 
 from ._config import MeshConfig
 from ._errors import ConfigError, PluginError
-from ._plugins import FIRST_PARTY, GROUP, Plugins, installed_plugins, resolve_plugin_list
+from ._plugins import (
+    FIRST_PARTY,
+    GROUP,
+    Plugins,
+    installed_plugins,
+    resolve_plugin_list,
+)
+from ._plugins import config_plugins as _config_plugins
 
 if TYPE_CHECKING:
     from ._check import Check
@@ -211,16 +217,6 @@ def cli(ctx: click.Context, plugins: tuple[str, ...], config: str | None, debug:
     -c/--config and -p/--plugin work before or after the subcommand.
     """
     ctx.obj = Context(plugins, config, debug)
-
-
-def _config_plugins(path: str) -> list[str]:
-    """`[mesh] plugins` of the config file, read leniently (check-config reports errors)."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        plugins = data.get("mesh", {}).get("plugins", [])
-        return [p for p in plugins if isinstance(p, str)] if isinstance(plugins, list) else []
-    except (OSError, tomllib.TOMLDecodeError, AttributeError):
-        return []
 
 
 @cli.command("plugins")

@@ -13,8 +13,10 @@ import importlib.machinery
 import inspect
 import os
 import sys
+import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -198,6 +200,16 @@ def resolve_plugin_list(
         chosen = list(config or ())
     names = [*BUILTIN, *chosen]
     return list(dict.fromkeys(names))
+
+
+def config_plugins(path: str) -> list[str]:
+    """`[mesh] plugins` of the config file, read leniently (check-config reports errors)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        plugins = data.get("mesh", {}).get("plugins", [])
+        return [p for p in plugins if isinstance(p, str)] if isinstance(plugins, list) else []
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return []
 
 
 def ensure_not_awaitable(result: Any, hook: str, plugin: str) -> Any:

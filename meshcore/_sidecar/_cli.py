@@ -6,15 +6,11 @@ the figures that chose it are cited); `--backend` or MESHCORE_BACKEND picks anot
 
 from __future__ import annotations
 
-import logging
-import signal
-import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
-from .._backends import BACKENDS, DEFAULT_HELP, default_backend, run
+from .._backends import BACKENDS, DEFAULT_HELP, default_backend
 
 __all__ = ["run_command"]
 
@@ -44,61 +40,12 @@ def run_command(
 
     SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file.
     """
-    import anyio
-
-    from .._config import MeshConfig
-    from .._errors import ConfigError, PluginError
-    from ._runtime import Sidecar
-    from ._workers import WorkerRole, announce, watch_parent, worker_count
+    from ._run import run_sidecar
+    from ._workers import worker_count
 
     try:
         count = worker_count(workers)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--workers") from None
-    role = None
-    if worker_of is not None and worker_index is not None and worker_dir is not None:
-        # A SIGHUP relayed before this worker listens for it must not end it (the default).
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        role = WorkerRole(worker_index, Path(worker_dir), worker_of)
-
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        config = MeshConfig.load(obj.config_path)
-        sidecar = Sidecar(
-            config, list(obj.cli_plugins) or None, config_path=obj.config_path, worker=role
-        )
-        if role is None and count > 1:
-            from ._supervisor import supervise
-
-            sys.exit(supervise(sidecar, count, obj, backend, log_level, config.source))
-    except (ConfigError, PluginError) as exc:
-        click.echo(f"meshcore: error: {exc}", err=True)
-        sys.exit(2)
-
-    async def main() -> None:
-        async with sidecar:
-            click.echo(
-                "meshcore: sidecar ready to accept: "
-                + ", ".join(f"{k} {v}" for k, v in sidecar.addresses.items()),
-                err=True,
-            )
-            if role is None:
-                await sidecar.serve()
-                return
-            announce(role, sidecar.addresses["admin"])
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_parent, role)
-                await sidecar.serve()
-                tg.cancel_scope.cancel()
-
-    try:
-        run(main, backend)
-    except ConfigError as exc:  # a listener could not bind
-        click.echo(f"meshcore: error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        pass
+    run_sidecar(obj.config_path, obj.cli_plugins, backend, log_level, count,
+                worker_of, worker_index, worker_dir)
