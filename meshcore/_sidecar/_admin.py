@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._models import Request, Response
-from ._dashboard import dashboard, page
 from ._metrics import render
 
 if TYPE_CHECKING:
@@ -89,10 +88,14 @@ def admin_handler(sidecar: Sidecar) -> Any:
             body = json.dumps(sidecar.state(), indent=2, default=str, sort_keys=True) + "\n"
             return _text(200, body, "application/json")
         if path == "/dashboard.json":
+            from ._dashboard import dashboard  # with its first request: not needed at start
+
             with_peers = "peers=0" not in request.url.target.partition("?")[2].split("&")
             view = await dashboard(sidecar, with_peers)
             return _text(200, json.dumps(view, default=str) + "\n", "application/json")
         if path == "/":  # the live dashboard (dashboard.html), reading /dashboard.json
+            from ._dashboard import page
+
             return _text(200, page(), "text/html; charset=utf-8")
         return _text(
             404, f"not found: {path} (try /live, /ready, /metrics, /state, /dashboard.json)\n"

@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -40,7 +40,6 @@ from .._http._socket import Socket
 from .._mesh import Mesh
 from ._accounting import InFlight
 from ._admin import admin_handler
-from ._dashboard import Peers
 from ._generation import LISTENER_KEYS, Generation, build_mesh
 from ._handlers import Direction, Inbound, Outbound, make_handler
 from ._health import AppHealth
@@ -50,6 +49,9 @@ from ._metrics import REJECTED, UNKNOWN, Telemetry
 from ._registration import local_instance
 from ._settings import Address, advertised, server_limits
 from ._workers import WorkerRole
+
+if TYPE_CHECKING:
+    from ._dashboard import Peers
 
 __all__ = ["Sidecar"]
 
@@ -78,7 +80,6 @@ class Sidecar:
         self.plugins = list(plugins) if plugins else None
         self.config_path = config_path
         self.history = History()  # widths from the config below, before the first tick
-        self.peers = Peers()
         self.extra_plugins = [
             ("sidecar-telemetry", self.telemetry),
             ("sidecar-history", self.history),
@@ -239,6 +240,14 @@ class Sidecar:
     def advertise(self) -> Address:
         """Where other instances reach this one's inbound listener."""
         return advertised(self.settings, self.addresses.get("inbound", self.settings.inbound))
+
+    @functools.cached_property
+    def peers(self) -> Peers:
+        """The dashboard's cache of its peers' views, made with the first /dashboard.json:
+        the dashboard's module loads then, not at start (a sidecar need never serve it)."""
+        from ._dashboard import Peers
+
+        return Peers()
 
     @property
     def ready(self) -> bool:
