@@ -15,7 +15,6 @@ what the Chromium/Jupyter advisories on DNS rebinding recommend).
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -85,9 +84,13 @@ def admin_handler(sidecar: Sidecar) -> Any:
             body = render(sidecar.telemetry, state, sidecar.stats())
             return _text(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/state":
+            import json  # with the first /state or /dashboard.json: not needed at start
+
             body = json.dumps(sidecar.state(), indent=2, default=str, sort_keys=True) + "\n"
             return _text(200, body, "application/json")
         if path == "/dashboard.json":
+            import json
+
             from ._dashboard import dashboard  # with its first request: not needed at start
 
             with_peers = "peers=0" not in request.url.target.partition("?")[2].split("&")

@@ -11,7 +11,6 @@ per-thread balancer state. How the supervisor finds a worker's admin port: the w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -67,6 +66,8 @@ def announcement(directory: Path, index: int) -> Path:
 def announce(role: WorkerRole, admin: Address) -> None:
     """Tell the supervisor where this worker's admin listener is (written whole, then renamed,
     so a reader never sees half a file)."""
+    import json  # only workers and their supervisor use it: not at a plain sidecar's start
+
     path = announcement(role.directory, role.index)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "admin": admin.port}))
@@ -74,6 +75,8 @@ def announce(role: WorkerRole, admin: Address) -> None:
 
 
 def read_announcement(directory: Path, index: int) -> dict[str, Any] | None:
+    import json
+
     try:
         data = json.loads(announcement(directory, index).read_text())
     except (OSError, ValueError):
