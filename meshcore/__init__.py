@@ -2,7 +2,8 @@
 
 Everything public is importable from here; modules starting with `_` are private. Names bound
 to httpx (`MeshTransport`) load on first use, so `import meshcore`, the CLI and the sidecar
-never import httpx.
+never import httpx; so do the engine's client (`HTTPConnector`, `PoolLimits`), for plugins
+that talk HTTP to something outside the mesh (the consul plugin to its agent).
 """
 
 import typing as _typing
@@ -44,6 +45,7 @@ from ._settings import Setting, Settings, parse_duration
 from ._upstream import Upstream
 
 if _typing.TYPE_CHECKING:
+    from ._http import HTTPConnector, PoolLimits
     from ._transport import MeshTransport
 
 __version__ = "0.2.0"
@@ -72,6 +74,7 @@ __all__ = [
     "EndpointTimeout",
     "FaultPolicy",
     "HTTPStatusError",
+    "HTTPConnector",
     "Headers",
     "IdentityRejected",
     "Instance",
@@ -90,6 +93,7 @@ __all__ = [
     "PluginError",
     "PluginInfo",
     "Plugins",
+    "PoolLimits",
     "Request",
     "Response",
     "ResponseHeadTooLarge",
@@ -120,4 +124,8 @@ def __getattr__(name: str) -> object:
         from ._transport import MeshTransport
 
         return MeshTransport
+    if name in ("HTTPConnector", "PoolLimits"):
+        from . import _http
+
+        return getattr(_http, name)
     raise AttributeError(f"module 'meshcore' has no attribute {name!r}")

@@ -42,14 +42,21 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import anyio
-import httpx
 
 import meshcore
 
 from ._address import address_problem
-from ._agent import AgentConfig, ConsulAnswerError, error_text, read_json
+from ._agent import (
+    AgentClient,
+    AgentConfig,
+    AgentUnreachable,
+    ConsulAnswerError,
+    decode_json,
+    error_text,
+)
 
 __all__ = [
     "AgentHub", "Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "check_fingerprints", "next_index",
@@ -71,6 +78,9 @@ class ConsulUnreachable(Exception):
     """The agent could not be asked: connect, TLS, timeout. Names the agent and the cause."""
 
     def __init__(self, agent: AgentConfig, exc: BaseException) -> None:
+        if isinstance(exc, AgentUnreachable):  # already names the error's type
+            super().__init__(f"{agent.address.url}: {exc}")
+            return
         detail = str(exc)
         cause: BaseException | None = exc
         while not detail and cause is not None:
@@ -211,26 +221,19 @@ class Answer:
     emptied_by_acls: bool
 
 
-async def _get_json(
-    client: httpx.AsyncClient, path: str, params: list[tuple[str, str | int | float | bool | None]],
-    timeout: httpx.Timeout, max_answer_size: int,
-) -> tuple[Any, int, bool]:
-    """A read's JSON answer, its X-Consul-Index and whether ACLs filtered it; raises on any
-    failure of the whole answer."""
-    async with client.stream("GET", path, params=params, timeout=timeout) as response:
-        if response.status_code != 200:
-            body = b""
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > 200:
-                    break
-            raise ConsulAnswerError(error_text(response, body))
-        data = await read_json(response, max_answer_size)
-        raw_index = response.headers.get("x-consul-index", "")
-        filtered = response.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
+async def _get(
+    client: AgentClient, path: str, params: list[tuple[str, str]], read_timeout: float, max_answer_size: int,
+) -> tuple[bytes, int, bool]:
+    """A read's body, its X-Consul-Index and whether ACLs filtered it; raises on any failure
+    of the whole answer."""
+    response = await client.get(path, params=params, read_timeout=read_timeout, max_bytes=max_answer_size)
+    if response.status_code != 200:
+        raise ConsulAnswerError(error_text(response))
+    raw_index = response.headers.get("x-consul-index", "")
+    filtered = response.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
     if not raw_index.isdigit():
         raise ConsulAnswerError(f"missing or invalid X-Consul-Index header {raw_index!r}")
-    return data, int(raw_index), filtered
+    return response.content, int(raw_index), filtered
 
 
 Fingerprint = frozenset[tuple[Any, ...]]
@@ -394,18 +397,16 @@ class AgentHub:
                 left.set()
 
     async def _query(self) -> tuple[int, dict[str, Fingerprint]]:
-        params: list[tuple[str, str | int | float | bool | None]] = []
+        params: list[tuple[str, str]] = []
         if self.agent.datacenter:
             params.append(("dc", self.agent.datacenter))
         if self.index > 0:
             params += [("index", str(self.index)), ("wait", f"{self.wait:g}s")]
-        timeout = self.agent.timeout
-        read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
+        read = self.agent.timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
         self.requests += 1
-        data, index, _ = await _get_json(
-            self.client, "/v1/health/state/any", params, httpx.Timeout(timeout, read=read), self.max_answer_size)
+        body, index, _ = await _get(self.client, "/v1/health/state/any", params, read, self.max_answer_size)
         skipped: list[str] = []
-        checks = check_fingerprints(data, skipped)
+        checks = check_fingerprints(decode_json(body), skipped)
         if skipped:
             self.skipped += len(skipped)
             self.last_skipped = skipped[0]
@@ -483,8 +484,8 @@ class ConsulDiscovery:
         self.mode = "service"  # service: a blocking query of its own; shared: the agent's watch
         self._hub: AgentHub | None = None
 
-    def _params(self) -> list[tuple[str, str | int | float | bool | None]]:
-        params: list[tuple[str, str | int | float | bool | None]] = []
+    def _params(self) -> list[tuple[str, str]]:
+        params: list[tuple[str, str]] = []
         if not self.include_warning:
             params.append(("passing", "1"))
         params.extend(("tag", t) for t in self.tags)
@@ -495,14 +496,13 @@ class ConsulDiscovery:
             params.append(("wait", f"{self.wait:g}s"))
         return params
 
-    async def query(self, client: httpx.AsyncClient) -> Answer:
+    async def query(self, client: AgentClient) -> Answer:
         """One (blocking) query; raises on any failure of the whole answer."""
-        timeout = self.agent.timeout
-        read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
+        read = self.agent.timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
         self.requests += 1
-        data, index, filtered = await _get_json(
-            client, f"/v1/health/service/{self.service}", self._params(),
-            httpx.Timeout(timeout, read=read), self.max_answer_size)
+        body, index, filtered = await _get(
+            client, f"/v1/health/service/{quote(self.service, safe='')}", self._params(), read, self.max_answer_size)
+        data = decode_json(body)
         skipped: list[str] = []
         endpoints = parse_health(data, include_warning=self.include_warning, skipped=skipped)
         return Answer(index, endpoints, skipped, filtered and not data)
@@ -552,7 +552,7 @@ class ConsulDiscovery:
         finally:
             await hub.release()
 
-    async def _step(self, client: httpx.AsyncClient, sink: meshcore.DiscoverySink) -> int | None:
+    async def _step(self, client: AgentClient, sink: meshcore.DiscoverySink) -> int | None:
         """One query (blocking when `self.index` is set) and what follows from it: the next
         index, None after a failure (reported)."""
         try:
