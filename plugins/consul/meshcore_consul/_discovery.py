@@ -57,9 +57,10 @@ from ._agent import (
     decode_json,
     error_text,
 )
+from ._checks import CheckTable
 
 __all__ = [
-    "AgentHub", "Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "check_fingerprints", "next_index",
+    "AgentHub", "Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "next_index",
     "parse_health",
 ]
 
@@ -236,40 +237,6 @@ async def _get(
     return response.content, int(raw_index), filtered
 
 
-Fingerprint = frozenset[tuple[Any, ...]]
-
-
-def check_fingerprints(entries: Any, skipped: list[str] | None = None) -> dict[str, Fingerprint]:
-    """Per service name, what its checks say in a /v1/health/state/any answer: node, service
-    id, check id, status and ModifyIndex of each. Node-level checks (no ServiceID) are kept
-    under "". A malformed entry is skipped (its reason appended to `skipped`); an answer that
-    is not a list, or whose every entry is malformed, raises ConsulAnswerError."""
-    if not isinstance(entries, list):
-        raise ConsulAnswerError(f"expected a JSON array of checks, got {type(entries).__name__}")
-    table: dict[str, set[tuple[Any, ...]]] = {}
-    reasons: list[str] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, Mapping):
-            reasons.append(f"check {i}: expected an object, got {entry!r:.60}")
-            continue
-        service_id = entry.get("ServiceID") or ""
-        name = entry.get("ServiceName") or ""
-        status = entry.get("Status")
-        modify = entry.get("ModifyIndex", 0)
-        if not isinstance(service_id, str) or not isinstance(name, str) or not isinstance(status, str) or (
-            not isinstance(modify, int) or isinstance(modify, bool)
-        ):
-            reasons.append(f"check {i}: ServiceID, ServiceName, Status or ModifyIndex of the wrong type")
-            continue
-        key = name if service_id else ""
-        table.setdefault(key, set()).add((entry.get("Node"), service_id, entry.get("CheckID"), status, modify))
-    if reasons and len(reasons) == len(entries):
-        raise ConsulAnswerError(f"every check is malformed; {reasons[0]}")
-    if skipped is not None:
-        skipped.extend(reasons)
-    return {key: frozenset(value) for key, value in table.items()}
-
-
 class _Subscriber:
     __slots__ = ("discovery", "event", "sink")
 
@@ -307,7 +274,8 @@ class AgentHub:
         self.reads = anyio.CapacityLimiter(READS)
         self.users = 0
         self.subscribers: dict[str, list[_Subscriber]] = {}
-        self.checks: dict[str, Fingerprint] | None = None  # None: no answer yet
+        self.table = CheckTable()  # the last answer of the watch
+        self.baseline = False  # the watch has had an answer (since it last failed)
         self.index = 0
         # counters shown in state
         self.requests = 0
@@ -345,7 +313,7 @@ class AgentHub:
 
     def subscribe(self, discovery: ConsulDiscovery, sink: meshcore.DiscoverySink) -> _Subscriber:
         sub = _Subscriber(discovery, sink)
-        if self.checks is not None:  # the watch has its baseline: read at once
+        if self.baseline:  # the watch has its baseline: read at once
             sub.event.set()
         self.subscribers.setdefault(discovery.service, []).append(sub)
         return sub
@@ -396,7 +364,7 @@ class AgentHub:
                 left, self._runner_left = self._runner_left, anyio.Event()
                 left.set()
 
-    async def _query(self) -> tuple[int, dict[str, Fingerprint]]:
+    async def _query(self) -> tuple[int, set[str]]:
         params: list[tuple[str, str]] = []
         if self.agent.datacenter:
             params.append(("dc", self.agent.datacenter))
@@ -406,11 +374,11 @@ class AgentHub:
         self.requests += 1
         body, index, _ = await _get(self.client, "/v1/health/state/any", params, read, self.max_answer_size)
         skipped: list[str] = []
-        checks = check_fingerprints(decode_json(body), skipped)
+        changed = self.table.update(body, skipped)
         if skipped:
             self.skipped += len(skipped)
             self.last_skipped = skipped[0]
-        return index, checks
+        return index, changed
 
     async def _run(self) -> None:
         bucket = TokenBucket(self.churn_limit, burst=2)
@@ -418,7 +386,7 @@ class AgentHub:
         while True:
             await bucket.take()
             try:
-                index, checks = await self._query()
+                index, changed = await self._query()
             except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
                 self._report(exc if isinstance(exc, ConsulAnswerError) else ConsulUnreachable(self.agent, exc))
                 self.index = 0  # the agent may be back at a lower index: start non-blocking
@@ -426,18 +394,17 @@ class AgentHub:
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = self.backoff
-            previous, known = self.index, self.checks
+            previous, first = self.index, not self.baseline
             went_back = 0 < previous and index < previous
             self.index = next_index(previous, index)
-            self.checks = checks
-            if known is None:
+            self.baseline = True
+            if first:
                 # The baseline: every subscriber reads now, so a change from here on moves a check.
                 self._notify(list(self.subscribers))
             elif went_back:
                 self.sweeps += 1
                 self._notify(list(self.subscribers))
             elif index != previous:
-                changed = {name for name in known.keys() | checks.keys() if known.get(name) != checks.get(name)}
                 if not changed or "" in changed:
                     # Nothing or a node-level check moved: which services that touched is
                     # unknown from here, so all of them are read again (bounded by READS).
