@@ -123,6 +123,9 @@ class TokenBucket:
 def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str,
            default: Any = None) -> Any:
     value = obj.get(key, default)
+    cls = type(value)
+    if cls is kind or cls is dict and kind is Mapping:  # the common case, without isinstance
+        return value
     if value is None and default is not None:
         return default
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
