@@ -216,6 +216,10 @@ class Catalog:
         # the node checks' ids, sorted, rebuilt with them.
         self._lookup: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None
         self._order: tuple[list[str], list[str]] = ([], [])
+        # For /v1/health/state/any: each service check's JSON in `_order`, where each check
+        # is in it, and the checks changed since (None: rebuild it all).
+        self._any_parts: tuple[list[bytes], dict[str, int]] = ([], {})
+        self._dirty: set[str] | None = None
         # Encoded answers, dropped with the lookup tables at every change: a sidecar's 1,000
         # first reads (one per service) and every sidecar's read of /v1/health/state/any after
         # a change then cost one encoding each, not one per reader.
@@ -239,6 +243,11 @@ class Catalog:
     def _bump_for(self, check: CheckRecord) -> int:
         """Bump the index of what a check's change touches: its service, or for a node-level
         check (maintenance, a check without ServiceID) every service on the node."""
+        if self._dirty is not None:
+            if check.id in self._any_parts[1]:
+                self._dirty.add(check.id)
+            elif check.service_id:
+                self._lookup = None  # a check new to /v1/health/state/any: rebuild it
         if check.service_id:
             service = self.services.get(check.service_id)
             return self._bump(*([service.name] if service else []))
@@ -598,6 +607,7 @@ class Catalog:
             self._lookup = by_name, checks_of
             self._order = (sorted(cid for cid, c in self.checks.items() if c.service_id),
                            sorted(checks_of.get("", ())))
+            self._dirty = None
             self._answers = {}
         return self._lookup
 
@@ -709,6 +719,20 @@ class Catalog:
                 return answer
             parts = [json.dumps(c, separators=(",", ":")).encode() for c in self._node_checks()
                      if state == "any" or c["Status"] == state]
+            if state == "any" and self._dirty is not None:
+                # Only checks changed since the last answer (no check or service came or
+                # went: that rebuilds the lookup tables and sets _dirty to None).
+                encoded, pos = self._any_parts
+                for cid in self._dirty:
+                    check = self.checks[cid]
+                    service = self.services.get(check.service_id)
+                    version = (check, check.status, check.output, check.modify_index, service)
+                    text = json.dumps(self.check_json(check), separators=(",", ":")).encode()
+                    self._check_text[cid] = (version, text)
+                    encoded[pos[cid]] = text
+                self._dirty = set()
+                answer = self._answers[("state", state)] = RawJSON(b"[" + b",".join(parts + encoded) + b"]")
+                return answer
             cache = self._check_text
             kept: dict[str, tuple[tuple[Any, ...], bytes]] = {}
             checks = self.checks
@@ -727,6 +751,9 @@ class Catalog:
                 parts.append(entry[1])
             if state == "any":
                 self._check_text = kept  # what is gone is dropped
+                encoded = [entry[1] for entry in kept.values()]
+                self._any_parts = encoded, {cid: i for i, cid in enumerate(kept)}
+                self._dirty = set()
             else:
                 cache.update(kept)
             answer = self._answers[("state", state)] = RawJSON(b"[" + b",".join(parts) + b"]")
