@@ -114,11 +114,10 @@ class CheckTable:
         try:
             if opening is None:
                 raise ValueError("not an array")
-            values, starts, ends = _values(text, opening.end(), len(text), whole=True)
+            keys, reasons, starts, ends = _entries(text, opening.end(), len(text), 0, whole=True)
         except (ValueError, RecursionError):
             self._refuse(text)
-        keys, reasons = _keys(values, 0)
-        if values and len(reasons) == len(values):
+        if keys and len(reasons) == len(keys):
             raise ConsulAnswerError(f"every check is malformed; {reasons[0]}")
         if skipped is not None:
             skipped.extend(reasons)
@@ -154,10 +153,9 @@ class CheckTable:
         if b <= a:
             return None
         try:
-            values, new_starts, new_ends = _values(text, a, b, whole=False)
+            keys, reasons, new_starts, new_ends = _entries(text, a, b, first, whole=False)
         except (ValueError, RecursionError):
             return None
-        keys, reasons = _keys(values, first)
         all_keys = self.keys[:first] + keys + self.keys[last + 1:]
         if all(k is None for k in all_keys):
             return None  # every entry malformed: the full parse says so
@@ -204,25 +202,34 @@ def _first_at_or_after(values: list[int], x: int) -> int:
     return min(bisect_left(values, x), len(values) - 1)
 
 
-def _values(text: str, pos: int, end: int, *, whole: bool) -> tuple[list[Any], list[int], list[int]]:
-    """The comma-separated values of text[pos:end] and their spans. `whole`: `end` is the end
-    of the answer and the values are followed by `]` (and whitespace); else they must end
-    exactly at `end`. ValueError when the text is not that."""
-    values: list[Any] = []
+def _entries(
+    text: str, pos: int, end: int, offset: int, *, whole: bool,
+) -> tuple[list[str | None], list[str], list[int], list[int]]:
+    """The entries of text[pos:end], comma-separated: each one's service (None when malformed),
+    the reasons of the malformed ones, and their spans. `whole`: `end` is the end of the answer
+    and the entries are followed by `]` (and whitespace); else they must end exactly at `end`.
+    ValueError when the text is not that. Each entry is dropped once its service is known, so
+    a 10,000-check answer never holds 10,000 parsed objects at once (the sidecar's RSS)."""
+    keys: list[str | None] = []
+    reasons: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
     if whole and text.startswith("]", pos):
         trailing = _WS.match(text, pos + 1)
         if trailing is None or trailing.end() != end:
             raise ValueError("text after the array")
-        return values, starts, ends
+        return keys, reasons, starts, ends
     while True:
         value, stop = _decode(text, pos)
-        values.append(value)
+        try:
+            keys.append(check_key(value, f"check {offset + len(starts)}"))
+        except ConsulAnswerError as exc:
+            keys.append(None)
+            reasons.append(str(exc))
         starts.append(pos)
         ends.append(stop)
         if not whole and stop == end:
-            return values, starts, ends
+            return keys, reasons, starts, ends
         if stop > end:
             raise ValueError("a value runs past the region")
         sep = _SEP.match(text, stop)
@@ -230,20 +237,8 @@ def _values(text: str, pos: int, end: int, *, whole: bool) -> tuple[list[Any], l
             raise ValueError("expected , or ]")
         if sep.group(1) == "]":
             if whole and sep.end() == end:
-                return values, starts, ends
+                return keys, reasons, starts, ends
             raise ValueError("unexpected ]")
         pos = sep.end()
         if pos >= end:
             raise ValueError("a separator runs past the region")
-
-
-def _keys(values: list[Any], offset: int) -> tuple[list[str | None], list[str]]:
-    keys: list[str | None] = []
-    reasons: list[str] = []
-    for i, value in enumerate(values):
-        try:
-            keys.append(check_key(value, f"check {offset + i}"))
-        except ConsulAnswerError as exc:
-            keys.append(None)
-            reasons.append(str(exc))
-    return keys, reasons
