@@ -2,8 +2,9 @@
 
 Everything public is importable from here; modules starting with `_` are private. Names bound
 to httpx (`MeshTransport`) load on first use, so `import meshcore`, the CLI and the sidecar
-never import httpx; so do the engine's client (`HTTPConnector`, `PoolLimits`), for plugins
-that talk HTTP to something outside the mesh (the consul plugin to its agent).
+never import httpx. The engine's client (`HTTPConnector`, `PoolLimits`), for plugins that
+talk HTTP to something outside the mesh (the consul plugin to its agent), loads on first use
+too.
 """
 
 import typing as _typing
@@ -73,8 +74,8 @@ __all__ = [
     "EndpointStats",
     "EndpointTimeout",
     "FaultPolicy",
-    "HTTPStatusError",
     "HTTPConnector",
+    "HTTPStatusError",
     "Headers",
     "IdentityRejected",
     "Instance",
