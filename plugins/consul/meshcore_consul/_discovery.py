@@ -21,9 +21,9 @@ Many services on one agent share one client (one connection pool, one TLS contex
 `shared_above` services, one watch instead of a parked query each: a real Consul agent allows
 200 connections per client address (`limits.http_max_conns_per_client`, hashicorp/consul#7289),
 so a query per service cannot scale. The shared watch is one blocking query on
-`/v1/health/state/any` (every check of every service, each with its `ModifyIndex`; Consul's
-answer for watching many services); when its index moves, the services whose checks changed
-are read again with a non-blocking `/v1/health/service/<name>`, at most `READS` at a time. A
+`/v1/health/state/any` (every check of every service; Consul's answer for watching many
+services); when its index moves, the services whose checks changed (`CheckTable`: only the
+part of the answer that differs from the last one is parsed) are read again with a non-blocking `/v1/health/service/<name>`, at most `READS` at a time. A
 move that no check explains (an instance without checks, a node-level check) reads every
 watched service again; and each service is read again about every `wait` regardless, because a
 change Consul keeps out of the checks table (an instance re-registered in place with a new
