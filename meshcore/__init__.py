@@ -3,7 +3,9 @@
 Everything public is importable from here; modules starting with `_` are private. Names bound
 to httpx (`MeshTransport`) load on first use, so `import meshcore`, the CLI and the sidecar
 never import httpx; so do the native client and `Check`, which `meshcore run` never uses
-(they are part of its idle memory otherwise: docs/data-path.md, "Start-up time and idle memory").
+(they are part of its idle memory otherwise: docs/data-path.md, "Start-up time and idle memory"),
+and the engine's client (`HTTPConnector`, `PoolLimits`), for plugins that talk HTTP to
+something outside the mesh (the consul plugin to its agent).
 """
 
 import typing as _typing
@@ -45,6 +47,7 @@ from ._upstream import Upstream
 if _typing.TYPE_CHECKING:
     from ._check import Check
     from ._client import Client, ClientResponse  # library mode's native client, without httpx
+    from ._http import HTTPConnector, PoolLimits
     from ._transport import MeshTransport
 
 __version__ = "0.2.0"
@@ -72,6 +75,7 @@ __all__ = [
     "EndpointStats",
     "EndpointTimeout",
     "FaultPolicy",
+    "HTTPConnector",
     "HTTPStatusError",
     "Headers",
     "IdentityRejected",
@@ -91,6 +95,7 @@ __all__ = [
     "PluginError",
     "PluginInfo",
     "Plugins",
+    "PoolLimits",
     "Request",
     "Response",
     "ResponseHeadTooLarge",
@@ -122,6 +127,8 @@ _LAZY = {
     "Client": "_client",
     "ClientResponse": "_client",
     "MeshTransport": "_transport",
+    "HTTPConnector": "_http",
+    "PoolLimits": "_http",
 }
 
 

@@ -25,12 +25,12 @@ from meshcore import Kind, Setting
 
 from ._agent import DEFAULT_AGENT, AgentConfig, ConsulAnswerError, parse_agent_address
 from ._catalog import Catalog, RegistryError
+from ._checks import CheckTable
 from ._discovery import (
     SHARED_ABOVE,
     AgentHub,
     ConsulDiscovery,
     TokenBucket,
-    check_fingerprints,
     next_index,
     parse_health,
 )
@@ -49,7 +49,7 @@ __all__ = [
     "RegistryError",
     "TokenFileError",
     "TokenBucket",
-    "check_fingerprints",
+    "CheckTable",
     "next_index",
     "parse_health",
     "registration_of",

@@ -209,10 +209,21 @@ class Catalog:
         self.closed = False
         self._listeners: list[Callable[[frozenset[str] | None], None]] = []
         self._touched: set[str] = set()  # names whose index moved since the last _changed()
-        # Service ids per name and check ids per service id, rebuilt at the first read after a
-        # change: reads (a watcher per service) far outnumber changes, and without them one
-        # read of a service scanned every service and, per instance, every check.
+        # Service ids per name and check ids per service id, rebuilt at the first read after
+        # services or checks came or went (not after a status change): reads (a watcher per
+        # service) far outnumber changes, and without them one read of a service scanned
+        # every service and, per instance, every check. `_order`: the service checks' ids and
+        # the node checks' ids, sorted, rebuilt with them.
         self._lookup: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None
+        self._order: tuple[list[str], list[str]] = ([], [])
+        # For /v1/health/state/any: each service check's JSON in `_order`, where each check
+        # is in it, and the checks changed since (None: rebuild it all).
+        self._any_parts: tuple[list[bytes], dict[str, int]] = ([], {})
+        self._dirty: set[str] | None = None
+        # Encoded answers, dropped with the lookup tables at every change: a sidecar's 1,000
+        # first reads (one per service) and every sidecar's read of /v1/health/state/any after
+        # a change then cost one encoding each, not one per reader.
+        self._answers: dict[tuple[Any, ...], RawJSON] = {}
         self._check_text: dict[str, tuple[tuple[Any, ...], bytes]] = {}  # see health_state_json
         self.load_error: str | None = None
         self.node_create_index = 1
@@ -223,7 +234,7 @@ class Catalog:
 
     def _bump(self, *names: str) -> int:
         self.index += 1
-        self._lookup = None
+        self._answers = {}
         for name in names:
             self._name_index[name] = self.index
         self._touched.update(names)
@@ -232,6 +243,11 @@ class Catalog:
     def _bump_for(self, check: CheckRecord) -> int:
         """Bump the index of what a check's change touches: its service, or for a node-level
         check (maintenance, a check without ServiceID) every service on the node."""
+        if self._dirty is not None:
+            if check.id in self._any_parts[1]:
+                self._dirty.add(check.id)
+            elif check.service_id:
+                self._lookup = None  # a check new to /v1/health/state/any: rebuild it
         if check.service_id:
             service = self.services.get(check.service_id)
             return self._bump(*([service.name] if service else []))
@@ -240,7 +256,7 @@ class Catalog:
     def _changed(self, expiry: bool = True) -> None:
         """After a change: persist, wake the listeners, and the TTL thread unless `expiry` is
         False (the change cannot bring a deadline forward)."""
-        self._lookup = None
+        self._answers = {}
         self._persist()
         self.cond.notify_all()
         if expiry:
@@ -497,6 +513,7 @@ class Catalog:
             if not enable:
                 check = self.checks.pop(check_id, None)
                 if check is not None:
+                    self._lookup = None
                     self._bump_for(check)
                     self._changed()
                 return
@@ -588,6 +605,10 @@ class Catalog:
             for c in self.checks.values():
                 checks_of.setdefault(c.service_id, []).append(c.id)
             self._lookup = by_name, checks_of
+            self._order = (sorted(cid for cid, c in self.checks.items() if c.service_id),
+                           sorted(checks_of.get("", ())))
+            self._dirty = None
+            self._answers = {}
         return self._lookup
 
     def _status_of(self, service_id: str) -> list[CheckRecord]:
@@ -663,10 +684,22 @@ class Catalog:
                 out.append({"Node": node, "Service": self.service_json(s), "Checks": checks})
             return out
 
+    def health_service_json(self, name: str, *, passing: bool = False, tags: Iterable[str] = ()) -> RawJSON:
+        """`health_service` encoded, kept until the next change."""
+        key = ("service", name, passing, *tags)
+        with self.cond:
+            self._tables()  # drops the kept answers after a change
+            answer = self._answers.get(key)
+            if answer is None:
+                value = self.health_service(name, passing=passing, tags=tags)
+                answer = self._answers[key] = RawJSON(json.dumps(value, separators=(",", ":")).encode())
+            return answer
+
     def _node_checks(self) -> list[dict[str, Any]]:
         """The node's own checks: serfHealth, maintenance, checks registered without a service."""
-        return [self._serf_json()] + [self.check_json(c) for c in sorted(
-            (c for c in self.checks.values() if not c.service_id), key=lambda c: c.id)]
+        self._tables()
+        checks = self.checks
+        return [self._serf_json()] + [self.check_json(checks[cid]) for cid in self._order[1] if cid in checks]
 
     def all_checks(self) -> list[dict[str, Any]]:
         with self.cond:
@@ -680,27 +713,51 @@ class Catalog:
         if state not in ("any", *STATUSES):
             raise RegistryError(400, f"Invalid check state {state!r}: expected any, passing, warning or critical")
         with self.cond:
+            self._tables()  # drops the kept answers after a change
+            answer = self._answers.get(("state", state))
+            if answer is not None:
+                return answer
             parts = [json.dumps(c, separators=(",", ":")).encode() for c in self._node_checks()
                      if state == "any" or c["Status"] == state]
+            if state == "any" and self._dirty is not None:
+                # Only checks changed since the last answer (no check or service came or
+                # went: that rebuilds the lookup tables and sets _dirty to None).
+                encoded, pos = self._any_parts
+                for cid in self._dirty:
+                    check = self.checks[cid]
+                    service = self.services.get(check.service_id)
+                    version = (check, check.status, check.output, check.modify_index, service)
+                    text = json.dumps(self.check_json(check), separators=(",", ":")).encode()
+                    self._check_text[cid] = (version, text)
+                    encoded[pos[cid]] = text
+                self._dirty = set()
+                answer = self._answers[("state", state)] = RawJSON(b"[" + b",".join(parts + encoded) + b"]")
+                return answer
             cache = self._check_text
             kept: dict[str, tuple[tuple[Any, ...], bytes]] = {}
-            for check in sorted((c for c in self.checks.values() if c.service_id), key=lambda c: c.id):
-                if state != "any" and check.status != state:
+            checks = self.checks
+            for cid in self._order[0]:
+                check = checks.get(cid)
+                if check is None or state != "any" and check.status != state:
                     continue
                 service = self.services.get(check.service_id)
                 version = (check, check.status, check.output, check.modify_index, service)
                 entry = cache.get(check.id)
-                if entry is None or len(entry[0]) != len(version) or any(
-                    a is not b and a != b for a, b in zip(entry[0], version)
-                ):
+                # Tuple equality tests identity first, item by item: the check and service
+                # records compare field by field only when replaced.
+                if entry is None or entry[0] != version:
                     entry = (version, json.dumps(self.check_json(check), separators=(",", ":")).encode())
                 kept[check.id] = entry
                 parts.append(entry[1])
             if state == "any":
                 self._check_text = kept  # what is gone is dropped
+                encoded = [entry[1] for entry in kept.values()]
+                self._any_parts = encoded, {cid: i for i, cid in enumerate(kept)}
+                self._dirty = set()
             else:
                 cache.update(kept)
-            return RawJSON(b"[" + b",".join(parts) + b"]")
+            answer = self._answers[("state", state)] = RawJSON(b"[" + b",".join(parts) + b"]")
+            return answer
 
     def health_state(self, state: str) -> list[dict[str, Any]]:
         """GET /v1/health/state/<state>: every check in that state (`any`: all of them)."""

@@ -7,11 +7,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import httpx
-
 import meshcore
 
-from ._agent import AgentConfig, read_json
+from ._agent import AgentConfig, AgentUnreachable, ConsulAnswerError, decode_json
 from ._discovery import ConsulDiscovery
 
 __all__ = ["consul_probes"]
@@ -53,9 +51,10 @@ async def _agent_check(url: str, agent: AgentConfig, keys: list[str]) -> meshcor
                     title, False, f"answered HTTP {response.status_code} to /v1/status/leader",
                     f"is this a Consul agent? {where}",
                 )
-            leader = await read_json(response, 4096)
-    except (httpx.HTTPError, OSError, ValueError) as exc:
-        return meshcore.Check(title, False, f"unreachable: {type(exc).__name__}: {exc}",
+            leader = decode_json(response.content)
+    except (AgentUnreachable, ConsulAnswerError, OSError, ValueError) as exc:
+        what = str(exc) if isinstance(exc, AgentUnreachable) else f"{type(exc).__name__}: {exc}"
+        return meshcore.Check(title, False, f"unreachable: {what}",
                               f"{START_HINT}; {where}")
     if not leader:
         return meshcore.Check(title, False, "reachable, but the cluster has no leader",

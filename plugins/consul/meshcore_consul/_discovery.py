@@ -21,9 +21,9 @@ Many services on one agent share one client (one connection pool, one TLS contex
 `shared_above` services, one watch instead of a parked query each: a real Consul agent allows
 200 connections per client address (`limits.http_max_conns_per_client`, hashicorp/consul#7289),
 so a query per service cannot scale. The shared watch is one blocking query on
-`/v1/health/state/any` (every check of every service, each with its `ModifyIndex`; Consul's
-answer for watching many services); when its index moves, the services whose checks changed
-are read again with a non-blocking `/v1/health/service/<name>`, at most `READS` at a time. A
+`/v1/health/state/any` (every check of every service; Consul's answer for watching many
+services); when its index moves, the services whose checks changed (`CheckTable`: only the
+part of the answer that differs from the last one is parsed) are read again with a non-blocking `/v1/health/service/<name>`, at most `READS` at a time. A
 move that no check explains (an instance without checks, a node-level check) reads every
 watched service again; and each service is read again about every `wait` regardless, because a
 change Consul keeps out of the checks table (an instance re-registered in place with a new
@@ -42,17 +42,25 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import anyio
-import httpx
 
 import meshcore
 
 from ._address import address_problem
-from ._agent import AgentConfig, ConsulAnswerError, error_text, read_json
+from ._agent import (
+    AgentClient,
+    AgentConfig,
+    AgentUnreachable,
+    ConsulAnswerError,
+    decode_json,
+    error_text,
+)
+from ._checks import CheckTable
 
 __all__ = [
-    "AgentHub", "Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "check_fingerprints", "next_index",
+    "AgentHub", "Answer", "ConsulDiscovery", "ResultsFilteredByACLs", "TokenBucket", "next_index",
     "parse_health",
 ]
 
@@ -71,6 +79,9 @@ class ConsulUnreachable(Exception):
     """The agent could not be asked: connect, TLS, timeout. Names the agent and the cause."""
 
     def __init__(self, agent: AgentConfig, exc: BaseException) -> None:
+        if isinstance(exc, AgentUnreachable):  # already names the error's type
+            super().__init__(f"{agent.address.url}: {exc}")
+            return
         detail = str(exc)
         cause: BaseException | None = exc
         while not detail and cause is not None:
@@ -112,6 +123,9 @@ class TokenBucket:
 def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str,
            default: Any = None) -> Any:
     value = obj.get(key, default)
+    cls = type(value)
+    if cls is kind or cls is dict and kind is Mapping:  # the common case, without isinstance
+        return value
     if value is None and default is not None:
         return default
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
@@ -211,60 +225,19 @@ class Answer:
     emptied_by_acls: bool
 
 
-async def _get_json(
-    client: httpx.AsyncClient, path: str, params: list[tuple[str, str | int | float | bool | None]],
-    timeout: httpx.Timeout, max_answer_size: int,
-) -> tuple[Any, int, bool]:
-    """A read's JSON answer, its X-Consul-Index and whether ACLs filtered it; raises on any
-    failure of the whole answer."""
-    async with client.stream("GET", path, params=params, timeout=timeout) as response:
-        if response.status_code != 200:
-            body = b""
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > 200:
-                    break
-            raise ConsulAnswerError(error_text(response, body))
-        data = await read_json(response, max_answer_size)
-        raw_index = response.headers.get("x-consul-index", "")
-        filtered = response.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
+async def _get(
+    client: AgentClient, path: str, params: list[tuple[str, str]], read_timeout: float, max_answer_size: int,
+) -> tuple[bytes, int, bool]:
+    """A read's body, its X-Consul-Index and whether ACLs filtered it; raises on any failure
+    of the whole answer."""
+    response = await client.get(path, params=params, read_timeout=read_timeout, max_bytes=max_answer_size)
+    if response.status_code != 200:
+        raise ConsulAnswerError(error_text(response))
+    raw_index = response.headers.get("x-consul-index", "")
+    filtered = response.headers.get("x-consul-results-filtered-by-acls", "").lower() == "true"
     if not raw_index.isdigit():
         raise ConsulAnswerError(f"missing or invalid X-Consul-Index header {raw_index!r}")
-    return data, int(raw_index), filtered
-
-
-Fingerprint = frozenset[tuple[Any, ...]]
-
-
-def check_fingerprints(entries: Any, skipped: list[str] | None = None) -> dict[str, Fingerprint]:
-    """Per service name, what its checks say in a /v1/health/state/any answer: node, service
-    id, check id, status and ModifyIndex of each. Node-level checks (no ServiceID) are kept
-    under "". A malformed entry is skipped (its reason appended to `skipped`); an answer that
-    is not a list, or whose every entry is malformed, raises ConsulAnswerError."""
-    if not isinstance(entries, list):
-        raise ConsulAnswerError(f"expected a JSON array of checks, got {type(entries).__name__}")
-    table: dict[str, set[tuple[Any, ...]]] = {}
-    reasons: list[str] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, Mapping):
-            reasons.append(f"check {i}: expected an object, got {entry!r:.60}")
-            continue
-        service_id = entry.get("ServiceID") or ""
-        name = entry.get("ServiceName") or ""
-        status = entry.get("Status")
-        modify = entry.get("ModifyIndex", 0)
-        if not isinstance(service_id, str) or not isinstance(name, str) or not isinstance(status, str) or (
-            not isinstance(modify, int) or isinstance(modify, bool)
-        ):
-            reasons.append(f"check {i}: ServiceID, ServiceName, Status or ModifyIndex of the wrong type")
-            continue
-        key = name if service_id else ""
-        table.setdefault(key, set()).add((entry.get("Node"), service_id, entry.get("CheckID"), status, modify))
-    if reasons and len(reasons) == len(entries):
-        raise ConsulAnswerError(f"every check is malformed; {reasons[0]}")
-    if skipped is not None:
-        skipped.extend(reasons)
-    return {key: frozenset(value) for key, value in table.items()}
+    return response.content, int(raw_index), filtered
 
 
 class _Subscriber:
@@ -304,7 +277,8 @@ class AgentHub:
         self.reads = anyio.CapacityLimiter(READS)
         self.users = 0
         self.subscribers: dict[str, list[_Subscriber]] = {}
-        self.checks: dict[str, Fingerprint] | None = None  # None: no answer yet
+        self.table = CheckTable()  # the last answer of the watch
+        self.baseline = False  # the watch has had an answer (since it last failed)
         self.index = 0
         # counters shown in state
         self.requests = 0
@@ -342,7 +316,7 @@ class AgentHub:
 
     def subscribe(self, discovery: ConsulDiscovery, sink: meshcore.DiscoverySink) -> _Subscriber:
         sub = _Subscriber(discovery, sink)
-        if self.checks is not None:  # the watch has its baseline: read at once
+        if self.baseline:  # the watch has its baseline: read at once
             sub.event.set()
         self.subscribers.setdefault(discovery.service, []).append(sub)
         return sub
@@ -393,23 +367,21 @@ class AgentHub:
                 left, self._runner_left = self._runner_left, anyio.Event()
                 left.set()
 
-    async def _query(self) -> tuple[int, dict[str, Fingerprint]]:
-        params: list[tuple[str, str | int | float | bool | None]] = []
+    async def _query(self) -> tuple[int, set[str]]:
+        params: list[tuple[str, str]] = []
         if self.agent.datacenter:
             params.append(("dc", self.agent.datacenter))
         if self.index > 0:
             params += [("index", str(self.index)), ("wait", f"{self.wait:g}s")]
-        timeout = self.agent.timeout
-        read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
+        read = self.agent.timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
         self.requests += 1
-        data, index, _ = await _get_json(
-            self.client, "/v1/health/state/any", params, httpx.Timeout(timeout, read=read), self.max_answer_size)
+        body, index, _ = await _get(self.client, "/v1/health/state/any", params, read, self.max_answer_size)
         skipped: list[str] = []
-        checks = check_fingerprints(data, skipped)
+        changed = self.table.update(body, skipped)
         if skipped:
             self.skipped += len(skipped)
             self.last_skipped = skipped[0]
-        return index, checks
+        return index, changed
 
     async def _run(self) -> None:
         bucket = TokenBucket(self.churn_limit, burst=2)
@@ -417,7 +389,7 @@ class AgentHub:
         while True:
             await bucket.take()
             try:
-                index, checks = await self._query()
+                index, changed = await self._query()
             except Exception as exc:  # noqa: BLE001 - every failure is survived and counted
                 self._report(exc if isinstance(exc, ConsulAnswerError) else ConsulUnreachable(self.agent, exc))
                 self.index = 0  # the agent may be back at a lower index: start non-blocking
@@ -425,18 +397,17 @@ class AgentHub:
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = self.backoff
-            previous, known = self.index, self.checks
+            previous, first = self.index, not self.baseline
             went_back = 0 < previous and index < previous
             self.index = next_index(previous, index)
-            self.checks = checks
-            if known is None:
+            self.baseline = True
+            if first:
                 # The baseline: every subscriber reads now, so a change from here on moves a check.
                 self._notify(list(self.subscribers))
             elif went_back:
                 self.sweeps += 1
                 self._notify(list(self.subscribers))
             elif index != previous:
-                changed = {name for name in known.keys() | checks.keys() if known.get(name) != checks.get(name)}
                 if not changed or "" in changed:
                     # Nothing or a node-level check moved: which services that touched is
                     # unknown from here, so all of them are read again (bounded by READS).
@@ -483,8 +454,8 @@ class ConsulDiscovery:
         self.mode = "service"  # service: a blocking query of its own; shared: the agent's watch
         self._hub: AgentHub | None = None
 
-    def _params(self) -> list[tuple[str, str | int | float | bool | None]]:
-        params: list[tuple[str, str | int | float | bool | None]] = []
+    def _params(self) -> list[tuple[str, str]]:
+        params: list[tuple[str, str]] = []
         if not self.include_warning:
             params.append(("passing", "1"))
         params.extend(("tag", t) for t in self.tags)
@@ -495,14 +466,13 @@ class ConsulDiscovery:
             params.append(("wait", f"{self.wait:g}s"))
         return params
 
-    async def query(self, client: httpx.AsyncClient) -> Answer:
+    async def query(self, client: AgentClient) -> Answer:
         """One (blocking) query; raises on any failure of the whole answer."""
-        timeout = self.agent.timeout
-        read = timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
+        read = self.agent.timeout + (self.wait * 17 / 16 if self.index > 0 else 0)
         self.requests += 1
-        data, index, filtered = await _get_json(
-            client, f"/v1/health/service/{self.service}", self._params(),
-            httpx.Timeout(timeout, read=read), self.max_answer_size)
+        body, index, filtered = await _get(
+            client, f"/v1/health/service/{quote(self.service, safe='')}", self._params(), read, self.max_answer_size)
+        data = decode_json(body)
         skipped: list[str] = []
         endpoints = parse_health(data, include_warning=self.include_warning, skipped=skipped)
         return Answer(index, endpoints, skipped, filtered and not data)
@@ -552,7 +522,7 @@ class ConsulDiscovery:
         finally:
             await hub.release()
 
-    async def _step(self, client: httpx.AsyncClient, sink: meshcore.DiscoverySink) -> int | None:
+    async def _step(self, client: AgentClient, sink: meshcore.DiscoverySink) -> int | None:
         """One query (blocking when `self.index` is set) and what follows from it: the next
         index, None after a failure (reported)."""
         try:

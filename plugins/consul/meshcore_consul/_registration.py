@@ -23,9 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import httpx
 
-from ._agent import AgentConfig, error_text
+from ._agent import AgentClient, AgentConfig, AgentResponse, AgentUnreachable, error_text
 from ._duration import format_duration
 
 __all__ = ["Registration"]
@@ -87,7 +86,7 @@ class Registration:
         self._task_group = task_group
         self.health = health
         self.health_status = "passing"
-        self._client: httpx.AsyncClient | None = None
+        self._client: AgentClient | None = None
         self._scope: anyio.CancelScope | None = None
 
     def body(self) -> dict[str, Any]:
@@ -125,9 +124,9 @@ class Registration:
             "errors": self.errors, "last_error": self.last_error,
         }
 
-    async def _put(self, path: str, **kwargs: Any) -> httpx.Response:
+    async def _put(self, path: str, *, params: list[tuple[str, str]] | None = None, body: Any = None) -> AgentResponse:
         assert self._client is not None
-        return await self._client.put(path, **kwargs)
+        return await self._client.put(path, params=params or (), body=body)
 
     def _failed(self, what: str) -> None:
         self.errors += 1
@@ -136,9 +135,9 @@ class Registration:
 
     async def register(self) -> None:
         body = self.body()
-        response = await self._put("/v1/agent/service/register", json=body)
+        response = await self._put("/v1/agent/service/register", body=body)
         if response.status_code != 200:
-            raise RuntimeError(f"register {self.id}: {error_text(response, response.content)}")
+            raise RuntimeError(f"register {self.id}: {error_text(response)}")
         self.registrations += 1
         self.status = "registered"
         self.health_status = body["Check"]["Status"]
@@ -152,9 +151,9 @@ class Registration:
         try:
             response = await self._put(
                 f"/v1/agent/check/{_TTL_PATH[status]}/{self.check_id}",
-                params={"note": note} if note else None,
+                params=[("note", note)] if note else None,
             )
-        except httpx.HTTPError as exc:
+        except AgentUnreachable as exc:
             self.status = "unreachable"
             self._failed(f"heartbeat: {type(exc).__name__}: {exc}")
             return
@@ -169,10 +168,10 @@ class Registration:
         # Consul answers 404/500 `Unknown check` (or `does not have associated TTL` on older
         # versions) when it lost the check; any refusal is worth one re-registration.
         self.status = "lost"
-        self._failed(f"heartbeat refused ({error_text(response, response.content)}); registering again")
+        self._failed(f"heartbeat refused ({error_text(response)}); registering again")
         try:
             await self.register()
-        except (httpx.HTTPError, RuntimeError) as exc:
+        except (AgentUnreachable, RuntimeError) as exc:
             self._failed(str(exc))
 
     async def _run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -184,7 +183,7 @@ class Registration:
                 if self.registrations == 0:
                     try:
                         await self.register()
-                    except (httpx.HTTPError, RuntimeError) as exc:
+                    except (AgentUnreachable, RuntimeError) as exc:
                         self.status = "unreachable"
                         self._failed(str(exc))
                     continue
@@ -194,7 +193,7 @@ class Registration:
         self._client = self.agent.client()
         try:
             await self.register()
-        except (httpx.HTTPError, RuntimeError) as exc:
+        except (AgentUnreachable, RuntimeError) as exc:
             # Starting while the registry is down is not fatal: the mesh can still call out,
             # and the heartbeat loop registers as soon as the agent answers.
             self.status = "unreachable"
@@ -218,8 +217,8 @@ class Registration:
                     if response.status_code in (200, 404):
                         self.status = "deregistered"
                     else:
-                        self._failed(f"deregister: {error_text(response, response.content)}")
-            except httpx.HTTPError as err:
+                        self._failed(f"deregister: {error_text(response)}")
+            except AgentUnreachable as err:
                 self._failed(f"deregister: {type(err).__name__}: {err}")
             finally:
                 self._client = None

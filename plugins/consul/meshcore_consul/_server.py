@@ -502,7 +502,7 @@ class _Front:
         except RegistryError as exc:
             reply = _Reply(exc.status, exc.message.encode(), exc.headers)
             if pending and exc.status == 403:
-                raise _Close(403, exc.message)  # a caller without the token: its body is not read
+                raise _Close(403, exc.message) from None  # a caller without the token: its body is not read
             if pending:
                 await conn.body(pending, registry.read_timeout)  # drain, stay in step
             return await answer(reply, True)
@@ -587,8 +587,7 @@ class _Front:
             "agent/members": (get, r(self._members)),
             "agent/self": (get, r(self._agent_self)),
             "health/service": (get, r(self._read(
-                lambda q: c.health_service(q.path, passing=_flag(q.query, "passing", "Invalid value for ?passing"),
-                                           tags=q.query.get("tag", [])), named="service"))),
+                self._health_service, named="service"))),
             "health/checks": (get, r(self._read(lambda q: c.health_checks(q.path), named="service"))),
             "health/state": (get, r(self._read(
                 lambda q: c.health_state(q.path) if "pretty" in q.query else c.health_state_json(q.path),
@@ -626,6 +625,13 @@ class _Front:
         pretty = "pretty" in request.query
         text = json.dumps(value, indent=4 if pretty else None, separators=None if pretty else (",", ":"))
         return _Reply(200, text.encode(), headers, "application/json")
+
+    def _health_service(self, request: _Request) -> Any:
+        passing = _flag(request.query, "passing", "Invalid value for ?passing")
+        tags = request.query.get("tag", [])
+        if "pretty" in request.query or "filter" in request.query:
+            return self.catalog.health_service(request.path, passing=passing, tags=tags)
+        return self.catalog.health_service_json(request.path, passing=passing, tags=tags)
 
     @staticmethod
     def _decode(request: _Request) -> Any:

@@ -199,3 +199,42 @@ def test_corrupted_data_file_is_reported_and_moved_aside(tmp_path, clock, conten
     assert cat.services == {}
     cat.register({"Name": "web", "Port": 80})  # and it keeps working, persisting afresh
     assert json.loads((tmp_path / "registry.json").read_text())["services"][0]["name"] == "web"
+
+
+def test_kept_answers_equal_fresh_encodings_through_every_kind_of_change(clock):
+    """The encoded answers kept between changes (health/service per service, state/any
+    rebuilt only where checks changed) always equal what encoding the catalog anew gives."""
+    import random
+
+    c = Catalog(clock=clock, min_deregister_after=1)
+    for s in range(20):
+        for i in range(3):
+            c.register({"Name": f"s{s}", "ID": f"s{s}-{i}", "Port": 7000 + i,
+                        "Check": {"TTL": "10s", "Status": "passing", "DeregisterCriticalServiceAfter": "5s"}})
+    rng = random.Random(3)
+    for step in range(400):
+        kind, s, i = rng.randrange(7), rng.randrange(20), rng.randrange(3)
+        try:
+            if kind == 0:
+                c.update_check(f"service:s{s}-{i}", rng.choice(["passing", "critical", "warning"]), rng.choice(["", "x"]))
+            elif kind == 1:
+                c.register({"Name": f"s{s}", "ID": f"s{s}-{i}", "Port": 7000 + i, "Tags": [rng.choice("ab")],
+                            "Check": {"TTL": "10s", "Status": "passing", "DeregisterCriticalServiceAfter": "5s"}})
+            elif kind == 2:
+                c.deregister(f"s{s}-{i}")
+            elif kind == 3:
+                c.maintenance(f"s{s}-{i}", rng.random() < 0.5, "r")
+            elif kind == 4:
+                c.maintenance(None, rng.random() < 0.3, "n")
+            elif kind == 5:
+                c.register_check({"Name": "extra", "CheckID": f"x{s}", "ServiceID": f"s{s}-{i}", "TTL": "1h"})
+            else:
+                clock.advance(rng.choice([1, 4, 11]))
+                c.expire()
+        except RegistryError:
+            pass  # an unknown service or check: nothing changed
+        if rng.random() < 0.6:
+            assert json.loads(c.health_state_json("any")) == c.health_state("any"), step
+            name = f"s{rng.randrange(20)}"
+            assert json.loads(c.health_service_json(name, passing=True)) == c.health_service(name, passing=True)
+            assert json.loads(c.health_service_json(name)) == c.health_service(name)

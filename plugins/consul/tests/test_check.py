@@ -56,7 +56,7 @@ async def test_an_unreachable_agent_names_the_keys_that_point_at_it():
     url = dead_url()
     config = consul_config(url, **{"consul-registration": {"name": "web", "port": 8080, "agent": url}})
     agent, orders, _ = await lines(config)
-    assert not agent.ok and agent.detail.startswith("unreachable: ConnectError")
+    assert not agent.ok and agent.detail.startswith("unreachable: EndpointConnectError")
     assert "meshcore -p consul registry" in agent.fix
     assert ("services.orders.consul.address, services.users.consul.address, "
             "consul-registration.agent") in agent.fix

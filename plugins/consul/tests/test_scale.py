@@ -6,11 +6,12 @@ Behaviour only: the figures are plugins/consul/bench/scale.py's."""
 from __future__ import annotations
 
 import json
+import random
 
 import anyio
 import pytest
 from consul_testkit import InlineRoundRobin, ports, register, response
-from meshcore_consul import Registry, check_fingerprints
+from meshcore_consul import CheckTable, ConsulAnswerError, Registry
 
 import meshcore
 
@@ -71,22 +72,69 @@ async def test_a_thousand_services_share_one_watch_on_few_connections(watcher):
             assert registry.connections <= 50, registry.connections
 
 
-def test_fingerprints_per_service_and_node_checks_apart():
-    answer = [state_entry("api", 1, 5), state_entry("api", 2, 6), state_entry("db", 1, 7),
-              {"Node": "n1", "CheckID": "serfHealth", "ServiceID": "", "ServiceName": "", "Status": "passing",
-               "ModifyIndex": 1}]
-    fp = check_fingerprints(answer)
-    assert set(fp) == {"api", "db", ""}
-    moved = [*answer[:1], state_entry("api", 2, 8, "critical"), *answer[2:]]
-    changed = {k for k in fp if check_fingerprints(moved).get(k) != fp[k]}
-    assert changed == {"api"}
+def encode(entries: list) -> bytes:
+    return json.dumps(entries, separators=(",", ":")).encode()
+
+
+def test_check_table_names_the_services_whose_checks_changed():
+    node = {"Node": "n1", "CheckID": "serfHealth", "ServiceID": "", "ServiceName": "", "Status": "passing",
+            "ModifyIndex": 1}
+    answer = [state_entry("api", 1, 5), state_entry("api", 2, 6), state_entry("db", 1, 7), node]
+    table = CheckTable()
+    assert table.update(encode(answer)) == {"api", "db", ""}
+    assert table.update(encode(answer)) == set()
+    moved = [answer[0], state_entry("api", 2, 8, "critical"), *answer[2:]]
+    assert table.update(encode(moved)) == {"api"}
+    assert table.full_parses == 1  # only the first answer was parsed whole
+    assert table.update(encode([*moved[:2], moved[3]])) == {"db"}  # db's check is gone
+    assert table.update(encode([moved[0], state_entry("web", 1, 9), *moved[1:2], moved[3]])) == {"web"}
     skipped: list[str] = []
-    assert set(check_fingerprints([*answer, "junk", {"Status": 3}], skipped)) == {"api", "db", ""}
+    assert table.update(encode([*answer, "junk", {"Status": 3}]), skipped) == {"api", "db", "web"}
     assert len(skipped) == 2
-    with pytest.raises(Exception, match="every check is malformed"):
-        check_fingerprints(["junk"])
-    with pytest.raises(Exception, match="expected a JSON array"):
-        check_fingerprints({"not": "a list"})
+    for garbage, match in ((b'["junk"]', "every check is malformed"), (b'{"not": "a list"}', "expected a JSON array"),
+                           (b"<html>", "not JSON"), (b"[" + b"[" * 100000, "not JSON"), (b"\xff[]", "not JSON"),
+                           (encode(answer)[:-1], "not JSON"), (encode(answer) + b",1]", "not JSON")):
+        with pytest.raises(ConsulAnswerError, match=match):
+            table.update(garbage)
+    assert table.update(encode([*answer, "junk", {"Status": 3}])) == set()  # garbage left it as it was
+
+
+def test_check_table_agrees_with_parsing_every_answer_whole():
+    """Random edits (flips, instances coming and going, reordering, odd whitespace, strings
+    that look like separators): the services named are exactly those whose entries differ."""
+    rng = random.Random(7)
+    services = [f"s{i}" for i in range(30)]
+    entries = [state_entry(rng.choice(services), port, port) for port in range(200)]
+    table = CheckTable()
+    previous: list = []
+    for step in range(400):
+        edit = rng.randrange(7)
+        i = rng.randrange(len(entries))
+        if edit == 0:
+            entries[i] = {**entries[i], "Status": rng.choice(["passing", "critical"]), "ModifyIndex": 1000 + step}
+        elif edit == 1:
+            entries.insert(i, state_entry(rng.choice(services), 1000 + step, 1000 + step))
+        elif edit == 2 and len(entries) > 3:
+            del entries[i:i + rng.randrange(1, 4)]
+        elif edit == 3:
+            entries[i] = {**entries[i], "Output": rng.choice(['"},{"', "],[", '\\",', "ü", ""])}
+        elif edit == 4:
+            j = rng.randrange(len(entries))
+            entries[i], entries[j] = entries[j], entries[i]
+        elif edit == 5:
+            entries.append(state_entry(rng.choice(services), 2000 + step, 2000 + step))
+        # Another encoding every 100 steps (an agent upgraded): then every entry's text
+        # changed, and every service is named; never fewer than the entries that changed.
+        style = step // 100
+        text = json.dumps(entries, separators=(",", ":") if style % 2 else (", ", ": "), ensure_ascii=style < 2)
+        expected = {e["ServiceName"] for e in entries if e not in previous} | {
+            e["ServiceName"] for e in previous if e not in entries}
+        changed = table.update(text.encode())
+        if step % 100:
+            assert changed == expected, step
+        assert changed >= expected, step
+        previous = [dict(e) for e in entries]
+    assert table.full_parses < 40  # the rest were parsed in part
 
 
 async def test_shared_watch_survives_garbage_and_an_index_going_backwards(raw_server, consul_mesh, watcher):
