@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import anyio
+
 import meshcore
 from meshcore.testing import UpstreamServer, static_service
 
