@@ -302,7 +302,41 @@ def adapt_stream(stream: anyio.abc.AnyByteStream) -> Socket:
     which refuses `recv` itself."""
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     raw = getattr(raw, "_sock", raw)
-    return adapt(stream, raw if isinstance(raw, socket.socket) else None)
+    if isinstance(raw, socket.socket):
+        return adapt(stream, raw)
+    if type(raw).__module__ == "uvloop.loop":  # a `PseudoSocket`: no recv() of its own
+        return adapt(stream, _FdPeek(raw))
+    return adapt(stream, None)
+
+
+class _FdPeek:
+    """The pool's liveness peek at a socket known by its descriptor only: uvloop's transport
+    sockets (`PseudoSocket`) refuse `recv`, and anyio pauses the transport's reading between
+    receives, so without a peek at the socket itself a server's close of an idle connection
+    went unseen and the next request (a POST, which is never resent) failed on it. A socket
+    object is made on the descriptor for the one call and detached, the transport keeps
+    owning it; a closed transport's descriptor (-1) reads as the end."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def recv(self, size: int, flags: int = 0, /) -> bytes:
+        fd = self.raw.fileno()
+        if fd < 0:
+            return b""
+        sock = socket.socket(fileno=fd)
+        try:
+            return sock.recv(size, flags)
+        finally:
+            sock.detach()
+
+    def send(self, data: bytes | memoryview, /) -> int:
+        raise OSError("a peek only")
+
+    def close(self) -> None:
+        """Nothing: the transport owns the descriptor."""
 
 
 async def take_socket(stream: Any) -> Socket | None:
