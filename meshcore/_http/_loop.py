@@ -189,23 +189,27 @@ class _TrioWait:
         self.sock = sock
         self.scope = scope
 
+    def _park(self) -> Awaitable[None]:
+        """The wait itself: its coroutine, awaited by `__call__` (no frame of this method's)."""
+        return self.wait(self.sock)
+
     async def __call__(self, timeout: float | None = None) -> None:
         if timeout is None:
-            await self.wait(self.sock)
+            await self._park()
             return
         trio = self.trio
         scope = self.scope
         if scope is None:
             # A deadline already past is a limit of 0 (trio refuses a negative one).
             with trio.move_on_after(timeout if timeout > 0 else 0) as own:
-                await self.wait(self.sock)
+                await self._park()
             if own.cancelled_caught:
                 raise TimeoutError
             return
         clock = trio.current_time
         deadline = scope.deadline = clock() + timeout
         try:
-            await self.wait(self.sock)
+            await self._park()
         except trio.Cancelled:
             if deadline > clock():
                 raise  # cancelled, not timed out
@@ -236,7 +240,8 @@ class _EpollWait(_TrioWait):
         self.manager = manager
 
     def _register(self) -> Callable[[Any], Any]:
-        """What `_epoll_wait` does before it parks: take the waiter slot, update epoll."""
+        """What `_epoll_wait` does before it parks: take the waiter slot, update epoll (so a
+        `BusyResourceError` is raised from the `await`, as trio's own)."""
         manager = self.manager
         fd = self.sock.fileno()  # type: ignore[attr-defined]  # a socket
         waiters = manager._registered[fd]
@@ -254,30 +259,8 @@ class _EpollWait(_TrioWait):
         manager._update_registrations(fd)
         return self.trio.lowlevel.Abort.SUCCEEDED
 
-    async def __call__(self, timeout: float | None = None) -> None:
-        park = self.trio.lowlevel.wait_task_rescheduled
-        if timeout is None:
-            await park(self._register())
-            return
-        scope = self.scope
-        if scope is None:
-            with self.trio.move_on_after(timeout if timeout > 0 else 0) as own:
-                await park(self._register())
-            if own.cancelled_caught:
-                raise TimeoutError
-            return
-        clock = self.trio.current_time
-        deadline = scope.deadline = clock() + timeout
-        try:
-            await park(self._register())
-        except self.trio.Cancelled:
-            if deadline > clock():
-                raise
-            raise TimeoutError from None
-        finally:
-            scope.deadline = math.inf
-        if scope.cancel_called and deadline <= clock():
-            raise TimeoutError
+    def _park(self) -> Awaitable[None]:
+        return self.trio.lowlevel.wait_task_rescheduled(self._register())  # type: ignore[no-any-return]
 
 
 class _EpollWriter(_EpollWait):
