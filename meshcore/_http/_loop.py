@@ -260,7 +260,8 @@ class _EpollWait(_TrioWait):
         return self.trio.lowlevel.Abort.SUCCEEDED
 
     def _park(self) -> Awaitable[None]:
-        return self.trio.lowlevel.wait_task_rescheduled(self._register())  # type: ignore[no-any-return]
+        park: Awaitable[None] = self.trio.lowlevel.wait_task_rescheduled(self._register())
+        return park
 
 
 class _EpollWriter(_EpollWait):
