@@ -5,14 +5,16 @@
 - `take_socket`: the socket under an anyio TCP stream, for the engine to call directly (on
   asyncio and uvloop the transport's descriptor is duplicated and the transport closed).
 - `SendBatch`: sends held to the end of the asyncio loop's pass.
-- `_LoopWaiter` (asyncio, uvloop) and `_trio_wait` (trio): waits that carry their own limit.
+- `_LoopWaiter` (asyncio, uvloop) and `_trio_wait` (trio): waits that carry their own limit;
+  `_TrioSockets` and `_EpollWait`: an accepted connection's waits on trio, parked with trio's
+  epoll manager directly, their limit the deadline of the connection's own cancel scope.
 - `Acceptor` and `server_socket`: a listener's connections accepted in batches straight from
   its socket, each driven as a `Socket` without an anyio stream or a transport in between.
 - `task_group`: the backend's own task group (asyncio's `TaskGroup`, a trio nursery) for one
   task per connection.
 
-Each reach into a private name is guarded by tests/engine/test_loop_internals.py, which fails
-when the name moves. At run time a moved internal is not silent either: the engine logs a
+Each reach into a private name is guarded by tests/engine/test_loop_internals.py (trio's epoll
+manager: tests/engine/test_trio_waits.py), which fails when the name moves. At run time a moved internal is not silent either: the engine logs a
 warning once (`_drifted`) and falls back to the public API (anyio's clock and checkpoint, the
 stream through `_socket.StreamSocket`), slower but correct.
 """
@@ -23,12 +25,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -152,33 +155,122 @@ def _trio_wait(wait: Callable[[Any], Awaitable[None]], sock: object) -> Callable
     """`wait(sock)` on trio with an optional time limit: a cancel scope only when there is
     one, and trio's own (anyio's wrapper scope around it costs several µs per wait;
     docs/data-path.md, "Figures")."""
-    import trio
-
-    return _TrioWait(wait, sock, trio.move_on_after)
+    _TrioWait.use_trio()
+    return _TrioWait(wait, sock, None)
 
 
 class _TrioWait:
     """`_trio_wait`'s wait: an object of three slots rather than a closure and its cells,
-    two per connection (docs/data-path.md, "Connection bursts and idle connections")."""
+    two per connection (docs/data-path.md, "Connection bursts and idle connections").
 
-    __slots__ = ("move_on_after", "sock", "wait")
+    With `scope`, the connection's own cancel scope (the sidecar's listeners cancel a
+    connection through it), a wait's limit is that scope's deadline, set for the wait and
+    cleared after it, rather than a `move_on_after` scope of its own: entering a scope costs
+    trio ~0.7 KiB (its cancel status and two sets) for as long as the wait lasts, which for an
+    idle connection is as long as it lives. A scope whose deadline passed stays cancelled, so
+    after a TimeoutError the connection can only end: send at once what it still has to say
+    (a 408), and close; a wait after that raises at once. A cancellation of the scope while
+    its deadline is still ahead is a cancellation (trio.Cancelled), not a timeout.
+    """
+
+    __slots__ = ("scope", "sock", "wait")
+    trio: Any = None  # the module, once a trio wait was made (no import per wait)
+
+    @classmethod
+    def use_trio(cls) -> None:
+        import trio
+
+        cls.trio = trio
 
     def __init__(
-        self, wait: Callable[[Any], Awaitable[None]], sock: object, move_on_after: Any
+        self, wait: Callable[[Any], Awaitable[None]], sock: object, scope: Any
     ) -> None:
         self.wait = wait
         self.sock = sock
-        self.move_on_after = move_on_after
+        self.scope = scope
+
+    def _park(self) -> Awaitable[None]:
+        """The wait itself: its coroutine, awaited by `__call__` (no frame of this method's)."""
+        return self.wait(self.sock)
 
     async def __call__(self, timeout: float | None = None) -> None:
         if timeout is None:
-            await self.wait(self.sock)
+            await self._park()
             return
-        # A deadline already past is a limit of 0 (trio refuses a negative one).
-        with self.move_on_after(timeout if timeout > 0 else 0) as scope:
-            await self.wait(self.sock)
-        if scope.cancelled_caught:
-            raise TimeoutError
+        trio = self.trio
+        scope = self.scope
+        if scope is None:
+            # A deadline already past is a limit of 0 (trio refuses a negative one).
+            with trio.move_on_after(timeout if timeout > 0 else 0) as own:
+                await self._park()
+            if own.cancelled_caught:
+                raise TimeoutError
+            return
+        clock = trio.current_time
+        deadline = scope.deadline = clock() + timeout
+        try:
+            await self._park()
+        except trio.Cancelled:
+            if deadline > clock():
+                raise  # cancelled, not timed out
+            raise TimeoutError from None
+        finally:
+            scope.deadline = math.inf
+        if scope.cancel_called and deadline <= clock():
+            raise TimeoutError  # ready as the deadline passed: the scope is cancelled now
+
+    def release(self) -> None:
+        """Tell trio the socket closes (trio must hear of it first: it may reuse the number)."""
+        self.trio.lowlevel.notify_closing(self.sock)
+
+
+class _EpollWait(_TrioWait):
+    """A `_TrioWait` that registers with trio's epoll I/O manager itself, as the manager's
+    `wait_readable` does (`_epoll_wait`), and parks with `wait_task_rescheduled`: a waiting
+    connection's await chain is then this frame and trio's trap, where through
+    `trio.lowlevel.wait_readable` it is four frames and a closure (~0.6 KiB more per idle
+    connection; docs/data-path.md, "Connection bursts and idle connections"). `attr`: the
+    manager's waiter slot this wait takes, per class (`_EpollWriter`)."""
+
+    __slots__ = ("manager",)
+    attr = "read_task"
+
+    def __init__(self, manager: Any, sock: socket.socket, scope: Any) -> None:
+        super().__init__(_unused_wait, sock, scope)
+        self.manager = manager
+
+    def _register(self) -> Callable[[Any], Any]:
+        """What `_epoll_wait` does before it parks: take the waiter slot, update epoll (so a
+        `BusyResourceError` is raised from the `await`, as trio's own)."""
+        manager = self.manager
+        fd = self.sock.fileno()  # type: ignore[attr-defined]  # a socket
+        waiters = manager._registered[fd]
+        if getattr(waiters, self.attr) is not None:
+            raise self.trio.BusyResourceError("another task is already reading / writing this fd")
+        setattr(waiters, self.attr, self.trio.lowlevel.current_task())
+        manager._update_registrations(fd)
+        return self._abort
+
+    def _abort(self, _: Any) -> Any:
+        """`_epoll_wait`'s abort: give the slot back (a cancellation)."""
+        manager = self.manager
+        fd = self.sock.fileno()  # type: ignore[attr-defined]  # a socket
+        setattr(manager._registered[fd], self.attr, None)
+        manager._update_registrations(fd)
+        return self.trio.lowlevel.Abort.SUCCEEDED
+
+    def _park(self) -> Awaitable[None]:
+        park: Awaitable[None] = self.trio.lowlevel.wait_task_rescheduled(self._register())
+        return park
+
+
+class _EpollWriter(_EpollWait):
+    __slots__ = ()
+    attr = "write_task"
+
+
+async def _unused_wait(sock: Any) -> None:  # pragma: no cover  # `_EpollWait` parks itself
+    raise AssertionError("unused")
 
 
 async def socket_for(stream: anyio.abc.AnyByteStream) -> Socket:
@@ -194,7 +286,41 @@ def adapt_stream(stream: anyio.abc.AnyByteStream) -> Socket:
     which refuses `recv` itself."""
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     raw = getattr(raw, "_sock", raw)
-    return adapt(stream, raw if isinstance(raw, socket.socket) else None)
+    if isinstance(raw, socket.socket):
+        return adapt(stream, raw)
+    if type(raw).__module__ == "uvloop.loop":  # a `PseudoSocket`: no recv() of its own
+        return adapt(stream, _FdPeek(raw))
+    return adapt(stream, None)
+
+
+class _FdPeek:
+    """The pool's liveness peek at a socket known by its descriptor only: uvloop's transport
+    sockets (`PseudoSocket`) refuse `recv`, and anyio pauses the transport's reading between
+    receives, so without a peek at the socket itself a server's close of an idle connection
+    went unseen and the next request (a POST, which is never resent) failed on it. A socket
+    object is made on the descriptor for the one call and detached, the transport keeps
+    owning it; a closed transport's descriptor (-1) reads as the end."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def recv(self, size: int, flags: int = 0, /) -> bytes:
+        fd = self.raw.fileno()
+        if fd < 0:
+            return b""
+        sock = socket.socket(fileno=fd)
+        try:
+            return sock.recv(size, flags)
+        finally:
+            sock.detach()
+
+    def send(self, data: bytes | memoryview, /) -> int:
+        raise OSError("a peek only")
+
+    def close(self) -> None:
+        """Nothing: the transport owns the descriptor."""
 
 
 async def take_socket(stream: Any) -> Socket | None:
@@ -375,6 +501,13 @@ class _LoopWaiter:
             self.then.release()
 
 
+class MakeSocket(Protocol):
+    """`Acceptor.socket`: an accepted socket's `Socket`; `scope`: on trio, the connection's
+    cancel scope, whose deadline the waits then use for their limits (`_TrioWait`)."""
+
+    def __call__(self, sock: socket.socket, scope: Any = None, /) -> Socket: ...
+
+
 # Connections accepted in a row before the loop serves others: HAProxy's `tune.maxaccept`
 # (64), so a burst is taken in a few passes and established connections still get theirs.
 MAX_ACCEPT = 64
@@ -401,9 +534,10 @@ class Acceptor:
         # `socket.accept` looks these up as enums on every call (a tenth of a µs each).
         self.kind = (int(sock.family), int(sock.type), sock.proto)
         trio_backend = _backend_module() == "anyio._backends._trio"
-        # `socket(accepted)`: the accepted socket's `Socket`, for the backend found once here.
-        self.socket: Callable[[socket.socket], Socket] = (
-            _trio_socket if trio_backend else _LoopSockets(asyncio.get_running_loop())
+        # `socket(accepted, scope)`: the accepted socket's `Socket`, for the backend found once
+        # here (`scope`: on trio, the connection's cancel scope, which its waits' limits use).
+        self.socket: MakeSocket = (
+            _TrioSockets() if trio_backend else _LoopSockets(asyncio.get_running_loop())
         )
         if trio_backend:
             import trio
@@ -455,19 +589,40 @@ def server_socket(sock: socket.socket) -> Socket:
     """The `Socket` for an accepted connection on the running backend (from async context;
     `Acceptor.socket` is the same, with the backend looked up once); `aclose()` closes `sock`."""
     if _backend_module() == "anyio._backends._trio":
-        return _trio_socket(sock)
+        return _TrioSockets()(sock)
     return _LoopSockets(asyncio.get_running_loop())(sock)
 
 
-def _trio_socket(sock: socket.socket) -> Socket:
-    import trio
+class _TrioSockets:
+    """Makes the `Socket` of accepted connections on trio: with `_EpollWait` where trio's I/O
+    manager is the epoll one it knows (Linux), else with trio's public waits."""
 
-    lowlevel = trio.lowlevel
-    return Socket(
-        sock, _trio_wait(lowlevel.wait_readable, sock), _trio_wait(lowlevel.wait_writable, sock),
-        # trio must hear of a descriptor's close before it happens (it may reuse the number)
-        on_close=functools.partial(lowlevel.notify_closing, sock),
-    )
+    __slots__ = ("manager",)
+
+    def __init__(self) -> None:
+        _TrioWait.use_trio()
+        self.manager: Any = None
+        try:
+            from trio._core._run import GLOBAL_RUN_CONTEXT
+
+            manager = GLOBAL_RUN_CONTEXT.runner.io_manager
+            if type(manager).__name__ == "EpollIOManager":
+                manager._registered  # noqa: B018  # the internals `_EpollWait` uses
+                manager._update_registrations  # noqa: B018
+                self.manager = manager
+        except (ImportError, AttributeError) as exc:
+            _drifted("trio's I/O manager", exc)
+
+    def __call__(self, sock: socket.socket, scope: Any = None) -> Socket:
+        manager = self.manager
+        if manager is None:
+            lowlevel = _TrioWait.trio.lowlevel
+            reader = _TrioWait(lowlevel.wait_readable, sock, scope)
+            writer = _TrioWait(lowlevel.wait_writable, sock, scope)
+        else:
+            reader = _EpollWait(manager, sock, scope)
+            writer = _EpollWriter(manager, sock, scope)
+        return Socket(sock, reader, writer, on_close=reader.release)
 
 
 class _LoopSockets:
@@ -486,7 +641,7 @@ class _LoopSockets:
         self.add_writer = loop.add_writer
         self.remove_writer = loop.remove_writer
 
-    def __call__(self, sock: socket.socket) -> Socket:
+    def __call__(self, sock: socket.socket, scope: Any = None) -> Socket:
         loop = self.loop
         reader = _LoopWaiter(loop, self.add_reader, self.remove_reader, sock, persistent=True)
         writer = reader.then = _LoopWaiter(
@@ -496,6 +651,7 @@ class _LoopSockets:
 
 
 Spawn = Callable[..., None]
+_TASK_NAME = "meshcore connection"
 
 
 @contextlib.asynccontextmanager
@@ -512,7 +668,8 @@ async def task_group() -> AsyncIterator[Spawn]:
         import trio
 
         async with trio.open_nursery() as nursery:
-            yield nursery.start_soon
+            # One name for all: trio would otherwise make a string per task from the function.
+            yield functools.partial(nursery.start_soon, name=_TASK_NAME)
         return
     async with asyncio.TaskGroup() as group:
         create_task = group.create_task

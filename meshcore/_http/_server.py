@@ -38,7 +38,7 @@ from .._models import _DEFAULT_PORTS, URL, Headers, Request, Response, _close_bo
 from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, RequestBody, chunk_excess, head_end
 from ._error_map import IO_ERRORS, RequestRejected, client_error
 from ._loop import backend_checkpoint, backend_clock, socket_for
-from ._socket import Socket, close_stream, receive, send_all, start_tls
+from ._socket import Socket, close_stream, receive, recv_now, send_all, start_tls
 
 __all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
 
@@ -532,9 +532,7 @@ class ServerConnection:
             if self.upgraded:
                 return False
             try:
-                data = sock.recv(_READ_SIZE)
-            except BlockingIOError:
-                data = None  # the wait is outside the handler, which would keep the exception
+                data = recv_now(sock, _READ_SIZE)  # not `recv`: see there
             except OSError:
                 return False
             if data is None:

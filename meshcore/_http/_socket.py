@@ -120,6 +120,17 @@ async def send_all(io: Socket, data: bytes | memoryview, timeout: float | None) 
             pass
 
 
+def recv_now(sock: SocketLike, size: int) -> bytes | None:
+    """`sock.recv(size)`, or None when that would block. Why not catch BlockingIOError in the
+    caller: an exception's traceback gives each frame it passes through a frame object
+    (~0.27 KiB), which a coroutine then keeps for as long as it lives: an idle connection's
+    `read_head`. Raised here, it passes through this frame only, which is gone after."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return None
+
+
 async def receive(io: Socket, size: int, timeout: float | None) -> bytes:
     """The next bytes, waiting at most `timeout` for them (TimeoutError); b"" at the end."""
     sock = io.sock

@@ -32,7 +32,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from .._errors import ConfigError
-from .._http._loop import MAX_ACCEPT, Acceptor, _backend_module, task_group
+from .._http._loop import MAX_ACCEPT, Acceptor, MakeSocket, _backend_module, task_group
 from .._http._server import ConnectionInfo
 from .._http._socket import Socket
 from ._metrics import Telemetry
@@ -297,13 +297,14 @@ class Listeners:
         sock: socket.socket,
         info: ConnectionInfo,
         serve: Serve,
-        make_socket: Callable[[socket.socket], Socket],
+        make_socket: MakeSocket,
         on_trio: bool,
     ) -> None:
         """`_run` for a socket `_accept_batches` took: the engine drives it directly. What
         `conn.cancel()` cancels: on asyncio this task (`task_group`'s group ignores a child that
         ends cancelled; anyio's scopes inside let a native cancellation through), on trio a
-        trio cancel scope."""
+        trio cancel scope, whose deadline is also the limit of the connection's waits (no scope
+        of their own: `_loop._TrioWait`)."""
         conn.client_ip = str(info.client[0]).encode()
         try:
             if conn.cancelled:
@@ -313,10 +314,10 @@ class Listeners:
 
                 with trio.CancelScope() as scope:
                     conn.handle = scope
-                    await serve(conn, None, make_socket(sock), info)
+                    await serve(conn, None, make_socket(sock, scope), info)
             else:
                 conn.handle = asyncio.current_task()
-                await serve(conn, None, make_socket(sock), info)
+                await serve(conn, None, make_socket(sock, None), info)
         except Exception:
             log.exception("connection on %s failed", conn.listener)
         finally:

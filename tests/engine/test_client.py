@@ -395,7 +395,11 @@ async def test_idle_expiry(nginx) -> None:  # type: ignore[no-untyped-def]
         assert connector.stats()[ep(nginx).id] == {"open": 1, "idle": 1, "in_use": 0, "waiting": 0, "stale_resends": 0}
 
 
-async def test_idle_connection_closed_by_server_is_detected() -> None:
+@pytest.mark.parametrize(
+    "anyio_backend",
+    ["asyncio", "trio", pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")],
+)
+async def test_idle_connection_closed_by_server_is_detected(anyio_backend) -> None:  # type: ignore[no-untyped-def]
     """A server closes an idle keep-alive connection; after a quiet second the pool peeks at it
     before reuse, so even a POST (never resent) goes out on a fresh connection."""
     import socket

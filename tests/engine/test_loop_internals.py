@@ -144,7 +144,8 @@ async def test_a_moved_internal_is_reported_not_silent(
 
 async def test_a_stream_that_stays_a_stream_can_still_be_peeked() -> None:
     """`adapt_stream` finds the socket under the stream for the pool's liveness peek: trio's
-    own, asyncio's inside `TransportSocket._sock` (uvloop's pseudo-socket has none)."""
+    own, asyncio's inside `TransportSocket._sock`, uvloop's by the descriptor of its
+    pseudo-socket (`_FdPeek`: the pseudo-socket refuses recv)."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, await anyio.connect_tcp("127.0.0.1", port) as client:
@@ -152,10 +153,7 @@ async def test_a_stream_that_stays_a_stream_can_still_be_peeked() -> None:
         io = _loop.adapt_stream(client)
         assert isinstance(io.sock, StreamSocket)
         uvloop = type(client._transport).__module__ == "uvloop.loop" if not on_trio() else False  # type: ignore[attr-defined]
-        if uvloop:
-            assert io.sock.peek is None
-            return
-        assert isinstance(io.sock.peek, socket.socket)
+        assert isinstance(io.sock.peek, _loop._FdPeek if uvloop else socket.socket)
         with pytest.raises(BlockingIOError):  # alive, nothing pending
             io.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         await server.aclose()
@@ -166,3 +164,6 @@ async def test_a_stream_that_stays_a_stream_can_still_be_peeked() -> None:
                     break
                 except BlockingIOError:
                     await anyio.sleep(0.01)
+        if uvloop:  # the transport closed: its descriptor is gone, the peek says the end
+            await client.aclose()
+            assert io.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
