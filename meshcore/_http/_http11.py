@@ -116,18 +116,22 @@ class HTTP11Connection:
         self.reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
-        headers.append((name, value))
+        # The limits are checked once per read (`exchange`) and when the head is complete, not
+        # per field: a read adds at most `_READ_SIZE` bytes of fields.
+        self.headers.append((name, value))
         n = len(name)
-        size = self.header_bytes = self.header_bytes + n + len(value) + 4
-        if size > self.max_header_bytes or len(headers) > self.max_header_count:
-            raise self.head_too_large()
+        self.header_bytes += n + len(value) + 4
         if n == 14 or n == 17:
             low = name.lower()
             if low == b"content-length" or low == b"transfer-encoding":
                 self.framed = True
                 if n == 17 and b"chunked" in value.lower():
                     self.chunked = True
+
+    def over_limits(self) -> bool:
+        return (
+            self.header_bytes > self.max_header_bytes or len(self.headers) > self.max_header_count
+        )
 
     def head_too_large(self) -> ResponseHeadTooLarge:
         return ResponseHeadTooLarge(
@@ -137,6 +141,8 @@ class HTTP11Connection:
         )
 
     def on_headers_complete(self) -> None:
+        if self.over_limits():
+            raise self.head_too_large()
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -278,7 +284,7 @@ class HTTP11Connection:
                 received += len(data)
                 feed(data)
                 # httptools holds a header until its end: this bounds one huge header too.
-                if received > self.max_header_bytes and not self.headers_done:
+                if (received > self.max_header_bytes or self.over_limits()) and not self.headers_done:
                     raise self.head_too_large()
         except BaseException as exc:
             await self.pool.discard(self)

@@ -170,7 +170,13 @@ class RequestResponseCycle:
         else:  # authority-form (CONNECT)
             host, port = _split_host(self.url, conn.info, conn.scheme)
             url = URL(conn.scheme, host, port, "/")
-        body: Any = b"" if self.complete and not self.chunks else RequestBody(self)
+        body: Any
+        if self.complete and not self.chunks:
+            body = b""
+        else:  # built without RequestBody.__init__ (what it would set): the hot path
+            body = _new_object(RequestBody)
+            body.source = body.cycle = self
+
         # Built without Request.__init__ (the method is the parser's, already upper case, and
         # the headers are a Headers): the hot path.
         request = _new_object(Request)
@@ -409,16 +415,12 @@ class ServerConnection:
             raise RequestRejected(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The limits are checked once per read (`read_head`) and when the head is complete
+        # (`check_head`), not per field: a read adds at most `_READ_SIZE` bytes of fields.
         cur = self.cur
-        headers = cur.headers  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
-        headers.append((name, value))
+        cur.headers.append((name, value))  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         n = len(name)
-        size = cur.header_bytes = cur.header_bytes + n + len(value) + 4  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
-        limits = self.limits
-        if len(headers) > limits.max_header_count:
-            raise RequestRejected(431, f"more than {limits.max_header_count} header fields")
-        if size > limits.max_header_bytes:
-            raise RequestRejected(431, f"header fields larger than {limits.max_header_bytes} bytes")
+        cur.header_bytes += n + len(value) + 4  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         if n == 4 or n == 6:
             low = name.lower()
             if low == b"host":
@@ -430,10 +432,19 @@ class ServerConnection:
         elif n == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
             cur.chunked = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
 
+    def check_head(self, cur: RequestResponseCycle) -> None:
+        """431 when the head's fields so far are over the limits."""
+        limits = self.limits
+        if len(cur.headers) > limits.max_header_count:
+            raise RequestRejected(431, f"more than {limits.max_header_count} header fields")
+        if cur.header_bytes > limits.max_header_bytes:
+            raise RequestRejected(431, f"header fields larger than {limits.max_header_bytes} bytes")
+
     def on_headers_complete(self) -> None:
         cur = self.cur
         parser = self.parser
         assert parser is not None
+        self.check_head(cur)  # type: ignore[arg-type]  # cur is set by on_message_begin before any other callback
         cur.method = parser.get_method().decode("ascii")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.version = parser.get_http_version()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
@@ -559,8 +570,11 @@ class ServerConnection:
             was_in_head = self.in_head
             self.feed(data)
             received += len(data)
-            if received > max_head and self.in_head:
-                raise RequestRejected(431, f"request head larger than {max_head} bytes")
+            if self.in_head:
+                if received > max_head:
+                    raise RequestRejected(431, f"request head larger than {max_head} bytes")
+                if self.cur is not None:
+                    self.check_head(self.cur)
             if not was_in_head and self.in_head and limits.header_timeout is not None:
                 # a head started and is not complete yet: it has header_timeout to arrive
                 deadline = self.now() + limits.header_timeout

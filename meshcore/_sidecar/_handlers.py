@@ -110,17 +110,14 @@ class Inbound:
         self.telemetry = sidecar.telemetry
 
     def route(self, gen: Generation, request: Request, info: ConnectionInfo, conn: Connection) -> tuple[str, Send]:
-        settings = gen.settings
         url = request.url
         target = url.target
         try:
-            normal = normalize_target(
-                target, settings.path_normalization, settings.path_with_escaped_slashes_action
-            )
+            normal = normalize_target(target, gen.path_normalization, gen.escaped_slashes)
         except PathRejected as exc:
             raise Refused("bad_path", f"bad path: {exc}", gen.service) from None
         if normal != target:
-            if settings.path_with_escaped_slashes_action == "UNESCAPE_AND_REDIRECT" and (
+            if gen.escaped_slashes == "UNESCAPE_AND_REDIRECT" and (
                 has_escaped_slash(target.partition("?")[0])
             ):
                 raise Refused(
@@ -131,7 +128,7 @@ class Inbound:
         # one join and one search: measured at half the cost of a generator over the names
         if b"_" in b" ".join([pair[0] for pair in request.headers]):
             request.headers = underscored_headers(
-                request.headers, settings.headers_with_underscores_action, gen.service
+                request.headers, gen.settings.headers_with_underscores_action, gen.service
             )
         if gen.authorize:
             reason = gen.mesh.plugins.authorize(request, info.ssl_object, gen.mesh)
@@ -254,7 +251,7 @@ def make_handler(sidecar: Sidecar, direction: Direction) -> Handler:
                 stream = request.stream
                 if not isinstance(stream, bytes):
                     # A body that came whole with the head is taken as it is (no read).
-                    limit = gen.settings.retry_buffer
+                    limit = gen.retry_buffer
                     whole = stream.take_whole(limit) if type(stream) is RequestBody else None
                     if whole is not None:
                         request.stream = whole
