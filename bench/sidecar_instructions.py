@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -152,7 +153,7 @@ def main() -> None:
         print(f"{'case':8} " + " ".join(f"{Path(r).name or r:>14}" for r in roots)
               + ("   second/first" if len(roots) == 2 else ""))
         for case in cases:
-            meds = [sorted(results[(r, case)])[len(results[(r, case)]) // 2] for r in roots]
+            meds = [statistics.median(results[(r, case)]) for r in roots]
             ratio = f"   {meds[1] / meds[0]:.3f}" if len(roots) == 2 else ""
             print(f"{case:8} " + " ".join(f"{m / 1000:13.1f}k" for m in meds) + ratio)
     finally:

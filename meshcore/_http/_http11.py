@@ -128,11 +128,6 @@ class HTTP11Connection:
                 if n == 17 and b"chunked" in value.lower():
                     self.chunked = True
 
-    def over_limits(self) -> bool:
-        return (
-            self.header_bytes > self.max_header_bytes or len(self.headers) > self.max_header_count
-        )
-
     def head_too_large(self) -> ResponseHeadTooLarge:
         return ResponseHeadTooLarge(
             f"response head from {self.endpoint.id} exceeds the limits "
@@ -141,7 +136,7 @@ class HTTP11Connection:
         )
 
     def on_headers_complete(self) -> None:
-        if self.over_limits():
+        if self.header_bytes > self.max_header_bytes or len(self.headers) > self.max_header_count:
             raise self.head_too_large()
         status = self.parser.get_status_code()
         if status < 200:
@@ -204,6 +199,11 @@ class HTTP11Connection:
         else:
             if not self.headers_done:  # its end may straddle this read and the next
                 self.tail = (self.tail + data)[-3:] if len(data) < 3 and began_before else data[-3:]
+                if (
+                    self.header_bytes > self.max_header_bytes
+                    or len(self.headers) > self.max_header_count
+                ):
+                    raise self.head_too_large()
             return
         self.excess = chunk_excess(
             self.excess, read, self.body_size - body_size, self.chunk_count - chunk_count
@@ -284,7 +284,7 @@ class HTTP11Connection:
                 received += len(data)
                 feed(data)
                 # httptools holds a header until its end: this bounds one huge header too.
-                if (received > self.max_header_bytes or self.over_limits()) and not self.headers_done:
+                if received > self.max_header_bytes and not self.headers_done:
                     raise self.head_too_large()
         except BaseException as exc:
             await self.pool.discard(self)

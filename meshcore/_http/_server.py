@@ -40,7 +40,14 @@ from ._error_map import IO_ERRORS, RequestRejected, client_error
 from ._loop import backend_checkpoint, backend_clock, socket_for
 from ._socket import Socket, close_stream, receive, send_all, start_tls
 
-__all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
+__all__ = [
+    "FIELD_LINES",
+    "ConnectionInfo",
+    "RequestRejected",
+    "ServerLimits",
+    "serve_connection",
+    "serve_http",
+]
 
 log = logging.getLogger("meshcore.http")
 
@@ -54,6 +61,11 @@ _MAX_DRAIN = 1 << 20
 _NOT_SEEN = object()
 _INF = math.inf
 _HEAD_TIMEOUT = "request head not received in time"
+# A response extension: `(lines, has_length)`, the header fields already serialized as
+# `name: value` lines (no Connection or Transfer-Encoding among them), and whether a
+# Content-Length is among them. `respond` writes these instead of `response.headers`: a
+# proxy that applies its header rules anyway serializes in the same pass.
+FIELD_LINES = "meshcore.field_lines"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,23 +242,29 @@ class RequestResponseCycle:
         conn = self.conn
         status = response.status_code
         body = response.stream
-        reason = response.extensions.get("reason_phrase") or _REASONS.get(status, b"")
+        extensions = response.extensions
+        reason = extensions.get("reason_phrase") or _REASONS.get(status, b"")
         lines = [b"HTTP/1.1 %d %s" % (status, reason)]
         append = lines.append
-        has_length = False
-        for name, value in response.headers:
-            n = len(name)
-            if n == 10 or n == 14 or n == 17:
-                low = name.lower()
-                if low == b"content-length":
-                    has_length = True
-                elif low == b"transfer-encoding":
-                    continue  # we decide the framing ourselves
-                elif low == b"connection":
-                    if b"close" in value.lower():
-                        keep_alive = False
-                    continue
-            append(name + b": " + value)
+        prepared = extensions.get(FIELD_LINES)
+        if prepared is not None:
+            fields, has_length = prepared
+            lines += fields
+        else:
+            has_length = False
+            for name, value in response.headers:
+                n = len(name)
+                if n == 10 or n == 14 or n == 17:
+                    low = name.lower()
+                    if low == b"content-length":
+                        has_length = True
+                    elif low == b"transfer-encoding":
+                        continue  # we decide the framing ourselves
+                    elif low == b"connection":
+                        if b"close" in value.lower():
+                            keep_alive = False
+                        continue
+                append(name + b": " + value)
         method = self.method
         no_body = method == "HEAD" or status < 200 or status == 204 or status == 304
         chunked = False
@@ -444,7 +462,12 @@ class ServerConnection:
         cur = self.cur
         parser = self.parser
         assert parser is not None
-        self.check_head(cur)  # type: ignore[arg-type]  # cur is set by on_message_begin before any other callback
+        limits = self.limits
+        if (
+            len(cur.headers) > limits.max_header_count  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+            or cur.header_bytes > limits.max_header_bytes  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        ):
+            self.check_head(cur)  # type: ignore[arg-type]  # cur is set by on_message_begin before any other callback
         cur.method = parser.get_method().decode("ascii")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.version = parser.get_http_version()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
@@ -453,7 +476,7 @@ class ServerConnection:
         if self.on_head is not None:
             on_head, self.on_head = self.on_head, None
             on_head()
-        max_body = self.limits.max_body
+        max_body = limits.max_body
         if max_body is not None:
             length = cur.headers.get("content-length")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
             if length is not None and length.isdigit() and int(length) > max_body:

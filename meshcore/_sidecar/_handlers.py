@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._http import BufferedBody, ConnectionInfo
 from .._http._bodies import RequestBody
-from .._http._server import RequestRejected
+from .._http._server import FIELD_LINES, RequestRejected
 from .._models import Headers, Request, Response
 from .._paths import PathRejected, has_escaped_slash, normalize_target
 from ._answers import Refused, Tracked, classify, first_line, local_response
 from ._metrics import NO_PEER, REJECTED, UNKNOWN
-from ._proxy import SET_INBOUND, peer_identity, request_headers, response_headers
+from ._proxy import SET_INBOUND, peer_identity, request_headers, response_headers, response_lines
 
 if TYPE_CHECKING:
     from ._generation import Generation
@@ -270,11 +270,12 @@ def make_handler(sidecar: Sidecar, direction: Direction) -> Handler:
                 if code == "internal":
                     log.exception("%s request to %s failed", name, service)
                 return answer(gen, code, service, first_line(exc), start, info, conn, extra)
-            response.headers = response_headers(response.headers)
             if type(response.stream) is BufferedBody and not sidecar.draining:
                 # The whole body came with the head (the engine's usual case for small
                 # bodies): the response is over for the sidecar, and the engine writes the
-                # body in the same send as the head.
+                # body in the same send as the head. The header rules are applied as the
+                # fields are serialized, one pass (`response.headers` is not read again).
+                response.extensions[FIELD_LINES] = response_lines(response.headers)
                 answered(
                     name,
                     service,
@@ -285,6 +286,7 @@ def make_handler(sidecar: Sidecar, direction: Direction) -> Handler:
                 conn.busy = False
                 release(gen)
                 return response
+            response.headers = response_headers(response.headers)
             return await finish(gen, response, service, start, info, conn)
         except BaseException as exc:
             if isinstance(exc, RequestRejected):  # the engine answers it (413, 408, 400)
