@@ -25,6 +25,8 @@ from ._socket import Socket, receive, send_all
 _new_headers = Headers.__new__
 _new_object = object.__new__
 
+# RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods that carry no body by default: no `Content-Length: 0` for them when the body is empty.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _READ_SIZE = 65536
@@ -37,12 +39,30 @@ class Owner(Protocol):
     """What a connection needs of its pool (`_pool.Pool`)."""
 
     checkpoint: Callable[[], Awaitable[None]]
+    resends: int
+
+    async def acquire(
+        self, connect: float | None, pool: float | None, fresh: bool = False
+    ) -> tuple[HTTP11Connection, bool]: ...
 
     def keep(self, conn: HTTP11Connection) -> bool: ...
 
     async def finish(self, conn: HTTP11Connection) -> None: ...
 
     async def discard(self, conn: HTTP11Connection) -> None: ...
+
+
+class Limits(Protocol):
+    """An exchange's time limits (`_connector.Timeouts`)."""
+
+    @property
+    def connect(self) -> float | None: ...
+    @property
+    def read(self) -> float | None: ...
+    @property
+    def write(self) -> float | None: ...
+    @property
+    def pool(self) -> float | None: ...
 
 
 class HTTP11Connection:
@@ -233,16 +253,24 @@ class HTTP11Connection:
         body: Any,
         chunked: bool,
         close: bool,
-        write_timeout: float | None,
-        read_timeout: float | None,
+        timeouts: Limits,
         reused: bool,
     ) -> Response:
         """Send `request` (its `head` and `body` from `serialize_head`) and read the response
-        head; the limits are per wait, so "between two reads/writes" holds."""
+        head; the limits are per wait, so "between two reads/writes" holds.
+
+        The stale keep-alive race is settled here (RFC 9112 §9.3.1): when a `reused`
+        connection fails before any byte of the response came, an idempotent request with its
+        body held in full is resent once on a fresh connection (`resend`); anything else
+        raises with `replayable=True`. Here rather than in the connector, so a request awaits
+        one frame less (`HTTPConnector.send`)."""
         self.start(request.method == "HEAD")
         io = self.io
         sock = self.sock
+        write_timeout = timeouts.write
+        read_timeout = timeouts.read
         phase: Phase = "write"
+        stale_resend = False
         try:
             if isinstance(body, bytes):
                 if len(body) <= _GLUE_BODY:
@@ -288,13 +316,18 @@ class HTTP11Connection:
                     raise self.head_too_large()
         except BaseException as exc:
             await self.pool.discard(self)
-            if isinstance(exc, IO_ERRORS):
-                stale = reused and not self.got_bytes and not isinstance(exc, TimeoutError)
+            if not isinstance(exc, IO_ERRORS):
+                raise
+            stale = reused and not self.got_bytes and not isinstance(exc, TimeoutError)
+            if not (stale and request.method in _IDEMPOTENT and isinstance(body, bytes)):
                 limit = write_timeout if phase == "write" else read_timeout
                 raise endpoint_error(exc, self.endpoint, phase, limit, stale=stale) from exc
-            raise
+            stale_resend = True
+        if stale_resend:
+            return await self.resend(request, head, body, chunked, close, timeouts)
         if close:  # `Connection: close` from our side ends reuse too
             self.keep_alive = False
+
         extensions = {
             "http_version": b"HTTP/1.1" if self.parser.get_http_version() == "1.1" else b"HTTP/1.0",
             "reason_phrase": self.reason,
@@ -321,6 +354,16 @@ class HTTP11Connection:
             response.extensions = extensions
             return response
         return Response(self.status, self.headers, ResponseBody(self, read_timeout), extensions)
+
+    async def resend(
+        self, request: Request, head: bytes, body: Any, chunked: bool, close: bool,
+        timeouts: Limits,
+    ) -> Response:
+        """Send the request again on a fresh connection of the same pool (see `exchange`)."""
+        pool = self.pool
+        pool.resends += 1
+        conn, _ = await pool.acquire(timeouts.connect, timeouts.pool, fresh=True)
+        return await conn.exchange(request, head, body, chunked, close, timeouts, False)
 
     async def send_streamed(
         self, body: Any, chunked: bool, request: Request, write_timeout: float | None
