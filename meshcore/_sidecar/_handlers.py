@@ -284,7 +284,11 @@ def make_handler(sidecar: Sidecar, direction: Direction) -> Handler:
                     now() - start,
                 )
                 conn.busy = False
-                release(gen)
+                if gen.retiring or in_flight.quiet is not None:
+                    release(gen)  # it may have an event to set
+                else:  # `release`, inline for the usual case
+                    gen.in_flight -= 1
+                    in_flight.count -= 1
                 return response
             response.headers = response_headers(response.headers)
             return await finish(gen, response, service, start, info, conn)
