@@ -13,6 +13,11 @@ the trees interleaved case by case, and the ratio of the second tree to the firs
 
 The client keeps `--connections` keep-alive connections and sends one request on each before
 reading the answers, so the sidecar sees a few requests per pass of its loop, as under wrk.
+`--cpu`: no callgrind; the sidecars' CPU time (utime+stime from /proc) over `--requests`
+requests instead, the trees alternating in short rounds (the order swapped every round) so
+they see the same load; printed: the median, the range and the ratio of the medians and of
+each round's pair. Load moves it; the instruction count it does not.
+
 Cases: `get` (`/`, a 2-byte answer), `get1k` (a 1 KiB static file), `post1k` and `post16k`
 (a body of that size to a location that answers 2 bytes, as `--bodies`' POST rows).
 """
@@ -30,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sidecar import Bench  # noqa: E402
+from sidecar import TICKS, Bench, load_average  # noqa: E402
 
 CASES = {
     "get": ("GET", "/", 0),
@@ -44,6 +49,8 @@ class CallgrindBench(Bench):
     """bench/sidecar.py's processes, the sidecars (the pinned ones) under callgrind."""
 
     def spawn(self, cmd: list[str], pinned: bool = False, **kwargs) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+        if pinned and getattr(self.args, "cpu", False):
+            return super().spawn(cmd, pinned=True, **kwargs)
         if pinned:
             out = self.tmp / f"callgrind.out.{len(self.procs)}"
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
@@ -114,6 +121,45 @@ def count(pid: int, out_prefix: Path, port: int, data: bytes, args: argparse.Nam
     return int(totals[0]) / requests
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """The process's user and system CPU seconds (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def cpu_rounds(sides: list[tuple[str, int, Path, int]], cases: list[str],
+               args: argparse.Namespace) -> None:
+    """CPU µs per request of each tree, the trees alternating round by round."""
+    for case in cases:
+        data = request_bytes(*CASES[case])
+        for _, _, _, port in sides:
+            drive(port, data, args.warmup, args.connections)
+        runs: dict[tuple[str, str], list[float]] = {}
+        loads = []
+        for rnd in range(args.rounds):
+            order = sides if rnd % 2 == 0 else sides[::-1]
+            for root, pid, _, port in order:
+                before = user_system(pid)
+                drive(port, data, args.requests, args.connections)
+                after = user_system(pid)
+                for kind, used in (("user", after[0] - before[0]), ("user+system",
+                                   sum(after) - sum(before))):
+                    runs.setdefault((kind, root), []).append(used / args.requests * 1e6)
+            loads.append(load_average())
+        print(f"{case}: CPU µs per request ({args.requests} requests x {args.rounds} rounds, "
+              f"{args.connections} connections, load average {min(loads):.1f}-{max(loads):.1f})")
+        for kind in ("user", "user+system"):
+            for root, *_ in sides:
+                values = runs[(kind, root)]
+                print(f"  {kind:12} {root:36} {statistics.median(values):6.1f} "
+                      f"({min(values):.1f}-{max(values):.1f})")
+            if len(sides) == 2:
+                a, b = (runs[(kind, root)] for root, *_ in sides)
+                pairs = statistics.median([y / x for x, y in zip(a, b)])
+                print(f"  {kind:12} second / first: {statistics.median(b) / statistics.median(a):.3f} "
+                      f"(per-round pairs {pairs:.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", metavar="A,B", default=".", help="source trees (comma list)")
@@ -124,8 +170,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--backend", default="uvloop", choices=["trio", "asyncio", "uvloop"])
     parser.add_argument("--quick", action="store_true", help="1,000 requests per case")
+    parser.add_argument("--cpu", action="store_true", help="CPU time per request, no callgrind")
+    parser.add_argument("--pin", default="auto", help="with --cpu: core for the sidecars")
     args = parser.parse_args()
-    args.pin = "none"
+    if not args.cpu:
+        args.pin = "none"
     if args.quick:
         args.requests, args.warmup = 1000, 300
     roots = [str(Path(r).resolve()) for r in args.compare.split(",")]
@@ -139,6 +188,9 @@ def main() -> None:
             pid, ports = bench.sidecar(f"cg{i}", [f"127.0.0.1:{p}" for p in bench.app_ports],
                                        root=root)
             sides.append((root, pid, bench.tmp / f"callgrind.out.{index}", ports["outbound"]))
+        if args.cpu:
+            cpu_rounds(sides, cases, args)
+            return
         results: dict[tuple[str, str], list[float]] = {}
         for rnd in range(args.rounds):
             for case in cases:
