@@ -82,7 +82,6 @@ class HTTP11Connection:
         "got_bytes",
         "head",
         "headers",
-        "header_bytes",
         "headers_done",
         "idle_since",
         "interim",
@@ -128,7 +127,7 @@ class HTTP11Connection:
         self.framed = self.close_delimited = False
         self.keep_alive = True
         self.got_bytes = False
-        self.header_bytes = self.body_size = self.chunk_count = self.excess = 0
+        self.body_size = self.chunk_count = self.excess = 0
         self.chunked = False
 
     # httptools callbacks -------------------------------------------------------------------
@@ -136,17 +135,21 @@ class HTTP11Connection:
         self.reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The limits are checked once per read (`exchange`) and when the head is complete, not
-        # per field: a read adds at most `_READ_SIZE` bytes of fields.
+        # The limits are checked per read and when the head is complete, not per field: the
+        # count in `feed` and `on_headers_complete`, the bytes in `exchange` (only once the
+        # reads passed the limit can the fields have: a read adds at most `_READ_SIZE`).
         self.headers.append((name, value))
         n = len(name)
-        self.header_bytes += n + len(value) + 4
         if n == 14 or n == 17:
             low = name.lower()
             if low == b"content-length" or low == b"transfer-encoding":
                 self.framed = True
                 if n == 17 and b"chunked" in value.lower():
                     self.chunked = True
+
+    def fields_size(self) -> int:
+        """The bytes of the head's fields so far (name, value, ": " and CRLF each)."""
+        return sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def head_too_large(self) -> ResponseHeadTooLarge:
         return ResponseHeadTooLarge(
@@ -156,7 +159,7 @@ class HTTP11Connection:
         )
 
     def on_headers_complete(self) -> None:
-        if self.header_bytes > self.max_header_bytes or len(self.headers) > self.max_header_count:
+        if len(self.headers) > self.max_header_count:
             raise self.head_too_large()
         status = self.parser.get_status_code()
         if status < 200:
@@ -219,10 +222,7 @@ class HTTP11Connection:
         else:
             if not self.headers_done:  # its end may straddle this read and the next
                 self.tail = (self.tail + data)[-3:] if len(data) < 3 and began_before else data[-3:]
-                if (
-                    self.header_bytes > self.max_header_bytes
-                    or len(self.headers) > self.max_header_count
-                ):
+                if len(self.headers) > self.max_header_count:
                     raise self.head_too_large()
             return
         self.excess = chunk_excess(
@@ -311,8 +311,11 @@ class HTTP11Connection:
                     raise anyio.EndOfStream
                 received += len(data)
                 feed(data)
-                # httptools holds a header until its end: this bounds one huge header too.
-                if received > self.max_header_bytes and not self.headers_done:
+                if received > self.max_header_bytes and (
+                    # httptools holds a header until its end: this bounds one huge header too
+                    # (and what the head buffers); a head that ended is measured field by field.
+                    self.fields_size() > self.max_header_bytes or not self.headers_done
+                ):
                     raise self.head_too_large()
         except BaseException as exc:
             await self.pool.discard(self)
