@@ -33,6 +33,9 @@ __all__ = ["DiscoveryStatus", "Upstream"]
 # Latency EWMA weight of the newest sample for `EndpointStats.ewma`, a plain (non-peak) moving
 # average the state page shows; balancers that need peak-EWMA keep their own.
 _EWMA_ALPHA = 0.2
+# `Outcome(...)` without its generated __new__ (a Python-level lambda): the same tuple, made
+# in C, once per request.
+_new_tuple = tuple.__new__
 _MAX_BACKOFF = 30.0
 
 
@@ -338,7 +341,7 @@ class Upstream:
             return response
         status = response.status_code
         elapsed = now - start
-        outcome = Outcome(self.name, endpoint, request.method, status, None, elapsed)
+        outcome = _new_tuple(Outcome, (self.name, endpoint, request.method, status, None, elapsed))
         if self.stats is not stats_map:  # discovery replaced the endpoint set meanwhile
             stats = self.stats.get(endpoint)
         if stats is not None:  # `_record`, inline for the usual case

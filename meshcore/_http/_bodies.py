@@ -175,9 +175,14 @@ class RequestBody(ChunkIterator):
         if source is None or not source.complete:
             return None
         chunks = source.chunks
-        if sum(map(len, chunks)) > limit:
+        if len(chunks) == 1:  # the usual case: the body came in the read that held the head
+            data = chunks[0]
+            if len(data) > limit:
+                return None
+        elif sum(map(len, chunks)) > limit:
             return None
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        else:
+            data = b"".join(chunks)
         chunks.clear()
         self.source = None
         return data

@@ -7,24 +7,23 @@ streams with the httptools parser proxy 13-24 k requests/s on one core
 
 The connector opens connections (connect, TLS, the peer check, all within the connect limit),
 picks the endpoint's pool (`_pool`) and runs one `exchange` on a connection (`_http11`). The
-stale keep-alive race (RFC 9112 §9.3.1) is settled here: a server may close an idle connection
-just as we send on it, and when a *reused* connection fails before any byte of the response
-arrived the request got no answer. Idempotent requests with a body held in full are resent
-once, on a fresh connection; anything else raises with `replayable=True` so the retry layer
-decides. A POST is never resent by the connector.
+stale keep-alive race (RFC 9112 §9.3.1) is settled in the exchange: a server may close an idle
+connection just as we send on it, and when a *reused* connection fails before any byte of the
+response arrived the request got no answer. Idempotent requests with a body held in full are
+resent once, on a fresh connection; anything else raises with `replayable=True` so the retry
+layer decides. A POST is never resent by the connector.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
 import anyio
 
 from .._endpoints import Endpoint
-from .._errors import EndpointReadError
 from .._models import Request, Response
 from ._error_map import IO_ERRORS, endpoint_error
 from ._http11 import serialize_head
@@ -34,8 +33,6 @@ from ._socket import Socket, close_stream, start_tls
 
 __all__ = ["HTTPConnector", "Timeouts"]
 
-# RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _DEFAULT_LIMITS = PoolLimits()
 
 
@@ -95,8 +92,11 @@ class HTTPConnector:
         pooled connections keep the context they were opened with until they close."""
         self.ssl_context = ssl_context
 
-    async def send(self, endpoint: Endpoint, request: Request) -> Response:
-        """Send `request` to `endpoint`; returns once the response head is parsed."""
+    def send(self, endpoint: Endpoint, request: Request) -> Awaitable[Response]:
+        """Send `request` to `endpoint`: `await connector.send(...)` returns once the response
+        head is parsed. A plain function returning the exchange's coroutine (which also resends
+        on a stale connection), so a request, and every wake-up of a suspended one, passes
+        through one frame less."""
         if self._closed:
             raise RuntimeError("HTTPConnector is closed")
         pool = self._pools.get(endpoint)
@@ -109,19 +109,15 @@ class HTTPConnector:
         if idle and pool.now() - idle[-1].idle_since <= pool.fresh_for:
             # The warmest idle connection was used within the second, so it is neither
             # expired nor worth a liveness peek (see Pool.acquire).
-            conn, reused = idle.pop(), True
-        else:
-            conn, reused = await pool.acquire(timeouts.connect, timeouts.pool)
-        write, read = timeouts.write, timeouts.read
-        try:
-            return await conn.exchange(request, head, body, chunked, close, write, read, reused)
-        except EndpointReadError as exc:
-            # Replayable only when a reused connection closed before answering (the error map).
-            if not (exc.replayable and request.method in _IDEMPOTENT and isinstance(body, bytes)):
-                raise
-        pool.resends += 1
-        conn, _ = await pool.acquire(timeouts.connect, timeouts.pool, fresh=True)
-        return await conn.exchange(request, head, body, chunked, close, write, read, False)
+            return idle.pop().exchange(request, head, body, chunked, close, timeouts, True)
+        return self._send(pool, request, head, body, chunked, close, timeouts)
+
+    async def _send(
+        self, pool: Pool, request: Request, head: bytes, body: Any, chunked: bool, close: bool,
+        timeouts: Timeouts,
+    ) -> Response:
+        conn, reused = await pool.acquire(timeouts.connect, timeouts.pool)
+        return await conn.exchange(request, head, body, chunked, close, timeouts, reused)
 
     async def open(self, endpoint: Endpoint, timeout: float | None) -> Socket:
         """A new connection to `endpoint`: TCP, TLS and the peer check within `timeout`."""

@@ -25,6 +25,8 @@ from ._socket import Socket, receive, send_all
 _new_headers = Headers.__new__
 _new_object = object.__new__
 
+# RFC 9110 §9.2.2: the methods whose intended effect does not change when repeated.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods that carry no body by default: no `Content-Length: 0` for them when the body is empty.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _READ_SIZE = 65536
@@ -37,12 +39,30 @@ class Owner(Protocol):
     """What a connection needs of its pool (`_pool.Pool`)."""
 
     checkpoint: Callable[[], Awaitable[None]]
+    resends: int
+
+    async def acquire(
+        self, connect: float | None, pool: float | None, fresh: bool = False
+    ) -> tuple[HTTP11Connection, bool]: ...
 
     def keep(self, conn: HTTP11Connection) -> bool: ...
 
     async def finish(self, conn: HTTP11Connection) -> None: ...
 
     async def discard(self, conn: HTTP11Connection) -> None: ...
+
+
+class Limits(Protocol):
+    """An exchange's time limits (`_connector.Timeouts`)."""
+
+    @property
+    def connect(self) -> float | None: ...
+    @property
+    def read(self) -> float | None: ...
+    @property
+    def write(self) -> float | None: ...
+    @property
+    def pool(self) -> float | None: ...
 
 
 class HTTP11Connection:
@@ -62,7 +82,6 @@ class HTTP11Connection:
         "got_bytes",
         "head",
         "headers",
-        "header_bytes",
         "headers_done",
         "idle_since",
         "interim",
@@ -108,7 +127,7 @@ class HTTP11Connection:
         self.framed = self.close_delimited = False
         self.keep_alive = True
         self.got_bytes = False
-        self.header_bytes = self.body_size = self.chunk_count = self.excess = 0
+        self.body_size = self.chunk_count = self.excess = 0
         self.chunked = False
 
     # httptools callbacks -------------------------------------------------------------------
@@ -116,18 +135,21 @@ class HTTP11Connection:
         self.reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
-        headers.append((name, value))
+        # The limits are checked per read and when the head is complete, not per field: the
+        # count in `feed` and `on_headers_complete`, the bytes in `exchange` (only once the
+        # reads passed the limit can the fields have: a read adds at most `_READ_SIZE`).
+        self.headers.append((name, value))
         n = len(name)
-        size = self.header_bytes = self.header_bytes + n + len(value) + 4
-        if size > self.max_header_bytes or len(headers) > self.max_header_count:
-            raise self.head_too_large()
         if n == 14 or n == 17:
             low = name.lower()
             if low == b"content-length" or low == b"transfer-encoding":
                 self.framed = True
                 if n == 17 and b"chunked" in value.lower():
                     self.chunked = True
+
+    def fields_size(self) -> int:
+        """The bytes of the head's fields so far (name, value, ": " and CRLF each)."""
+        return sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def head_too_large(self) -> ResponseHeadTooLarge:
         return ResponseHeadTooLarge(
@@ -137,6 +159,8 @@ class HTTP11Connection:
         )
 
     def on_headers_complete(self) -> None:
+        if len(self.headers) > self.max_header_count:
+            raise self.head_too_large()
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -198,6 +222,8 @@ class HTTP11Connection:
         else:
             if not self.headers_done:  # its end may straddle this read and the next
                 self.tail = (self.tail + data)[-3:] if len(data) < 3 and began_before else data[-3:]
+                if len(self.headers) > self.max_header_count:
+                    raise self.head_too_large()
             return
         self.excess = chunk_excess(
             self.excess, read, self.body_size - body_size, self.chunk_count - chunk_count
@@ -227,16 +253,24 @@ class HTTP11Connection:
         body: Any,
         chunked: bool,
         close: bool,
-        write_timeout: float | None,
-        read_timeout: float | None,
+        timeouts: Limits,
         reused: bool,
     ) -> Response:
         """Send `request` (its `head` and `body` from `serialize_head`) and read the response
-        head; the limits are per wait, so "between two reads/writes" holds."""
+        head; the limits are per wait, so "between two reads/writes" holds.
+
+        The stale keep-alive race is settled here (RFC 9112 §9.3.1): when a `reused`
+        connection fails before any byte of the response came, an idempotent request with its
+        body held in full is resent once on a fresh connection (`resend`); anything else
+        raises with `replayable=True`. Here rather than in the connector, so a request awaits
+        one frame less (`HTTPConnector.send`)."""
         self.start(request.method == "HEAD")
         io = self.io
         sock = self.sock
+        write_timeout = timeouts.write
+        read_timeout = timeouts.read
         phase: Phase = "write"
+        stale_resend = False
         try:
             if isinstance(body, bytes):
                 if len(body) <= _GLUE_BODY:
@@ -277,18 +311,26 @@ class HTTP11Connection:
                     raise anyio.EndOfStream
                 received += len(data)
                 feed(data)
-                # httptools holds a header until its end: this bounds one huge header too.
-                if received > self.max_header_bytes and not self.headers_done:
+                if received > self.max_header_bytes and (
+                    # httptools holds a header until its end: this bounds one huge header too
+                    # (and what the head buffers); a head that ended is measured field by field.
+                    self.fields_size() > self.max_header_bytes or not self.headers_done
+                ):
                     raise self.head_too_large()
         except BaseException as exc:
             await self.pool.discard(self)
-            if isinstance(exc, IO_ERRORS):
-                stale = reused and not self.got_bytes and not isinstance(exc, TimeoutError)
+            if not isinstance(exc, IO_ERRORS):
+                raise
+            stale = reused and not self.got_bytes and not isinstance(exc, TimeoutError)
+            if not (stale and request.method in _IDEMPOTENT and isinstance(body, bytes)):
                 limit = write_timeout if phase == "write" else read_timeout
                 raise endpoint_error(exc, self.endpoint, phase, limit, stale=stale) from exc
-            raise
+            stale_resend = True
+        if stale_resend:
+            return await self.resend(request, head, body, chunked, close, timeouts)
         if close:  # `Connection: close` from our side ends reuse too
             self.keep_alive = False
+
         extensions = {
             "http_version": b"HTTP/1.1" if self.parser.get_http_version() == "1.1" else b"HTTP/1.0",
             "reason_phrase": self.reason,
@@ -315,6 +357,16 @@ class HTTP11Connection:
             response.extensions = extensions
             return response
         return Response(self.status, self.headers, ResponseBody(self, read_timeout), extensions)
+
+    async def resend(
+        self, request: Request, head: bytes, body: Any, chunked: bool, close: bool,
+        timeouts: Limits,
+    ) -> Response:
+        """Send the request again on a fresh connection of the same pool (see `exchange`)."""
+        pool = self.pool
+        pool.resends += 1
+        conn, _ = await pool.acquire(timeouts.connect, timeouts.pool, fresh=True)
+        return await conn.exchange(request, head, body, chunked, close, timeouts, False)
 
     async def send_streamed(
         self, body: Any, chunked: bool, request: Request, write_timeout: float | None

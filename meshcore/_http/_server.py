@@ -40,7 +40,14 @@ from ._error_map import IO_ERRORS, RequestRejected, client_error
 from ._loop import backend_checkpoint, backend_clock, socket_for
 from ._socket import Socket, close_stream, receive, recv_now, send_all, start_tls
 
-__all__ = ["ConnectionInfo", "RequestRejected", "ServerLimits", "serve_connection", "serve_http"]
+__all__ = [
+    "FIELD_LINES",
+    "ConnectionInfo",
+    "RequestRejected",
+    "ServerLimits",
+    "serve_connection",
+    "serve_http",
+]
 
 log = logging.getLogger("meshcore.http")
 
@@ -54,6 +61,11 @@ _MAX_DRAIN = 1 << 20
 _NOT_SEEN = object()
 _INF = math.inf
 _HEAD_TIMEOUT = "request head not received in time"
+# A response extension: `(lines, has_length)`, the header fields already serialized as
+# `name: value` lines (no Connection or Transfer-Encoding among them), and whether a
+# Content-Length is among them. `respond` writes these instead of `response.headers`: a
+# proxy that applies its header rules anyway serializes in the same pass.
+FIELD_LINES = "meshcore.field_lines"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +182,13 @@ class RequestResponseCycle:
         else:  # authority-form (CONNECT)
             host, port = _split_host(self.url, conn.info, conn.scheme)
             url = URL(conn.scheme, host, port, "/")
-        body: Any = b"" if self.complete and not self.chunks else RequestBody(self)
+        body: Any
+        if self.complete and not self.chunks:
+            body = b""
+        else:  # built without RequestBody.__init__ (what it would set): the hot path
+            body = _new_object(RequestBody)
+            body.source = body.cycle = self
+
         # Built without Request.__init__ (the method is the parser's, already upper case, and
         # the headers are a Headers): the hot path.
         request = _new_object(Request)
@@ -224,23 +242,29 @@ class RequestResponseCycle:
         conn = self.conn
         status = response.status_code
         body = response.stream
-        reason = response.extensions.get("reason_phrase") or _REASONS.get(status, b"")
+        extensions = response.extensions
+        reason = extensions.get("reason_phrase") or _REASONS.get(status, b"")
         lines = [b"HTTP/1.1 %d %s" % (status, reason)]
         append = lines.append
-        has_length = False
-        for name, value in response.headers:
-            n = len(name)
-            if n == 10 or n == 14 or n == 17:
-                low = name.lower()
-                if low == b"content-length":
-                    has_length = True
-                elif low == b"transfer-encoding":
-                    continue  # we decide the framing ourselves
-                elif low == b"connection":
-                    if b"close" in value.lower():
-                        keep_alive = False
-                    continue
-            append(name + b": " + value)
+        prepared = extensions.get(FIELD_LINES)
+        if prepared is not None:
+            fields, has_length = prepared
+            lines += fields
+        else:
+            has_length = False
+            for name, value in response.headers:
+                n = len(name)
+                if n == 10 or n == 14 or n == 17:
+                    low = name.lower()
+                    if low == b"content-length":
+                        has_length = True
+                    elif low == b"transfer-encoding":
+                        continue  # we decide the framing ourselves
+                    elif low == b"connection":
+                        if b"close" in value.lower():
+                            keep_alive = False
+                        continue
+                append(name + b": " + value)
         method = self.method
         no_body = method == "HEAD" or status < 200 or status == 204 or status == 304
         chunked = False
@@ -409,16 +433,12 @@ class ServerConnection:
             raise RequestRejected(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The limits are checked once per read (`read_head`) and when the head is complete
+        # (`check_head`), not per field: a read adds at most `_READ_SIZE` bytes of fields.
         cur = self.cur
-        headers = cur.headers  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
-        headers.append((name, value))
+        cur.headers.append((name, value))  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         n = len(name)
-        size = cur.header_bytes = cur.header_bytes + n + len(value) + 4  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
-        limits = self.limits
-        if len(headers) > limits.max_header_count:
-            raise RequestRejected(431, f"more than {limits.max_header_count} header fields")
-        if size > limits.max_header_bytes:
-            raise RequestRejected(431, f"header fields larger than {limits.max_header_bytes} bytes")
+        cur.header_bytes += n + len(value) + 4  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         if n == 4 or n == 6:
             low = name.lower()
             if low == b"host":
@@ -430,10 +450,24 @@ class ServerConnection:
         elif n == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
             cur.chunked = True  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
 
+    def check_head(self, cur: RequestResponseCycle) -> None:
+        """431 when the head's fields so far are over the limits."""
+        limits = self.limits
+        if len(cur.headers) > limits.max_header_count:
+            raise RequestRejected(431, f"more than {limits.max_header_count} header fields")
+        if cur.header_bytes > limits.max_header_bytes:
+            raise RequestRejected(431, f"header fields larger than {limits.max_header_bytes} bytes")
+
     def on_headers_complete(self) -> None:
         cur = self.cur
         parser = self.parser
         assert parser is not None
+        limits = self.limits
+        if (
+            len(cur.headers) > limits.max_header_count  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+            or cur.header_bytes > limits.max_header_bytes  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
+        ):
+            self.check_head(cur)  # type: ignore[arg-type]  # cur is set by on_message_begin before any other callback
         cur.method = parser.get_method().decode("ascii")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.version = parser.get_http_version()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
         cur.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
@@ -442,7 +476,7 @@ class ServerConnection:
         if self.on_head is not None:
             on_head, self.on_head = self.on_head, None
             on_head()
-        max_body = self.limits.max_body
+        max_body = limits.max_body
         if max_body is not None:
             length = cur.headers.get("content-length")  # type: ignore[union-attr]  # cur is set by on_message_begin before any other callback
             if length is not None and length.isdigit() and int(length) > max_body:
@@ -557,8 +591,11 @@ class ServerConnection:
             was_in_head = self.in_head
             self.feed(data)
             received += len(data)
-            if received > max_head and self.in_head:
-                raise RequestRejected(431, f"request head larger than {max_head} bytes")
+            if self.in_head:
+                if received > max_head:
+                    raise RequestRejected(431, f"request head larger than {max_head} bytes")
+                if self.cur is not None:
+                    self.check_head(self.cur)
             if not was_in_head and self.in_head and limits.header_timeout is not None:
                 # a head started and is not complete yet: it has header_timeout to arrive
                 deadline = self.now() + limits.header_timeout

@@ -68,6 +68,11 @@ class Generation:
         self.retiring = False
         self.idle = anyio.Event()
         s = self.settings
+        # Read per proxied request: attributes here, not a `Settings` lookup
+        # (which tries the slots first and raises AttributeError inside each time).
+        self.retry_buffer: int = s.retry_buffer
+        self.path_normalization: str = s.path_normalization
+        self.escaped_slashes: str = s.path_with_escaped_slashes_action
         self.app = Endpoint(s.app.host, s.app.port)
         self.app_connector = HTTPConnector(
             limits=_POOL,

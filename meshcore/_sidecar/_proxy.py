@@ -21,7 +21,7 @@ from typing import Any
 
 from .._models import Headers
 
-__all__ = ["SET_INBOUND", "peer_identity", "request_headers", "response_headers"]
+__all__ = ["SET_INBOUND", "peer_identity", "request_headers", "response_headers", "response_lines"]
 
 _HOP_BY_HOP = frozenset(
     {
@@ -40,7 +40,7 @@ VIA = b"1.1 meshcore"
 _new_headers = Headers.__new__
 
 # What each special field name (lowercase) is, for the one pass over a message's headers.
-_HOP, _CONNECTION, _XFF, _VIA, _REQUEST_ID, _XFCC = range(6)
+_HOP, _CONNECTION, _XFF, _VIA, _REQUEST_ID, _XFCC, _LENGTH = range(7)
 _RESPONSE_FIELDS = {name: _HOP for name in _HOP_BY_HOP}
 _RESPONSE_FIELDS[b"connection"] = _CONNECTION
 _RESPONSE_FIELDS[b"via"] = _VIA
@@ -53,6 +53,9 @@ SET_INBOUND = frozenset({b"x-forwarded-client-cert", b"x-forwarded-for", b"x-req
 # len() and a set lookup, without being lowercased.
 _REQUEST_LENGTHS = frozenset(map(len, _INBOUND_FIELDS))
 _RESPONSE_LENGTHS = frozenset(map(len, _RESPONSE_FIELDS))
+# `response_lines` also notes a Content-Length (the engine then adds none).
+_LINE_FIELDS = {**_RESPONSE_FIELDS, b"content-length": _LENGTH}
+_LINE_LENGTHS = frozenset(map(len, _LINE_FIELDS))
 
 _tokens_seen: dict[bytes, frozenset[bytes]] = {}
 
@@ -197,6 +200,44 @@ def response_headers(headers: Headers) -> Headers:
         out[:] = [p for p in out if p[0].lower() not in named]
     append((b"via", via + _VIA_APPEND) if via else _VIA_FIELD)
     return out
+
+
+def response_lines(headers: Headers) -> tuple[list[bytes], bool]:
+    """`response_headers` and the engine's serialization of the result in one pass: the fields
+    to send back as `name: value` lines, and whether a Content-Length is among them (what
+    `RequestResponseCycle.respond` takes from `extensions[FIELD_LINES]`)."""
+    fields = _LINE_FIELDS
+    lengths = _LINE_LENGTHS
+    lines: list[bytes] = []
+    append = lines.append
+    named: frozenset[bytes] | None = None
+    via = None
+    has_length = False
+    for pair in headers:
+        name = pair[0]
+        if len(name) in lengths:
+            kind = fields.get(name.lower())
+            if kind is not None:
+                if kind == _LENGTH:
+                    has_length = True
+                else:
+                    if kind == _VIA:
+                        via = pair[1] if via is None else via + b", " + pair[1]
+                    elif kind == _CONNECTION:
+                        tokens = _tokens_seen.get(pair[1])
+                        if tokens is None:
+                            tokens = _connection_tokens(pair[1])
+                        if tokens:
+                            named = tokens if named is None else named | tokens
+                    continue
+        append(name + b": " + pair[1])
+    if named:  # fields the Connection header names go too (rare): the two passes instead
+        kept = response_headers(headers)
+        return [name + b": " + value for name, value in kept], any(
+            name.lower() == b"content-length" for name, _ in kept
+        )
+    append(b"via: " + (via + _VIA_APPEND if via else VIA))
+    return lines, has_length
 
 
 def peer_identity(ssl_object: Any) -> bytes | None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import uuid
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from meshcore._models import Headers
 from meshcore._sidecar import _proxy
 from meshcore._sidecar._proxy import request_headers, response_headers
@@ -85,3 +88,32 @@ def test_request_ids_are_distinct_version_4_uuids_across_refills():
     assert {rid[0:1] for rid in ids} == set(b"%x" % i for i in range(16))
     out = request_headers(Headers([(b"host", b"x")]), b"")
     assert uuid.UUID(out.get("x-request-id")).version == 4
+
+
+_NAMES = [
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authenticate", b"via", b"content-length", b"content-type", b"date",
+    b"x-private", b"server", b"x-request-id",
+]
+_VALUES = [b"keep-alive", b"close", b"x-private", b"X-Private, close", b"1.1 app", b"2", b"v", b""]
+
+
+def _case(name: bytes, flips: int) -> bytes:
+    return bytes(c ^ 32 if c >= 97 and (flips >> (i % 16)) & 1 else c for i, c in enumerate(name))
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_NAMES), st.integers(0, 0xFFFF), st.sampled_from(_VALUES)),
+        max_size=12,
+    )
+)
+def test_response_lines_are_response_headers_serialized(fields: list[tuple[bytes, int, bytes]]) -> None:
+    """The one-pass form the engine writes (`response_lines`) says what the two passes do:
+    `response_headers`, then each field as `name: value`, and whether a Content-Length is
+    left."""
+    headers = Headers([(_case(name, flips), value) for name, flips, value in fields])
+    kept = response_headers(headers)
+    lines, has_length = _proxy.response_lines(headers)
+    assert lines == [name + b": " + value for name, value in kept]
+    assert has_length == any(name.lower() == b"content-length" for name, _ in kept)
