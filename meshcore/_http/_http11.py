@@ -452,9 +452,12 @@ def serialize_head(request: Request) -> tuple[bytes, Any, bool, bool]:
         chunked = True
         if not has_te:
             append(b"Transfer-Encoding: chunked")
-    head = b"\r\n".join(lines) + b"\r\n\r\n"
-    # One C-level scan instead of one per header: a CR or LF inside a name or value would
-    # let a caller smuggle a header or a second request (RFC 9110 §5.5).
-    if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
+    # Two memchr scans of the lines without their separators, not one scan per header: a CR
+    # or LF inside a name or value would let a caller smuggle a header or a second request
+    # (RFC 9110 §5.5). An int operand: `b"\r" in` would first fail to read it as one, raising
+    # and clearing a TypeError inside; and bytes.count walks byte by byte, three times slower.
+    probe = b"".join(lines)
+    if 13 in probe or 10 in probe:
         raise EndpointProtocolError("CR or LF inside a request header or target")
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
     return head, body, chunked, close

@@ -125,8 +125,10 @@ class Inbound:
                     ((b"location", normal.encode("latin-1")),),
                 )
             url.target = normal  # the app receives exactly the path the policy judges
-        # one join and one search: measured at half the cost of a generator over the names
-        if b"_" in b" ".join([pair[0] for pair in request.headers]):
+        # One join and one memchr (95 is `_`: an int operand, as a bytes one would first fail
+        # to read as an int, raising and clearing a TypeError inside): measured at half the
+        # cost of a generator over the names.
+        if 95 in b" ".join([pair[0] for pair in request.headers]):
             request.headers = underscored_headers(
                 request.headers, gen.settings.headers_with_underscores_action, gen.service
             )
