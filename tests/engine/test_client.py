@@ -288,6 +288,15 @@ async def test_header_injection_refused(pyserver) -> None:  # type: ignore[no-un
             )
 
 
+@pytest.mark.parametrize(
+    "field", [("X-A", "1\rX-B: 1"), ("X-A", "1\nX-B: 1"), ("X-A\nX-B", "1"), ("X\rA", "1")]
+)
+async def test_lone_cr_or_lf_in_a_header_refused(pyserver, field: tuple[str, str]) -> None:  # type: ignore[no-untyped-def]
+    async with HTTPConnector() as connector:
+        with pytest.raises(EndpointProtocolError):
+            await connector.send(ep(pyserver), Request("GET", f"{pyserver.base}/", headers=[field]))
+
+
 # the stale keep-alive race ----------------------------------------------------------------
 
 

@@ -65,6 +65,12 @@ async def app(request: Request, conn: ConnectionInfo) -> Response:
         raise RuntimeError("handler bug")
     if path == "/204":
         return Response(204)
+    if path == "/crlf":  # a handler bug: a CR or LF in a response header field
+        field = {
+            "cr-value": ("X-A", "1\rX-B: 2"), "lf-value": ("X-A", "1\nX-B: 2"),
+            "crlf-value": ("X-A", "1\r\nX-B: 2"), "lf-name": ("X-A\nX-B", "1"),
+        }[request.url.query]
+        return Response(200, [field], b"smuggled?")
     if path == "/big":  # more than one send takes through a small receive window
         return Response(200, [], BIG)
     return Response(200, [], f"{request.method} {request.url.target}".encode())
@@ -319,6 +325,13 @@ async def test_slowloris_trickle_still_times_out(server: int) -> None:
     pieces = [b"GET / HTTP/1.1\r\n"] + [b"X" for _ in range(30)]
     out = await raw(server, pieces, pause=0.1)
     assert out.startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize("which", ["cr-value", "lf-value", "crlf-value", "lf-name"])
+async def test_response_header_with_cr_or_lf_answers_502(server: int, which: str) -> None:
+    out = await raw(server, b"GET /crlf?%s HTTP/1.1\r\nHost: x\r\n\r\n" % which.encode())
+    assert out.startswith(b"HTTP/1.1 502 ") and b"X-B" not in out and b"smuggled" not in out
+    await still_up(server)
 
 
 async def test_pipelined_requests_answered_in_order(server: int) -> None:
