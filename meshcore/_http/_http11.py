@@ -436,7 +436,8 @@ def serialize_head(request: Request) -> tuple[bytes, Any, bool, bool]:
                 has_te = True
             elif low == b"connection" and b"close" in value.lower():
                 close = True
-        append(name + b": " + value)
+        # one join: two `+` would build an intermediate bytes and take both buffers twice
+        append(b": ".join((name, value)))
     if not has_host:
         append(b"Host: " + url.authority.encode("idna" if not url.host.isascii() else "ascii"))
     chunked = False

@@ -264,7 +264,7 @@ class RequestResponseCycle:
                         if b"close" in value.lower():
                             keep_alive = False
                         continue
-                append(name + b": " + value)
+                append(b": ".join((name, value)))
         method = self.method
         no_body = method == "HEAD" or status < 200 or status == 204 or status == 304
         chunked = False

@@ -230,10 +230,10 @@ def response_lines(headers: Headers) -> tuple[list[bytes], bool]:
                         if tokens:
                             named = tokens if named is None else named | tokens
                     continue
-        append(name + b": " + pair[1])
+        append(b": ".join((name, pair[1])))
     if named:  # fields the Connection header names go too (rare): the two passes instead
         kept = response_headers(headers)
-        return [name + b": " + value for name, value in kept], any(
+        return [b": ".join((name, value)) for name, value in kept], any(
             name.lower() == b"content-length" for name, _ in kept
         )
     append(b"via: " + (via + _VIA_APPEND if via else VIA))
