@@ -110,7 +110,7 @@ def _run_without_click(args: Sequence[str]) -> bool:
         return False
 
     from ._errors import PluginError
-    from ._plugins import Plugins, config_plugins, resolve_plugin_list
+    from ._plugins import Plugins, config_plugins, hand_over, resolve_plugin_list
 
     cli_plugins = values.get("plugin", [])
     env_config = os.environ.get("MESHCORE_CONFIG")
@@ -128,6 +128,7 @@ def _run_without_click(args: Sequence[str]) -> bool:
 
     from ._sidecar._run import run_sidecar
 
+    hand_over(plugins)  # the sidecar's mesh loads the same list: not twice
     try:
         run_sidecar(config_path, cli_plugins, backend, log_level, count,
                     worker_numbers.get("worker_of"), worker_numbers.get("worker_index"),
@@ -135,4 +136,6 @@ def _run_without_click(args: Sequence[str]) -> bool:
     except KeyboardInterrupt:  # before the sidecar ran: what click's main prints
         sys.stderr.write("\nAborted!\n")
         sys.exit(1)
+    finally:
+        hand_over(None)
     return True
