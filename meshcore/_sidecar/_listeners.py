@@ -455,7 +455,8 @@ async def tcp_listener(host: str, port: int, reuse_port: bool) -> MultiListener[
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    if ip is None or "%" in host:  # a name, or a scoped IPv6 address: anyio resolves it
+    # A name or a scoped IPv6 address is anyio's to resolve; anyio < 4.10 cannot wrap a socket.
+    if ip is None or "%" in host or not hasattr(anyio.abc.SocketListener, "from_socket"):
         return await anyio.create_tcp_listener(
             local_host=host, local_port=port, backlog=1024, reuse_port=reuse_port
         )
