@@ -18,6 +18,8 @@ import stat
 import sys
 from collections.abc import Sequence
 
+from . import _start_gc
+
 __all__ = ["main"]
 
 # Modules whose `meshcore_cli` hook only adds its own subcommands, so skipping the hook cannot
@@ -40,7 +42,10 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not _run_without_click(args):
+    _start_gc.pause()  # until the sidecar is ready (`run_sidecar` resumes)
+    ran = _run_without_click(args)
+    _start_gc.resume()
+    if not ran:
         from ._cli import main as cli_main
 
         cli_main(args)
@@ -110,7 +115,7 @@ def _run_without_click(args: Sequence[str]) -> bool:
         return False
 
     from ._errors import PluginError
-    from ._plugins import Plugins, config_plugins, resolve_plugin_list
+    from ._plugins import Plugins, config_plugins, hand_over, resolve_plugin_list
 
     cli_plugins = values.get("plugin", [])
     env_config = os.environ.get("MESHCORE_CONFIG")
@@ -128,6 +133,7 @@ def _run_without_click(args: Sequence[str]) -> bool:
 
     from ._sidecar._run import run_sidecar
 
+    hand_over(plugins)  # the sidecar's mesh loads the same list: not twice
     try:
         run_sidecar(config_path, cli_plugins, backend, log_level, count,
                     worker_numbers.get("worker_of"), worker_numbers.get("worker_index"),
@@ -135,4 +141,6 @@ def _run_without_click(args: Sequence[str]) -> bool:
     except KeyboardInterrupt:  # before the sidecar ran: what click's main prints
         sys.stderr.write("\nAborted!\n")
         sys.exit(1)
+    finally:
+        hand_over(None)
     return True

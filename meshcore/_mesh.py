@@ -57,7 +57,7 @@ class Mesh:
         self._plugin_names = resolve_plugin_list(plugins, config.plugins)
         self._extra = list(extra_plugins)
         self._connector_factory = connector_factory
-        self.plugins: Plugins = Plugins(self._plugin_names, extra=self._extra)
+        self.plugins: Plugins = Plugins.load(self._plugin_names, extra=self._extra)
         self.config = config.resolve(self.plugins)
         self.upstreams: dict[str, Upstream] = {}
         # Subset upstreams by "service/subset", and the routers of services with routes

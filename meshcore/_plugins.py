@@ -246,6 +246,17 @@ def _install_hint(name: str) -> str:
     return "Install the distribution that provides it, or fix the name."
 
 
+_handed_over: Plugins | None = None
+
+
+def hand_over(plugins: Plugins | None) -> None:
+    """Keep `plugins` for the next `Plugins.load` of the same names: `meshcore run`'s fast path
+    (`meshcore._main`) loads the plugin list before the sidecar builds its mesh, and loading
+    it twice cost ~3 ms of a start (docs/data-path.md, "Start-up time and idle memory")."""
+    global _handed_over
+    _handed_over = plugins
+
+
 class Plugins:
     """The loaded plugin list: a typed facade over the pluggy manager.
 
@@ -279,14 +290,35 @@ class Plugins:
                     f"failed to import: {type(exc).__name__}: {exc}"
                 ) from exc
             self._register(name, module)
+        self._requested = list(names)
+        self._add(extra)
+
+    @classmethod
+    def load(cls, names: Iterable[str], *, extra: Iterable[tuple[str, Any]] = ()) -> Plugins:
+        """`Plugins(names, extra=extra)`, reusing the list `hand_over` kept if it loaded the
+        same `names` (once: a reload loads afresh)."""
+        global _handed_over
+        kept, _handed_over = _handed_over, None
+        names = list(names)
+        if kept is None or kept._requested != names or len(kept.names) != len(names):
+            return cls(names, extra=extra)
+        kept._add(extra, checked=len(kept.names))
+        return kept
+
+    def _add(self, extra: Iterable[tuple[str, Any]], checked: int = 0) -> None:
+        """Register `extra`, then check the plugins from index `checked` on and collect the
+        kinds of all of them."""
         for name, obj in extra:
             self._register(name, obj)
-        for name in self.names:
+        for name in self.names[checked:]:
             self._check_undecorated(name, self.pm.get_plugin(name))
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"invalid hook implementation: {exc}") from exc
+        self.kinds.clear()
+        self.kind_owner.clear()
+        self._owner_callers.clear()  # each excludes the other plugins registered so far
         self._collect_kinds()
 
     def _register(self, name: str, obj: Any) -> None:

@@ -328,6 +328,8 @@ _ABORT_HEADERS = (
 
 @dataclass
 class RouteStats:
+    """One route's counters for /state and /metrics."""
+
     matched: int = 0
     aborted: int = 0
     delayed: int = 0

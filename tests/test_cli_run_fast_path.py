@@ -147,3 +147,38 @@ def test_the_entry_point_hands_other_commands_to_click(capsys, monkeypatch):
         _main.main(["run", "--help"])
     assert done.value.code == 0
     assert "--workers" in capsys.readouterr().out
+
+
+def test_the_sidecar_reuses_the_plugin_list_the_entry_point_loaded(calls, monkeypatch):
+    from meshcore import _plugins
+    from meshcore._config import MeshConfig
+    from meshcore._sidecar._runtime import Sidecar
+
+    built: list[tuple[Any, ...]] = []
+
+    def start(config_path: str, cli_plugins: list[str], *rest: Any) -> None:
+        handed = _plugins._handed_over
+        first = Sidecar(MeshConfig.load(config_path), list(cli_plugins) or None)
+        again = Sidecar(MeshConfig.load(config_path), list(cli_plugins) or None)  # as a reload
+        built.append((handed, first._pending, again._pending))
+
+    monkeypatch.setattr(_run, "run_sidecar", start)
+    assert _main._run_without_click(["run"])
+    (handed, first, again), = built
+    assert handed is not None and first is not None and again is not None
+    assert first.plugins is handed and again.plugins is not handed
+    # The kept list with the sidecar's own plugins added is the list loaded in one go.
+    assert first.plugins.names == again.plugins.names
+    assert "sidecar-telemetry" in first.plugins.names
+    assert first.plugins.kind_owner == again.plugins.kind_owner
+    assert _plugins._handed_over is None
+
+
+def test_a_kept_plugin_list_is_used_only_for_the_same_names():
+    from meshcore._plugins import Plugins, hand_over, resolve_plugin_list
+
+    kept = Plugins(resolve_plugin_list(["round-robin"]))
+    hand_over(kept)
+    other = Plugins.load(resolve_plugin_list(["retry"]))
+    assert other is not kept and "retry" in other.names and "round-robin" not in other.names
+    assert Plugins.load(resolve_plugin_list(["round-robin"])) is not kept  # used up

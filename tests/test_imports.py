@@ -153,6 +153,8 @@ def test_a_typical_sidecar_starts_without_library_mode_rich_or_metadata(tmp_path
                 assert time.monotonic() < deadline, "not ready in 30 s"
                 time.sleep(0.05)
             at_start = importtime_modules(log.read_text())
+            # No resolver thread pool: the listeners on IP addresses bind without a lookup.
+            assert len(os.listdir(f"/proc/{proc.pid}/task")) == 1
             outbound = f"http://127.0.0.1:{ports['outbound']}/"
             assert httpx.get(outbound, headers={"host": "orders"}).status_code == 200
             page = httpx.get(f"http://127.0.0.1:{ports['admin']}/")

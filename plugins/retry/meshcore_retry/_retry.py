@@ -62,6 +62,8 @@ def error_kind(exc: BaseException) -> str | None:
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """One upstream's retry settings (the `[retry]` options, docs/resilience.md)."""
+
     attempts: int = 3
     per_try_timeout: float = 0.0
     backoff_base: float = 0.025
