@@ -10,7 +10,6 @@ something outside the mesh (the consul plugin to its agent).
 
 import typing as _typing
 
-from . import _start_gc  # fewer collections during the imports below (resumed at the end)
 from ._config import MeshConfig, ServiceConfig
 from ._endpoints import Endpoint, EndpointStats, Outcome, Snapshot
 from ._errors import (
@@ -142,6 +141,3 @@ def __getattr__(name: str) -> object:
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value  # later lookups skip this function
     return value
-
-
-_start_gc.resume()

@@ -18,8 +18,6 @@ import stat
 import sys
 from collections.abc import Sequence
 
-from . import _start_gc
-
 __all__ = ["main"]
 
 # Modules whose `meshcore_cli` hook only adds its own subcommands, so skipping the hook cannot
@@ -42,10 +40,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    _start_gc.pause()  # until the sidecar is ready (`run_sidecar` resumes)
-    ran = _run_without_click(args)
-    _start_gc.resume()
-    if not ran:
+    if not _run_without_click(args):
         from ._cli import main as cli_main
 
         cli_main(args)

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import _start_gc
 from .._backends import run
 
 __all__ = ["echo_error", "run_sidecar"]
@@ -60,7 +59,6 @@ def run_sidecar(
             from ._supervisor import supervise
 
             obj = _Options(config_path, list(cli_plugins))
-            _start_gc.resume()
             sys.exit(supervise(sidecar, count, obj, backend, log_level, config.source))
     except (ConfigError, PluginError) as exc:
         echo_error(f"meshcore: error: {exc}")
@@ -72,7 +70,6 @@ def run_sidecar(
                 "meshcore: sidecar ready to accept: "
                 + ", ".join(f"{k} {v}" for k, v in sidecar.addresses.items())
             )
-            _start_gc.resume()  # paused by the entry point for the start (meshcore._start_gc)
             if role is None:
                 await sidecar.serve()
                 return
