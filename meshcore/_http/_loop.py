@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import logging
 import math
 import os
@@ -397,6 +398,93 @@ async def take_socket(stream: Any) -> Socket | None:
     )
 
 
+class _Deadlines:
+    """The time limits of every `_LoopWaiter` on one loop, on one loop timer.
+
+    A timer handle per waiting connection is ~0.6 KiB (uvloop's `TimerHandle` and its libuv
+    timer) for as long as the connection idles (docs/data-path.md, "Connection bursts and idle
+    connections"); an entry here is a tuple in a heap. Entries are never removed in place (that
+    is a scan of the heap): a waiter that is armed earlier, or released, leaves its old entry
+    stale (`_LoopWaiter.armed` no longer matches it), the timer skips stale entries when their
+    time comes, and once they are more than half of the heap it is rebuilt without them, so a
+    client opening and closing connections cannot make it grow past twice the waiters armed.
+    """
+
+    __slots__ = ("heap", "loop", "stale", "timer", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.heap: list[tuple[float, _LoopWaiter]] = []
+        self.stale = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.when = math.inf
+
+    def arm(self, waiter: _LoopWaiter, deadline: float) -> None:
+        """Call `waiter.expire()` at `deadline` (its entry before this one goes stale)."""
+        if waiter.armed is not None:
+            waiter.armed = None  # (before a rebuild, which then drops its old entry)
+            self._went_stale()
+        waiter.armed = deadline
+        heapq.heappush(self.heap, (deadline, waiter))
+        if deadline < self.when:
+            self._set(deadline)
+
+    def disarm(self, waiter: _LoopWaiter) -> None:
+        if waiter.armed is not None:
+            waiter.armed = None
+            self._went_stale()
+
+    def _went_stale(self) -> None:
+        self.stale += 1
+        if self.stale > 64 and self.stale * 2 > len(self.heap):
+            seen: set[int] = set()
+            live = []
+            for entry in self.heap:
+                deadline, waiter = entry
+                if waiter.armed == deadline and id(waiter) not in seen:
+                    seen.add(id(waiter))
+                    live.append(entry)
+            heapq.heapify(live)
+            self.heap, self.stale = live, 0
+            if not live and self.timer is not None:
+                self.timer.cancel()
+                self.timer, self.when = None, math.inf
+
+    def _set(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._fire)
+        self.when = when
+
+    def _fire(self) -> None:
+        self.timer, self.when = None, math.inf
+        heap = self.heap
+        now = self.loop.time()
+        while heap and heap[0][0] <= now:
+            deadline, waiter = heapq.heappop(heap)
+            if waiter.armed != deadline:
+                self.stale -= 1
+                continue
+            waiter.armed = None
+            waiter.expire(now)  # may arm it again, for a later deadline
+        if heap:
+            self._set(heap[0][0])
+        # else: nothing is armed; the next `arm` sets the timer
+
+
+_deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def loop_deadlines(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    """The loop's `_Deadlines` (one per loop)."""
+    found = _deadlines.get(loop)
+    if found is None:
+        found = _deadlines[loop] = _Deadlines(loop)
+    return found
+
+
 class _LoopWaiter:
     """Waits for one socket to become readable (or writable) on an asyncio or uvloop loop, for
     one task at a time (the connection's): `wait(timeout)`, raising TimeoutError when the time
@@ -408,15 +496,18 @@ class _LoopWaiter:
       two `epoll_ctl` calls per wait. It ends when the socket turns readable while nobody
       waits (the epoll set is level-triggered: the callback would run on every pass until the
       task reads), and at `release()`, which must run before the socket is closed.
-    - **The timer stays too.** A wait records its deadline; the one loop timer fires at the
-      earliest deadline it was set for and, if the wait then running has a later one (it was
-      renewed since), sets itself again for that. So a connection waiting every millisecond
-      with a 60 s limit arms a timer about once a minute instead of once per wait.
+    - **The deadline stays armed too** (`armed`, in the loop's `_Deadlines`). A wait records
+      its deadline; the entry armed comes due at the earliest deadline it was set for and, if
+      the wait then running has a later one (it was renewed since), is armed again for that.
+      So a connection waiting every millisecond with a 60 s limit is armed about once a
+      minute instead of once per wait.
     """
 
     __slots__ = (
         "add",
+        "armed",
         "deadline",
+        "deadlines",
         "fd",
         "future",
         "loop",
@@ -424,7 +515,6 @@ class _LoopWaiter:
         "registered",
         "remove",
         "then",
-        "timer",
     )
 
     def __init__(
@@ -443,10 +533,14 @@ class _LoopWaiter:
         self.registered = False
         self.future: asyncio.Future[None] | None = None
         self.deadline: float | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadlines = loop_deadlines(loop)
+        self.armed: float | None = None
         # Another waiter `release()` releases too (a socket's writer, its reader's `then`):
         # one bound method for `Socket.on_close` instead of a closure per connection.
         self.then: _LoopWaiter | None = None
+
+    def __lt__(self, other: object) -> bool:
+        return False  # heap entries with equal deadlines: any order will do
 
     async def wait(self, timeout: float | None = None) -> None:
         loop = self.loop
@@ -458,11 +552,9 @@ class _LoopWaiter:
             self.deadline = None
         else:
             deadline = self.deadline = loop.time() + timeout
-            timer = self.timer
-            if timer is None or timer.when() > deadline:
-                if timer is not None:
-                    timer.cancel()
-                self.timer = loop.call_at(deadline, self._expire)
+            armed = self.armed
+            if armed is None or armed > deadline:
+                self.deadlines.arm(self, deadline)
         try:
             await future
         finally:
@@ -479,24 +571,23 @@ class _LoopWaiter:
         elif not future.done():
             future.set_result(None)
 
-    def _expire(self) -> None:
-        self.timer = None
+    def expire(self, now: float) -> None:
+        """The armed deadline came (`_Deadlines`)."""
         future, deadline = self.future, self.deadline
         if future is None or deadline is None or future.done():
-            return  # nobody waits, or with no limit: the timer lapses
-        if deadline > self.loop.time():  # the wait running now was set later: follow it
-            self.timer = self.loop.call_at(deadline, self._expire)
+            return  # nobody waits, or with no limit: the deadline lapses
+        if deadline > now:  # the wait running now was set later: follow it
+            self.deadlines.arm(self, deadline)
             return
         future.set_exception(TimeoutError())
 
     def release(self) -> None:
-        """Stop listening and drop the timer; before the socket closes."""
+        """Stop listening and drop the deadline; before the socket closes."""
         if self.registered:
             self.registered = False
             self.remove(self.fd)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.armed is not None:
+            self.deadlines.disarm(self)
         if self.then is not None:
             self.then.release()
 

@@ -3,8 +3,8 @@
 - `SendBatch`: sends held to the end of the loop's pass, and what it leaves behind. The
   engine's own use of it is tested end to end in test_server.py and test_tls.py (responses
   the socket does not take in one send).
-- `_LoopWaiter`: waits that keep their registration and their timer; the timers are real
-  (short), because they are the loop's own.
+- `_LoopWaiter`: waits that keep their registration and their deadline; the timers are real
+  (short), because they are the loop's own. `_Deadlines`: the loop's one timer for them all.
 
 About asyncio and uvloop (trio has neither: its writers send at once and its waits are
 anyio's), so these run on those two.
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshcore._http._loop import _LoopWaiter, send_batch
+from meshcore._http._loop import _LoopWaiter, loop_deadlines, send_batch
 from meshcore._http._socket import Socket
 
 pytestmark = pytest.mark.anyio
@@ -167,7 +167,7 @@ async def test_the_registration_stays_between_waits(pair) -> None:  # type: igno
         assert await read(waiter, a, 5) == b"x"
     assert (spy.adds, spy.removes) == (1, 0)  # one registration for five waits
     waiter.release()
-    assert (spy.adds, spy.removes) == (1, 1) and waiter.timer is None
+    assert (spy.adds, spy.removes) == (1, 1) and waiter.armed is None
 
 
 async def test_readable_with_nobody_waiting_stops_listening(pair) -> None:  # type: ignore[no-untyped-def]
@@ -208,6 +208,92 @@ async def test_a_renewed_wait_is_not_cut_by_an_older_deadline(pair) -> None:  # 
     loop.call_later(0.2, b.send, b"y")  # later than the first deadline, within the second
     # The old timer fires at 50 ms, finds a later deadline and follows it: no TimeoutError.
     assert await read(waiter, a, 5) == b"y"
-    assert waiter.timer is not None  # set for the last wait's deadline, not yet due
+    assert waiter.armed is not None  # armed for the last wait's deadline, not yet due
     waiter.release()
-    assert waiter.timer is None
+    assert waiter.armed is None
+
+
+# _Deadlines ------------------------------------------------------------------------------------
+
+
+async def test_waiters_time_out_each_at_its_own_deadline_on_one_timer() -> None:
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        waiters = [reader(a)[0] for a, _ in pairs]
+        results: list[tuple[int, str]] = []
+
+        async def wait(i: int, timeout: float) -> None:
+            a = pairs[i][0]
+            a.setblocking(False)
+            try:
+                await read(waiters[i], a, timeout)
+                results.append((i, "read"))
+            except TimeoutError:
+                results.append((i, "timeout"))
+
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.15, pairs[1][1].send, b"x")  # the middle one gets bytes in time
+        await asyncio.gather(wait(0, 0.05), wait(1, 5), wait(2, 0.3))
+        assert results == [(0, "timeout"), (1, "read"), (2, "timeout")]
+        deadlines = loop_deadlines(loop)
+        assert waiters[1].armed is not None and deadlines.timer is not None  # 5 s, still due
+        for waiter in waiters:
+            waiter.release()
+        assert all(waiter.armed is None for waiter in waiters)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+async def test_released_waiters_do_not_pile_up(pair) -> None:  # type: ignore[no-untyped-def]
+    """A client that opens and closes connections leaves a stale entry per connection until
+    the heap is rebuilt: it stays within twice the waiters armed (plus the slack of 64)."""
+    a, _ = pair
+    loop = asyncio.get_running_loop()
+    deadlines = loop_deadlines(loop)
+    kept = []
+    for i in range(2000):
+        waiter = _LoopWaiter(loop, lambda fd, cb: None, lambda fd: None, a, persistent=True)
+        deadlines.arm(waiter, loop.time() + 60)
+        if i % 100 == 0:
+            kept.append(waiter)  # a few stay armed
+        else:
+            waiter.release()
+        assert len(deadlines.heap) <= 2 * len(kept) + 130
+    for waiter in kept:
+        waiter.release()
+    assert all(waiter.armed is None for waiter in kept)
+
+
+async def test_an_earlier_deadline_after_a_later_one_still_fires(pair) -> None:  # type: ignore[no-untyped-def]
+    """Arming a waiter earlier leaves its later entry stale; the timer is set for the earlier
+    one, and the stale one, when its time comes, does nothing."""
+    a, _ = pair
+    loop = asyncio.get_running_loop()
+    deadlines = loop_deadlines(loop)
+    expired: list[str] = []
+    sentinel_came = asyncio.Event()
+
+    class Counted(_LoopWaiter):
+        __slots__ = ("name",)
+
+        def expire(self, now: float) -> None:
+            expired.append(self.name)
+            if self.name == "sentinel":
+                sentinel_came.set()
+
+    def counted(name: str) -> Counted:
+        waiter = Counted(loop, lambda fd, cb: None, lambda fd: None, a, persistent=True)
+        waiter.name = name
+        return waiter
+
+    waiter = counted("waiter")
+    late, early = loop.time() + 0.1, loop.time() + 0.02
+    deadlines.arm(waiter, late)
+    deadlines.arm(waiter, early)
+    assert deadlines.when <= early  # the timer comes at the earlier deadline
+    deadlines.arm(counted("sentinel"), late + 0.05)  # due after the stale entry's time
+    await sentinel_came.wait()
+    assert expired == ["waiter", "sentinel"]  # once each: the stale entry did nothing
+    assert waiter.armed is None
