@@ -115,13 +115,19 @@ class AgentUnreachable(Exception):
     with the underlying error's type (`EndpointConnectError: ...`)."""
 
     def __init__(self, exc: BaseException) -> None:
-        detail = str(exc)
-        cause: BaseException | None = exc
-        while not detail and cause is not None:
-            cause = cause.__cause__ or cause.__context__
-            if cause is not None and str(cause):
-                detail = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"{type(exc).__name__}" + (f": {detail}" if detail else ""))
+        super().__init__(describe(exc))
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`; for an error without a message, the first cause or context that has
+    one (a timeout's message is often empty, the socket error under it is not)."""
+    detail = str(exc)
+    cause: BaseException | None = exc
+    while not detail and cause is not None:
+        cause = cause.__cause__ or cause.__context__
+        if cause is not None and str(cause):
+            detail = f"{type(cause).__name__}: {cause}"
+    return f"{type(exc).__name__}" + (f": {detail}" if detail else "")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from ._agent import (
     AgentUnreachable,
     ConsulAnswerError,
     decode_json,
+    describe,
     error_text,
 )
 from ._checks import CheckTable
@@ -82,13 +83,7 @@ class ConsulUnreachable(Exception):
         if isinstance(exc, AgentUnreachable):  # already names the error's type
             super().__init__(f"{agent.address.url}: {exc}")
             return
-        detail = str(exc)
-        cause: BaseException | None = exc
-        while not detail and cause is not None:
-            cause = cause.__cause__ or cause.__context__
-            if cause is not None and str(cause):
-                detail = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"{agent.address.url}: {type(exc).__name__}" + (f": {detail}" if detail else ""))
+        super().__init__(f"{agent.address.url}: {describe(exc)}")
 
 
 def next_index(previous: int, returned: int) -> int:
