@@ -287,3 +287,14 @@ def stale_server() -> Iterator[StaleServer]:
     stop.set()
     thread.join(5)
     listener.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of non-blocking sockets."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()

@@ -16,7 +16,6 @@ import asyncio
 import gc
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -36,16 +35,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
     if request.param != "asyncio":
         pytest.importorskip("uvloop")
     return request.param
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
 
 
 async def _never(timeout: float | None = None) -> None:

@@ -23,16 +23,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", [virtu
 trio = pytest.importorskip("trio")
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
-
-
 async def test_the_waits_are_the_epoll_ones(pair) -> None:  # type: ignore[no-untyped-def]
     io = _TrioSockets()(pair[0], None)
     assert type(io.wait_readable) is _EpollWait  # not trio's public waits (the fallback)
