@@ -27,10 +27,10 @@ from ._plugins import (
     FIRST_PARTY,
     GROUP,
     Plugins,
+    config_plugins,
     installed_plugins,
     resolve_plugin_list,
 )
-from ._plugins import config_plugins as _config_plugins
 
 if TYPE_CHECKING:
     from ._check import Check
@@ -65,7 +65,7 @@ class Context:
 
     @property
     def plugin_names(self) -> list[str]:
-        return resolve_plugin_list(self.cli_plugins, _config_plugins(self.config_path))
+        return resolve_plugin_list(self.cli_plugins, config_plugins(self.config_path))
 
     @property
     def plugins(self) -> Plugins:
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     plugins, config = scan_plugin_options(argv)
     try:
-        Plugins(resolve_plugin_list(plugins, _config_plugins(config))).add_cli(cli)
+        Plugins(resolve_plugin_list(plugins, config_plugins(config))).add_cli(cli)
     except PluginError as exc:
         # Core commands still work (`meshcore plugins` shows what is installed, `meshcore
         # check` reports it as a failed line); commands a plugin would add are missing, so say

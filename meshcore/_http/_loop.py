@@ -437,12 +437,12 @@ class _Deadlines:
     def _went_stale(self) -> None:
         self.stale += 1
         if self.stale > 64 and self.stale * 2 > len(self.heap):
-            seen: set[int] = set()
+            seen: set[_LoopWaiter] = set()
             live = []
             for entry in self.heap:
                 deadline, waiter = entry
-                if waiter.armed == deadline and id(waiter) not in seen:
-                    seen.add(id(waiter))
+                if waiter.armed == deadline and waiter not in seen:
+                    seen.add(waiter)
                     live.append(entry)
             heapq.heapify(live)
             self.heap, self.stale = live, 0

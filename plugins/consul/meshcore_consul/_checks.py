@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -191,14 +192,10 @@ def _diff(
 
 
 def _last_at_or_before(values: list[int], x: int) -> int:
-    from bisect import bisect_right
-
     return max(bisect_right(values, x) - 1, 0)
 
 
 def _first_at_or_after(values: list[int], x: int) -> int:
-    from bisect import bisect_left
-
     return min(bisect_left(values, x), len(values) - 1)
 
 
