@@ -102,12 +102,14 @@ def _run_without_click(args: Sequence[str]) -> bool:
                 return False  # click.Path(file_okay=False) refuses a file
         except OSError:
             pass
-    from ._sidecar._workers import worker_count
+    count = 1
+    if "workers" in last:  # its module is not needed by a sidecar of one process
+        from ._sidecar._workers import worker_count
 
-    try:
-        count = worker_count(last.get("workers", "1"))
-    except ValueError:
-        return False
+        try:
+            count = worker_count(last["workers"])
+        except ValueError:
+            return False
 
     from ._errors import PluginError
     from ._plugins import Plugins, config_plugins, hand_over, resolve_plugin_list

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._models import Request, Response
-from ._metrics import render
 
 if TYPE_CHECKING:
     from ._runtime import Sidecar
@@ -81,6 +80,8 @@ def admin_handler(sidecar: Sidecar) -> Any:
         if path in ("/metrics", "/stats/prometheus"):
             gen = sidecar.generation
             state = gen.mesh.state() if gen is not None else {}
+            from ._exposition import render  # with the first scrape: not needed at start
+
             body = render(sidecar.telemetry, state, sidecar.stats())
             return _text(200, body, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/state":

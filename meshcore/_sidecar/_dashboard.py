@@ -33,7 +33,7 @@ from .._endpoints import Endpoint
 from .._errors import MeshError
 from .._http import HTTPConnector, PoolLimits, Timeouts
 from .._models import Request
-from ._metrics import _find_expiry
+from ._exposition import _find_expiry
 from ._settings import parse_address
 
 if TYPE_CHECKING:

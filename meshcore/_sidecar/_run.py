@@ -39,10 +39,11 @@ def run_sidecar(
     from .._config import MeshConfig
     from .._errors import ConfigError, PluginError
     from ._runtime import Sidecar
-    from ._workers import WorkerRole, announce, watch_parent
 
     role = None
     if worker_of is not None and worker_index is not None and worker_dir is not None:
+        from ._workers import WorkerRole  # a worker of `--workers N`, not a lone sidecar
+
         # A SIGHUP relayed before this worker listens for it must not end it (the default).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         role = WorkerRole(worker_index, Path(worker_dir), worker_of)
@@ -73,6 +74,8 @@ def run_sidecar(
             if role is None:
                 await sidecar.serve()
                 return
+            from ._workers import announce, watch_parent
+
             announce(role, sidecar.addresses["admin"])
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch_parent, role)

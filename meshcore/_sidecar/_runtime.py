@@ -48,10 +48,10 @@ from ._listeners import Connection, Listeners
 from ._metrics import REJECTED, UNKNOWN, Telemetry
 from ._registration import local_instance
 from ._settings import Address, advertised, server_limits
-from ._workers import WorkerRole
 
 if TYPE_CHECKING:
     from ._dashboard import Peers
+    from ._workers import WorkerRole  # made by `--workers N` only (`_run`)
 
 __all__ = ["Sidecar"]
 
