@@ -8,7 +8,6 @@ are `{ type = "RequestHeaderModifier", requestHeaderModifier = { set, add, remov
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -258,6 +257,8 @@ class RequestMirror:
             raise ValueError(f"percent: expected 0-100, got {percent!r}")
         self.percent = float(percent)
         self.sent = self.completed = self.failed = self.dropped = 0
+        import random  # with the first route that samples: not loaded at start
+
         self._draw = random.random
 
     def request(self, request: Request, matched: RouteMatch) -> Response | None:

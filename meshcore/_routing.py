@@ -21,7 +21,6 @@ structural (it is the index), so it is not a hook kind.
 from __future__ import annotations
 
 import bisect
-import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -89,6 +88,15 @@ class MatchContext:
         or unknown ref raises ConfigError with the key path `<path>.<key>`."""
         return _backend(self.mesh.config, self.backends, self.service, ref,
                         self.mesh.config.source, f"{self.path}.{key}")
+
+
+def _random() -> float:
+    """`random.random()`, the default draw of a weighted pick or a fault decision: `random`
+    loads with the first draw, not with this module (a sidecar whose services have no routes
+    never draws; docs/data-path.md, "Start-up time and idle memory")."""
+    import random
+
+    return random.random()
 
 
 class RouteFilter(Protocol):
@@ -269,7 +277,7 @@ class FaultPolicy:
     status: int = 0
     abort_percent: float = 0.0
 
-    def decide(self, draw: Callable[[], float] = random.random) -> tuple[float, int]:
+    def decide(self, draw: Callable[[], float] = _random) -> tuple[float, int]:
         """(seconds to delay, status to abort with or 0) for one request."""
         delay = self.delay if self.delay_percent and draw() * 100 < self.delay_percent else 0.0
         status = self.status if self.abort_percent and draw() * 100 < self.abort_percent else 0
@@ -366,7 +374,7 @@ class Route:
         self._total = total
         self.stats.backends = {up.name: 0 for up in self.backends}
 
-    def pick(self, draw: Callable[[], float] = random.random) -> Upstream:
+    def pick(self, draw: Callable[[], float] = _random) -> Upstream:
         """A backend by weight: one draw and a bisection over the cumulative weights."""
         if len(self.backends) == 1:
             return self.backends[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
@@ -182,6 +181,8 @@ class Upstream:
             if self.discovery_status.updates != updates:
                 backoff = initial
             # Full jitter (as Envoy's backoff does) so a fleet does not retry in step.
+            import random  # with the first failure: not loaded at start
+
             await anyio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(max(backoff, 0.01) * 2, _MAX_BACKOFF)
 

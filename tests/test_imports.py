@@ -118,13 +118,16 @@ def test_meshcore_run_serves_without_importing_httpx(tmp_path, upstream):
 # and what it brings (uuid, platform, gettext, difflib), the click CLI and the demo command
 # (a plain `meshcore run` is parsed by `meshcore._main`); the native client and `Check`
 # (lazy exports of `meshcore`); the dashboard and json (with the first request for a page or
-# JSON document of the admin listener).
+# JSON document of the admin listener); the Prometheus rendering and `resource` (the first
+# scrape), `--workers N`'s modules, and `random` (a retry's or a route's first draw; the
+# round-robin start offset comes from os.urandom).
 NOT_AT_START = (
     "httpx", "httpcore", "h11", "certifi", "idna", "rich", "importlib.metadata", "email",
     "importlib.resources", "meshcore._demo._scenario", "meshcore._transport", "cryptography",
     "click", "uuid", "platform", "gettext", "difflib", "meshcore._cli", "meshcore._demo._cli",
     "meshcore._sidecar._cli", "meshcore._client", "meshcore._check", "meshcore._sidecar._dashboard",
-    "json",
+    "json", "meshcore._sidecar._exposition", "resource", "meshcore._sidecar._workers",
+    "meshcore._sidecar._supervisor", "random",
 )
 
 

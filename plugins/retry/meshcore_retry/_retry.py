@@ -34,7 +34,6 @@ Why each rule (defaults from shared/reference/data-plane-anchors.md):
 from __future__ import annotations
 
 import functools
-import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
@@ -93,6 +92,8 @@ class RetryPolicy:
     def backoff(self, retry: int) -> float:
         """Full jitter: retry n (1-based) waits U(0, min(max, (2^n - 1) x base))."""
         ceiling = min(self.backoff_max, (2**retry - 1) * self.backoff_base)
+        import random  # with the first retry: a sidecar that never retries does not load it
+
         return random.uniform(0, ceiling)
 
 
