@@ -171,4 +171,5 @@ def test_a_typical_sidecar_starts_without_library_mode_rich_or_metadata(tmp_path
     # (-X importtime lists modules imported by an import statement: the plugins' submodules)
     assert {"meshcore_retry._retry", "meshcore_breaker._layer"} <= at_start
     assert not {m for m in at_start if m.startswith(NOT_AT_START)}
+    assert "http" not in at_start  # http.HTTPStatus: the engine writes its phrases out
     assert "importlib.resources" in importtime_modules(log.read_text())  # the page was served

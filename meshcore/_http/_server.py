@@ -25,7 +25,6 @@ import math
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -38,6 +37,7 @@ from .._models import _DEFAULT_PORTS, URL, Headers, Request, Response, _close_bo
 from ._bodies import MAX_CHUNK_EXCESS, BufferedBody, RequestBody, chunk_excess, head_end
 from ._error_map import IO_ERRORS, RequestRejected, client_error
 from ._loop import backend_checkpoint, backend_clock, socket_for
+from ._reasons import REASONS as _REASONS
 from ._socket import Socket, close_stream, receive, recv_now, send_all, start_tls
 
 __all__ = [
@@ -54,7 +54,6 @@ log = logging.getLogger("meshcore.http")
 _new_headers = Headers.__new__
 _new_object = object.__new__
 _READ_SIZE = 65536
-_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 # Unread request body a keep-alive connection will read and drop after the response; more
 # than this and closing is cheaper (nginx discards bodies the same way, `lingering_close`).
 _MAX_DRAIN = 1 << 20
@@ -603,7 +602,7 @@ class ServerConnection:
         return True
 
     async def send_error(self, status: int, message: str) -> None:
-        body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
+        body = f"{status} {_REASONS[status].decode()}: {message}\n".encode()
         head = (
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n"

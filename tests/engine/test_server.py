@@ -540,3 +540,16 @@ def test_first_read_overhead_within_the_allowance_passes() -> None:
         else:
             conn.feed(data)
             assert conn.cur.excess == MAX_CHUNK_EXCESS and not conn.cur.complete
+
+
+def test_reason_phrases_cover_every_http_status():
+    """The status line's phrases are written out (building `http.HTTPStatus` cost the sidecar's
+    idle memory); each code Python knows has one, Python 3.11's phrase where unchanged since."""
+    from http import HTTPStatus
+
+    from meshcore._http._reasons import REASONS
+
+    assert {s.value for s in HTTPStatus} <= set(REASONS)
+    assert REASONS[200] == b"OK" and REASONS[404] == b"Not Found"
+    assert REASONS[431] == b"Request Header Fields Too Large"
+    assert all(phrase.isascii() and phrase for phrase in REASONS.values())
