@@ -96,7 +96,7 @@ def traced(pid: int, out: Path, url: str, host: str | None, script: str | None,
     """One wrk run with perf recording every system call `pid` makes; per-request tallies."""
     wrk(url, args.connections, 1, host, script)  # warm-up
     perf = subprocess.Popen(
-        ["perf", "record", "-q", "-e", "raw_syscalls:sys_enter,raw_syscalls:sys_exit",
+        ["perf", "record", "-q", "-m", "8192", "-e", "raw_syscalls:sys_enter,raw_syscalls:sys_exit",
          "-p", str(pid), "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -112,8 +112,9 @@ def traced(pid: int, out: Path, url: str, host: str | None, script: str | None,
     snapshot.join()
     perf.send_signal(signal.SIGINT)
     perf.wait(30)
-    text = subprocess.run(["perf", "script", "-i", str(out), "-F", "tid,trace"],
+    text = subprocess.run(["perf", "script", "-i", str(out), "-F", "tid,trace", "--show-lost-events"],
                           capture_output=True, text=True, check=True).stdout
+    lost = sum(int(n) for n in re.findall(r"LOST (\d+) events", text))
     out.unlink()
     # keys: (call name, side) with side "client", "upstream" or "" (not a socket of either)
     calls: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -143,7 +144,7 @@ def traced(pid: int, out: Path, url: str, host: str | None, script: str | None,
         "requests": result["requests"], "rps": result["rps"], "load": load_average(),
         "calls": calls, "again": again, "returned": returned,
         "user_us": (after[0] - before[0]) / n * 1e6, "system_us": (after[1] - before[1]) / n * 1e6,
-        "faults": (after[2] - before[2]) / n,
+        "faults": (after[2] - before[2]) / n, "lost": lost,
     }
 
 
@@ -162,7 +163,9 @@ def report(label: str, runs: list[dict]) -> None:
     print(f"  all system calls {sum(calls.values()) / total:6.3f} per request; user "
           f"{statistics.median([r['user_us'] for r in runs]):.1f} µs, system "
           f"{statistics.median([r['system_us'] for r in runs]):.1f} µs, minor faults "
-          f"{statistics.median([r['faults'] for r in runs]):.3f}")
+          f"{statistics.median([r['faults'] for r in runs]):.3f}"
+          + (f"; perf LOST {sum(r['lost'] for r in runs)} events: counts too low" if any(
+              r["lost"] for r in runs) else ""))
     for key, count in sorted(calls.items(), key=lambda kv: (-kv[1], kv[0])):
         per = count / total
         if per < 0.0005:
