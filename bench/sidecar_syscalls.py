@@ -12,7 +12,8 @@ the proxy: every system call it makes, with its result. Printed per proxy and ca
 by the requests wrk completed: each call's count, how many failed with EAGAIN, how many
 ready events each `epoll_wait` returned, the bytes per `sendto`/`recvfrom`/`writev`, minor
 page faults (`perf stat` would need a second pass: read from /proc), and the proxy's user and
-system CPU per request (wall-clock dependent; the counts are what to read).
+system CPU per request (wall-clock dependent; the counts are what to read; `--untraced`: that
+CPU split alone, without perf's own cost in it, the proxies' rounds interleaved).
 
 The counts move little with the machine's load, except the waits: a proxy that finds more
 ready sockets per pass of its loop waits fewer times per request, so `epoll_wait` per request
@@ -95,6 +96,18 @@ def traced(pid: int, out: Path, url: str, host: str | None, script: str | None,
            args: argparse.Namespace, upstream_ports: set[int], names: dict[int, str]) -> dict:
     """One wrk run with perf recording every system call `pid` makes; per-request tallies."""
     wrk(url, args.connections, 1, host, script)  # warm-up
+    if args.untraced:  # the CPU split alone, without perf's cost in it
+        before = proc_stat(pid)
+        result = wrk(url, args.connections, args.duration, host, script)
+        after = proc_stat(pid)
+        n = max(result["requests"], 1)
+        return {
+            "requests": result["requests"], "rps": result["rps"], "load": load_average(),
+            "calls": collections.Counter(), "again": collections.Counter(),
+            "returned": collections.Counter(), "lost": 0,
+            "user_us": (after[0] - before[0]) / n * 1e6,
+            "system_us": (after[1] - before[1]) / n * 1e6, "faults": (after[2] - before[2]) / n,
+        }
     perf = subprocess.Popen(
         ["perf", "record", "-q", "-m", "8192", "-e", "raw_syscalls:sys_enter,raw_syscalls:sys_exit",
          "-p", str(pid), "-o", str(out)],
@@ -197,6 +210,8 @@ def main() -> None:
     parser.add_argument("--backend", default="uvloop", choices=["trio", "asyncio", "uvloop"])
     parser.add_argument("--pin", default="auto", help="core for every proxy (taskset -c)")
     parser.add_argument("--no-haproxy", action="store_true")
+    parser.add_argument("--untraced", action="store_true",
+                        help="no perf: only user and system CPU per request")
     args = parser.parse_args()
     names = syscall_names()
     roots = [str(Path(r).resolve()) for r in args.compare.split(",")]
