@@ -301,12 +301,16 @@ class HTTP11Connection:
             feed = self.feed
             received = 0
             while not self.headers_done:
-                try:  # inline as well; `receive` waits when nothing is there yet
+                try:  # inline as well
                     data = sock.recv(_READ_SIZE)
                 except BlockingIOError:
-                    # A limit costs something only when the read has to wait (under load
-                    # 2 % of reads do: docs/data-path.md).
-                    data = await receive(io, _READ_SIZE, read_timeout)
+                    data = None
+                if data is None:
+                    # Straight to the wait, not through `receive`, whose first recv would fail
+                    # again (docs/data-path.md, "Fifth pass"). A limit costs something only
+                    # when the read has to wait.
+                    await io.wait_readable(read_timeout)
+                    continue
                 if not data:
                     raise anyio.EndOfStream
                 received += len(data)
