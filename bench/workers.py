@@ -1,5 +1,5 @@
 """`meshcore run --workers N`: req/s and CPU per request of 1 worker against N, with wrk,
-beside HAProxy doing the same work on 1 thread against N threads (the anchor).
+beside HAProxy doing the same work on 1 thread against N threads and N processes (the anchor).
 
 The bar in issue 21 ("Every core"): on a 2-core machine, 2 workers give ≥ 1.4x the req/s of
 1 worker at 64 connections, with CPU per request within 1.1x. Both sidecars (the same config as
@@ -10,18 +10,23 @@ the workers do) run side by side and are measured in turn, the order rotating ea
 table has the median and the spread (min-max) of each. Nothing is pinned: the point is what a
 second core adds. CPU per request is the user+system time of every process of the row (the
 supervisor and every worker; every HAProxy) over the run divided by the requests wrk completed.
-The anchor answers whether the bar is reachable on the machine at all: wrk and nginx share
-the same cores, so a C proxy's ratio is the ceiling. On a shared machine, read the figures
+
+The anchor answers whether the bar is reachable on the machine at all, since wrk and nginx
+share the same cores. Printed with it, per row: wrk's and nginx's CPU per request and how busy
+the whole machine was (/proc/stat: on a shared machine, other work counts too), and the
+ceiling those allow: 1 worker holds at most one core, N workers at most N cores and at most
+every core less what wrk and nginx take per request. On a shared machine, read the figures
 beside the load average printed with them.
 
-`--counts`: one more measured run per meshcore row with `perf stat -p` on each process (and
-`perf record` of epoll_wait's returns), printed per request: CPU, context switches,
-migrations, each syscall, epoll_wait's events per return, and the connections each worker
-holds. These counts move little with load, unlike req/s. Needs perf with tracepoints (root or
-kernel.perf_event_paranoid -1).
+`--counts`: instead of the rounds, one measured run per row with `perf stat -p` on each
+process (and `perf record` of epoll_wait's returns), printed per request: CPU (user and
+system), context switches, migrations, each syscall, epoll_wait's returns with their mean
+events and share empty, and the connections each process holds. These counts move much less
+with the machine's load than req/s does. Needs perf with tracepoints (root, or
+kernel.perf_event_paranoid -1). bench/read_miss.py prices one of them: a read that misses.
 
-    python bench/workers.py [--quick] [--rounds 4] [--duration 4] [--workers 2] [--connections 64]
-    python bench/workers.py --counts [--duration 4]     # per-request counts, 1 worker against N
+    python bench/workers.py [--quick] [--rounds 4] [--duration 4] [--workers 2] [--no-anchor]
+    python bench/workers.py --counts [--duration 4] [--no-anchor]
 """
 
 from __future__ import annotations
