@@ -125,10 +125,10 @@ def wrk(url: str, connections: int, duration: float, host: str | None,
     }
 
 
-def haproxy_config(port: int, apps: list[int], same_work: bool) -> str:
-    """HAProxy 2.6, one thread, round-robin over `apps`; `same_work`: the sidecar's work."""
+def haproxy_config(port: int, apps: list[int], same_work: bool, threads: int = 1) -> str:
+    """HAProxy 2.6, `threads` threads, round-robin over `apps`; `same_work`: the sidecar's work."""
     text = (
-        "global\n  nbthread 1\n  maxconn 4096\n"
+        f"global\n  nbthread {threads}\n  maxconn 4096\n"
         "defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
         "  option http-keep-alive\n"
     )
@@ -210,11 +210,12 @@ class Bench:
         for p in self.app_ports:
             wait_http(f"http://127.0.0.1:{p}/")
 
-    def haproxy(self, same_work: bool = False) -> tuple[int, int]:
-        """(pid, port) of a pinned HAProxy."""
-        port = free_port()
-        conf = self.tmp / f"haproxy-{port}.cfg"
-        conf.write_text(haproxy_config(port, self.app_ports, same_work))
+    def haproxy(self, same_work: bool = False, threads: int = 1, port: int = 0) -> tuple[int, int]:
+        """(pid, port) of a pinned HAProxy; `port`: one another HAProxy already binds (HAProxy
+        sets SO_REUSEPORT on its listeners by default, so the kernel spreads connections)."""
+        port = port or free_port()
+        conf = self.tmp / f"haproxy-{port}-{threads}.cfg"
+        conf.write_text(haproxy_config(port, self.app_ports, same_work, threads))
         proc = self.spawn(["/usr/sbin/haproxy", "-f", str(conf)], pinned=True)
         wait_http(f"http://127.0.0.1:{port}/")
         return proc.pid, port
