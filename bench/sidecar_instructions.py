@@ -10,6 +10,8 @@ instrumentation off; nginx (the same locations as bench/sidecar.py's) is the ups
 case a client sends `--warmup` requests, then callgrind counts the next `--requests`
 (`callgrind_control -i on`, then a dump); printed: instructions per request per tree and case,
 the trees interleaved case by case, and the ratio of the second tree to the first.
+`--keep DIR` copies each counted dump there (`TREE-CASE-ROUND.callgrind`), for per-function
+counts: `callgrind_annotate --inclusive=no DIR/FILE | head -40`.
 
 The client keeps `--connections` keep-alive connections and sends one request on each before
 reading the answers, so the sidecar sees a few requests per pass of its loop, as under wrk.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -99,7 +102,8 @@ def drive(port: int, data: bytes, requests: int, connections: int) -> None:
             s.close()
 
 
-def count(pid: int, out_prefix: Path, port: int, data: bytes, args: argparse.Namespace) -> float:
+def count(pid: int, out_prefix: Path, port: int, data: bytes, args: argparse.Namespace,
+          keep_as: str = "") -> float:
     drive(port, data, args.warmup, args.connections)
     before = set(out_prefix.parent.glob(out_prefix.name + ".*"))
     subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
@@ -115,6 +119,10 @@ def count(pid: int, out_prefix: Path, port: int, data: bytes, args: argparse.Nam
         if time.monotonic() > deadline:
             raise RuntimeError("no callgrind dump")
         time.sleep(0.2)
+    if args.keep and keep_as:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        for f in new:
+            shutil.copy(f, Path(args.keep) / f"{keep_as}.callgrind")
     # `totals` of a dump is the part's own count once instrumentation was switched off and on
     # again (its `summary` is then not).
     requests = max(1, args.requests // args.connections) * args.connections
@@ -172,6 +180,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1,000 requests per case")
     parser.add_argument("--cpu", action="store_true", help="CPU time per request, no callgrind")
     parser.add_argument("--pin", default="auto", help="with --cpu: core for the sidecars")
+    parser.add_argument("--keep", metavar="DIR", help="copy each counted callgrind dump here")
     args = parser.parse_args()
     if not args.cpu:
         args.pin = "none"
@@ -196,7 +205,8 @@ def main() -> None:
             for case in cases:
                 data = request_bytes(*CASES[case])
                 for root, pid, prefix, port in sides:
-                    per = count(pid, prefix, port, data, args)
+                    keep_as = f"{Path(root).name}-{case}-{rnd + 1}"
+                    per = count(pid, prefix, port, data, args, keep_as)
                     results.setdefault((root, case), []).append(per)
                     print(f"round {rnd + 1}  {case:8} {root:30} {per / 1000:8.1f} k instructions/request",
                           flush=True)
