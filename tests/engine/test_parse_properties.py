@@ -168,3 +168,105 @@ def test_header_limits(count: int, value_size: int) -> None:
     else:
         conn.feed(wire)
         assert len(conn.ready) == 1
+
+
+_VERSIONS = ["0.9", "1.0", "1.1", "2.0"]  # what llhttp accepts in a request line
+_CONNECTION_FIELDS = [
+    b"",
+    b"Connection: keep-alive\r\n",
+    b"Connection: close\r\n",
+    b"connection: Keep-Alive, X-A\r\n",
+    b"Proxy-Connection: keep-alive\r\n",
+    b"Proxy-Connection: close\r\n",
+    b"User-Agent: t\r\n",  # as long as Connection, but not one
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    heads=st.lists(
+        st.tuples(st.sampled_from(_VERSIONS), st.sampled_from(_CONNECTION_FIELDS), headers_st),
+        min_size=1,
+        max_size=4,
+    ),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+)
+def test_request_version_as_llhttp_reads_it(
+    heads: list[tuple[str, bytes, list[tuple[bytes, bytes]]]], cuts: list[int]
+) -> None:
+    """The version the server reads (from `should_keep_alive()` when that tells it) is the
+    parser's `get_http_version()`, request by request, pipelined and split anyhow."""
+    import httptools
+
+    wire = b""
+    for version, connection, headers in heads:
+        wire += (
+            b"GET / HTTP/%s\r\nHost: h\r\n" % version.encode()
+            + connection
+            + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+            + b"\r\n"
+        )
+    seen: list[str] = []
+
+    class Watched(ServerConnection):
+        def on_headers_complete(self) -> None:
+            assert isinstance(self.parser, httptools.HttpRequestParser)
+            seen.append(self.parser.get_http_version())
+            super().on_headers_complete()
+
+    conn = Watched(_NoStream(), ServerLimits(), ConnectionInfo())  # type: ignore[arg-type]
+    try:
+        for piece in split(wire, cuts):
+            conn.feed(piece)
+    except RequestRejected:  # llhttp refuses bytes after a request it does not keep alive
+        assert not conn.ready[-1].keep_alive
+    assert seen and [cycle.version for cycle in conn.ready] == seen
+    assert seen == [v for v, _, _ in heads][: len(seen)]
+
+
+_RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n",
+    b"HTTP/1.0 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+    b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",  # llhttp skips empty lines first
+    b"\r\nHTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n",
+]
+_STRAY = [b"", b"HTTP/1.0 200 OK\r\nX: ", b"HTTP/1.0 200 ", b"HTTP/1.", b"\r\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    exchanges=st.lists(
+        st.tuples(st.sampled_from(_RESPONSES), st.sampled_from(_STRAY)), min_size=1, max_size=5
+    ),
+    cuts=st.lists(st.integers(0, 10_000), max_size=6),
+)
+def test_response_version_as_llhttp_reads_it(
+    exchanges: list[tuple[bytes, bytes]], cuts: list[int]
+) -> None:
+    """`exchange` calls a response HTTP/1.1 without asking the parser (`only == began`: the
+    one response begun since a first read that starts with `HTTP/1.1 `) only when the parser
+    says so too: after 1xx responses, empty lines, and bytes a server sent after a response
+    that the parser carries into the next exchange."""
+    conn = HTTP11Connection(adapt(_NoStream()), Endpoint("127.0.0.1", 1), None)  # type: ignore[arg-type]
+    for response, stray in exchanges:
+        conn.start(False)
+        try:
+            for piece in split(response + stray, cuts):
+                conn.feed(piece)
+        except EndpointProtocolError:
+            return  # the carried bytes made it unparseable: the connection is dropped
+        if not conn.headers_done:
+            return
+        if conn.only == conn.began:
+            assert conn.parser.get_http_version() == "1.1"
+
+
+def test_response_version_read_without_the_parser_in_the_usual_case() -> None:
+    conn = HTTP11Connection(adapt(_NoStream()), Endpoint("127.0.0.1", 1), None)  # type: ignore[arg-type]
+    for response, inferred in [(_RESPONSES[0], True), (_RESPONSES[1], False),
+                               (_RESPONSES[0], True), (_RESPONSES[2], False)]:
+        conn.start(False)
+        conn.feed(response)
+        assert conn.complete and (conn.only == conn.began) is inferred
