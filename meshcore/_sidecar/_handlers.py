@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._http import BufferedBody, ConnectionInfo
 from .._http._bodies import RequestBody
+from .._http._http11 import REQUEST_LINES
 from .._http._server import FIELD_LINES, RequestRejected
 from .._models import Headers, Request, Response
 from .._paths import PathRejected, has_escaped_slash, normalize_target
 from ._answers import Refused, Tracked, classify, first_line, local_response
 from ._metrics import NO_PEER, REJECTED, UNKNOWN
-from ._proxy import SET_INBOUND, peer_identity, request_headers, response_headers, response_lines
+from ._proxy import SET_INBOUND, peer_identity, request_fields, response_headers, response_lines
 
 if TYPE_CHECKING:
     from ._generation import Generation
@@ -97,7 +98,9 @@ class Outbound:
             raise Refused(
                 "no_route", f"no route: {host!r} is not a mesh service (services: {known})", UNKNOWN
             )
-        request.headers = request_headers(request.headers, conn.client_ip)
+        request.headers, lines = request_fields(request.headers, conn.client_ip)
+        if lines is not None:  # serialized with the rules: the engine writes these lines
+            request.extensions[REQUEST_LINES] = lines
         return upstream.name, upstream.send
 
 
@@ -140,9 +143,11 @@ class Inbound:
         identity = conn.identity
         if identity is None and info.ssl_object is not None:
             identity = conn.identity = peer_identity(info.ssl_object) or b""
-        request.headers = request_headers(
+        request.headers, lines = request_fields(
             request.headers, conn.client_ip, identity=identity, inbound=True
         )
+        if lines is not None:
+            request.extensions[REQUEST_LINES] = lines
         return gen.service, gen.send_to_app
 
 

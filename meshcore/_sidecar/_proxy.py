@@ -21,7 +21,14 @@ from typing import Any
 
 from .._models import Headers
 
-__all__ = ["SET_INBOUND", "peer_identity", "request_headers", "response_headers", "response_lines"]
+__all__ = [
+    "SET_INBOUND",
+    "peer_identity",
+    "request_fields",
+    "request_headers",
+    "response_headers",
+    "response_lines",
+]
 
 _HOP_BY_HOP = frozenset(
     {
@@ -40,7 +47,7 @@ VIA = b"1.1 meshcore"
 _new_headers = Headers.__new__
 
 # What each special field name (lowercase) is, for the one pass over a message's headers.
-_HOP, _CONNECTION, _XFF, _VIA, _REQUEST_ID, _XFCC, _LENGTH = range(7)
+_HOP, _CONNECTION, _XFF, _VIA, _REQUEST_ID, _XFCC, _LENGTH, _HOST = range(8)
 _RESPONSE_FIELDS = {name: _HOP for name in _HOP_BY_HOP}
 _RESPONSE_FIELDS[b"connection"] = _CONNECTION
 _RESPONSE_FIELDS[b"via"] = _VIA
@@ -49,13 +56,17 @@ _INBOUND_FIELDS = {**_REQUEST_FIELDS, b"x-forwarded-client-cert": _XFCC}
 # The fields the sidecar sets or appends to on inbound: their `_` spellings never reach the
 # app (see `underscored_headers` in _handlers.py).
 SET_INBOUND = frozenset({b"x-forwarded-client-cert", b"x-forwarded-for", b"x-request-id", b"via"})
-# Lengths of those names: most fields (Host, Date, Content-Length ...) are passed on after a
-# len() and a set lookup, without being lowercased.
-_REQUEST_LENGTHS = frozenset(map(len, _INBOUND_FIELDS))
+# Lengths of those names: most fields (Date, Content-Type ...) are passed on after a len()
+# and a set lookup, without being lowercased.
 _RESPONSE_LENGTHS = frozenset(map(len, _RESPONSE_FIELDS))
 # `response_lines` also notes a Content-Length (the engine then adds none).
 _LINE_FIELDS = {**_RESPONSE_FIELDS, b"content-length": _LENGTH}
 _LINE_LENGTHS = frozenset(map(len, _LINE_FIELDS))
+# `request_fields` also notes a Host and a Content-Length (the engine then adds neither).
+# Lengths of the names it treats specially, as above.
+_REQUEST_LINE_FIELDS = {**_REQUEST_FIELDS, b"host": _HOST, b"content-length": _LENGTH}
+_INBOUND_LINE_FIELDS = {**_INBOUND_FIELDS, b"host": _HOST, b"content-length": _LENGTH}
+_REQUEST_LINE_LENGTHS = frozenset(map(len, _INBOUND_LINE_FIELDS))
 
 _tokens_seen: dict[bytes, frozenset[bytes]] = {}
 
@@ -120,28 +131,43 @@ os.register_at_fork(after_in_child=_forget_random)  # a forked child must not re
 
 _VIA_FIELD = (b"via", VIA)
 _VIA_APPEND = b", " + VIA
+_JOIN = b": ".join
 
 
 def request_headers(
     headers: Headers, client_ip: bytes, *, identity: bytes | None = None, inbound: bool = False
 ) -> Headers:
-    """The headers to send upstream: hop-by-hop removed, forwarding fields set.
+    """The headers to send upstream: hop-by-hop removed, forwarding fields set."""
+    return request_fields(headers, client_ip, identity=identity, inbound=inbound)[0]
+
+
+def request_fields(
+    headers: Headers, client_ip: bytes, *, identity: bytes | None = None, inbound: bool = False
+) -> tuple[Headers, tuple[list[tuple[bytes, bytes]], list[bytes], bool, bool] | None]:
+    """`request_headers`, and the result serialized in the same pass for the engine
+    (`extensions[REQUEST_LINES]`, see `serialize_head`): `(pairs, lines, has_host,
+    has_length)`, or None when a Connection header named fields to drop (rare: the engine
+    serializes the headers itself then).
 
     One pass over the fields; names are lowercased only when their length is that of a field
     this function treats specially.
     """
-    fields = _INBOUND_FIELDS if inbound else _REQUEST_FIELDS
-    lengths = _REQUEST_LENGTHS
+    fields = _INBOUND_LINE_FIELDS if inbound else _REQUEST_LINE_FIELDS
+    lengths = _REQUEST_LINE_LENGTHS
     out: Headers = _new_headers(Headers)
     append = out.append
     named: frozenset[bytes] | None = None
     xff = via = None
-    has_id = False
+    has_id = has_host = has_length = False
     for pair in headers:
         if len(pair[0]) in lengths:
             kind = fields.get(pair[0].lower())
             if kind is not None:
-                if kind == _REQUEST_ID:
+                if kind == _HOST:
+                    has_host = True
+                elif kind == _LENGTH:
+                    has_length = True
+                elif kind == _REQUEST_ID:
                     has_id = True
                 elif kind == _XFF:
                     xff = pair[1] if xff is None else xff + b", " + pair[1]
@@ -170,7 +196,11 @@ def request_headers(
         append((b"x-request-id", _request_id()))
     if identity:
         append((b"x-forwarded-client-cert", b"URI=" + identity))
-    return out
+    if named:
+        return out, None
+    # The lines in one C-level pass (`map`), no bytecodes per field; `list(out)`, not
+    # `out[:]`, which would go through `Headers.__getitem__` in Python.
+    return out, (list(out), list(map(_JOIN, out)), has_host, has_length)
 
 
 def response_headers(headers: Headers) -> Headers:

@@ -117,3 +117,75 @@ def test_response_lines_are_response_headers_serialized(fields: list[tuple[bytes
     lines, has_length = _proxy.response_lines(headers)
     assert lines == [name + b": " + value for name, value in kept]
     assert has_length == any(name.lower() == b"content-length" for name, _ in kept)
+
+
+_REQUEST_NAMES = [
+    *_NAMES, b"host", b"x-forwarded-for", b"x-forwarded-client-cert", b"proxy-connection",
+]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_REQUEST_NAMES), st.integers(0, 0xFFFF), st.sampled_from(_VALUES)),
+        max_size=12,
+    ),
+    st.sampled_from([b"", b"10.0.0.1"]),
+    st.sampled_from([None, b"spiffe://mesh/a"]),
+    st.booleans(),
+)
+def test_request_fields_are_request_headers_serialized(
+    fields: list[tuple[bytes, int, bytes]], client_ip: bytes, identity: bytes | None, inbound: bool
+) -> None:
+    """The one-pass form (`request_fields`) gives what `request_headers` gives, and its lines
+    are those fields as `name: value`, with whether a Host and a Content-Length are among
+    them; or no lines when a Connection header named fields to drop."""
+    headers = Headers([(_case(name, flips), value) for name, flips, value in fields])
+    out, prepared = _proxy.request_fields(headers, client_ip, identity=identity, inbound=inbound)
+    again = request_headers(headers, client_ip, identity=identity, inbound=inbound)
+    # The same fields (the generated X-Request-Id aside: a new one each call).
+    assert [p for p in out if p[0] != b"x-request-id"] == [p for p in again if p[0] != b"x-request-id"]
+    names_fields = any(
+        name.lower() == b"connection" and _proxy._connection_tokens(value) for name, value in headers
+    )
+    assert (prepared is None) == names_fields
+    if prepared is None:
+        return
+    pairs, lines, has_host, has_length = prepared
+    assert pairs == out and pairs is not out
+    assert lines == [name + b": " + value for name, value in out]
+    assert has_host == any(name.lower() == b"host" for name, _ in out)
+    assert has_length == any(name.lower() == b"content-length" for name, _ in out)
+
+
+def test_engine_writes_the_prepared_lines_only_while_the_headers_are_unchanged():
+    """`serialize_head` takes the lines `request_fields` made (`extensions[REQUEST_LINES]`)
+    and gives the head it would have made itself; a layer that changes the headers after the
+    rules (an appended field, a value replaced in place) gets its change on the wire."""
+    from meshcore._http._http11 import REQUEST_LINES, serialize_head
+    from meshcore._models import URL, Request
+
+    def request(prepared: bool) -> Request:
+        headers = Headers([(b"Host", b"orders"), (b"Connection", b"keep-alive"), (b"X-A", b"1"),
+                           (b"X-Request-Id", b"abc")])
+        out, lines = _proxy.request_fields(headers, b"10.0.0.1")
+        assert lines is not None
+        req = Request("POST", URL("http", "orders", 80, "/x"), out, b"hi")
+        if prepared:
+            req.extensions[REQUEST_LINES] = lines
+        return req
+
+    plain = serialize_head(request(False))
+    assert serialize_head(request(True)) == plain
+    assert plain[0] == (
+        b"POST /x HTTP/1.1\r\nHost: orders\r\nX-A: 1\r\nX-Request-Id: abc\r\nvia: 1.1 meshcore\r\n"
+        b"x-forwarded-for: 10.0.0.1\r\nContent-Length: 2\r\n\r\n"
+    )
+    changed = request(True)
+    changed.headers[1] = (b"X-A", b"2")
+    assert b"X-A: 2\r\n" in serialize_head(changed)[0]
+    changed.headers.append((b"Connection", b"close"))
+    head, _, _, close = serialize_head(changed)
+    assert close and head.endswith(b"Connection: close\r\nContent-Length: 2\r\n\r\n")
+    no_host = request(True)
+    no_host.headers.remove_all("host")
+    assert serialize_head(no_host)[0].count(b"Host: orders") == 1
