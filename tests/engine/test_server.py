@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import socket
 import time
@@ -71,6 +72,8 @@ async def app(request: Request, conn: ConnectionInfo) -> Response:
             "crlf-value": ("X-A", "1\r\nX-B: 2"), "lf-name": ("X-A\nX-B", "1"),
         }[request.url.query]
         return Response(200, [field], b"smuggled?")
+    if path == "/reason":  # the handler's own reason phrase
+        return Response(200, [], b"r", {"reason_phrase": request.url.query.encode()})
     if path == "/big":  # more than one send takes through a small receive window
         return Response(200, [], BIG)
     return Response(200, [], f"{request.method} {request.url.target}".encode())
@@ -332,6 +335,16 @@ async def test_response_header_with_cr_or_lf_answers_502(server: int, which: str
     out = await raw(server, b"GET /crlf?%s HTTP/1.1\r\nHost: x\r\n\r\n" % which.encode())
     assert out.startswith(b"HTTP/1.1 502 ") and b"X-B" not in out and b"smuggled" not in out
     await still_up(server)
+
+
+async def test_each_response_gets_its_own_reason_phrase(server: int) -> None:
+    """Status lines are remembered per status (not formatted each time): a new reason for the
+    same status still goes out as given."""
+    out = await raw(server, [b"".join(
+        b"GET /reason?%s HTTP/1.1\r\nHost: x\r\n\r\n" % r for r in (b"Fine", b"Fine", b"Good")
+    ) + b"GET /one HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
+    lines = re.findall(rb"HTTP/1\.1 \d+ \w+", out)
+    assert lines == [b"HTTP/1.1 200 Fine", b"HTTP/1.1 200 Fine", b"HTTP/1.1 200 Good", b"HTTP/1.1 200 OK"]
 
 
 async def test_pipelined_requests_answered_in_order(server: int) -> None:
