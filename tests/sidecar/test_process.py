@@ -85,7 +85,7 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_0(upstream, tmp_path, ba
         def slow():
             with httpx.Client(timeout=10) as client:
                 result["r"] = client.get(
-                    f"http://127.0.0.1:{ports['outbound']}/delay/1", headers={"host": "orders"}
+                    f"http://127.0.0.1:{ports['outbound']}/delay/3", headers={"host": "orders"}
                 )
 
         thread = threading.Thread(target=slow)
@@ -94,10 +94,9 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_0(upstream, tmp_path, ba
         while server.requests < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.requests == 1
-        sent = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         refused = False
-        while time.monotonic() - sent < 0.9:
+        while thread.is_alive():  # new connections are refused while the slow one is answered
             try:
                 socket.create_connection(("127.0.0.1", ports["outbound"]), timeout=0.5).close()
             except ConnectionRefusedError:
@@ -108,8 +107,7 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_0(upstream, tmp_path, ba
         thread.join(10)
         assert result["r"].status_code == 200 and result["r"].headers["x-upstream"] == "slow"
         assert proc.proc.wait(10) == 0
-        assert time.monotonic() - sent < 5
-        assert "drained: no requests in flight" in proc.output()
+        assert "drained: no requests in flight" in proc.output()  # not the 10 s deadline
     finally:
         proc.stop()
 

@@ -110,7 +110,8 @@ def test_blocking_query_waits_then_returns_on_change(registry, http):
     start = time.monotonic()
     r = http.get("/v1/health/service/web", params={"index": index, "wait": "200ms"})
     took = time.monotonic() - start
-    assert 0.19 <= took < 0.2 * 17 / 16 + 0.5  # Consul adds up to wait/16 of jitter
+    # the wait is honoured (Consul adds up to wait/16 of jitter); the upper bound only a hang guard
+    assert 0.19 <= took < 5
     assert int(r.headers["x-consul-index"]) == index
     # an unrelated service changing does not wake a watcher of `web`
     timer = threading.Timer(0.05, lambda: registry.catalog.register({"Name": "other", "Port": 2}))
@@ -121,9 +122,8 @@ def test_blocking_query_waits_then_returns_on_change(registry, http):
     # a change to `web` does, at once
     timer = threading.Timer(0.05, lambda: registry.catalog.register({"Name": "web", "ID": "w2", "Port": 2}))
     timer.start()
-    start = time.monotonic()
-    r = http.get("/v1/health/service/web", params={"index": index, "wait": "10s"})
-    assert time.monotonic() - start < 1.0
+    # (a query the change did not wake would outlast the client's 10 s timeout)
+    r = http.get("/v1/health/service/web", params={"index": index, "wait": "60s"})
     assert int(r.headers["x-consul-index"]) > index and len(r.json()) == 2
 
 
@@ -135,7 +135,8 @@ def test_many_blocking_queries_at_once(registry):
     results: list[int] = []
 
     def watch() -> None:
-        r = client.get("/v1/health/service/web", params={"index": index, "wait": "5s"})
+        # a query the change did not wake would outlast the client's 10 s timeout
+        r = client.get("/v1/health/service/web", params={"index": index, "wait": "60s"})
         results.append(len(r.json()))
 
     threads = [threading.Thread(target=watch) for _ in range(50)]
@@ -145,13 +146,11 @@ def test_many_blocking_queries_at_once(registry):
     while registry.connections < 50 and time.monotonic() < deadline:
         time.sleep(0.01)  # no event to wait on across the process boundary of a socket
     time.sleep(0.05)
-    start = time.monotonic()
     with httpx.Client(base_url=registry.url, headers={"X-Consul-Token": registry.token}) as writer:
         put(writer, "/v1/agent/service/deregister/w1")
     for t in threads:
-        t.join(5)
+        t.join(15)
     assert results == [0] * 50
-    assert time.monotonic() - start < 1.0
     client.close()
 
 
@@ -185,10 +184,9 @@ def test_stop_ends_blocked_queries_and_frees_the_port(tmp_path):
     t = threading.Thread(target=watch)
     t.start()
     time.sleep(0.1)
-    start = time.monotonic()
     reg.stop()
-    t.join(5)
-    assert not t.is_alive() and time.monotonic() - start < 3
+    t.join(5)  # the watcher's 10 min wait ended with the registry
+    assert not t.is_alive()
     again = Registry(port=port, data_dir=tmp_path).start()  # same port at once
     again.stop()
 
@@ -352,7 +350,7 @@ def test_health_checks_blocks_on_the_service(registry, http):
     index = int(http.get("/v1/health/checks/web").headers["x-consul-index"])
     timer = threading.Timer(0.05, lambda: registry.catalog.update_check("service:w1", "passing"))
     timer.start()
-    start = time.monotonic()
-    r = http.get("/v1/health/checks/web", params={"index": index, "wait": "10s"})
-    assert time.monotonic() - start < 2 and r.json()[0]["Status"] == "passing"
+    # (a query the change did not wake would outlast the client's 10 s timeout)
+    r = http.get("/v1/health/checks/web", params={"index": index, "wait": "60s"})
+    assert r.json()[0]["Status"] == "passing"
     assert int(r.headers["x-consul-index"]) > index

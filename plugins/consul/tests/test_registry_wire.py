@@ -112,9 +112,8 @@ def test_bad_framing_is_refused_before_any_body_byte_and_closes(reg, length_head
 def test_the_token_is_checked_before_the_body_is_read(tmp_path):
     with Registry(port=0, token="s3cret", read_timeout=5) as registry, connect(registry) as sock:
         sock.sendall(b"PUT /v1/agent/service/register HTTP/1.1\r\nHost: reg\r\nContent-Length: 500000\r\n\r\n")
-        start = time.monotonic()
         line, headers, body = read_response(sock, bytearray())
-        assert time.monotonic() - start < 2  # answered without waiting for the 500 kB
+        # answered without waiting for the 500 kB (waiting would end in a 408 after 5 s)
         assert line == b"HTTP/1.1 403 Forbidden" and b"Permission denied" in body
         assert headers["connection"] == "close"
 
@@ -126,7 +125,7 @@ def test_a_half_sent_request_times_out_with_408(reg):
         line, headers, _ = read_response(sock, bytearray())
         took = time.monotonic() - start
     assert line == b"HTTP/1.1 408 Request Timeout" and headers["connection"] == "close"
-    assert 0.45 <= took < 2.5
+    assert 0.45 <= took < 5  # the read timeout; the upper bound only a hang guard
 
 
 def test_a_body_that_stops_short_times_out(reg):

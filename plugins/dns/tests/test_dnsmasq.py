@@ -16,7 +16,10 @@ import meshcore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
-FOLLOW_BOUND = 2.0
+# How long the mesh may take to follow a record change: the tables refresh at least every
+# 1 s; the bound is a hang guard below the 5 s a default refresh would take, with room for
+# a loaded machine.
+FOLLOW_BOUND = 4.0
 
 
 def failures(up, kind: str) -> int:
@@ -54,12 +57,11 @@ async def test_records_change_while_running_and_the_mesh_follows(dnsmasq, server
         assert await hits(client, "orders", 3) == {"s21": 3}
         up = mesh.upstream("orders")
         dnsmasq.set_hosts({"orders.mesh.test": ["127.0.0.22", "127.0.0.23"]})  # no restart
-        took = await wait_until(
+        await wait_until(
             lambda: {e.address for e in up.snapshot} == {"127.0.0.22", "127.0.0.23"},
             FOLLOW_BOUND,
             "the new A records in the snapshot",
         )
-        assert took <= FOLLOW_BOUND
         assert await hits(client, "orders", 4) == {"s22": 2, "s23": 2}
         assert not s21.seen[3:]
 

@@ -89,24 +89,44 @@ async def test_crashed_instance_leaves_within_its_ttl(etcd, admin, mesh_factory)
     async def gone() -> bool:
         return key not in await admin.contents()
 
-    took = await until(gone, 5, "the lease expiring")
-    # TTL (2 s, counted from the last keepalive) + etcd's 500 ms expiry check
-    assert took <= 2.0 + 0.6 + 0.3, took
+    # The 2 s TTL (counted from the last keepalive, plus etcd's 500 ms expiry check) ends the
+    # key: the bound is a hang guard below the default 10 s TTL, not a measurement.
+    await until(gone, 8, "the lease expiring")
 
 
-async def test_lease_revoked_behind_its_back_is_replaced_within_one_keepalive(etcd, admin, mesh_factory):
+async def test_lease_revoked_behind_its_back_is_replaced_within_one_keepalive(
+    etcd, admin, mesh_factory, monkeypatch
+):
     async with mesh_factory(section(etcd, admin, ttl="3s"), plugins=["etcd"]) as mesh:
         reg = meshcore_etcd.registration_of(mesh)
         first = reg.lease
+        # Counted in rounds, not seconds: the round that registered again is the one under way
+        # at the revoke (0) or the first one after it (1).
+        rounds, revoked = 0, False
+        registered_in: list[int] = []
+        tick = reg.tick
+
+        async def counted() -> None:
+            nonlocal rounds
+            n = 0
+            if revoked:
+                rounds += 1
+                n = rounds
+            await tick()
+            if reg.registrations == 2 and not registered_in:
+                registered_in.append(n)
+
+        monkeypatch.setattr(reg, "tick", counted)
         await admin.revoke(first)  # as etcd 3.4 does to every lease after a leader stall
+        revoked = True
         key = admin.key("orders", reg.id)
         assert key not in await admin.contents()
 
-        async def back() -> bool:
-            return reg.registrations == 2 and key in await admin.contents()
+        async def back() -> bool:  # the key is back and the round that put it there is over
+            return bool(registered_in) and key in await admin.contents()
 
-        took = await until(back, 3 * reg.interval)
-        assert took <= reg.interval + 0.3, took  # the next keepalive notices and re-registers
+        await until(back, 10 * reg.interval)
+        assert registered_in[0] <= 1  # the next keepalive notices and re-registers
         assert reg.lease != first and reg.status == "registered"
         state = mesh.state()["state"]["etcd-registration"]
         assert state["reregistrations"] == 1 and "registering again" in state["last_error"]

@@ -3,8 +3,9 @@ W3C context each attempt sends; the exporter down or hung costs requests nothing
 
 from __future__ import annotations
 
+import re
 import socket
-import time
+import threading
 from typing import Any
 
 import anyio
@@ -127,32 +128,99 @@ async def test_ratio_zero_samples_no_new_trace_but_still_propagates(
     assert len({traceparent(h)[0] for _, _, h in server.seen}) == 5
 
 
+class HungCollector:
+    """A collector on loopback that takes each export's request and answers none of them until
+    `release()`; from then on it answers every export 400 (not retried by the exporter)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.05)  # the serving thread polls `stopping`
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1/traces"
+        self.posts = 0
+        self.holding = threading.Event()  # an export's request arrived and is unanswered
+        self.released = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                if not head.startswith(b"POST /v1/traces "):
+                    continue
+                length = re.search(rb"(?im)^content-length: *(\d+)", head)
+                left = int(length[1]) - len(body) if length else 0
+                while left > 0:  # all of it: closing over unread bytes would reset the answer
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                self.posts += 1
+                self.holding.set()
+                while not self.released.wait(0.05):
+                    if self.stopping.is_set():
+                        return
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n"
+                             b"connection: close\r\n\r\n")
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.released.set()
+        self.stopping.set()
+        self.thread.join(10)
+        self.listener.close()
+
+
 @pytest.mark.anyio
 async def test_a_hung_collector_costs_requests_nothing(upstream: Any) -> None:
-    """A collector that accepts connections and never answers: every export waits for its
-    timeout. Requests do not wait, the queue stays at its bound, and drops are counted."""
+    """A collector that takes an export and never answers it: requests do not wait for the
+    export, the queue stays at its bound, and drops are counted exactly."""
     server = upstream()
-    hung = socket.socket()
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(64)
-    url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1/traces"
+    collector = HungCollector()
     requests = 200
     try:
-        cfg = config(url, server, max_queue_size=8, max_export_batch_size=4, export_timeout="2s")
+        # The export timeout is longer than the test runs: the export in flight ends only when
+        # the collector answers it.
+        cfg = config(collector.url, server, max_queue_size=8, max_export_batch_size=4,
+                     export_timeout="60s")
         async with meshcore.Mesh(cfg, PLUGINS) as mesh:
             async with mesh.client() as client:
-                started = time.perf_counter()
-                for _ in range(requests):
-                    assert (await client.get("http://orders/")).status_code == 200
-                elapsed = time.perf_counter() - started
-            state = mesh.state()["state"]["tracing"]
+                assert (await client.get("http://orders/")).status_code == 200
+                # The first span's export has reached the collector and hangs there.
+                assert await anyio.to_thread.run_sync(collector.holding.wait, 10)
+                # A hang guard only: a request that waited for the export would wait 60 s.
+                with anyio.fail_after(30):
+                    for _ in range(requests):
+                        assert (await client.get("http://orders/")).status_code == 200
+            # Every request completed while that export still hangs: nothing was settled.
+            hung = mesh.state()["state"]["tracing"]
+            assert collector.posts == 1
+            collector.release()  # the collector answers 400 to that export and every later one
+        state = mesh.state()["state"]["tracing"]
     finally:
-        hung.close()
-    # One export alone takes the 2 s timeout: had a request waited for one, this would exceed it.
-    assert elapsed < 1.5, elapsed
-    assert state["queued"] <= 8
-    assert state["dropped"] >= requests - 8 and state["exported"] == 0
-    assert state["dropped"] + state["queued"] + state["export_failed"] == requests
+        collector.close()
+    assert hung["exported"] == 0 and hung["export_failed"] == 0
+    assert hung["queued"] == 8  # the bound: the hung export's one span and 7 waiting
+    assert hung["dropped"] == requests + 1 - 8
+    # Leaving the mesh flushed the 8 to the collector, which refused them: counted, not lost.
+    assert state["export_failed"] == 8 and state["queued"] == 0 and state["exported"] == 0
+    assert state["dropped"] == requests + 1 - 8
 
 
 def test_settings_are_checked() -> None:

@@ -55,11 +55,13 @@ async def test_connect_failures_go_to_other_endpoints_then_exhaust(scripted_mesh
     assert all("EndpointConnectError" in a.cause for a in attempts)
     assert "3 attempts failed" in str(info.value) and "attempt 3: 127.0.0.1:" in str(info.value)
     assert isinstance(info.value.__cause__, meshcore.EndpointConnectError)
-    # Full jitter: retry 1 waits U(0, 25 ms), retry 2 U(0, 75 ms).
+    # Full jitter: retry 1 waits U(0, 25 ms), retry 2 U(0, 75 ms). The bounds are exact in
+    # virtual time only: on a real clock a loaded machine adds its own delay to every wait.
     times = [t for t, _, _, _ in conn.log]
-    assert 0 <= times[1] - times[0] <= 0.025 + (0 if virtual(anyio_backend) else 0.05)
-    assert 0 <= times[2] - times[1] <= 0.075 + (0 if virtual(anyio_backend) else 0.05)
-    assert elapsed <= 0.1 + (0 if virtual(anyio_backend) else 0.1)
+    assert 0 <= times[1] - times[0] and 0 <= times[2] - times[1]
+    if virtual(anyio_backend):
+        assert times[1] - times[0] <= 0.025 and times[2] - times[1] <= 0.075
+        assert elapsed <= 0.1
 
 
 def test_backoff_is_full_jitter_and_capped():

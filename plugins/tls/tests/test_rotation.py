@@ -49,29 +49,32 @@ async def test_renewal_under_load_has_zero_failures(ca_dir, kit, tls_mesh, caplo
     caplog.set_level(logging.INFO, logger="meshcore.tls")
     async with tls_mesh(kit.server_config(ca_dir, "orders")) as server_mesh:
         async with kit.mtls_server(server_mesh, close_every=5) as server:
-            # 2 s certificates renewed at half their life: a renewal about every second
-            tls = {"ca_dir": str(ca_dir), "service": "web", "ttl": 2, "renew_at": 0.5}
+            # 4 s certificates renewed at half their life: a renewal every 1.5-2 s (X.509 times
+            # are whole seconds), and the replaced certificate stays valid that long again for
+            # the handshakes a loaded machine has not finished yet
+            tls = {"ca_dir": str(ca_dir), "service": "web", "ttl": 4, "renew_at": 0.5}
             async with tls_mesh(kit.client_config(tls, server)) as mesh:
                 workload = meshcore_tls.workload(mesh)
-                first = f"{workload.cert.serial_number:x}"
 
                 used: list[str] = []
 
                 def renewed_and_used() -> bool:
+                    # a certificate other than the one the load began with, used 10 times
                     current = f"{workload.cert.serial_number:x}"
-                    if current != first and sum(s[1] == current for s in server.seen) >= 10:
+                    seen = [s[1] for s in server.seen]
+                    if seen and current != seen[0] and seen.count(current) >= 10:
                         used.append(current)
                         return True
                     return False
 
                 ok, failures = await run_load(mesh, server, renewed_and_used)
                 state = mesh.state()["state"]["tls"]
-    assert failures == []
+    assert failures == [], server.handshake_errors
     assert ok >= 10
     assert state["rotations"] >= 1
     serials = [s[1] for s in server.seen]
-    # the first certificate was in use, then a renewed one, on new connections
-    assert serials[0] == first and used[0] in serials and used[0] != first
+    # the certificate in use when the load began, then a renewed one, on new connections
+    assert used[0] != serials[0] and serials.index(used[0]) > 0
     logs = caplog.text
     assert "rotated spiffe://example.org/ns/default/sa/web" in logs
     assert "PRIVATE KEY" not in logs
