@@ -496,15 +496,11 @@ class _LoopWaiter:
     upstream read when the upstream takes a millisecond; docs/data-path.md, "Figures"):
 
     - **The registration stays** (`persistent`, readers) from one wait to the next, sparing
-      two `epoll_ctl` calls per wait. It ends when the socket was reported readable twice
-      since the last wait with nobody waiting (the epoll set is level-triggered: the callback
-      would run on every pass until the task reads), and at `release()`, which must run
-      before the socket is closed. Not at the first report: bytes that come while the task is
-      busy (the next request of a keep-alive client, the rest of a streamed body) are mostly
-      read by the task within a pass, without a wait; dropping the registration there cost
-      an `epoll_ctl` and, for the next wait, another one and a new poll handle (a 64 KiB
-      response through the sidecar made 1.3 of them per request: docs/data-path.md, "Fifth
-      pass").
+      two `epoll_ctl` calls per wait. It ends when the socket turns readable while nobody
+      waits (the epoll set is level-triggered: the callback would run on every pass until the
+      task reads), and at `release()`, which must run before the socket is closed. (Keeping
+      it through one such report spared the `epoll_ctl` calls of 64 KiB responses but made a
+      sequential native client wait longer: docs/data-path.md, "Fifth pass".)
     - **The deadline stays armed too** (`armed`, in the loop's `_Deadlines`). A wait records
       its deadline; the entry armed comes due at the earliest deadline it was set for and, if
       the wait then running has a later one (it was renewed since), is armed again for that.
@@ -519,7 +515,6 @@ class _LoopWaiter:
         "deadlines",
         "fd",
         "future",
-        "idle_reports",
         "loop",
         "persistent",
         "registered",
@@ -541,7 +536,6 @@ class _LoopWaiter:
         self.fd = sock.fileno()
         self.persistent = persistent
         self.registered = False
-        self.idle_reports = 0  # readable with nobody waiting, since the last wait
         self.future: asyncio.Future[None] | None = None
         self.deadline: float | None = None
         self.deadlines = loop_deadlines(loop)
@@ -556,7 +550,6 @@ class _LoopWaiter:
     async def wait(self, timeout: float | None = None) -> None:
         loop = self.loop
         future = self.future = loop.create_future()
-        self.idle_reports = 0
         if not self.registered:
             self.add(self.fd, self._ready)
             self.registered = True
@@ -577,12 +570,9 @@ class _LoopWaiter:
 
     def _ready(self) -> None:
         future = self.future
-        if future is None:  # readable with nobody waiting: the second time, stop listening
-            if self.idle_reports or not self.persistent:  # until the next wait
-                self.remove(self.fd)
-                self.registered = False
-            else:
-                self.idle_reports = 1
+        if future is None:  # readable with nobody waiting: stop listening until the next wait
+            self.remove(self.fd)
+            self.registered = False
         elif not future.done():
             future.set_result(None)
 

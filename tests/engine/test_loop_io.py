@@ -176,25 +176,6 @@ async def test_readable_with_nobody_waiting_stops_listening(pair) -> None:  # ty
     waiter.release()
 
 
-async def test_readable_once_with_nobody_waiting_keeps_listening(pair) -> None:  # type: ignore[no-untyped-def]
-    """Bytes that come while the task is busy, and that it reads before the loop reports them
-    a second time, cost no registration change (the loop's reports called directly here:
-    which of a pass's callbacks runs first differs between asyncio and uvloop)."""
-    a, b = pair
-    waiter, spy = reader(a)
-    for _ in range(3):
-        asyncio.get_running_loop().call_soon(b.send, b"x")
-        assert await read(waiter, a, None) == b"x"
-        waiter._ready()  # one report with nobody waiting: still listening
-        assert waiter.registered and spy.removes == 0
-    waiter._ready()  # a second one since the last wait: stops listening
-    assert not waiter.registered and spy.removes == 1
-    asyncio.get_running_loop().call_soon(b.send, b"y")
-    assert await read(waiter, a, None) == b"y"  # registered again
-    assert spy.adds == 2
-    waiter.release()
-
-
 async def test_a_wait_times_out_at_its_own_deadline(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     waiter, _ = reader(a)
