@@ -498,9 +498,13 @@ class _LoopWaiter:
     - **The registration stays** (`persistent`, readers) from one wait to the next, sparing
       two `epoll_ctl` calls per wait. It ends when the socket turns readable while nobody
       waits (the epoll set is level-triggered: the callback would run on every pass until the
-      task reads), and at `release()`, which must run before the socket is closed. (Keeping
-      it through one such report spared the `epoll_ctl` calls of 64 KiB responses but made a
-      sequential native client wait longer: docs/data-path.md, "Fifth pass".)
+      task reads), and at `release()`, which must run before the socket is closed. An
+      accepted connection's reader (`grace`) keeps it through the first such report since its
+      last wait: a keep-alive client's next request mostly comes while the task is still at
+      its checkpoint and is read within the pass, and dropping the registration there costs
+      uvloop a poll handle's whole cycle (about six `epoll_ctl`) for the next wait. Not a
+      client connection's: there it made a sequential native client sleep in `epoll_wait`
+      more often and wait longer (docs/data-path.md, "Fifth pass").
     - **The deadline stays armed too** (`armed`, in the loop's `_Deadlines`). A wait records
       its deadline; the entry armed comes due at the earliest deadline it was set for and, if
       the wait then running has a later one (it was renewed since), is armed again for that.
@@ -515,6 +519,8 @@ class _LoopWaiter:
         "deadlines",
         "fd",
         "future",
+        "grace",
+        "idle_reports",
         "loop",
         "persistent",
         "registered",
@@ -529,12 +535,15 @@ class _LoopWaiter:
         remove: Callable[[Any], Any],
         sock: socket.socket,
         persistent: bool,
+        grace: bool = False,
     ) -> None:
         self.loop = loop
         self.add = add
         self.remove = remove
         self.fd = sock.fileno()
         self.persistent = persistent
+        self.grace = grace
+        self.idle_reports = 0  # readable with nobody waiting, since the last wait
         self.registered = False
         self.future: asyncio.Future[None] | None = None
         self.deadline: float | None = None
@@ -550,6 +559,7 @@ class _LoopWaiter:
     async def wait(self, timeout: float | None = None) -> None:
         loop = self.loop
         future = self.future = loop.create_future()
+        self.idle_reports = 0
         if not self.registered:
             self.add(self.fd, self._ready)
             self.registered = True
@@ -571,8 +581,11 @@ class _LoopWaiter:
     def _ready(self) -> None:
         future = self.future
         if future is None:  # readable with nobody waiting: stop listening until the next wait
-            self.remove(self.fd)
-            self.registered = False
+            if self.grace and not self.idle_reports:  # (an accepted connection: the second time)
+                self.idle_reports = 1
+            else:
+                self.remove(self.fd)
+                self.registered = False
         elif not future.done():
             future.set_result(None)
 
@@ -739,7 +752,9 @@ class _LoopSockets:
 
     def __call__(self, sock: socket.socket, scope: Any = None) -> Socket:
         loop = self.loop
-        reader = _LoopWaiter(loop, self.add_reader, self.remove_reader, sock, persistent=True)
+        reader = _LoopWaiter(
+            loop, self.add_reader, self.remove_reader, sock, persistent=True, grace=True
+        )
         writer = reader.then = _LoopWaiter(
             loop, self.add_writer, self.remove_writer, sock, persistent=False
         )
