@@ -205,13 +205,19 @@ class Registration:
     async def __aenter__(self) -> Registration:
         self._cluster = await Cluster(self.cluster_config).__aenter__()
         try:
-            await self.register()
-        except Exception as exc:  # noqa: BLE001 - starting while etcd is down is not fatal
-            self.lease = None
-            self.status = "unreachable"
-            self._failed(f"initial registration: {describe(exc)}")
-        if self._task_group is not None:
-            await self._task_group.start(self._run)
+            try:
+                await self.register()
+            except Exception as exc:  # noqa: BLE001 - starting while etcd is down is not fatal
+                self.lease = None
+                self.status = "unreachable"
+                self._failed(f"initial registration: {describe(exc)}")
+            if self._task_group is not None:
+                await self._task_group.start(self._run)
+        except BaseException:
+            # A start cut short (a SIGTERM while the sidecar starts): `__aexit__` will not run,
+            # so revoke here what was granted; its key may already be in etcd.
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
