@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import anyio
@@ -93,6 +94,9 @@ async def test_peak_ewma_cost_decays_when_idle(mesh_factory):
 @pytest.mark.parametrize("kind", ["weighted", "random", "least-request"])
 async def test_slow_start_ramps_a_new_endpoint(kind, mesh_factory):
     """Envoy's slow start: 10 % of its weight at first, linear to 100 % over the window."""
+    # The shares are draws checked against 4-sigma bounds: one run in several thousand falls
+    # outside (seen once in a loaded run, 0.3635 against 1/3 ± 0.03), so the draws are seeded.
+    random.seed(94)
     old = endpoints(2)
     new = endpoints(1, first=3)[0]
     s = suite(kind, **{"slow-start-window": "60s"})
