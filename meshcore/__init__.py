@@ -32,6 +32,7 @@ from ._errors import (
     ResponseHeadTooLarge,
     RetriesExhausted,
     UnknownService,
+    describe_error,
 )
 from ._extensions import ATTEMPTS, DEADLINE, ENDPOINT, EXCLUDE
 from ._instance import Instance
@@ -112,6 +113,7 @@ __all__ = [
     "UnknownService",
     "Upstream",
     "compose",
+    "describe_error",
     "has_escaped_slash",
     "hookimpl",
     "installed_plugins",

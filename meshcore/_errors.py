@@ -247,6 +247,19 @@ def listing(services: list[str], most: int = 20) -> str:
     return f"{', '.join(services[:most])}, ... ({len(services)} in all)"
 
 
+def describe_error(exc: BaseException) -> str:
+    """`Type: message`; for an error without a message, the first cause or context that has
+    one (a timeout's message is often empty, the socket error under it is not). For plugins'
+    status and log lines (a registry's `last_error`, say)."""
+    detail = str(exc)
+    cause: BaseException | None = exc
+    while not detail and cause is not None:
+        cause = cause.__cause__ or cause.__context__
+        if cause is not None and str(cause):
+            detail = f"{type(cause).__name__}: {cause}"
+    return type(exc).__name__ + (f": {detail}" if detail else "")
+
+
 def _did_not_resolve(exc: BaseException) -> bool:
     """Whether a connect failure was the name lookup (the resolver's gaierror is kept in the
     cause chain by httpx and by meshcore's engine, on asyncio and trio alike)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import runpy
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,9 @@ async def test_the_native_client_example_runs(upstream, tmp_path, monkeypatch, c
         ("GET", "/items/7?expand=lines"), ("POST", "/items"), ("GET", "/export")
     ]
     assert capsys.readouterr().out.split() == ["9"]
+
+
+def test_the_describe_error_example_runs():
+    text = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    [block] = [b for b in re.findall(r"  ```python\n(.*?)  ```", text, re.S) if "describe_error" in b]
+    exec(compile(textwrap.dedent(block), "writing-a-plugin.md", "exec"), {})  # asserts inside

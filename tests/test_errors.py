@@ -112,3 +112,15 @@ def test_deadline_exceeded_keeps_its_attempts_as_retries_exhausted_does():
         assert error.attempts == attempts
         assert error.service == "orders"
     assert meshcore.DeadlineExceeded("deadline of 1 s exceeded").attempts == []
+
+
+def test_describe_error_follows_the_cause_when_the_message_is_empty():
+    try:
+        try:
+            raise ConnectionRefusedError("connection refused")
+        except OSError as exc:
+            raise TimeoutError() from exc
+    except TimeoutError as exc:
+        assert meshcore.describe_error(exc) == "TimeoutError: ConnectionRefusedError: connection refused"
+    assert meshcore.describe_error(ValueError("bad")) == "ValueError: bad"
+    assert meshcore.describe_error(TimeoutError()) == "TimeoutError"

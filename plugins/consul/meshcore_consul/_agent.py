@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import meshcore
+from meshcore import describe_error as describe
 
 from ._token import client_token
 
@@ -116,18 +117,6 @@ class AgentUnreachable(Exception):
 
     def __init__(self, exc: BaseException) -> None:
         super().__init__(describe(exc))
-
-
-def describe(exc: BaseException) -> str:
-    """`Type: message`; for an error without a message, the first cause or context that has
-    one (a timeout's message is often empty, the socket error under it is not)."""
-    detail = str(exc)
-    cause: BaseException | None = exc
-    while not detail and cause is not None:
-        cause = cause.__cause__ or cause.__context__
-        if cause is not None and str(cause):
-            detail = f"{type(cause).__name__}: {cause}"
-    return f"{type(exc).__name__}" + (f": {detail}" if detail else "")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from urllib.parse import quote
 import anyio
 
 import meshcore
+from meshcore import describe_error as describe
 
 from ._address import address_problem
 from ._agent import (
@@ -55,7 +56,6 @@ from ._agent import (
     AgentUnreachable,
     ConsulAnswerError,
     decode_json,
-    describe,
     error_text,
 )
 from ._checks import CheckTable

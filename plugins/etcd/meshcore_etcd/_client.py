@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from meshcore import describe_error as describe
+
 __all__ = [
     "Cluster",
     "describe",
@@ -227,18 +229,6 @@ def error_of(member: str, status: int, data: Any) -> EtcdError:
         message = str(data.get("message") or error or "")[:200]
         return EtcdError(member, status, code if isinstance(code, int) else None, message)
     return EtcdError(member, status, None, repr(data)[:200])
-
-
-def describe(exc: BaseException) -> str:
-    """`Type: message`, following the cause chain when the message is empty (httpx's
-    timeouts and connect errors often carry their reason only in their cause)."""
-    detail = str(exc)
-    cause: BaseException | None = exc
-    while not detail and cause is not None:
-        cause = cause.__cause__ or cause.__context__
-        if cause is not None and str(cause):
-            detail = f"{type(cause).__name__}: {cause}"
-    return type(exc).__name__ + (f": {detail}" if detail else "")
 
 
 class Cluster:
