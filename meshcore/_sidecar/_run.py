@@ -10,12 +10,19 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._backends import run
 
+if TYPE_CHECKING:
+    import anyio
+    from anyio.streams.memory import MemoryObjectSendStream
+
 __all__ = ["echo_error", "run_sidecar"]
+
+log = logging.getLogger("meshcore.sidecar")
 
 
 def echo_error(message: str) -> None:
@@ -38,7 +45,7 @@ def run_sidecar(
 
     from .._config import MeshConfig
     from .._errors import ConfigError, PluginError
-    from ._runtime import Sidecar
+    from ._runtime import STOP_SIGNALS, Sidecar
 
     role = None
     if worker_of is not None and worker_index is not None and worker_dir is not None:
@@ -66,21 +73,34 @@ def run_sidecar(
         sys.exit(2)
 
     async def main() -> None:
-        async with sidecar:
-            echo_error(
-                "meshcore: sidecar ready to accept: "
-                + ", ".join(f"{k} {v}" for k, v in sidecar.addresses.items())
-            )
-            if role is None:
-                await sidecar.serve()
-                return
-            from ._workers import announce, watch_parent
+        # Listen from before the start: a SIGTERM while the plugins start (an etcd lease
+        # granted and its key put) must unwind them, not end the process by default and leave
+        # the key behind until its lease expires.
+        with anyio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as received:
+            send, signals = anyio.create_memory_object_stream[int](16)
+            started = anyio.Event()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_relay, received, send, started, tg.cancel_scope)
+                    async with sidecar:
+                        started.set()
+                        echo_error(
+                            "meshcore: sidecar ready to accept: "
+                            + ", ".join(f"{k} {v}" for k, v in sidecar.addresses.items())
+                        )
+                        if role is not None:
+                            from ._workers import announce, watch_parent
 
-            announce(role, sidecar.addresses["admin"])
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_parent, role)
-                await sidecar.serve()
-                tg.cancel_scope.cancel()
+                            announce(role, sidecar.addresses["admin"])
+                            tg.start_soon(watch_parent, role)
+                        await sidecar.serve(signals)
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The start's own error (a listener that could not bind: one line, exit 2),
+                # not a group of one around it.
+                if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                    raise group.exceptions[0] from None
+                raise
 
     try:
         run(main, backend)
@@ -89,6 +109,23 @@ def run_sidecar(
         sys.exit(2)
     except KeyboardInterrupt:
         pass
+
+
+async def _relay(
+    received: AsyncIterable[int], send: MemoryObjectSendStream[int], started: anyio.Event,
+    starting: anyio.CancelScope,
+) -> None:
+    """The one reader of the process's signals. SIGTERM/SIGINT before `started` cancels
+    `starting`: the start unwinds and each plugin undoes what it did (the process exits 0, as
+    after a drain). Every other signal goes on to `send`, for `Sidecar.serve`."""
+    from ._runtime import STOP_SIGNALS
+
+    async for signum in received:
+        if signum in STOP_SIGNALS and not started.is_set():
+            log.info("%s during the start: stopping", signal.Signals(signum).name)
+            starting.cancel()
+            return
+        await send.send(signum)
 
 
 class _Options:

@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -53,7 +53,10 @@ if TYPE_CHECKING:
     from ._dashboard import Peers
     from ._workers import WorkerRole  # made by `--workers N` only (`_run`)
 
-__all__ = ["Sidecar"]
+__all__ = ["STOP_SIGNALS", "Sidecar"]
+
+# The signals that drain and stop a sidecar; SIGHUP reloads.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 log = logging.getLogger("meshcore.sidecar")
 
@@ -254,16 +257,23 @@ class Sidecar:
         gen = self.generation
         return not self.draining and gen is not None and gen.ready
 
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (drain, then return) handling SIGHUP as a reload."""
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await self.reload()
-                    continue
-                log.info("%s: draining (deadline %.1f s)", signal.Signals(signum).name, self.settings.drain)
-                await self.drain()
-                return
+    async def serve(self, signals: AsyncIterable[int] | None = None) -> None:
+        """Run until SIGTERM/SIGINT (drain, then return) handling SIGHUP as a reload.
+
+        `signals`: where the signal numbers come from when the caller listened before the
+        start (`meshcore run` does, so a SIGTERM during the start ends it cleanly).
+        """
+        if signals is None:
+            with anyio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as received:
+                await self.serve(received)
+            return
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+                continue
+            log.info("%s: draining (deadline %.1f s)", signal.Signals(signum).name, self.settings.drain)
+            await self.drain()
+            return
 
     async def _sample_history(self) -> None:
         """The dashboard's time series: one point per `dashboard_bucket` from the counters."""

@@ -144,6 +144,11 @@ class Supervisor:
 
     async def run(self, on_ready: Callable[[Address], None] = lambda a: None) -> int:
         """Serve until SIGTERM/SIGINT; the exit code (0, or 2 when a worker could not start)."""
+        # Listen from the start: a SIGTERM before the workers are up still stops them in order.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            return await self._run(signals, on_ready)
+
+    async def _run(self, signals: Any, on_ready: Callable[[Address], None]) -> int:
         self._stop = anyio.Event()
         self.slots = [Slot(i) for i in range(self.count)]
         try:
@@ -170,10 +175,9 @@ class Supervisor:
                 tg.start_soon(self._serve_admin, listener, tg)
                 for slot in self.slots:
                     tg.start_soon(self._keep, slot)
+                tg.start_soon(self._signals, signals)
                 on_ready(self.address)
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                    tg.start_soon(self._signals, signals)
-                    await self._stopped().wait()
+                await self._stopped().wait()
                 await self._stop_workers()
                 log.info("workers stopped: %s", ", ".join(
                     f"{s.index} exit {s.last_exit}" for s in self.slots))

@@ -37,11 +37,11 @@ def write_config(path, ports, services, **sidecar):
 
 
 class Process:
-    def __init__(self, config, backend, tmp_path):
+    def __init__(self, config, backend, tmp_path, env=None):
         self.log = open(tmp_path / "sidecar.log", "wb")
         self.proc = subprocess.Popen(
             [MESHCORE, "-c", str(config), "run", "--backend", backend],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "MESHCORE_PLUGINS": ""},
+            stdout=self.log, stderr=subprocess.STDOUT, env=env or {**os.environ, "MESHCORE_PLUGINS": ""},
         )
         self.log_path = tmp_path / "sidecar.log"
 
@@ -110,6 +110,91 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_0(upstream, tmp_path, ba
         assert "drained: no requests in flight" in proc.output()  # not the 10 s deadline
     finally:
         proc.stop()
+
+
+STUCK_PLUGIN = """
+import contextlib, os, pathlib
+
+import anyio
+import meshcore
+
+MARKS = pathlib.Path(os.environ["STUCK_MARKS"])
+
+
+@contextlib.asynccontextmanager
+async def stuck(mesh):
+    (MARKS / "entered").write_text("")  # what a registration has put in its registry by now
+    try:
+        while not (MARKS / "go").exists():  # a later step of the start, that lasts till "go"
+            await anyio.sleep(0.02)
+        yield
+    finally:
+        (MARKS / "undone").write_text("")
+
+
+@meshcore.hookimpl
+def meshcore_lifespan(mesh):
+    return stuck(mesh)
+"""
+
+
+def start_stuck(tmp_path, backend, ports):
+    """`meshcore run` with a plugin whose lifespan holds the start until `marks/go` exists;
+    returns once the start is held there."""
+    site = tmp_path / "site"
+    info = site / "meshcore_stuck-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: meshcore-stuck\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[meshcore]\nstuck = meshcore_stuck\n")
+    (site / "meshcore_stuck.py").write_text(STUCK_PLUGIN)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    config = tmp_path / "mesh.toml"
+    write_config(config, ports, {})
+    env = {**os.environ, "MESHCORE_PLUGINS": "stuck", "PYTHONPATH": str(site), "STUCK_MARKS": str(marks)}
+    proc = Process(config, backend, tmp_path, env=env)
+    deadline = time.monotonic() + 15
+    while not (marks / "entered").exists():
+        assert proc.proc.poll() is None and time.monotonic() < deadline, proc.output()
+        time.sleep(0.02)
+    return proc, marks
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_during_the_start_unwinds_it_and_exits_0(tmp_path, backend, ports, signum):
+    """Before the fix the signal's default action ended the process mid-start: an etcd key put
+    by the start outlived the sidecar until its lease expired (CI, issue 21's last stop)."""
+    proc, marks = start_stuck(tmp_path, backend, ports)
+    try:
+        proc.proc.send_signal(signum)
+        assert proc.proc.wait(10) == 0, proc.output()
+    finally:
+        proc.stop()
+    assert (marks / "undone").exists(), "the start was not unwound"
+    assert f"{signum.name} during the start: stopping" in proc.output()
+    assert "ready to accept" not in proc.output() and "Traceback" not in proc.output()
+
+
+def test_a_sighup_during_the_start_reloads_once_ready(tmp_path, backend, ports):
+    """SIGHUP's default action would end the process too; instead the reload waits for the
+    start and then runs."""
+    proc, marks = start_stuck(tmp_path, backend, ports)
+    try:
+        proc.proc.send_signal(signal.SIGHUP)
+        (marks / "go").write_text("")
+        proc.wait_ready(ports["admin"])
+        deadline = time.monotonic() + 10
+        while "meshcore_sidecar_config_generation 2" not in (
+            metrics := httpx.get(f"http://127.0.0.1:{ports['admin']}/metrics", timeout=5).text
+        ):
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.02)
+        assert 'meshcore_sidecar_reloads_total{result="ok"} 1' in metrics
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(10) == 0, proc.output()
+    finally:
+        proc.stop()
+    assert (marks / "undone").exists()
 
 
 def test_sighup_reloads_or_refuses_and_keeps_the_old_config(upstream, tmp_path, backend, ports):
