@@ -88,6 +88,7 @@ class Registration:
         self.health_status = "passing"
         self._client: AgentClient | None = None
         self._scope: anyio.CancelScope | None = None
+        self._sent = False  # a registration was sent (answered or not)
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -135,6 +136,7 @@ class Registration:
 
     async def register(self) -> None:
         body = self.body()
+        self._sent = True
         response = await self._put("/v1/agent/service/register", body=body)
         if response.status_code != 200:
             raise RuntimeError(f"register {self.id}: {error_text(response)}")
@@ -192,14 +194,20 @@ class Registration:
     async def __aenter__(self) -> Registration:
         self._client = self.agent.client()
         try:
-            await self.register()
-        except (AgentUnreachable, RuntimeError) as exc:
-            # Starting while the registry is down is not fatal: the mesh can still call out,
-            # and the heartbeat loop registers as soon as the agent answers.
-            self.status = "unreachable"
-            self._failed(f"initial registration: {exc}")
-        if self._task_group is not None:
-            await self._task_group.start(self._run)
+            try:
+                await self.register()
+            except (AgentUnreachable, RuntimeError) as exc:
+                # Starting while the registry is down is not fatal: the mesh can still call
+                # out, and the heartbeat loop registers as soon as the agent answers.
+                self.status = "unreachable"
+                self._failed(f"initial registration: {exc}")
+            if self._task_group is not None:
+                await self._task_group.start(self._run)
+        except BaseException:
+            # A start cut short (a SIGTERM while the sidecar starts): `__aexit__` will not run,
+            # so deregister here; the agent may have the instance even if its answer was cut.
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -211,7 +219,7 @@ class Registration:
         # Deregister even when the mesh is being cancelled, but never hang shutdown on it.
         with anyio.CancelScope(shield=True), anyio.move_on_after(min(self.agent.timeout, 5.0)):
             try:
-                if self.registrations:
+                if self.registrations or self._sent:  # sent: its answer may have been cut
                     self._client = client
                     response = await self._put(f"/v1/agent/service/deregister/{self.id}")
                     if response.status_code in (200, 404):

@@ -194,3 +194,40 @@ async def test_heartbeats_report_the_local_health(registry, mesh_factory):
         assert registry.catalog.health_service("orders", passing=True) == []
         assert mesh.state()["state"]["consul-registration"]["health"] == "critical"
         assert reg.errors == 0
+
+
+async def test_a_start_cut_short_still_deregisters(registry):
+    """A SIGTERM while the sidecar starts can cut the registration's start after the agent has
+    the instance; `__aexit__` does not run then, so the start deregisters on its way out."""
+
+    class Cut(BaseException):
+        pass
+
+    class CutStart:  # the task group the start is cut short in
+        async def start(self, *_: object) -> None:
+            raise Cut
+
+    agent = meshcore_consul.AgentConfig(
+        address=meshcore_consul.parse_agent_address(registry.url), token=registry.token, timeout=2.0
+    )
+    reg = meshcore_consul.Registration(agent, name="orders", port=8123, address="127.0.0.1",
+                                       task_group=CutStart())
+    with pytest.raises(Cut):
+        await reg.__aenter__()
+    assert reg.status == "deregistered"
+    assert registry.catalog.services == {}
+
+
+async def test_a_registration_cut_before_its_answer_is_deregistered_too(registry):
+    """Cut while the register request is in flight: the agent may have applied it, so the
+    instance is deregistered even though no answer said it was registered."""
+    agent = meshcore_consul.AgentConfig(
+        address=meshcore_consul.parse_agent_address(registry.url), token=registry.token, timeout=2.0
+    )
+    reg = meshcore_consul.Registration(agent, name="orders", port=8123, address="127.0.0.1")
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # cancelled at the register request's first checkpoint
+        await reg.__aenter__()
+    assert scope.cancelled_caught
+    assert reg.registrations == 0 and reg.status == "deregistered"
+    assert registry.catalog.services == {}
